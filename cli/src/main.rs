@@ -1,0 +1,257 @@
+//! `tenantgate`: the command policy authors and operators use (SPEC section 6).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use serde::Deserialize;
+use tenantgate_engine::{Bundle, Decision, Diagnostics, Engine, Request, TenantPath};
+
+mod policytest;
+
+#[derive(Parser)]
+#[command(
+    name = "tenantgate",
+    version,
+    about = "Cedar policies and hierarchical quotas for nested tenants, in Envoy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Parse and validate a policy folder or bundle; every error with file, line and column.
+    Validate { source: PathBuf },
+    /// Compile a policy folder into the bundle (the filter's plugin configuration).
+    Bundle {
+        dir: PathBuf,
+        /// Write the bundle here instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Decide one request and print the decision as JSON.
+    Check {
+        source: PathBuf,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        method: String,
+        #[arg(long)]
+        path: String,
+        #[arg(long)]
+        principal: Option<String>,
+        #[arg(long = "principal-tenant")]
+        principal_tenant: Option<String>,
+        /// A request header, `name=value`; repeatable.
+        #[arg(long = "header", value_name = "K=V")]
+        headers: Vec<String>,
+        /// JSON object merged over the request context (e.g. `{"time": {...}}`).
+        #[arg(long)]
+        context: Option<String>,
+    },
+    /// Run the policy tests in `DIR/tests/*.json`.
+    Test { dir: PathBuf },
+}
+
+/// A request as `check` and the policy tests describe it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestArgs {
+    pub tenant: String,
+    pub method: String,
+    pub path: String,
+    #[serde(default)]
+    pub principal: Option<String>,
+    #[serde(default)]
+    pub principal_tenant: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub context: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("{message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<ExitCode, String> {
+    match command {
+        Command::Validate { source } => {
+            let (bundle, engine) = load(&source)?;
+            let limits = engine.quotas().is_empty();
+            println!(
+                "{}: ok: {} tenants, {} policies{}, version {}",
+                source.display(),
+                bundle.tenants.len(),
+                engine.policy_count(),
+                if limits { "" } else { ", limits valid" },
+                bundle.version
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bundle { dir, output } => {
+            if !dir.is_dir() {
+                return Err(format!("{}: error: not a policy folder", dir.display()));
+            }
+            let (bundle, _) = load(&dir)?;
+            let json = bundle.to_json();
+            match output {
+                Some(path) => {
+                    std::fs::write(&path, json + "\n")
+                        .map_err(|e| format!("{}: error: cannot write: {e}", path.display()))?;
+                    eprintln!("wrote {} ({})", path.display(), bundle.version);
+                }
+                None => println!("{json}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check {
+            source,
+            tenant,
+            method,
+            path,
+            principal,
+            principal_tenant,
+            headers,
+            context,
+        } => {
+            let (_, engine) = load(&source)?;
+            let mut header_map = BTreeMap::new();
+            for h in headers {
+                let (k, v) = h
+                    .split_once('=')
+                    .ok_or_else(|| format!("error: `--header {h}` must be `name=value`"))?;
+                header_map.insert(k.trim().to_ascii_lowercase(), v.to_string());
+            }
+            let context = match context {
+                Some(text) => Some(
+                    serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&text)
+                        .map_err(|e| format!("error: `--context` is not a JSON object: {e}"))?,
+                ),
+                None => None,
+            };
+            let args = RequestArgs {
+                tenant,
+                method,
+                path,
+                principal,
+                principal_tenant,
+                headers: header_map,
+                context,
+            };
+            let decision = decide(&engine, &args)?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&decision).map_err(|e| e.to_string())?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Test { dir } => {
+            let (_, engine) = load(&dir)?;
+            let tests = policytest::load(&dir).map_err(|e| e.join("\n"))?;
+            let (mut passed, mut failed) = (0, 0);
+            for t in &tests {
+                match policytest::run(&engine, &t.test) {
+                    Ok(_) => passed += 1,
+                    Err(why) => {
+                        failed += 1;
+                        println!("FAIL {}: {}: {why}", t.file, t.test.name);
+                    }
+                }
+            }
+            println!("{passed} passed, {failed} failed");
+            Ok(if failed == 0 && passed > 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+/// Loads a policy folder or a bundle file and compiles it.
+pub fn load(source: &Path) -> Result<(Bundle, Engine), String> {
+    let bundle = if source.is_dir() {
+        Bundle::from_dir(source).map_err(|d| prefix(source, &d))?
+    } else {
+        let text = std::fs::read_to_string(source)
+            .map_err(|e| format!("{}: error: cannot read: {e}", source.display()))?;
+        Bundle::from_json(&text).map_err(|d| prefix(source, &d))?
+    };
+    let engine = Engine::new(&bundle).map_err(|d| prefix(source, &d))?;
+    Ok((bundle, engine))
+}
+
+/// Error lines carry paths relative to the folder; show them as the user typed it.
+fn prefix(source: &Path, d: &Diagnostics) -> String {
+    let mut out = Vec::new();
+    for diag in d.iter() {
+        let mut diag = diag.clone();
+        if source.is_dir() {
+            diag.file = source.join(&diag.file).display().to_string();
+        } else if diag.file == "bundle" {
+            diag.file = source.display().to_string();
+        } else {
+            diag.file = format!("{} ({})", source.display(), diag.file);
+        }
+        out.push(diag.to_string());
+    }
+    out.push(format!(
+        "{} error{}",
+        d.len(),
+        if d.len() == 1 { "" } else { "s" }
+    ));
+    out.join("\n")
+}
+
+/// Maps the arguments of `check` or a policy test to an engine request and decides.
+pub fn decide(engine: &Engine, args: &RequestArgs) -> Result<Decision, String> {
+    let tenant = match TenantPath::parse(&args.tenant) {
+        Ok(t) => t,
+        Err(e) => return Ok(Decision::bad_request(format!("bad tenant: {e}"))),
+    };
+    let path = match tenantgate_engine::path::normalize_path(&args.path) {
+        Ok(p) => p,
+        Err(e) => return Ok(Decision::bad_request(format!("bad path: {e}"))),
+    };
+    let mut req = Request::new(tenant, args.method.to_ascii_uppercase(), path);
+    if let Some(id) = &args.principal {
+        let home = match &args.principal_tenant {
+            Some(t) => match TenantPath::parse(t) {
+                Ok(t) => Some(t),
+                Err(e) => return Ok(Decision::bad_request(format!("bad principal tenant: {e}"))),
+            },
+            None => None,
+        };
+        req = req.with_principal(id.clone(), home);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    req.time_ns = now;
+    let settings = engine.settings();
+    req.headers = args
+        .headers
+        .iter()
+        .filter(|(k, _)| {
+            settings
+                .context_headers
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(k))
+        })
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+        .collect();
+    req.extra_context = args.context.clone();
+    Ok(engine.decide_policy(&req))
+}

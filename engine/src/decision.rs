@@ -1,0 +1,100 @@
+//! A decision is a value: allow or deny, the HTTP status, what determined it.
+
+use serde::Serialize;
+
+use crate::quota::QuotaDecision;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Allow,
+    Deny,
+}
+
+/// Why the decision came out as it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Policies allowed it (and the quotas, if any, admitted it).
+    Allowed,
+    /// A `forbid` matched, no `permit` matched, or a policy errored under `on_policy_error: deny`.
+    Forbidden,
+    /// A limit refused it.
+    QuotaExceeded,
+    /// The request could not be mapped (bad tenant, bad path...).
+    BadRequest,
+    /// No decision could be made (store failure, internal error); `on_error` decided.
+    Error,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Decision {
+    pub decision: Outcome,
+    /// 200 when allowed; 400, 403, 429 or the `on_error` status when denied.
+    pub status: u16,
+    pub kind: Kind,
+    /// Ids of the policies that determined the decision (satisfied permits for
+    /// an allow; satisfied forbids or erroring policies for a deny; empty for a
+    /// default deny).
+    pub reasons: Vec<String>,
+    /// Evaluation errors and other problems, as readable messages.
+    pub errors: Vec<String>,
+    /// The quota part, when limits apply and the policies allowed the request.
+    pub quota: Option<QuotaDecision>,
+}
+
+impl Decision {
+    pub fn allow(reasons: Vec<String>, errors: Vec<String>) -> Self {
+        Decision {
+            decision: Outcome::Allow,
+            status: 200,
+            kind: Kind::Allowed,
+            reasons,
+            errors,
+            quota: None,
+        }
+    }
+
+    pub fn forbid(reasons: Vec<String>, errors: Vec<String>) -> Self {
+        Decision {
+            decision: Outcome::Deny,
+            status: 403,
+            kind: Kind::Forbidden,
+            reasons,
+            errors,
+            quota: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Decision {
+            decision: Outcome::Deny,
+            status: 400,
+            kind: Kind::BadRequest,
+            reasons: Vec::new(),
+            errors: vec![message.into()],
+            quota: None,
+        }
+    }
+
+    /// No decision could be made: `on_error` decides. A deny answers 503
+    /// (the gate could not decide, the client may retry); an allow lets it through.
+    pub fn error(on_error: crate::settings::OnError, message: impl Into<String>) -> Self {
+        let (decision, status) = match on_error {
+            crate::settings::OnError::Deny => (Outcome::Deny, 503),
+            crate::settings::OnError::Allow => (Outcome::Allow, 200),
+        };
+        Decision {
+            decision,
+            status,
+            kind: Kind::Error,
+            reasons: Vec::new(),
+            errors: vec![message.into()],
+            quota: None,
+        }
+    }
+
+    pub fn is_allowed(&self) -> bool {
+        self.decision == Outcome::Allow
+    }
+}

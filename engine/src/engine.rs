@@ -1,0 +1,564 @@
+//! The compiled bundle: per-tenant policy sets prepared at load time, so a
+//! decision does no parsing and only looks at the policies of the request's
+//! tenant and its ancestors.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use cedar_policy::{
+    Authorizer, Effect, Entities, Entity, EntityUid, Policy, PolicyId, PolicySet,
+    RestrictedExpression, Schema, ValidationMode, Validator,
+};
+
+use crate::bundle::{json_error, Bundle, SourceFile, TenantConfig};
+use crate::decision::Decision;
+use crate::diag::{locate_json_key, Diagnostic, Diagnostics};
+use crate::entities::{json_to_expr, Types};
+use crate::quota::{LimitsInput, QuotaModel};
+use crate::request::Request;
+use crate::settings::{OnPolicyError, Settings};
+use crate::tenant::TenantPath;
+
+/// Where a policy came from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PolicyInfo {
+    /// `@id` when present, else `<file>:<line>`.
+    pub id: String,
+    pub tenant: TenantPath,
+    pub file: String,
+    pub line: u32,
+    pub column: u32,
+    pub forbid: bool,
+    pub overridable: bool,
+}
+
+#[derive(Debug)]
+struct CompiledPolicy {
+    info: PolicyInfo,
+    policy: Policy,
+}
+
+#[derive(Debug)]
+struct TenantNode {
+    path: TenantPath,
+    /// Tenant entities from the root down to this tenant.
+    lineage: Vec<Entity>,
+    /// The policies that apply here: this tenant's and its ancestors', overrides applied.
+    effective: PolicySet,
+    effective_list: Vec<Arc<CompiledPolicy>>,
+}
+
+/// A loaded bundle, ready to decide.
+#[derive(Debug)]
+pub struct Engine {
+    settings: Settings,
+    version: String,
+    types: Types,
+    tenants: HashMap<TenantPath, TenantNode>,
+    actions: Vec<Entity>,
+    authorizer: Authorizer,
+    quotas: QuotaModel,
+    policy_count: usize,
+}
+
+impl Engine {
+    /// Compiles and validates a bundle. Every problem found is reported, each
+    /// with its file, line and column.
+    pub fn new(bundle: &Bundle) -> Result<Engine, Diagnostics> {
+        let mut errors: Vec<Diagnostic> = Vec::new();
+        let types = Types::new().map_err(|m| Diagnostic::new("bundle", m))?;
+        errors.extend(
+            bundle
+                .settings
+                .check()
+                .into_iter()
+                .map(|m| Diagnostic::new(crate::bundle::SETTINGS_FILE, m)),
+        );
+
+        let schema = match &bundle.schema {
+            Some(src) => match Schema::from_cedarschema_str(&src.text) {
+                Ok((schema, _warnings)) => Some(schema),
+                Err(e) => {
+                    errors.extend(miette_diagnostics(&src.file, &src.text, &e));
+                    None
+                }
+            },
+            None => None,
+        };
+        let validator = schema.clone().map(Validator::new);
+
+        // Tenant configs and entities, parents first.
+        let mut configs: Vec<(TenantPath, TenantConfig, Option<&SourceFile>)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut sorted: Vec<_> = bundle.tenants.iter().collect();
+        sorted.sort_by(|a, b| a.path.cmp(&b.path));
+        if sorted.first().map(|t| t.path.is_root()) != Some(true) {
+            errors.push(Diagnostic::new(
+                "bundle",
+                "the bundle has no root tenant `/`",
+            ));
+        }
+        for t in &sorted {
+            if !seen.insert(t.path.clone()) {
+                errors.push(Diagnostic::new(
+                    "bundle",
+                    format!("tenant `{}` appears twice", t.path),
+                ));
+                continue;
+            }
+            if let Some(parent) = t.path.parent() {
+                if !seen.contains(&parent) {
+                    errors.push(Diagnostic::new(
+                        "bundle",
+                        format!(
+                            "tenant `{}` has no parent tenant `{parent}` in the bundle",
+                            t.path
+                        ),
+                    ));
+                }
+            }
+            let config = match &t.config {
+                Some(src) => match serde_json::from_str::<TenantConfig>(&src.text) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        errors.push(json_error(&src.file, &e));
+                        TenantConfig::default()
+                    }
+                },
+                None => TenantConfig::default(),
+            };
+            configs.push((t.path.clone(), config, t.config.as_ref()));
+        }
+
+        let mut entity_by_tenant: HashMap<TenantPath, Entity> = HashMap::new();
+        for (path, config, src) in &configs {
+            let file = src
+                .map(|s| s.file.clone())
+                .unwrap_or_else(|| tenant_file_name(path));
+            let text = src.map(|s| s.text.as_str()).unwrap_or("");
+            let mut declared: Vec<(String, RestrictedExpression)> = Vec::new();
+            for (name, value) in &config.attributes {
+                let locate = |msg: String| match locate_json_key(text, &["attributes", name]) {
+                    Some(off) => Diagnostic::at_offset(&file, text, off, msg),
+                    None => Diagnostic::new(&file, msg),
+                };
+                if name == "path" || name == "depth" {
+                    errors.push(locate(format!(
+                        "attribute `{name}` is reserved: the engine sets it"
+                    )));
+                    continue;
+                }
+                match json_to_expr(value, name) {
+                    Ok(expr) => declared.push((name.clone(), expr)),
+                    Err(m) => errors.push(locate(format!("attribute {m}"))),
+                }
+            }
+            match types.tenant_entity(path, &declared) {
+                Ok(entity) => {
+                    if let Some(schema) = &schema {
+                        if let Err(e) = Entities::from_entities([entity.clone()], Some(schema)) {
+                            let msg = format!("tenant attributes do not match the schema: {e}");
+                            errors.push(match locate_json_key(text, &["attributes"]) {
+                                Some(off) => Diagnostic::at_offset(&file, text, off, msg),
+                                None => Diagnostic::new(&file, msg),
+                            });
+                        }
+                    }
+                    entity_by_tenant.insert(path.clone(), entity);
+                }
+                Err(m) => errors.push(Diagnostic::new(&file, m)),
+            }
+        }
+
+        // Policies, per file, located.
+        let mut attached: HashMap<TenantPath, Vec<Arc<CompiledPolicy>>> = HashMap::new();
+        for t in &sorted {
+            let mut list: Vec<Arc<CompiledPolicy>> = Vec::new();
+            for src in &t.policies {
+                let (ps, ds) = compile_file(src, &t.path, validator.as_ref());
+                list.extend(ps.into_iter().map(Arc::new));
+                errors.extend(ds);
+            }
+            // Two policies at one tenant may not share an id.
+            let mut ids: HashMap<&str, &PolicyInfo> = HashMap::new();
+            for p in &list {
+                if let Some(first) = ids.insert(&p.info.id, &p.info) {
+                    errors.push(Diagnostic::at(
+                        &p.info.file,
+                        p.info.line,
+                        p.info.column,
+                        format!(
+                            "policy id `{}` is already used at {}:{}:{}",
+                            p.info.id, first.file, first.line, first.column
+                        ),
+                    ));
+                }
+            }
+            attached.insert(t.path.clone(), list);
+        }
+
+        // Effective sets: the parent's, minus what this tenant overrides, plus its own.
+        let mut tenants: HashMap<TenantPath, TenantNode> = HashMap::new();
+        let mut effective_lists: HashMap<TenantPath, Vec<Arc<CompiledPolicy>>> = HashMap::new();
+        let mut policy_count = 0;
+        for (path, _, _) in &configs {
+            let own = attached.get(path).cloned().unwrap_or_default();
+            policy_count += own.len();
+            let mut list: Vec<Arc<CompiledPolicy>> = path
+                .parent()
+                .and_then(|p| effective_lists.get(&p).cloned())
+                .unwrap_or_default();
+            let mut refused: Vec<&str> = Vec::new();
+            for p in &own {
+                if let Some(pos) = list.iter().position(|q| q.info.id == p.info.id) {
+                    let inherited = list.get(pos).map(|q| q.info.clone());
+                    match inherited {
+                        Some(q) if q.overridable => {
+                            list.remove(pos);
+                        }
+                        Some(q) => {
+                            refused.push(&p.info.id);
+                            errors.push(Diagnostic::at(
+                            &p.info.file,
+                            p.info.line,
+                            p.info.column,
+                            format!(
+                                "policy id `{}` reuses the id of a policy of tenant `{}` ({}:{}:{}) that is not `@overridable`; mark that policy `@overridable` to allow overriding it, or choose another id",
+                                p.info.id, q.tenant, q.file, q.line, q.column
+                            ),
+                        ))
+                        }
+                        None => {}
+                    }
+                }
+            }
+            list.extend(
+                own.iter()
+                    .filter(|p| !refused.contains(&p.info.id.as_str()))
+                    .cloned(),
+            );
+            let mut set = PolicySet::new();
+            for p in &list {
+                let policy = p.policy.new_id(PolicyId::new(&p.info.id));
+                if let Err(e) = set.add(policy) {
+                    errors.push(Diagnostic::at(
+                        &p.info.file,
+                        p.info.line,
+                        p.info.column,
+                        e.to_string(),
+                    ));
+                }
+            }
+            let lineage: Vec<Entity> = path
+                .lineage()
+                .iter()
+                .filter_map(|p| entity_by_tenant.get(p).cloned())
+                .collect();
+            tenants.insert(
+                path.clone(),
+                TenantNode {
+                    path: path.clone(),
+                    lineage,
+                    effective: set,
+                    effective_list: list.clone(),
+                },
+            );
+            effective_lists.insert(path.clone(), list);
+        }
+
+        let limit_inputs: Vec<LimitsInput<'_>> = configs
+            .iter()
+            .filter(|(_, c, _)| !c.limits.is_empty())
+            .filter_map(|(path, c, src)| {
+                src.map(|s| LimitsInput {
+                    tenant: path,
+                    file: &s.file,
+                    text: &s.text,
+                    limits: &c.limits,
+                })
+            })
+            .collect();
+        let quotas = match QuotaModel::build(&limit_inputs) {
+            Ok(q) => q,
+            Err(ds) => {
+                errors.extend(ds);
+                QuotaModel::default()
+            }
+        };
+
+        let actions = types
+            .action_entities()
+            .map_err(|m| Diagnostic::new("bundle", m))?;
+        if !errors.is_empty() {
+            return Err(Diagnostics(errors));
+        }
+        Ok(Engine {
+            settings: bundle.settings.clone(),
+            version: bundle.version.clone(),
+            types,
+            tenants,
+            actions,
+            authorizer: Authorizer::new(),
+            quotas,
+            policy_count,
+        })
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The bundle version (`sha256:...`).
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    pub fn quotas(&self) -> &QuotaModel {
+        &self.quotas
+    }
+
+    /// True if the bundle declares this tenant.
+    pub fn has_tenant(&self, tenant: &TenantPath) -> bool {
+        self.tenants.contains_key(tenant)
+    }
+
+    /// Every tenant of the bundle, sorted.
+    pub fn tenants(&self) -> Vec<&TenantPath> {
+        let mut v: Vec<_> = self.tenants.keys().collect();
+        v.sort();
+        v
+    }
+
+    /// Number of policies in the bundle.
+    pub fn policy_count(&self) -> usize {
+        self.policy_count
+    }
+
+    /// The policies that apply to requests for `tenant`, ancestors' first.
+    pub fn effective_policies(&self, tenant: &TenantPath) -> Vec<&PolicyInfo> {
+        self.tenants
+            .get(tenant)
+            .map(|n| n.effective_list.iter().map(|p| &p.info).collect())
+            .unwrap_or_default()
+    }
+
+    /// The policy part of a decision: Cedar over the tenant's effective set.
+    pub fn decide_policy(&self, req: &Request) -> Decision {
+        let Some(node) = self.tenants.get(&req.tenant) else {
+            return Decision::forbid(Vec::new(), vec![format!("unknown tenant `{}`", req.tenant)]);
+        };
+        let (cedar_req, entities) = match self.cedar_request(node, req) {
+            Ok(x) => x,
+            Err(m) => return Decision::bad_request(m),
+        };
+        let response = self
+            .authorizer
+            .is_authorized(&cedar_req, &node.effective, &entities);
+        let diagnostics = response.diagnostics();
+        let mut reasons: Vec<String> = diagnostics.reason().map(|id| id.to_string()).collect();
+        reasons.sort();
+        let mut errors: Vec<String> = diagnostics.errors().map(|e| e.to_string()).collect();
+        errors.sort();
+        let erroring: Vec<String> = {
+            let mut ids: Vec<String> = diagnostics
+                .errors()
+                .map(|e| match e {
+                    cedar_policy::AuthorizationError::PolicyEvaluationError(pe) => {
+                        pe.policy_id().to_string()
+                    }
+                })
+                .collect();
+            ids.sort();
+            ids.dedup();
+            ids
+        };
+        match response.decision() {
+            cedar_policy::Decision::Allow
+                if erroring.is_empty() || self.settings.on_policy_error == OnPolicyError::Skip =>
+            {
+                Decision::allow(reasons, errors)
+            }
+            cedar_policy::Decision::Allow => Decision::forbid(erroring, errors),
+            cedar_policy::Decision::Deny => {
+                // A satisfied forbid determines the deny; with on_policy_error: deny
+                // an erroring policy does too.
+                let mut why = reasons;
+                if self.settings.on_policy_error == OnPolicyError::Deny {
+                    why.extend(erroring);
+                    why.sort();
+                    why.dedup();
+                }
+                Decision::forbid(why, errors)
+            }
+        }
+    }
+
+    fn cedar_request(
+        &self,
+        node: &TenantNode,
+        req: &Request,
+    ) -> Result<(cedar_policy::Request, Entities), String> {
+        let t = &self.types;
+        let user = t.user_entity(req.principal.as_ref())?;
+        let route = t.route_entity(&node.path, &req.path)?;
+        let mut all: Vec<Entity> = Vec::with_capacity(node.lineage.len() + self.actions.len() + 6);
+        all.extend(node.lineage.iter().cloned());
+        if let Some(p) = &req.principal {
+            if let Some(home) = self.tenants.get(&p.tenant) {
+                all.extend(
+                    home.lineage
+                        .iter()
+                        .filter(|e| !p_in_lineage(&node.path, e, t))
+                        .cloned(),
+                );
+            }
+        }
+        all.extend(self.actions.iter().cloned());
+        all.push(user.clone());
+        all.push(route.clone());
+        let entities = Entities::from_entities(all, None).map_err(|e| e.to_string())?;
+        let context = t.context(req)?;
+        let action: EntityUid = t.action_uid(&req.method);
+        let r = cedar_policy::Request::new(user.uid(), action, route.uid(), context, None)
+            .map_err(|e| e.to_string())?;
+        Ok((r, entities))
+    }
+}
+
+/// True if `entity` is one of the tenants on `path`'s lineage.
+fn p_in_lineage(path: &TenantPath, entity: &Entity, t: &Types) -> bool {
+    path.lineage()
+        .iter()
+        .any(|p| t.tenant_uid(p.as_str()) == entity.uid())
+}
+
+fn tenant_file_name(path: &TenantPath) -> String {
+    if path.is_root() {
+        format!(
+            "{}/{}",
+            crate::bundle::TENANTS_DIR,
+            crate::bundle::TENANT_FILE
+        )
+    } else {
+        format!(
+            "{}{}/{}",
+            crate::bundle::TENANTS_DIR,
+            path,
+            crate::bundle::TENANT_FILE
+        )
+    }
+}
+
+/// Parses one `.cedar` file, locates each policy and validates it against the
+/// schema. Returns the policies it could read and the errors found.
+fn compile_file(
+    src: &SourceFile,
+    tenant: &TenantPath,
+    validator: Option<&Validator>,
+) -> (Vec<CompiledPolicy>, Vec<Diagnostic>) {
+    let set = match PolicySet::from_str(&src.text) {
+        Ok(set) => set,
+        Err(e) => return (Vec::new(), miette_diagnostics(&src.file, &src.text, &e)),
+    };
+    let mut errors = Vec::new();
+    for template in set.templates() {
+        errors.push(Diagnostic::new(
+            &src.file,
+            format!("templates (policies with `?principal` or `?resource` slots) are not supported: `{}`", template.id()),
+        ));
+    }
+    if let Some(v) = validator {
+        let result = v.validate(&set, ValidationMode::Strict);
+        for e in result.validation_errors() {
+            let mut ds = miette_diagnostics(&src.file, &src.text, e);
+            for d in &mut ds {
+                d.message = format!("schema: {}", strip_policy_prefix(&d.message));
+            }
+            errors.extend(ds);
+        }
+    }
+    // Locate each policy: its original text appears verbatim in the file, in order.
+    let mut located: Vec<(usize, &Policy)> = Vec::new();
+    for p in set.policies() {
+        let text = p.to_cedar().unwrap_or_default();
+        let offset = find_policy(&src.text, &text).unwrap_or(0);
+        located.push((offset, p));
+    }
+    located.sort_by_key(|(off, p)| (*off, p.id().to_string()));
+    let mut out = Vec::new();
+    for (offset, p) in located {
+        let (line, column) = crate::diag::line_col(&src.text, offset);
+        let id = match p.annotation("id") {
+            Some(id) if !id.trim().is_empty() => id.to_string(),
+            Some(_) => {
+                errors.push(Diagnostic::at(
+                    &src.file,
+                    line,
+                    column,
+                    "`@id` must not be empty",
+                ));
+                continue;
+            }
+            None => format!("{}:{line}", src.file),
+        };
+        out.push(CompiledPolicy {
+            info: PolicyInfo {
+                id,
+                tenant: tenant.clone(),
+                file: src.file.clone(),
+                line,
+                column,
+                forbid: p.effect() == Effect::Forbid,
+                overridable: p.annotation("overridable").is_some(),
+            },
+            policy: p.clone(),
+        });
+    }
+    (out, errors)
+}
+
+/// Byte offset of a policy's text in its file, skipping comments is not needed:
+/// Cedar keeps the policy's exact source text.
+fn find_policy(file: &str, policy_text: &str) -> Option<usize> {
+    let needle = policy_text.trim();
+    if needle.is_empty() {
+        return None;
+    }
+    file.find(needle)
+}
+
+/// Turns a miette diagnostic from Cedar (parse, validation, schema errors) into
+/// located diagnostics, one per label (or one unlocated if it has none).
+fn miette_diagnostics(file: &str, text: &str, e: &dyn miette::Diagnostic) -> Vec<Diagnostic> {
+    let mut message = e.to_string();
+    if let Some(help) = e.help() {
+        message = format!("{message} (help: {help})");
+    }
+    let mut out = Vec::new();
+    if let Some(related) = e.related() {
+        for r in related {
+            out.extend(miette_diagnostics(file, text, r));
+        }
+        if !out.is_empty() {
+            return out;
+        }
+    }
+    match e.labels().and_then(|mut l| l.next()) {
+        Some(label) => out.push(Diagnostic::at_offset(file, text, label.offset(), message)),
+        None => out.push(Diagnostic::new(file, message)),
+    }
+    out
+}
+
+/// Cedar prefixes validation messages with the parser's own policy id
+/// (`for policy `policy0`, ...`), which means nothing to the author: the
+/// diagnostic already points at the line.
+fn strip_policy_prefix(msg: &str) -> &str {
+    if let Some(rest) = msg.strip_prefix("for policy `") {
+        if let Some(i) = rest.find("`, ") {
+            return rest.get(i + 3..).unwrap_or(msg);
+        }
+    }
+    msg
+}

@@ -1,0 +1,193 @@
+//! Request path normalization (SPEC section 2). Policies, the tenant taken from
+//! the path and the `Route` entity all see the normalized path only.
+//!
+//! Rules, in order:
+//! 1. The query (`?...`) and fragment (`#...`) are cut off.
+//! 2. The path must start with `/` and hold no control characters, spaces or `\`.
+//! 3. Percent-encoded unreserved characters (`A-Z a-z 0-9 - . _ ~`, hex digits
+//!    in either case) are decoded, once. An encoded `/` (`%2F`, `%2f`) or `\`
+//!    (`%5C`) is refused. Other escapes stay as they are, with upper-case hex,
+//!    so `%252e` (a double-encoded `.`) stays data, never becomes `..`.
+//! 4. Each segment loses its `;` parameters (`/a;v=1/b` is `/a/b`), as many
+//!    servers do, so `..;` cannot smuggle a `..` past the gate.
+//! 5. Empty segments and `.` are dropped; `..` removes the previous segment;
+//!    a `..` with nothing left to remove climbs above the root and is refused.
+
+/// Why a path was refused (a 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("the path must start with `/`")]
+    NotAbsolute,
+    #[error("the path contains an encoded `/` or `\\` ({0})")]
+    EncodedSlash(String),
+    #[error("the path contains a malformed percent escape")]
+    BadEscape,
+    #[error("the path contains a control character, space or `\\`")]
+    BadCharacter,
+    #[error("the path climbs above its root with `..`")]
+    ClimbsAboveRoot,
+    #[error("the path is longer than {0} bytes")]
+    TooLong(usize),
+}
+
+/// The longest path accepted.
+pub const MAX_PATH_LEN: usize = 8192;
+
+/// Normalizes a request path (see the module docs).
+pub fn normalize_path(raw: &str) -> Result<String, PathError> {
+    if raw.len() > MAX_PATH_LEN {
+        return Err(PathError::TooLong(MAX_PATH_LEN));
+    }
+    let end = raw.find(['?', '#']).unwrap_or(raw.len());
+    let path = raw.get(..end).unwrap_or(raw);
+    if !path.starts_with('/') {
+        return Err(PathError::NotAbsolute);
+    }
+    if path
+        .bytes()
+        .any(|b| b.is_ascii_control() || b == b' ' || b == b'\\')
+    {
+        return Err(PathError::BadCharacter);
+    }
+    let decoded = decode_unreserved(path)?;
+    let mut out: Vec<&str> = Vec::new();
+    for segment in decoded.split('/') {
+        let segment = segment.split(';').next().unwrap_or("");
+        match segment {
+            "" | "." => {}
+            ".." => {
+                if out.pop().is_none() {
+                    return Err(PathError::ClimbsAboveRoot);
+                }
+            }
+            s => out.push(s),
+        }
+    }
+    let mut result = String::with_capacity(decoded.len());
+    for s in &out {
+        result.push('/');
+        result.push_str(s);
+    }
+    if result.is_empty() {
+        result.push('/');
+    }
+    Ok(result)
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn decode_unreserved(path: &str) -> Result<String, PathError> {
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        if b != b'%' {
+            // Copy the whole UTF-8 character.
+            let ch_len = path
+                .get(i..)
+                .and_then(|s| s.chars().next())
+                .map(char::len_utf8)
+                .unwrap_or(1);
+            out.push_str(path.get(i..i + ch_len).unwrap_or(""));
+            i += ch_len;
+            continue;
+        }
+        let (Some(h), Some(l)) = (
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) else {
+            return Err(PathError::BadEscape);
+        };
+        let c = h * 16 + l;
+        if c == b'/' || c == b'\\' {
+            return Err(PathError::EncodedSlash(
+                path.get(i..i + 3).unwrap_or("").to_string(),
+            ));
+        }
+        if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(c));
+        } else {
+            out.push('%');
+            out.push(char::from(
+                b"0123456789ABCDEF"
+                    .get(usize::from(h))
+                    .copied()
+                    .unwrap_or(b'0'),
+            ));
+            out.push(char::from(
+                b"0123456789ABCDEF"
+                    .get(usize::from(l))
+                    .copied()
+                    .unwrap_or(b'0'),
+            ));
+        }
+        i += 3;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes() {
+        for (raw, want) in [
+            ("/", "/"),
+            ("/orders/1", "/orders/1"),
+            ("/orders/1?x=../..", "/orders/1"),
+            ("//orders///1/", "/orders/1"),
+            ("/a/./b/../c", "/a/c"),
+            ("/a/%2e%2E/b", "/b"),
+            ("/a/%2e/b", "/a/b"),
+            ("/%61dmin", "/admin"),
+            ("/a/%252e%252e/b", "/a/%252e%252e/b"),
+            ("/a%20b", "/a%20b"),
+            ("/a%c3%a9", "/a%C3%A9"),
+            ("/admin;x=1/users", "/admin/users"),
+            ("/public/..;/admin", "/admin"),
+            ("/é", "/é"),
+            ("/a/b#frag", "/a/b"),
+        ] {
+            assert_eq!(normalize_path(raw).as_deref(), Ok(want), "{raw}");
+        }
+    }
+
+    #[test]
+    fn refuses() {
+        assert_eq!(
+            normalize_path("/a%2Fb"),
+            Err(PathError::EncodedSlash("%2F".into()))
+        );
+        assert!(matches!(
+            normalize_path("/a%2fb"),
+            Err(PathError::EncodedSlash(_))
+        ));
+        assert!(matches!(
+            normalize_path("/a%5cb"),
+            Err(PathError::EncodedSlash(_))
+        ));
+        assert_eq!(normalize_path("/.."), Err(PathError::ClimbsAboveRoot));
+        assert_eq!(
+            normalize_path("/a/../../b"),
+            Err(PathError::ClimbsAboveRoot)
+        );
+        assert_eq!(normalize_path("/%2e%2e/x"), Err(PathError::ClimbsAboveRoot));
+        assert_eq!(normalize_path("orders"), Err(PathError::NotAbsolute));
+        assert_eq!(normalize_path("/a%zz"), Err(PathError::BadEscape));
+        assert_eq!(normalize_path("/a%2"), Err(PathError::BadEscape));
+        assert_eq!(normalize_path("/a\nb"), Err(PathError::BadCharacter));
+        assert_eq!(normalize_path("/a\\..\\b"), Err(PathError::BadCharacter));
+        assert!(matches!(
+            normalize_path(&"/a".repeat(5000)),
+            Err(PathError::TooLong(_))
+        ));
+    }
+}

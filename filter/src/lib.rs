@@ -1,0 +1,1 @@
+//! tenantgate.wasm: the proxy-wasm adapter over the engine (issue 4).
