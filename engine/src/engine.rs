@@ -8,14 +8,14 @@ use std::sync::Arc;
 
 use cedar_policy::{
     Authorizer, Effect, Entities, Entity, EntityUid, Policy, PolicyId, PolicySet,
-    RestrictedExpression, Schema, ValidationMode, Validator,
+    RestrictedExpression,
 };
 
 use crate::bundle::{json_error, Bundle, SourceFile, TenantConfig};
 use crate::decision::Decision;
 use crate::diag::{locate_json_key, Diagnostic, Diagnostics};
 use crate::entities::{json_to_expr, Types};
-use crate::quota::{LimitsInput, QuotaModel};
+use crate::quota::{BucketStore, LimitsInput, QuotaModel};
 use crate::request::Request;
 use crate::settings::{OnPolicyError, Settings};
 use crate::tenant::TenantPath;
@@ -60,6 +60,9 @@ pub struct Engine {
     authorizer: Authorizer,
     quotas: QuotaModel,
     policy_count: usize,
+    /// True if some policy mentions `source_ip`: only then does the filter
+    /// ask the host for the downstream address.
+    uses_source_ip: bool,
 }
 
 impl Engine {
@@ -76,17 +79,7 @@ impl Engine {
                 .map(|m| Diagnostic::new(crate::bundle::SETTINGS_FILE, m)),
         );
 
-        let schema = match &bundle.schema {
-            Some(src) => match Schema::from_cedarschema_str(&src.text) {
-                Ok((schema, _warnings)) => Some(schema),
-                Err(e) => {
-                    errors.extend(miette_diagnostics(&src.file, &src.text, &e));
-                    None
-                }
-            },
-            None => None,
-        };
-        let validator = schema.clone().map(Validator::new);
+        let (schema, validator) = load_schema(bundle, &mut errors);
 
         // Tenant configs and entities, parents first.
         let mut configs: Vec<(TenantPath, TenantConfig, Option<&SourceFile>)> = Vec::new();
@@ -156,14 +149,11 @@ impl Engine {
             }
             match types.tenant_entity(path, &declared) {
                 Ok(entity) => {
-                    if let Some(schema) = &schema {
-                        if let Err(e) = Entities::from_entities([entity.clone()], Some(schema)) {
-                            let msg = format!("tenant attributes do not match the schema: {e}");
-                            errors.push(match locate_json_key(text, &["attributes"]) {
-                                Some(off) => Diagnostic::at_offset(&file, text, off, msg),
-                                None => Diagnostic::new(&file, msg),
-                            });
-                        }
+                    if let Some(msg) = check_entity(schema.as_ref(), &entity) {
+                        errors.push(match locate_json_key(text, &["attributes"]) {
+                            Some(off) => Diagnostic::at_offset(&file, text, off, msg),
+                            None => Diagnostic::new(&file, msg),
+                        });
                     }
                     entity_by_tenant.insert(path.clone(), entity);
                 }
@@ -302,6 +292,11 @@ impl Engine {
             authorizer: Authorizer::new(),
             quotas,
             policy_count,
+            uses_source_ip: bundle
+                .tenants
+                .iter()
+                .flat_map(|t| &t.policies)
+                .any(|p| p.text.contains("source_ip")),
         })
     }
 
@@ -341,6 +336,37 @@ impl Engine {
             .get(tenant)
             .map(|n| n.effective_list.iter().map(|p| &p.info).collect())
             .unwrap_or_default()
+    }
+
+    /// True if the policies read `context.source_ip`.
+    pub fn uses_source_ip(&self) -> bool {
+        self.uses_source_ip
+    }
+
+    /// The whole decision: policies first; only a request they allow is
+    /// charged against the quotas (a request denied by policy costs nothing).
+    /// A store failure gives the `on_error` decision.
+    pub fn decide(&self, req: &Request, store: &dyn BucketStore) -> Decision {
+        let decision = self.decide_policy(req);
+        if !decision.is_allowed() || self.quotas.is_empty() {
+            return decision;
+        }
+        let cost = self.settings.cost(&req.method);
+        match self.quotas.admit(&req.tenant, cost, req.time_ns, store) {
+            Ok(q) if q.admitted => Decision {
+                quota: Some(q),
+                ..decision
+            },
+            Ok(q) => Decision {
+                decision: crate::decision::Outcome::Deny,
+                status: 429,
+                kind: crate::decision::Kind::QuotaExceeded,
+                reasons: Vec::new(),
+                errors: Vec::new(),
+                quota: Some(q),
+            },
+            Err(e) => Decision::error(self.settings.on_error, format!("quota store: {e}")),
+        }
     }
 
     /// The policy part of a decision: Cedar over the tenant's effective set.
@@ -455,7 +481,7 @@ fn tenant_file_name(path: &TenantPath) -> String {
 fn compile_file(
     src: &SourceFile,
     tenant: &TenantPath,
-    validator: Option<&Validator>,
+    validator: Option<&SchemaValidator>,
 ) -> (Vec<CompiledPolicy>, Vec<Diagnostic>) {
     let set = match PolicySet::from_str(&src.text) {
         Ok(set) => set,
@@ -468,16 +494,7 @@ fn compile_file(
             format!("templates (policies with `?principal` or `?resource` slots) are not supported: `{}`", template.id()),
         ));
     }
-    if let Some(v) = validator {
-        let result = v.validate(&set, ValidationMode::Strict);
-        for e in result.validation_errors() {
-            let mut ds = miette_diagnostics(&src.file, &src.text, e);
-            for d in &mut ds {
-                d.message = format!("schema: {}", strip_policy_prefix(&d.message));
-            }
-            errors.extend(ds);
-        }
-    }
+    errors.extend(validate_file(validator, src, &set));
     // Locate each policy: its original text appears verbatim in the file, in order.
     let mut located: Vec<(usize, &Policy)> = Vec::new();
     for p in set.policies() {
@@ -551,6 +568,7 @@ fn miette_diagnostics(file: &str, text: &str, e: &dyn miette::Diagnostic) -> Vec
     out
 }
 
+#[cfg(feature = "schema")]
 /// Cedar prefixes validation messages with the parser's own policy id
 /// (`for policy `policy0`, ...`), which means nothing to the author: the
 /// diagnostic already points at the line.
@@ -561,4 +579,90 @@ fn strip_policy_prefix(msg: &str) -> &str {
         }
     }
     msg
+}
+
+// Schema validation. `tenantgate validate` and `tenantgate bundle` always
+// type-check policies against the schema (feature `schema`, on by default).
+// The filter builds without it to stay under its 3 MiB size budget: it loads
+// bundles the CLI validated, still parses every policy and checks everything
+// else, and a policy that goes wrong at run time errors into `on_policy_error`.
+
+#[cfg(feature = "schema")]
+type SchemaValidator = cedar_policy::Validator;
+#[cfg(feature = "schema")]
+type LoadedSchema = cedar_policy::Schema;
+#[cfg(not(feature = "schema"))]
+type SchemaValidator = ();
+#[cfg(not(feature = "schema"))]
+type LoadedSchema = ();
+
+#[cfg(feature = "schema")]
+fn load_schema(
+    bundle: &Bundle,
+    errors: &mut Vec<Diagnostic>,
+) -> (Option<LoadedSchema>, Option<SchemaValidator>) {
+    match &bundle.schema {
+        Some(src) => match cedar_policy::Schema::from_cedarschema_str(&src.text) {
+            Ok((schema, _warnings)) => (
+                Some(schema.clone()),
+                Some(cedar_policy::Validator::new(schema)),
+            ),
+            Err(e) => {
+                errors.extend(miette_diagnostics(&src.file, &src.text, &e));
+                (None, None)
+            }
+        },
+        None => (None, None),
+    }
+}
+
+#[cfg(not(feature = "schema"))]
+fn load_schema(
+    _bundle: &Bundle,
+    _errors: &mut [Diagnostic],
+) -> (Option<LoadedSchema>, Option<SchemaValidator>) {
+    (None, None)
+}
+
+#[cfg(feature = "schema")]
+fn check_entity(schema: Option<&LoadedSchema>, entity: &Entity) -> Option<String> {
+    let schema = schema?;
+    Entities::from_entities([entity.clone()], Some(schema))
+        .err()
+        .map(|e| format!("tenant attributes do not match the schema: {e}"))
+}
+
+#[cfg(not(feature = "schema"))]
+fn check_entity(_schema: Option<&LoadedSchema>, _entity: &Entity) -> Option<String> {
+    None
+}
+
+#[cfg(feature = "schema")]
+fn validate_file(
+    validator: Option<&SchemaValidator>,
+    src: &SourceFile,
+    set: &PolicySet,
+) -> Vec<Diagnostic> {
+    let Some(v) = validator else {
+        return Vec::new();
+    };
+    let result = v.validate(set, cedar_policy::ValidationMode::Strict);
+    let mut out = Vec::new();
+    for e in result.validation_errors() {
+        let mut ds = miette_diagnostics(&src.file, &src.text, e);
+        for d in &mut ds {
+            d.message = format!("schema: {}", strip_policy_prefix(&d.message));
+        }
+        out.extend(ds);
+    }
+    out
+}
+
+#[cfg(not(feature = "schema"))]
+fn validate_file(
+    _validator: Option<&SchemaValidator>,
+    _src: &SourceFile,
+    _set: &PolicySet,
+) -> Vec<Diagnostic> {
+    Vec::new()
 }

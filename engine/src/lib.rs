@@ -7,6 +7,7 @@ pub mod decision;
 pub mod diag;
 mod engine;
 mod entities;
+pub mod http;
 pub mod path;
 pub mod quota;
 pub mod request;

@@ -1,0 +1,408 @@
+//! HTTP in and out: mapping a request's headers and properties to a
+//! [`Request`] (SPEC section 2) and a [`Decision`] to a local reply, response
+//! headers and an audit line (SPEC section 7). The filter only moves bytes
+//! between Envoy and these functions.
+
+use crate::decision::{Decision, Kind};
+use crate::engine::Engine;
+use crate::path::normalize_path;
+use crate::request::{Principal, Request};
+use crate::settings::{Mode, Source};
+use crate::tenant::{shorten, TenantPath};
+
+/// Headers the filter owns: any client-sent header with this prefix is removed.
+pub const OWN_HEADER_PREFIX: &str = "x-tenantgate-";
+pub const TENANT_HEADER: &str = "x-tenantgate-tenant";
+pub const PRINCIPAL_HEADER: &str = "x-tenantgate-principal";
+/// The longest principal id accepted.
+pub const MAX_PRINCIPAL_LEN: usize = 512;
+/// The longest tenant value accepted (16 segments of 63 bytes and slashes).
+pub const MAX_TENANT_LEN: usize = 16 * 64;
+
+/// What the host gives us about one request.
+pub struct HttpInput<'a> {
+    /// Request headers as Envoy holds them (lowercase names, pseudo-headers
+    /// `:method`, `:path`, `:authority` included), values as raw bytes.
+    pub headers: &'a [(String, Vec<u8>)],
+    /// Downstream address (`10.0.0.1:5555`), if known.
+    pub source_address: Option<&'a str>,
+    pub now_ns: u64,
+}
+
+/// Looks up a dynamic-metadata value (`["envoy.filters.http.jwt_authn", "payload", "tenant"]`).
+pub trait MetadataSource {
+    fn metadata(&self, path: &[String]) -> Option<Vec<u8>>;
+}
+
+/// No metadata available.
+pub struct NoMetadata;
+impl MetadataSource for NoMetadata {
+    fn metadata(&self, _path: &[String]) -> Option<Vec<u8>> {
+        None
+    }
+}
+
+/// A request that could not be mapped: answered 400 with this message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadRequest {
+    /// The tenant, when it was read before the problem was found.
+    pub tenant: Option<TenantPath>,
+    pub message: String,
+}
+
+/// The mapped request and what else the reply needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mapped {
+    pub request: Request,
+    pub request_id: Option<String>,
+}
+
+/// A reply the filter sends instead of forwarding the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+fn header<'a>(input: &'a HttpInput<'_>, name: &str) -> Result<Option<&'a str>, String> {
+    let mut found: Option<&[u8]> = None;
+    for (k, v) in input.headers {
+        if k.eq_ignore_ascii_case(name) {
+            if found.is_some() {
+                return Err(format!("more than one `{name}` header"));
+            }
+            found = Some(v);
+        }
+    }
+    match found {
+        None => Ok(None),
+        Some(v) => std::str::from_utf8(v)
+            .map(Some)
+            .map_err(|_| format!("header `{name}` is not valid UTF-8")),
+    }
+}
+
+fn from_source(
+    input: &HttpInput<'_>,
+    meta: &dyn MetadataSource,
+    source: &Source,
+) -> Result<Option<String>, String> {
+    match source {
+        Source::Header(name) => Ok(header(input, name)?.map(str::to_string)),
+        Source::Metadata(path) => match meta.metadata(path) {
+            Some(bytes) => String::from_utf8(bytes)
+                .map(Some)
+                .map_err(|_| format!("metadata `{}` is not valid UTF-8", path.join("."))),
+            None => Ok(None),
+        },
+        Source::PathPrefix(_) => Ok(None),
+    }
+}
+
+impl Engine {
+    /// Maps an HTTP request to an engine [`Request`], or says why it is bad.
+    pub fn map_request(
+        &self,
+        input: &HttpInput<'_>,
+        meta: &dyn MetadataSource,
+    ) -> Result<Mapped, BadRequest> {
+        let settings = self.settings();
+        let bad = |tenant: Option<&TenantPath>, message: String| BadRequest {
+            tenant: tenant.cloned(),
+            message,
+        };
+        let method = header(input, ":method")
+            .map_err(|m| bad(None, m))?
+            .unwrap_or("GET");
+        if !crate::settings::is_method(method) {
+            return Err(bad(
+                None,
+                format!("`{}` is not an HTTP method", shorten(method)),
+            ));
+        }
+        let raw_path = header(input, ":path")
+            .map_err(|m| bad(None, m))?
+            .unwrap_or("/");
+        let path = normalize_path(raw_path).map_err(|e| bad(None, e.to_string()))?;
+
+        let (tenant, path) = match &settings.tenant {
+            Source::PathPrefix(prefix) => match self.tenant_from_path(prefix, &path) {
+                Some(Ok((t, rest))) => (t, rest),
+                Some(Err(m)) => return Err(bad(None, m)),
+                None => match &settings.default_tenant {
+                    Some(t) => (t.clone(), path),
+                    None => {
+                        return Err(bad(
+                            None,
+                            format!("the path does not start with the tenant prefix `{prefix}`"),
+                        ))
+                    }
+                },
+            },
+            source => {
+                let value = from_source(input, meta, source).map_err(|m| bad(None, m))?;
+                match value.as_deref().map(str::trim) {
+                    Some(v) if !v.is_empty() => (parse_tenant(v).map_err(|m| bad(None, m))?, path),
+                    _ => match &settings.default_tenant {
+                        Some(t) => (t.clone(), path),
+                        None => return Err(bad(None, format!("no tenant: {}", describe(source)))),
+                    },
+                }
+            }
+        };
+        let principal = match from_source(input, meta, &settings.principal)
+            .map_err(|m| bad(Some(&tenant), m))?
+        {
+            Some(id) if !id.is_empty() => {
+                if id.len() > MAX_PRINCIPAL_LEN {
+                    return Err(bad(
+                        Some(&tenant),
+                        format!("the principal is longer than {MAX_PRINCIPAL_LEN} bytes"),
+                    ));
+                }
+                if id.chars().any(char::is_control) {
+                    return Err(bad(
+                        Some(&tenant),
+                        "the principal contains control characters".into(),
+                    ));
+                }
+                let home = match &settings.principal_tenant {
+                    Some(source) => match from_source(input, meta, source)
+                        .map_err(|m| bad(Some(&tenant), m))?
+                    {
+                        Some(v) if !v.trim().is_empty() => parse_tenant(v.trim())
+                            .map_err(|m| bad(Some(&tenant), format!("principal tenant: {m}")))?,
+                        _ => tenant.clone(),
+                    },
+                    None => tenant.clone(),
+                };
+                Some(Principal { id, tenant: home })
+            }
+            _ => None,
+        };
+        let mut headers = Vec::new();
+        for name in &settings.context_headers {
+            if let Some(v) = header(input, name).map_err(|m| bad(Some(&tenant), m))? {
+                headers.push((name.clone(), v.to_string()));
+            }
+        }
+        let host = header(input, ":authority")
+            .ok()
+            .flatten()
+            .map(str::to_string);
+        let request_id = header(input, "x-request-id")
+            .ok()
+            .flatten()
+            .map(|s| shorten(s));
+        let source_ip = input.source_address.and_then(ip_of);
+        let request = Request {
+            tenant,
+            principal,
+            method: method.to_string(),
+            path,
+            host,
+            source_ip,
+            time_ns: input.now_ns,
+            headers,
+            claims: None,
+            extra_context: None,
+        };
+        Ok(Mapped {
+            request,
+            request_id,
+        })
+    }
+
+    /// Tenant from the path: `prefix` then the longest run of segments naming a
+    /// tenant of the bundle. `None` if the path is not under the prefix. Only
+    /// the prefix itself maps to `/`; a first segment that names no tenant is
+    /// refused rather than falling back to the root.
+    fn tenant_from_path(
+        &self,
+        prefix: &str,
+        path: &str,
+    ) -> Option<Result<(TenantPath, String), String>> {
+        let prefix = prefix.trim_end_matches('/');
+        let rest = if prefix.is_empty() {
+            path
+        } else {
+            path.strip_prefix(prefix)?
+        };
+        if !(rest.is_empty() || rest.starts_with('/')) {
+            return None;
+        }
+        let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+        let mut best: Option<(TenantPath, usize)> = None;
+        let mut cur = TenantPath::root();
+        if segments.is_empty() {
+            return Some(Ok((cur, "/".into())));
+        }
+        for (i, seg) in segments.iter().enumerate() {
+            match cur.child(seg) {
+                Ok(next) if self.has_tenant(&next) => {
+                    best = Some((next.clone(), i + 1));
+                    cur = next;
+                }
+                _ => break,
+            }
+        }
+        match best {
+            Some((tenant, used)) => {
+                let remaining = segments.get(used..).unwrap_or_default();
+                let resource = if remaining.is_empty() {
+                    "/".to_string()
+                } else {
+                    format!("/{}", remaining.join("/"))
+                };
+                Some(Ok((tenant, resource)))
+            }
+            None => {
+                let first = segments.first().copied().unwrap_or_default();
+                Some(Err(format!(
+                    "unknown tenant `/{}` in the path",
+                    shorten(first)
+                )))
+            }
+        }
+    }
+
+    /// The local reply for a denied decision; `None` when the request goes on.
+    pub fn reply(
+        &self,
+        decision: &Decision,
+        tenant: Option<&TenantPath>,
+        request_id: Option<&str>,
+    ) -> Option<LocalReply> {
+        if decision.is_allowed() {
+            return None;
+        }
+        let settings = self.settings();
+        let tenant_json = tenant
+            .map(|t| serde_json::Value::String(t.to_string()))
+            .unwrap_or(serde_json::Value::Null);
+        let rid = request_id
+            .map(|r| serde_json::Value::String(r.to_string()))
+            .unwrap_or(serde_json::Value::Null);
+        let mut headers = vec![("content-type".to_string(), "application/json".to_string())];
+        let body = match decision.kind {
+            Kind::QuotaExceeded => {
+                let q = decision.quota.as_ref();
+                let retry = q.map(|q| q.retry_after_s).unwrap_or(1);
+                headers.push(("retry-after".into(), retry.to_string()));
+                if let Some(q) = q {
+                    if let Some(p) = &q.ratelimit_policy {
+                        headers.push(("ratelimit-policy".into(), p.clone()));
+                    }
+                    if let Some(r) = &q.ratelimit {
+                        headers.push(("ratelimit".into(), r.clone()));
+                    }
+                }
+                serde_json::json!({
+                    "error": "quota_exceeded",
+                    "tenant": tenant_json,
+                    "limit": q.and_then(|q| q.limit.clone()),
+                    "retry_after_s": retry,
+                    "request_id": rid,
+                })
+            }
+            Kind::BadRequest => serde_json::json!({
+                "error": "bad_request",
+                "message": decision.errors.first().cloned().unwrap_or_default(),
+                "tenant": tenant_json,
+                "request_id": rid,
+            }),
+            Kind::Error => {
+                serde_json::json!({ "error": "unavailable", "tenant": tenant_json, "request_id": rid })
+            }
+            Kind::Forbidden | Kind::Allowed => {
+                let mut body = serde_json::json!({ "error": "forbidden", "tenant": tenant_json, "request_id": rid });
+                if settings.expose_reasons {
+                    body["reasons"] = decision.reasons.clone().into();
+                }
+                body
+            }
+        };
+        Some(LocalReply {
+            status: decision.status,
+            headers,
+            body: body.to_string(),
+        })
+    }
+
+    /// Headers added to the response of an allowed request (the RateLimit
+    /// fields, when the bundle asks for them).
+    pub fn allow_response_headers(&self, decision: &Decision) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if self.settings().ratelimit_headers_on_allow && decision.is_allowed() {
+            if let Some(q) = &decision.quota {
+                if let Some(p) = &q.ratelimit_policy {
+                    out.push(("ratelimit-policy".into(), p.clone()));
+                }
+                if let Some(r) = &q.ratelimit {
+                    out.push(("ratelimit".into(), r.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// One JSON audit line, or `None` when the `audit` setting leaves it out.
+    pub fn audit_line(
+        &self,
+        decision: &Decision,
+        mapped: Option<&Mapped>,
+        request_id: Option<&str>,
+    ) -> Option<String> {
+        use crate::settings::Audit;
+        match self.settings().audit {
+            Audit::Off => return None,
+            Audit::Deny if decision.is_allowed() => return None,
+            _ => {}
+        }
+        let req = mapped.map(|m| &m.request);
+        let line = serde_json::json!({
+            "time": req.map(|r| r.time_ns / 1_000_000_000),
+            "request_id": request_id,
+            "tenant": req.map(|r| r.tenant.to_string()),
+            "principal": req.and_then(|r| r.principal.as_ref().map(|p| p.id.clone())),
+            "principal_tenant": req.and_then(|r| r.principal.as_ref().map(|p| p.tenant.to_string())),
+            "action": req.map(|r| r.method.clone()),
+            "resource": req.map(|r| r.path.clone()),
+            "decision": decision.decision,
+            "status": decision.status,
+            "kind": decision.kind,
+            "policies": decision.reasons,
+            "errors": decision.errors,
+            "limit": decision.quota.as_ref().and_then(|q| q.limit.clone()),
+            "bundle": self.version(),
+            "mode": match self.settings().mode { Mode::Enforce => "enforce", Mode::Shadow => "shadow" },
+        });
+        Some(line.to_string())
+    }
+}
+
+fn describe(source: &Source) -> String {
+    match source {
+        Source::Header(h) => format!("the `{h}` header is missing"),
+        Source::Metadata(p) => format!("metadata `{}` is missing", p.join(".")),
+        Source::PathPrefix(p) => format!("the path has no tenant after `{p}`"),
+    }
+}
+
+fn parse_tenant(v: &str) -> Result<TenantPath, String> {
+    if v.len() > MAX_TENANT_LEN {
+        return Err(format!("the tenant is longer than {MAX_TENANT_LEN} bytes"));
+    }
+    TenantPath::parse(v).map_err(|e| e.to_string())
+}
+
+/// The IP of `host:port`, `[v6]:port` or a bare address.
+fn ip_of(addr: &str) -> Option<String> {
+    if let Ok(sa) = addr.parse::<std::net::SocketAddr>() {
+        return Some(sa.ip().to_string());
+    }
+    addr.parse::<std::net::IpAddr>()
+        .ok()
+        .map(|ip| ip.to_string())
+}

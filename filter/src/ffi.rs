@@ -1,0 +1,315 @@
+//! Our own declarations of the proxy-wasm host calls the filter makes.
+//!
+//! The SDK's wrappers panic on any status they do not expect, and a panic
+//! traps the VM, taking the worker's traffic with it. Here every status comes
+//! back as a value. The SDK is still used for its dispatcher (context
+//! callbacks) and its `proxy_on_memory_allocate` export.
+
+#![allow(unsafe_code)]
+
+use std::ptr::{null, null_mut};
+
+pub const OK: u32 = 0;
+pub const NOT_FOUND: u32 = 1;
+pub const CAS_MISMATCH: u32 = 8;
+
+pub const MAP_REQUEST_HEADERS: u32 = 0;
+pub const MAP_RESPONSE_HEADERS: u32 = 2;
+pub const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
+pub const METRIC_COUNTER: u32 = 0;
+
+pub const METRIC_HISTOGRAM: u32 = 2;
+
+pub const LOG_INFO: u32 = 2;
+
+pub const LOG_ERROR: u32 = 4;
+pub const LOG_CRITICAL: u32 = 5;
+
+#[allow(clashing_extern_declarations)]
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
+    fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
+    fn proxy_get_buffer_bytes(
+        buffer_type: u32,
+        start: usize,
+        max_size: usize,
+        return_data: *mut *mut u8,
+        return_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_data: *mut *mut u8,
+        return_size: *mut usize,
+    ) -> u32;
+    fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
+    fn proxy_add_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_send_local_response(
+        status_code: u32,
+        details_data: *const u8,
+        details_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        grpc_status: i32,
+    ) -> u32;
+    fn proxy_get_property(
+        path_data: *const u8,
+        path_size: usize,
+        return_data: *mut *mut u8,
+        return_size: *mut usize,
+    ) -> u32;
+    fn proxy_define_metric(
+        metric_type: u32,
+        name_data: *const u8,
+        name_size: usize,
+        return_id: *mut u32,
+    ) -> u32;
+    fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
+    fn proxy_get_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+        return_cas: *mut u32,
+    ) -> u32;
+    fn proxy_set_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+        cas: u32,
+    ) -> u32;
+}
+
+/// A host call that did not succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostError {
+    CasMismatch,
+    Status(u32),
+}
+
+impl std::fmt::Display for HostError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostError::CasMismatch => f.write_str("cas mismatch"),
+            HostError::Status(s) => write!(f, "host status {s}"),
+        }
+    }
+}
+
+fn check(status: u32) -> Result<(), HostError> {
+    match status {
+        OK => Ok(()),
+        CAS_MISMATCH => Err(HostError::CasMismatch),
+        s => Err(HostError::Status(s)),
+    }
+}
+
+/// Takes ownership of a buffer the host allocated through our
+/// `proxy_on_memory_allocate` (the SDK's export, a `Vec` allocation).
+fn take(data: *mut u8, size: usize) -> Vec<u8> {
+    if data.is_null() || size == 0 {
+        return Vec::new();
+    }
+    // SAFETY: the host returned `size` bytes it allocated for us with
+    // `proxy_on_memory_allocate`, which hands out `Vec<u8>` storage.
+    unsafe { Vec::from_raw_parts(data, size, size) }
+}
+
+pub fn log(level: u32, message: &str) {
+    // SAFETY: pointer and length describe a live slice for the whole call.
+    let _ = unsafe { proxy_log(level, message.as_ptr(), message.len()) };
+}
+
+pub fn now_ns() -> Result<u64, HostError> {
+    let mut t: u64 = 0;
+    // SAFETY: `t` outlives the call.
+    check(unsafe { proxy_get_current_time_nanoseconds(&mut t) })?;
+    Ok(t)
+}
+
+pub fn plugin_configuration() -> Result<Vec<u8>, HostError> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: out-pointers outlive the call.
+    let status = unsafe {
+        proxy_get_buffer_bytes(
+            BUFFER_PLUGIN_CONFIGURATION,
+            0,
+            usize::MAX,
+            &mut data,
+            &mut size,
+        )
+    };
+    match status {
+        OK => Ok(take(data, size)),
+        NOT_FOUND => Ok(Vec::new()),
+        s => Err(HostError::Status(s)),
+    }
+}
+
+/// All pairs of a header map. Names are lowercase in Envoy; a name that is not
+/// UTF-8 is replaced lossily (names are tokens, so this does not happen).
+pub fn header_pairs(map: u32) -> Result<Vec<(String, Vec<u8>)>, HostError> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: out-pointers outlive the call.
+    check(unsafe { proxy_get_header_map_pairs(map, &mut data, &mut size) })?;
+    decode_map(&take(data, size)).ok_or(HostError::Status(u32::MAX))
+}
+
+/// Decodes the proxy-wasm map serialization: count, (key len, value len)*,
+/// then each key and value followed by a NUL. `None` if it is malformed.
+pub fn decode_map(bytes: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
+    if bytes.is_empty() {
+        return Some(Vec::new());
+    }
+    let u32_at = |i: usize| -> Option<usize> {
+        let b = bytes.get(i..i + 4)?;
+        Some(u32::from_le_bytes([*b.first()?, *b.get(1)?, *b.get(2)?, *b.get(3)?]) as usize)
+    };
+    let count = u32_at(0)?;
+    if count > bytes.len() / 8 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(count);
+    let mut p = 4 + count * 8;
+    for n in 0..count {
+        let ks = u32_at(4 + n * 8)?;
+        let vs = u32_at(8 + n * 8)?;
+        let key = bytes.get(p..p + ks)?;
+        p += ks + 1;
+        let value = bytes.get(p..p + vs)?;
+        p += vs + 1;
+        out.push((String::from_utf8_lossy(key).into_owned(), value.to_vec()));
+    }
+    Some(out)
+}
+
+/// Encodes pairs in the proxy-wasm map serialization.
+pub fn encode_map(pairs: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
+    for (k, v) in pairs {
+        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in pairs {
+        out.extend_from_slice(k.as_bytes());
+        out.push(0);
+        out.extend_from_slice(v.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+pub fn remove_header(map: u32, name: &str) -> Result<(), HostError> {
+    // SAFETY: pointer and length describe a live slice for the whole call.
+    check(unsafe { proxy_remove_header_map_value(map, name.as_ptr(), name.len()) })
+}
+
+pub fn add_header(map: u32, name: &str, value: &str) -> Result<(), HostError> {
+    // SAFETY: pointers and lengths describe live slices for the whole call.
+    check(unsafe {
+        proxy_add_header_map_value(map, name.as_ptr(), name.len(), value.as_ptr(), value.len())
+    })
+}
+
+pub fn send_local_response(
+    status: u16,
+    details: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> Result<(), HostError> {
+    let h = encode_map(headers);
+    // SAFETY: pointers and lengths describe live slices for the whole call.
+    check(unsafe {
+        proxy_send_local_response(
+            u32::from(status),
+            details.as_ptr(),
+            details.len(),
+            if body.is_empty() {
+                null()
+            } else {
+                body.as_ptr()
+            },
+            body.len(),
+            h.as_ptr(),
+            h.len(),
+            -1,
+        )
+    })
+}
+
+/// A property (`["source", "address"]`); `Ok(None)` when the host has none.
+pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
+    let mut encoded = Vec::new();
+    for (i, part) in path.iter().enumerate() {
+        if i > 0 {
+            encoded.push(0);
+        }
+        encoded.extend_from_slice(part.as_bytes());
+    }
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: pointers describe live memory for the whole call.
+    let status =
+        unsafe { proxy_get_property(encoded.as_ptr(), encoded.len(), &mut data, &mut size) };
+    match status {
+        OK => Ok(Some(take(data, size))),
+        NOT_FOUND => Ok(None),
+        s => Err(HostError::Status(s)),
+    }
+}
+
+pub fn define_metric(kind: u32, name: &str) -> Result<u32, HostError> {
+    let mut id: u32 = 0;
+    // SAFETY: pointers describe live memory for the whole call.
+    check(unsafe { proxy_define_metric(kind, name.as_ptr(), name.len(), &mut id) })?;
+    Ok(id)
+}
+
+pub fn increment_metric(id: u32, by: i64) {
+    // SAFETY: plain values.
+    let _ = unsafe { proxy_increment_metric(id, by) };
+}
+
+pub fn record_metric(id: u32, value: u64) {
+    // SAFETY: plain values.
+    let _ = unsafe { proxy_record_metric(id, value) };
+}
+
+/// `Ok(None)` when the key is missing; the value and its CAS token otherwise.
+pub fn get_shared_data(key: &str) -> Result<Option<(Vec<u8>, u32)>, HostError> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    let mut cas: u32 = 0;
+    // SAFETY: out-pointers outlive the call; the buffer is ours afterwards.
+    let status =
+        unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) };
+    match status {
+        OK => Ok(Some((take(data, size), cas))),
+        NOT_FOUND => Ok(None),
+        s => Err(HostError::Status(s)),
+    }
+}
+
+/// Sets a value; `cas` 0 sets unconditionally.
+pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> Result<(), HostError> {
+    let ptr = if value.is_empty() {
+        null()
+    } else {
+        value.as_ptr()
+    };
+    // SAFETY: pointers and lengths describe live slices for the whole call.
+    check(unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), ptr, value.len(), cas) })
+}

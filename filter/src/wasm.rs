@@ -1,0 +1,388 @@
+//! Root and HTTP contexts: bytes in from Envoy, engine calls, bytes out.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel};
+use tenantgate_engine::decision::Kind;
+use tenantgate_engine::http::{
+    HttpInput, Mapped, MetadataSource, OWN_HEADER_PREFIX, PRINCIPAL_HEADER, TENANT_HEADER,
+};
+use tenantgate_engine::quota::{BucketStore, StoreError};
+use tenantgate_engine::settings::Mode;
+use tenantgate_engine::{Bundle, Decision, Engine, TenantPath};
+
+use crate::ffi;
+use crate::metric_names as names;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    // The SDK's hook logs and unwraps; ours only logs. Lints deny panics in
+    // this crate and the engine, so this is the last line of defence.
+    std::panic::set_hook(Box::new(|info| {
+        ffi::log(ffi::LOG_CRITICAL, &format!("tenantgate: panic (a bug, please report it): {info}"));
+    }));
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+}}
+
+/// Counters and the decision-time histogram, defined at configure time.
+#[derive(Default)]
+struct Metrics {
+    allowed: u32,
+    denied_policy: u32,
+    denied_quota: u32,
+    bad_request: u32,
+    shadow_denied: u32,
+    errors: u32,
+    decision_us: u32,
+    /// Per tenant: (allowed, denied).
+    tenants: HashMap<TenantPath, (u32, u32)>,
+}
+
+impl Metrics {
+    fn define(engine: &Engine) -> Metrics {
+        let counter =
+            |name: &str| ffi::define_metric(ffi::METRIC_COUNTER, name).unwrap_or(u32::MAX);
+        let mut m = Metrics {
+            allowed: counter(names::ALLOWED),
+            denied_policy: counter(names::DENIED_POLICY),
+            denied_quota: counter(names::DENIED_QUOTA),
+            bad_request: counter(names::BAD_REQUEST),
+            shadow_denied: counter(names::SHADOW_DENIED),
+            errors: counter(names::ERRORS),
+            decision_us: ffi::define_metric(ffi::METRIC_HISTOGRAM, names::DECISION_US)
+                .unwrap_or(u32::MAX),
+            tenants: HashMap::new(),
+        };
+        for t in engine.tenants() {
+            let ids = (
+                counter(&names::tenant(t, "allowed")),
+                counter(&names::tenant(t, "denied")),
+            );
+            m.tenants.insert(t.clone(), ids);
+        }
+        m
+    }
+
+    fn count(&self, decision: &Decision, tenant: Option<&TenantPath>, mode: Mode) {
+        let id = match (decision.is_allowed(), decision.kind) {
+            (true, Kind::Error) => self.errors,
+            (true, _) => self.allowed,
+            (false, Kind::Forbidden | Kind::Allowed) => self.denied_policy,
+            (false, Kind::QuotaExceeded) => self.denied_quota,
+            (false, Kind::BadRequest) => self.bad_request,
+            (false, Kind::Error) => self.errors,
+        };
+        ffi::increment_metric(id, 1);
+        if !decision.is_allowed() && mode == Mode::Shadow {
+            ffi::increment_metric(self.shadow_denied, 1);
+        }
+        if let Some((allowed, denied)) = tenant.and_then(|t| self.tenants.get(t)) {
+            ffi::increment_metric(
+                if decision.is_allowed() {
+                    *allowed
+                } else {
+                    *denied
+                },
+                1,
+            );
+        }
+    }
+}
+
+#[derive(Default)]
+struct Root {
+    loaded: Option<Rc<Loaded>>,
+}
+
+struct Loaded {
+    engine: Engine,
+    metrics: Metrics,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        let text = match ffi::plugin_configuration() {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(e) => {
+                ffi::log(
+                    ffi::LOG_ERROR,
+                    &format!("tenantgate: cannot read the plugin configuration: {e}"),
+                );
+                return false;
+            }
+        };
+        let engine = match Bundle::from_json(&text).and_then(|b| Engine::new(&b)) {
+            Ok(engine) => engine,
+            Err(diagnostics) => {
+                let keeps = if self.loaded.is_some() {
+                    "; the previous bundle keeps serving"
+                } else {
+                    ""
+                };
+                ffi::log(
+                    ffi::LOG_ERROR,
+                    &format!(
+                        "tenantgate: bundle refused ({} errors){keeps}:\n{diagnostics}",
+                        diagnostics.len()
+                    ),
+                );
+                if let Ok(id) = ffi::define_metric(ffi::METRIC_COUNTER, names::CONFIG_REJECTED) {
+                    ffi::increment_metric(id, 1);
+                }
+                return false;
+            }
+        };
+        // Create every bucket before traffic, so the "set on a missing key
+        // ignores CAS" quirk cannot lose an update under load.
+        let now = ffi::now_ns().unwrap_or(0);
+        for (key, value) in engine.quotas().initial_buckets(now) {
+            if matches!(ffi::get_shared_data(&key), Ok(None)) {
+                let _ = ffi::set_shared_data(&key, &value, 0);
+            }
+        }
+        let metrics = Metrics::define(&engine);
+        if let Ok(id) = ffi::define_metric(ffi::METRIC_COUNTER, names::CONFIG_LOADED) {
+            ffi::increment_metric(id, 1);
+        }
+        ffi::log(
+            ffi::LOG_INFO,
+            &format!(
+                "tenantgate: loaded bundle {} ({} tenants, {} policies, mode {:?})",
+                engine.version(),
+                engine.tenants().len(),
+                engine.policy_count(),
+                engine.settings().mode
+            ),
+        );
+        self.loaded = Some(Rc::new(Loaded { engine, metrics }));
+        true
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Http {
+            loaded: self.loaded.clone(),
+            response_headers: Vec::new(),
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Http {
+    loaded: Option<Rc<Loaded>>,
+    /// Headers to add to the response (RateLimit fields on allowed requests).
+    response_headers: Vec<(String, String)>,
+}
+
+impl Context for Http {}
+
+/// Bucket state in proxy-wasm shared data (one VM per worker shares it).
+struct SharedData;
+
+impl BucketStore for SharedData {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        ffi::get_shared_data(key)
+            .map_err(|e| StoreError::Unavailable(format!("get_shared_data: {e}")))
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+        match ffi::set_shared_data(key, value, cas) {
+            Ok(()) => Ok(()),
+            Err(ffi::HostError::CasMismatch) => Err(StoreError::CasMismatch),
+            Err(e) => Err(StoreError::Unavailable(format!("set_shared_data: {e}"))),
+        }
+    }
+}
+
+/// Dynamic metadata through `get_property(["metadata", "filter_metadata", ...])`.
+struct HostMetadata;
+
+impl MetadataSource for HostMetadata {
+    fn metadata(&self, path: &[String]) -> Option<Vec<u8>> {
+        let mut p: Vec<&str> = vec!["metadata", "filter_metadata"];
+        p.extend(path.iter().map(String::as_str));
+        ffi::property(&p).ok().flatten()
+    }
+}
+
+impl HttpContext for Http {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let Some(loaded) = self.loaded.clone() else {
+            // Never configured: nothing can be decided. Envoy does not create
+            // HTTP contexts for a plugin that failed to configure, so this is
+            // defensive; fail closed.
+            let d = Decision::error(Default::default(), "tenantgate has no bundle loaded");
+            return self.deny(None, &d, None, None);
+        };
+        let engine = &loaded.engine;
+        let start = ffi::now_ns().unwrap_or(0);
+        let headers = match ffi::header_pairs(ffi::MAP_REQUEST_HEADERS) {
+            Ok(h) => h,
+            Err(e) => {
+                let d = Decision::error(
+                    engine.settings().on_error,
+                    format!("cannot read request headers: {e}"),
+                );
+                return self.finish(&loaded, d, None, start);
+            }
+        };
+        for (name, _) in headers
+            .iter()
+            .filter(|(n, _)| n.starts_with(OWN_HEADER_PREFIX))
+        {
+            let _ = ffi::remove_header(ffi::MAP_REQUEST_HEADERS, name);
+        }
+        let source = if engine.uses_source_ip() {
+            ffi::property(&["source", "address"])
+                .ok()
+                .flatten()
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+        } else {
+            None
+        };
+        let input = HttpInput {
+            headers: &headers,
+            source_address: source.as_deref(),
+            now_ns: start,
+        };
+        match engine.map_request(&input, &HostMetadata) {
+            Ok(mapped) => {
+                let decision = engine.decide(&mapped.request, &SharedData);
+                self.finish(&loaded, decision, Some(mapped), start)
+            }
+            Err(bad) => {
+                let d = Decision::bad_request(bad.message);
+                let request_id = headers
+                    .iter()
+                    .find(|(k, _)| k == "x-request-id")
+                    .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+                self.finish_bad(&loaded, d, bad.tenant, request_id, start)
+            }
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        for (k, v) in self.response_headers.drain(..) {
+            let _ = ffi::add_header(ffi::MAP_RESPONSE_HEADERS, &k, &v);
+        }
+        Action::Continue
+    }
+}
+
+impl Http {
+    fn finish(
+        &mut self,
+        loaded: &Loaded,
+        decision: Decision,
+        mapped: Option<Mapped>,
+        start: u64,
+    ) -> Action {
+        let engine = &loaded.engine;
+        let tenant = mapped.as_ref().map(|m| m.request.tenant.clone());
+        let request_id = mapped.as_ref().and_then(|m| m.request_id.clone());
+        loaded
+            .metrics
+            .count(&decision, tenant.as_ref(), engine.settings().mode);
+        if let Some(line) = engine.audit_line(&decision, mapped.as_ref(), request_id.as_deref()) {
+            ffi::log(ffi::LOG_INFO, &line);
+        }
+        self.record_time(loaded, start);
+        if decision.is_allowed() || engine.settings().mode == Mode::Shadow {
+            if let Some(m) = &mapped {
+                let _ = ffi::add_header(
+                    ffi::MAP_REQUEST_HEADERS,
+                    TENANT_HEADER,
+                    m.request.tenant.as_str(),
+                );
+                if let Some(p) = &m.request.principal {
+                    let _ = ffi::add_header(ffi::MAP_REQUEST_HEADERS, PRINCIPAL_HEADER, &p.id);
+                }
+            }
+            self.response_headers = engine.allow_response_headers(&decision);
+            return Action::Continue;
+        }
+        self.deny(
+            Some(engine),
+            &decision,
+            tenant.as_ref(),
+            request_id.as_deref(),
+        )
+    }
+
+    fn finish_bad(
+        &mut self,
+        loaded: &Loaded,
+        decision: Decision,
+        tenant: Option<TenantPath>,
+        request_id: Option<String>,
+        start: u64,
+    ) -> Action {
+        let engine = &loaded.engine;
+        loaded
+            .metrics
+            .count(&decision, tenant.as_ref(), engine.settings().mode);
+        if let Some(line) = engine.audit_line(&decision, None, request_id.as_deref()) {
+            ffi::log(ffi::LOG_INFO, &line);
+        }
+        self.record_time(loaded, start);
+        if engine.settings().mode == Mode::Shadow {
+            return Action::Continue;
+        }
+        self.deny(
+            Some(engine),
+            &decision,
+            tenant.as_ref(),
+            request_id.as_deref(),
+        )
+    }
+
+    fn record_time(&self, loaded: &Loaded, start: u64) {
+        if let Ok(end) = ffi::now_ns() {
+            ffi::record_metric(
+                loaded.metrics.decision_us,
+                end.saturating_sub(start) / 1_000,
+            );
+        }
+    }
+
+    fn deny(
+        &mut self,
+        engine: Option<&Engine>,
+        decision: &Decision,
+        tenant: Option<&TenantPath>,
+        request_id: Option<&str>,
+    ) -> Action {
+        if decision.is_allowed() {
+            return Action::Continue;
+        }
+        let reply = engine.and_then(|e| e.reply(decision, tenant, request_id));
+        let (status, body, headers) = match &reply {
+            Some(r) => (
+                r.status,
+                r.body.as_str(),
+                r.headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect(),
+            ),
+            None => (
+                decision.status,
+                r#"{"error":"unavailable"}"#,
+                vec![("content-type", "application/json")],
+            ),
+        };
+        if let Err(e) = ffi::send_local_response(status, "tenantgate", body, &headers) {
+            ffi::log(
+                ffi::LOG_ERROR,
+                &format!("tenantgate: cannot send the {status} reply: {e}"),
+            );
+        }
+        Action::Pause
+    }
+}

