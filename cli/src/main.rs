@@ -253,5 +253,5 @@ pub fn decide(engine: &Engine, args: &RequestArgs) -> Result<Decision, String> {
         .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
         .collect();
     req.extra_context = args.context.clone();
-    Ok(engine.decide_policy(&req))
+    Ok(engine.decide(&req, &tenantgate_engine::quota::MemoryStore::new()))
 }

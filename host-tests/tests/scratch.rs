@@ -2,7 +2,7 @@ use tenantgate_host_tests::*;
 #[test]
 fn scratch() {
     let t0 = std::time::Instant::now();
-    let host = Host::builder("/tmp/pwtest/target/wasm32-wasip1/release/pwtest.wasm").build().unwrap();
+    let host = Host::builder(std::env::var("W").unwrap()).build().unwrap();
     eprintln!("compile {:?}", t0.elapsed());
     eprintln!("imports {:?}\nstubbed {:?}", host.imports(), host.stubbed_imports());
     let mut vm = host.vm().unwrap();

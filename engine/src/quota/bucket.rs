@@ -212,7 +212,7 @@ fn wait(have: i128, need: i128, cap: i128, speed: u64, ahead: u64) -> Option<u64
 
 /// Whole seconds covering `ns`, rounded up.
 pub(crate) fn ceil_seconds(ns: u64) -> u64 {
-    ns / 1_000_000_000 + u64::from(ns % 1_000_000_000 != 0)
+    ns.div_ceil(1_000_000_000)
 }
 
 #[cfg(test)]

@@ -211,12 +211,17 @@ impl QuotaModel {
         }
         let mut plans = HashMap::new();
         for node in at_node.keys() {
-            let Ok(node) = TenantPath::parse(node) else { continue };
+            let Ok(node) = TenantPath::parse(node) else {
+                continue;
+            };
             // Chains root first, then reversed to deepest first.
             let mut chains: BTreeMap<Arc<str>, Vec<Arc<Limit>>> = BTreeMap::new();
             for n in node.lineage() {
                 for l in at_node.get(n.as_str()).into_iter().flatten() {
-                    chains.entry(l.name.clone()).or_default().push(Arc::clone(l));
+                    chains
+                        .entry(l.name.clone())
+                        .or_default()
+                        .push(Arc::clone(l));
                 }
             }
             let chains: Vec<Chain> = chains
@@ -229,7 +234,14 @@ impl QuotaModel {
             let policy = chains
                 .iter()
                 .filter_map(|c| {
-                    c.nodes.first().map(|l| format!("\"{}\";q={};w={}", c.name, l.params.rate, l.params.per_ns / 1_000_000_000))
+                    c.nodes.first().map(|l| {
+                        format!(
+                            "\"{}\";q={};w={}",
+                            c.name,
+                            l.params.rate,
+                            l.params.per_ns / 1_000_000_000
+                        )
+                    })
                 })
                 .collect::<Vec<_>>()
                 .join(", ");
@@ -257,7 +269,12 @@ impl QuotaModel {
         let inputs: Vec<LimitsInput<'_>> = configs
             .iter()
             .filter(|(_, _, limits)| !limits.is_empty())
-            .map(|(tenant, src, limits)| LimitsInput { tenant, file: &src.file, text: &src.text, limits })
+            .map(|(tenant, src, limits)| LimitsInput {
+                tenant,
+                file: &src.file,
+                text: &src.text,
+                limits,
+            })
             .collect();
         Self::build(&inputs)
     }
@@ -309,7 +326,10 @@ impl QuotaModel {
     /// Every shared-data key the model may touch, with full buckets at `now`.
     /// The filter sets each one that does not exist yet at configure time.
     pub fn initial_buckets(&self, now: Nanos) -> Vec<(String, Vec<u8>)> {
-        self.limits.iter().map(|l| (l.key.clone(), l.params.full(now).encode().to_vec())).collect()
+        self.limits
+            .iter()
+            .map(|l| (l.key.clone(), l.params.full(now).encode().to_vec()))
+            .collect()
     }
 
     /// Admission of one request to `tenant` costing `cost` tokens at `now`:
@@ -335,7 +355,13 @@ impl QuotaModel {
                 .chains
                 .iter()
                 .zip(&read)
-                .map(|(c, r)| c.nodes.iter().zip(r).map(|(l, (b, _))| b.unwrap_or_else(|| l.params.full(now))).collect())
+                .map(|(c, r)| {
+                    c.nodes
+                        .iter()
+                        .zip(r)
+                        .map(|(l, (b, _))| b.unwrap_or_else(|| l.params.full(now)))
+                        .collect()
+                })
                 .collect();
             let step = decide(plan, &old, cost, now);
             let Some(new) = step.new else {
@@ -365,13 +391,19 @@ fn read_one(limit: &Limit, store: &dyn BucketStore) -> Result<Read, StoreError> 
     match store.get(&limit.key)? {
         None => Ok((None, 0)),
         Some((bytes, cas)) => {
-            let b = Bucket::decode(&bytes).map_err(|why| StoreError::Corrupt(format!("`{}`: {why}", limit.key)))?;
+            let b = Bucket::decode(&bytes)
+                .map_err(|why| StoreError::Corrupt(format!("`{}`: {why}", limit.key)))?;
             Ok((Some(limit.params.clamp(b)), cas))
         }
     }
 }
 
-fn create_missing(plan: &Plan, read: &[Vec<Read>], now: Nanos, store: &dyn BucketStore) -> Result<(), StoreError> {
+fn create_missing(
+    plan: &Plan,
+    read: &[Vec<Read>],
+    now: Nanos,
+    store: &dyn BucketStore,
+) -> Result<(), StoreError> {
     for (c, r) in plan.chains.iter().zip(read) {
         for (l, (b, _)) in c.nodes.iter().zip(r) {
             if b.is_none() {
@@ -419,7 +451,10 @@ fn refund(limit: &Limit, charge: Charge, store: &dyn BucketStore) -> Result<(), 
         };
         let back = Bucket {
             tokens: b.tokens.saturating_add(charge.tokens).min(limit.params.cap),
-            ctokens: b.ctokens.saturating_add(charge.ctokens).min(limit.params.ccap),
+            ctokens: b
+                .ctokens
+                .saturating_add(charge.ctokens)
+                .min(limit.params.ccap),
             last: b.last,
         };
         match store.set(&limit.key, &back.encode(), cas) {
@@ -472,11 +507,24 @@ fn decide(plan: &Plan, old: &[Vec<Bucket>], cost: u64, now: Nanos) -> Step {
         .chains
         .iter()
         .zip(old)
-        .map(|(c, bs)| c.nodes.iter().zip(bs).map(|(l, b)| l.params.refill(*b, now)).collect())
+        .map(|(c, bs)| {
+            c.nodes
+                .iter()
+                .zip(bs)
+                .map(|(l, b)| l.params.refill(*b, now))
+                .collect()
+        })
         .collect();
-    let needs: Vec<i128> =
-        plan.chains.iter().map(|c| c.nodes.first().map(|l| l.params.units(cost)).unwrap_or(0)).collect();
-    let walks: Vec<Walk> = state.iter().zip(&needs).map(|(bs, need)| walk(bs, *need)).collect();
+    let needs: Vec<i128> = plan
+        .chains
+        .iter()
+        .map(|c| c.nodes.first().map(|l| l.params.units(cost)).unwrap_or(0))
+        .collect();
+    let walks: Vec<Walk> = state
+        .iter()
+        .zip(&needs)
+        .map(|(bs, need)| walk(bs, *need))
+        .collect();
     let admitted = cost == 0 || walks.iter().all(|w| matches!(w, Walk::Lent { .. }));
     let mut charges = Vec::new();
     let mut changed = false;
@@ -491,7 +539,10 @@ fn decide(plan: &Plan, old: &[Vec<Bucket>], cost: u64, now: Nanos) -> Step {
                 let t = if i >= lender { *need } else { 0 };
                 b.tokens = b.tokens.saturating_sub(t).max(FLOOR);
                 b.ctokens = b.ctokens.saturating_sub(*need).max(FLOOR);
-                ch.push(Charge { tokens: t, ctokens: *need });
+                ch.push(Charge {
+                    tokens: t,
+                    ctokens: *need,
+                });
             }
             charges.push(ch);
         }
@@ -504,9 +555,18 @@ fn decide(plan: &Plan, old: &[Vec<Bucket>], cost: u64, now: Nanos) -> Step {
     let mut worst: Option<(Option<u64>, usize)> = None; // (wait, chain) of the longest refusal
     let mut retry_s = 0;
     for (ci, ((chain, bs), need)) in plan.chains.iter().zip(&state).zip(&needs).enumerate() {
-        let window_s = chain.nodes.first().map(|l| l.params.per_ns / 1_000_000_000).unwrap_or(1).max(1);
+        let window_s = chain
+            .nodes
+            .first()
+            .map(|l| l.params.per_ns / 1_000_000_000)
+            .unwrap_or(1)
+            .max(1);
         let r = available(chain, bs);
-        let need = if cost == 0 { chain.nodes.first().map(|l| l.params.units(1)).unwrap_or(1) } else { *need };
+        let need = if cost == 0 {
+            chain.nodes.first().map(|l| l.params.units(1)).unwrap_or(1)
+        } else {
+            *need
+        };
         let wait = wait_for(chain, bs, need, now);
         let t = wait.map(ceil_seconds).unwrap_or(window_s);
         remaining = remaining.min(r);
@@ -546,7 +606,11 @@ fn decide(plan: &Plan, old: &[Vec<Bucket>], cost: u64, now: Nanos) -> Step {
         ratelimit_policy: Some(plan.policy.clone()),
         ratelimit: Some(ratelimit.join(", ")),
     };
-    Step { decision, new: changed.then_some(state), charges }
+    Step {
+        decision,
+        new: changed.then_some(state),
+        charges,
+    }
 }
 
 /// Whole tokens one lender could still give: the best, over the nodes of the
@@ -558,7 +622,11 @@ fn available(chain: &Chain, bs: &[Bucket]) -> u64 {
         ceil_room = ceil_room.min(b.ctokens);
         best = best.max(ceil_room.min(b.tokens));
     }
-    chain.nodes.first().map(|l| l.params.whole_tokens(best)).unwrap_or(0)
+    chain
+        .nodes
+        .first()
+        .map(|l| l.params.whole_tokens(best))
+        .unwrap_or(0)
 }
 
 /// Nanoseconds until the walk would admit `need` units with no other traffic,

@@ -450,23 +450,22 @@ pub(crate) fn parse_per(v: &serde_json::Value) -> Result<u64, String> {
 /// A window as an author would write it (`1s`, `90s`, `5m`, `1d`).
 pub(crate) fn fmt_per(ns: u64) -> String {
     let s = ns / SECOND_NS;
-    if s % 86_400 == 0 {
-        format!("{}d", s / 86_400)
-    } else if s % 3_600 == 0 {
-        format!("{}h", s / 3_600)
-    } else if s % 60 == 0 {
-        format!("{}m", s / 60)
-    } else {
-        format!("{s}s")
+    match (s % 86_400, s % 3_600, s % 60) {
+        (0, _, _) => format!("{}d", s / 86_400),
+        (_, 0, _) => format!("{}h", s / 3_600),
+        (_, _, 0) => format!("{}m", s / 60),
+        _ => format!("{s}s"),
     }
 }
 
 fn fmt_share(bp: u32) -> String {
-    if bp % 100 == 0 {
-        format!("`\"{}%\"`", bp / 100)
-    } else {
-        let frac = format!("{:02}", bp % 100);
-        format!("`\"{}.{}%\"`", bp / 100, frac.trim_end_matches('0'))
+    match bp % 100 {
+        0 => format!("`\"{}%\"`", bp / 100),
+        frac => format!(
+            "`\"{}.{}%\"`",
+            bp / 100,
+            format!("{frac:02}").trim_end_matches('0')
+        ),
     }
 }
 

@@ -466,8 +466,10 @@ struct Racing<'a> {
     inner: &'a MemoryStore,
     sets: Cell<usize>,
     n: usize,
-    race: RefCell<Option<Box<dyn FnOnce(&MemoryStore) + 'a>>>,
+    race: RefCell<Option<Race<'a>>>,
 }
+
+type Race<'a> = Box<dyn FnOnce(&MemoryStore) + 'a>;
 
 impl BucketStore for Racing<'_> {
     fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {

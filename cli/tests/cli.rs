@@ -1,0 +1,192 @@
+//! The `tenantgate` binary on the example tree and on broken copies of it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn tenantgate(args: &[&str]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_tenantgate")).args(args).current_dir(repo()).output().unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A copy of `policies/` to break.
+fn copy_tree() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&repo().join("policies"), dir.path());
+    dir
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+/// Validates a broken tree: exit 1 and an error line that starts with `want`
+/// (path relative to the tree, then `:line:column:`).
+fn assert_error(dir: &Path, want: &str, message: &str) {
+    let r = tenantgate(&["validate", dir.to_str().unwrap()]);
+    assert_eq!(r.code, 1, "stdout: {}\nstderr: {}", r.stdout, r.stderr);
+    let prefix = format!("{}/{want}", dir.display());
+    assert!(
+        r.stderr.lines().any(|l| l.starts_with(&prefix) && l.contains(message)),
+        "no line starting with `{prefix}` and containing `{message}` in:\n{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn example_tree_validates() {
+    let r = tenantgate(&["validate", "policies"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("ok:") && r.stdout.contains("version sha256:"), "{}", r.stdout);
+}
+
+#[test]
+fn example_tests_pass_and_there_are_at_least_30() {
+    let r = tenantgate(&["test", "policies"]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let last = r.stdout.lines().last().unwrap();
+    let (passed, failed) = last.split_once(" passed, ").unwrap();
+    assert!(passed.parse::<u32>().unwrap() >= 30, "{last}");
+    assert_eq!(failed, "0 failed");
+}
+
+#[test]
+fn a_failing_policy_test_exits_1() {
+    let dir = copy_tree();
+    std::fs::write(
+        dir.path().join("tests/zz-wrong.json"),
+        r#"{"tests": [{"name": "wrong on purpose", "request": {"tenant": "/nope", "method": "GET", "path": "/"}, "expect": {"decision": "allow"}}]}"#,
+    )
+    .unwrap();
+    let r = tenantgate(&["test", dir.path().to_str().unwrap()]);
+    assert_eq!(r.code, 1);
+    assert!(r.stdout.contains("FAIL tests/zz-wrong.json: wrong on purpose"), "{}", r.stdout);
+    assert!(r.stdout.contains(" 1 failed"), "{}", r.stdout);
+}
+
+#[test]
+fn cedar_syntax_error_is_located() {
+    let dir = copy_tree();
+    std::fs::write(dir.path().join("tenants/acme/bad.cedar"), "// comment\npermit(principal, action, resource)\n  when { principal == };\n")
+        .unwrap();
+    assert_error(dir.path(), "tenants/acme/bad.cedar:3:", "unexpected token");
+}
+
+#[test]
+fn reusing_a_non_overridable_id_is_an_error() {
+    let dir = copy_tree();
+    std::fs::write(
+        dir.path().join("tenants/acme/eu/reuse.cedar"),
+        "\n\n@id(\"platform-isolation\")\npermit(principal, action, resource);\n",
+    )
+    .unwrap();
+    assert_error(dir.path(), "tenants/acme/eu/reuse.cedar:3:1:", "not `@overridable`");
+}
+
+#[test]
+fn tenant_json_that_is_not_json_is_located() {
+    let dir = copy_tree();
+    std::fs::write(dir.path().join("tenants/globex/tenant.json"), "{\n  \"attributes\": {\n    \"tier\": silver\n  }\n}\n").unwrap();
+    assert_error(dir.path(), "tenants/globex/tenant.json:3:", "expected value");
+}
+
+#[test]
+fn tenant_json_with_unknown_keys_is_located() {
+    let dir = copy_tree();
+    std::fs::write(dir.path().join("tenants/globex/tenant.json"), "{\n  \"atributes\": {}\n}\n").unwrap();
+    assert_error(dir.path(), "tenants/globex/tenant.json:2:", "unknown field `atributes`");
+}
+
+#[test]
+fn bad_tenant_folder_names_are_refused() {
+    for name in ["Acme2", "has space", "-dash"] {
+        let dir = copy_tree();
+        std::fs::create_dir_all(dir.path().join("tenants").join(name)).unwrap();
+        assert_error(dir.path(), &format!("tenants/{name}"), "not a valid tenant segment");
+    }
+}
+
+#[test]
+fn schema_violation_is_located() {
+    let dir = copy_tree();
+    std::fs::write(
+        dir.path().join("tenants/public/typo.cedar"),
+        "@id(\"typo\")\npermit(principal, action, resource)\n  when { resource.tenant.teir == \"gold\" };\n",
+    )
+    .unwrap();
+    assert_error(dir.path(), "tenants/public/typo.cedar:3:", "schema: attribute `teir`");
+}
+
+#[test]
+fn bundle_round_trips_and_a_tampered_bundle_is_refused() {
+    let out = tempfile::tempdir().unwrap();
+    let bundle = out.path().join("bundle.json");
+    let r = tenantgate(&["bundle", "policies", "-o", bundle.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v = tenantgate(&["validate", bundle.to_str().unwrap()]);
+    assert_eq!(v.code, 0, "{}", v.stderr);
+    let from_dir = tenantgate(&["validate", "policies"]);
+    let version = |s: &str| s.split("version ").nth(1).unwrap().trim().to_string();
+    assert_eq!(version(&v.stdout), version(&from_dir.stdout));
+
+    let text = std::fs::read_to_string(&bundle).unwrap();
+    let tampered = text.replacen("permit", "forbid", 1);
+    assert_ne!(text, tampered);
+    std::fs::write(&bundle, tampered).unwrap();
+    let t = tenantgate(&["validate", bundle.to_str().unwrap()]);
+    assert_eq!(t.code, 1);
+    assert!(t.stderr.contains("does not match its content"), "{}", t.stderr);
+}
+
+#[test]
+fn check_prints_one_decision_object() {
+    let r = tenantgate(&[
+        "check", "policies", "--tenant", "/globex", "--method", "GET", "--path", "/catalog/1", "--principal", "bob",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["decision"], "allow", "{v}");
+    assert_eq!(v["status"], 200);
+    assert!(v["reasons"].as_array().unwrap().iter().any(|r| r == "globex-read"), "{v}");
+}
+
+#[test]
+fn check_on_an_unknown_tenant_denies_with_a_reason() {
+    let r = tenantgate(&["check", "policies", "--tenant", "/nope", "--method", "GET", "--path", "/", "--principal", "x"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["decision"], "deny");
+    assert!(v["errors"][0].as_str().unwrap().contains("unknown tenant `/nope`"), "{v}");
+}
+
+#[test]
+fn check_refuses_bad_tenants_and_paths_with_400() {
+    for (tenant, path) in [("/Acme", "/"), ("acme", "/"), ("/acme", "/a%2Fb"), ("/acme", "/../x")] {
+        let r = tenantgate(&["check", "policies", "--tenant", tenant, "--method", "GET", "--path", path]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        assert_eq!(v["status"], 400, "{tenant} {path}: {v}");
+    }
+}

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Quick-start command 2: every test. Builds tenantgate.wasm first (the host
+# tests and the Envoy tests load it), then runs the Rust tests, the example
+# tree's policy tests, and the end-to-end tests against real Envoy.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== build tenantgate.wasm"
+./scripts/build-wasm.sh
+
+echo "== cargo test (engine, cli, filter, host-tests)"
+cargo test --workspace
+
+echo "== policies/: validate and policy tests"
+cargo run -q -p tenantgate-cli -- validate policies
+cargo run -q -p tenantgate-cli -- test policies
+
+if [ -x scripts/test-envoy.sh ]; then
+  echo "== end-to-end tests in real Envoy"
+  ./scripts/test-envoy.sh
+fi
+echo "== all tests passed"
