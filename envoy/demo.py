@@ -13,6 +13,7 @@ only bites writes to non-gold tenants; the demo writes to the gold /acme/eu).
 
 import argparse
 import json
+import re
 import signal
 import socket
 import sys
@@ -194,8 +195,8 @@ class Demo:
                 break
             time.sleep(0.1)
         if audit:
-            line = audit[-1]
-            print("  the last audit line in Envoy's log:")
+            line = next((ln for ln in audit if '"eu-residency"' in ln), audit[-1])
+            print("  the audit line of step 2 in Envoy's log (one JSON line per decision):")
             print(f"  {DIM}{line[line.find('{'):] if '{' in line else line}{RESET}")
         self.expect("audit lines in Envoy's log", bool(audit))
 
@@ -298,9 +299,9 @@ def envoy_version():
     import subprocess
     try:
         out = subprocess.run([str(h.envoy_bin()), "--version"], capture_output=True, text=True, timeout=10).stdout
-        for part in out.split():
-            if part.count("/") >= 2:
-                return part.split("/")[1]
+        m = re.search(r"version: \S*?/(\d+\.\d+\.\d+)/", out)
+        if m:
+            return m.group(1)
     except (OSError, subprocess.SubprocessError):
         pass
     return "?"

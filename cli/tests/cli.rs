@@ -1,5 +1,7 @@
 //! The `tenantgate` binary on the example tree and on broken copies of it.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -420,6 +420,14 @@ impl Engine {
         }
     }
 
+    /// The Cedar request and entities the engine builds for `req` (for
+    /// benchmarks that compare against plain Cedar).
+    #[doc(hidden)]
+    pub fn cedar_parts(&self, req: &Request) -> Result<(cedar_policy::Request, Entities), String> {
+        let node = self.tenants.get(&req.tenant).ok_or_else(|| format!("unknown tenant `{}`", req.tenant))?;
+        self.cedar_request(node, req)
+    }
+
     fn cedar_request(
         &self,
         node: &TenantNode,

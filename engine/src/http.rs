@@ -194,7 +194,7 @@ impl Engine {
         let request_id = header(input, "x-request-id")
             .ok()
             .flatten()
-            .map(|s| shorten(s));
+            .map(shorten);
         let source_ip = input.source_address.and_then(ip_of);
         let request = Request {
             tenant,
@@ -318,7 +318,9 @@ impl Engine {
             Kind::Forbidden | Kind::Allowed => {
                 let mut body = serde_json::json!({ "error": "forbidden", "tenant": tenant_json, "request_id": rid });
                 if settings.expose_reasons {
-                    body["reasons"] = decision.reasons.clone().into();
+                    if let Some(obj) = body.as_object_mut() {
+                        obj.insert("reasons".into(), decision.reasons.clone().into());
+                    }
                 }
                 body
             }

@@ -33,21 +33,77 @@ fn engine() -> Result<Engine> {
 
 type CacheKey = (PathBuf, u64, Option<SystemTime>);
 
+/// Compiles a module, once per file version in this process, and keeps the
+/// machine code on disk (`target/host-tests-cache`) so later test runs skip
+/// Cranelift (compiling the 2.6 MB filter takes most of a minute in a debug
+/// build of wasmtime).
 fn compile(path: &Path) -> Result<Module> {
     static CACHE: OnceLock<Mutex<HashMap<CacheKey, Module>>> = OnceLock::new();
-    let meta =
-        std::fs::metadata(path).with_context(|| format!("cannot read `{}`", path.display()))?;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("cannot read `{}`", path.display()))?;
     let key = (path.to_path_buf(), meta.len(), meta.modified().ok());
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
     let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(m) = cache.get(&key) {
         return Ok(m.clone());
     }
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read `{}`", path.display()))?;
-    let module = Module::new(&engine()?, &bytes)
-        .with_context(|| format!("cannot compile `{}`", path.display()))?;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read `{}`", path.display()))?;
+    let engine = engine()?;
+    let module = match disk_cache_path(&engine, &bytes) {
+        Some(cached) => match load_cached(&engine, &cached) {
+            Some(m) => m,
+            None => {
+                let m = Module::new(&engine, &bytes)
+                    .with_context(|| format!("cannot compile `{}`", path.display()))?;
+                store_cached(&m, &cached);
+                m
+            }
+        },
+        None => Module::new(&engine, &bytes)
+            .with_context(|| format!("cannot compile `{}`", path.display()))?,
+    };
     cache.insert(key, module.clone());
     Ok(module)
+}
+
+/// `target/host-tests-cache/<hash of the module and the engine settings>.cwasm`.
+fn disk_cache_path(engine: &Engine, wasm: &[u8]) -> Option<PathBuf> {
+    use std::hash::{Hash, Hasher};
+    if std::env::var_os("TENANTGATE_HOST_NO_CACHE").is_some() {
+        return None;
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    wasm.hash(&mut h);
+    engine.precompile_compatibility_hash().hash(&mut h);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()?
+        .join("target")
+        .join("host-tests-cache");
+    std::fs::create_dir_all(&dir).ok()?;
+    Some(dir.join(format!("{:016x}-{}.cwasm", h.finish(), wasm.len())))
+}
+
+#[allow(unsafe_code)]
+fn load_cached(engine: &Engine, file: &Path) -> Option<Module> {
+    if !file.is_file() {
+        return None;
+    }
+    // SAFETY: the file is machine code this host wrote with
+    // `Module::serialize` into the build's own target directory, named by a
+    // hash of the module and of the engine's compatibility settings; wasmtime
+    // checks its version and settings header and refuses a mismatch (then we
+    // compile afresh). It is not input from outside the build.
+    unsafe { Module::deserialize_file(engine, file) }.ok()
+}
+
+fn store_cached(module: &Module, file: &Path) {
+    if let Ok(bytes) = module.serialize() {
+        let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, bytes).is_ok() {
+            let _ = std::fs::rename(&tmp, file);
+        }
+    }
 }
 
 /// Settings of a host, with Envoy-like defaults.
