@@ -1,6 +1,11 @@
 //! The `tenantgate` binary on the example tree and on broken copies of it.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,11 +17,18 @@ struct Run {
 }
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn tenantgate(args: &[&str]) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_tenantgate")).args(args).current_dir(repo()).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tenantgate"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .unwrap();
     Run {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -51,7 +63,9 @@ fn assert_error(dir: &Path, want: &str, message: &str) {
     assert_eq!(r.code, 1, "stdout: {}\nstderr: {}", r.stdout, r.stderr);
     let prefix = format!("{}/{want}", dir.display());
     assert!(
-        r.stderr.lines().any(|l| l.starts_with(&prefix) && l.contains(message)),
+        r.stderr
+            .lines()
+            .any(|l| l.starts_with(&prefix) && l.contains(message)),
         "no line starting with `{prefix}` and containing `{message}` in:\n{}",
         r.stderr
     );
@@ -61,7 +75,11 @@ fn assert_error(dir: &Path, want: &str, message: &str) {
 fn example_tree_validates() {
     let r = tenantgate(&["validate", "policies"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(r.stdout.contains("ok:") && r.stdout.contains("version sha256:"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("ok:") && r.stdout.contains("version sha256:"),
+        "{}",
+        r.stdout
+    );
 }
 
 #[test]
@@ -84,15 +102,23 @@ fn a_failing_policy_test_exits_1() {
     .unwrap();
     let r = tenantgate(&["test", dir.path().to_str().unwrap()]);
     assert_eq!(r.code, 1);
-    assert!(r.stdout.contains("FAIL tests/zz-wrong.json: wrong on purpose"), "{}", r.stdout);
+    assert!(
+        r.stdout
+            .contains("FAIL tests/zz-wrong.json: wrong on purpose"),
+        "{}",
+        r.stdout
+    );
     assert!(r.stdout.contains(" 1 failed"), "{}", r.stdout);
 }
 
 #[test]
 fn cedar_syntax_error_is_located() {
     let dir = copy_tree();
-    std::fs::write(dir.path().join("tenants/acme/bad.cedar"), "// comment\npermit(principal, action, resource)\n  when { principal == };\n")
-        .unwrap();
+    std::fs::write(
+        dir.path().join("tenants/acme/bad.cedar"),
+        "// comment\npermit(principal, action, resource)\n  when { principal == };\n",
+    )
+    .unwrap();
     assert_error(dir.path(), "tenants/acme/bad.cedar:3:", "unexpected token");
 }
 
@@ -104,21 +130,41 @@ fn reusing_a_non_overridable_id_is_an_error() {
         "\n\n@id(\"platform-isolation\")\npermit(principal, action, resource);\n",
     )
     .unwrap();
-    assert_error(dir.path(), "tenants/acme/eu/reuse.cedar:3:1:", "not `@overridable`");
+    assert_error(
+        dir.path(),
+        "tenants/acme/eu/reuse.cedar:3:1:",
+        "not `@overridable`",
+    );
 }
 
 #[test]
 fn tenant_json_that_is_not_json_is_located() {
     let dir = copy_tree();
-    std::fs::write(dir.path().join("tenants/globex/tenant.json"), "{\n  \"attributes\": {\n    \"tier\": silver\n  }\n}\n").unwrap();
-    assert_error(dir.path(), "tenants/globex/tenant.json:3:", "expected value");
+    std::fs::write(
+        dir.path().join("tenants/globex/tenant.json"),
+        "{\n  \"attributes\": {\n    \"tier\": silver\n  }\n}\n",
+    )
+    .unwrap();
+    assert_error(
+        dir.path(),
+        "tenants/globex/tenant.json:3:",
+        "expected value",
+    );
 }
 
 #[test]
 fn tenant_json_with_unknown_keys_is_located() {
     let dir = copy_tree();
-    std::fs::write(dir.path().join("tenants/globex/tenant.json"), "{\n  \"atributes\": {}\n}\n").unwrap();
-    assert_error(dir.path(), "tenants/globex/tenant.json:2:", "unknown field `atributes`");
+    std::fs::write(
+        dir.path().join("tenants/globex/tenant.json"),
+        "{\n  \"atributes\": {}\n}\n",
+    )
+    .unwrap();
+    assert_error(
+        dir.path(),
+        "tenants/globex/tenant.json:2:",
+        "unknown field `atributes`",
+    );
 }
 
 #[test]
@@ -126,7 +172,11 @@ fn bad_tenant_folder_names_are_refused() {
     for name in ["Acme2", "has space", "-dash"] {
         let dir = copy_tree();
         std::fs::create_dir_all(dir.path().join("tenants").join(name)).unwrap();
-        assert_error(dir.path(), &format!("tenants/{name}"), "not a valid tenant segment");
+        assert_error(
+            dir.path(),
+            &format!("tenants/{name}"),
+            "not a valid tenant segment",
+        );
     }
 }
 
@@ -138,7 +188,11 @@ fn schema_violation_is_located() {
         "@id(\"typo\")\npermit(principal, action, resource)\n  when { resource.tenant.teir == \"gold\" };\n",
     )
     .unwrap();
-    assert_error(dir.path(), "tenants/public/typo.cedar:3:", "schema: attribute `teir`");
+    assert_error(
+        dir.path(),
+        "tenants/public/typo.cedar:3:",
+        "schema: attribute `teir`",
+    );
 }
 
 #[test]
@@ -159,34 +213,78 @@ fn bundle_round_trips_and_a_tampered_bundle_is_refused() {
     std::fs::write(&bundle, tampered).unwrap();
     let t = tenantgate(&["validate", bundle.to_str().unwrap()]);
     assert_eq!(t.code, 1);
-    assert!(t.stderr.contains("does not match its content"), "{}", t.stderr);
+    assert!(
+        t.stderr.contains("does not match its content"),
+        "{}",
+        t.stderr
+    );
 }
 
 #[test]
 fn check_prints_one_decision_object() {
     let r = tenantgate(&[
-        "check", "policies", "--tenant", "/globex", "--method", "GET", "--path", "/catalog/1", "--principal", "bob",
+        "check",
+        "policies",
+        "--tenant",
+        "/globex",
+        "--method",
+        "GET",
+        "--path",
+        "/catalog/1",
+        "--principal",
+        "bob",
     ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v["decision"], "allow", "{v}");
     assert_eq!(v["status"], 200);
-    assert!(v["reasons"].as_array().unwrap().iter().any(|r| r == "globex-read"), "{v}");
+    assert!(
+        v["reasons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r == "globex-read"),
+        "{v}"
+    );
 }
 
 #[test]
 fn check_on_an_unknown_tenant_denies_with_a_reason() {
-    let r = tenantgate(&["check", "policies", "--tenant", "/nope", "--method", "GET", "--path", "/", "--principal", "x"]);
+    let r = tenantgate(&[
+        "check",
+        "policies",
+        "--tenant",
+        "/nope",
+        "--method",
+        "GET",
+        "--path",
+        "/",
+        "--principal",
+        "x",
+    ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v["decision"], "deny");
-    assert!(v["errors"][0].as_str().unwrap().contains("unknown tenant `/nope`"), "{v}");
+    assert!(
+        v["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("unknown tenant `/nope`"),
+        "{v}"
+    );
 }
 
 #[test]
 fn check_refuses_bad_tenants_and_paths_with_400() {
-    for (tenant, path) in [("/Acme", "/"), ("acme", "/"), ("/acme", "/a%2Fb"), ("/acme", "/../x")] {
-        let r = tenantgate(&["check", "policies", "--tenant", tenant, "--method", "GET", "--path", path]);
+    for (tenant, path) in [
+        ("/Acme", "/"),
+        ("acme", "/"),
+        ("/acme", "/a%2Fb"),
+        ("/acme", "/../x"),
+    ] {
+        let r = tenantgate(&[
+            "check", "policies", "--tenant", tenant, "--method", "GET", "--path", path,
+        ]);
         assert_eq!(r.code, 0, "{}", r.stderr);
         let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
         assert_eq!(v["status"], 400, "{tenant} {path}: {v}");

@@ -132,6 +132,12 @@ fn bench(c: &mut Criterion) {
             black_box(authorizer.is_authorized(&r, &whole, &e))
         })
     });
+    g.bench_function("sliced_10k_cache_hit", |b| {
+        b.iter(|| black_box(large_engine.decide_policy_cached(black_box(&req))))
+    });
+    g.bench_function("build_request_and_entities_only", |b| {
+        b.iter(|| black_box(large_engine.cedar_parts(black_box(&req)).unwrap()))
+    });
     g.finish();
 }
 

@@ -2,7 +2,12 @@
 //! limit names (per second and per day) on every level: 8 buckets read,
 //! decided and written with compare-and-swap, in the in-memory store.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -15,18 +20,41 @@ const S: u64 = 1_000_000_000;
 
 fn model() -> QuotaModel {
     let tree = [
-        ("/acme", r#"{"rps": {"rate": 1000000000}, "daily": {"rate": 1000000000000, "per": "1d"}}"#),
-        ("/acme/eu", r#"{"rps": {"rate": "50%", "ceil": "100%"}, "daily": {"rate": "50%"}}"#),
-        ("/acme/eu/team-a", r#"{"rps": {"rate": "50%", "ceil": "100%"}, "daily": {"rate": "50%"}}"#),
-        ("/acme/eu/team-a/svc", r#"{"rps": {"rate": "50%", "ceil": "100%"}, "daily": {"rate": "50%"}}"#),
+        (
+            "/acme",
+            r#"{"rps": {"rate": 1000000000}, "daily": {"rate": 1000000000000, "per": "1d"}}"#,
+        ),
+        (
+            "/acme/eu",
+            r#"{"rps": {"rate": "50%", "ceil": "100%"}, "daily": {"rate": "50%"}}"#,
+        ),
+        (
+            "/acme/eu/team-a",
+            r#"{"rps": {"rate": "50%", "ceil": "100%"}, "daily": {"rate": "50%"}}"#,
+        ),
+        (
+            "/acme/eu/team-a/svc",
+            r#"{"rps": {"rate": "50%", "ceil": "100%"}, "daily": {"rate": "50%"}}"#,
+        ),
     ];
     let owned: Vec<(TenantPath, String, BTreeMap<String, serde_json::Value>)> = tree
         .iter()
-        .map(|(p, limits)| (TenantPath::parse(p).unwrap(), limits.to_string(), serde_json::from_str(limits).unwrap()))
+        .map(|(p, limits)| {
+            (
+                TenantPath::parse(p).unwrap(),
+                limits.to_string(),
+                serde_json::from_str(limits).unwrap(),
+            )
+        })
         .collect();
     let inputs: Vec<LimitsInput<'_>> = owned
         .iter()
-        .map(|(tenant, text, limits)| LimitsInput { tenant, file: "tenant.json", text, limits })
+        .map(|(tenant, text, limits)| LimitsInput {
+            tenant,
+            file: "tenant.json",
+            text,
+            limits,
+        })
         .collect();
     QuotaModel::build(&inputs).unwrap()
 }
@@ -51,10 +79,18 @@ fn bench(c: &mut Criterion) {
     });
     // The same tenant once every token is gone: read and decide, no writes.
     let tight = {
-        let owned = (TenantPath::parse("/acme").unwrap(), r#"{"rps": {"rate": 1}}"#.to_string());
+        let owned = (
+            TenantPath::parse("/acme").unwrap(),
+            r#"{"rps": {"rate": 1}}"#.to_string(),
+        );
         let limits: BTreeMap<String, serde_json::Value> = serde_json::from_str(&owned.1).unwrap();
-        QuotaModel::build(&[LimitsInput { tenant: &owned.0, file: "tenant.json", text: &owned.1, limits: &limits }])
-            .unwrap()
+        QuotaModel::build(&[LimitsInput {
+            tenant: &owned.0,
+            file: "tenant.json",
+            text: &owned.1,
+            limits: &limits,
+        }])
+        .unwrap()
     };
     let store = MemoryStore::new();
     assert!(tight.admit(&tenant, 1, t0, &store).unwrap().admitted);

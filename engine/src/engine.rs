@@ -44,6 +44,8 @@ struct TenantNode {
     path: TenantPath,
     /// Tenant entities from the root down to this tenant.
     lineage: Vec<Entity>,
+    /// The lineage and the action entities, with the transitive closure done.
+    base: Entities,
     /// The policies that apply here: this tenant's and its ancestors', overrides applied.
     effective: PolicySet,
     effective_list: Vec<Arc<CompiledPolicy>>,
@@ -56,10 +58,10 @@ pub struct Engine {
     version: String,
     types: Types,
     tenants: HashMap<TenantPath, TenantNode>,
-    actions: Vec<Entity>,
     authorizer: Authorizer,
     quotas: QuotaModel,
     policy_count: usize,
+    cache: crate::cache::DecisionCache,
     /// True if some policy mentions `source_ip`: only then does the filter
     /// ask the host for the downstream address.
     uses_source_ip: bool,
@@ -188,6 +190,10 @@ impl Engine {
             attached.insert(t.path.clone(), list);
         }
 
+        let actions = types
+            .action_entities()
+            .map_err(|m| Diagnostic::new("bundle", m))?;
+
         // Effective sets: the parent's, minus what this tenant overrides, plus its own.
         let mut tenants: HashMap<TenantPath, TenantNode> = HashMap::new();
         let mut effective_lists: HashMap<TenantPath, Vec<Arc<CompiledPolicy>>> = HashMap::new();
@@ -249,6 +255,11 @@ impl Engine {
                 path.clone(),
                 TenantNode {
                     path: path.clone(),
+                    base: Entities::from_entities(
+                        lineage.iter().cloned().chain(actions.iter().cloned()),
+                        None,
+                    )
+                    .unwrap_or_else(|_| Entities::empty()),
                     lineage,
                     effective: set,
                     effective_list: list.clone(),
@@ -277,9 +288,6 @@ impl Engine {
             }
         };
 
-        let actions = types
-            .action_entities()
-            .map_err(|m| Diagnostic::new("bundle", m))?;
         if !errors.is_empty() {
             return Err(Diagnostics(errors));
         }
@@ -288,10 +296,16 @@ impl Engine {
             version: bundle.version.clone(),
             types,
             tenants,
-            actions,
             authorizer: Authorizer::new(),
             quotas,
             policy_count,
+            cache: crate::cache::DecisionCache::new(crate::cache::KeyShape::from_texts(
+                bundle
+                    .tenants
+                    .iter()
+                    .flat_map(|t| &t.policies)
+                    .map(|p| p.text.as_str()),
+            )),
             uses_source_ip: bundle
                 .tenants
                 .iter()
@@ -347,7 +361,7 @@ impl Engine {
     /// charged against the quotas (a request denied by policy costs nothing).
     /// A store failure gives the `on_error` decision.
     pub fn decide(&self, req: &Request, store: &dyn BucketStore) -> Decision {
-        let decision = self.decide_policy(req);
+        let decision = self.decide_policy_cached(req);
         if !decision.is_allowed() || self.quotas.is_empty() {
             return decision;
         }
@@ -367,6 +381,23 @@ impl Engine {
             },
             Err(e) => Decision::error(self.settings.on_error, format!("quota store: {e}")),
         }
+    }
+
+    /// [`Engine::decide_policy`] through the bounded decision cache.
+    pub fn decide_policy_cached(&self, req: &Request) -> Decision {
+        let Some(key) = self.cache.key(req) else {
+            return self.decide_policy(req);
+        };
+        if let Some(d) = self.cache.get(&key) {
+            return d;
+        }
+        let d = self.decide_policy(req);
+        // Only decisions about declared tenants are kept, so a flood of
+        // made-up tenants cannot push real entries out.
+        if self.tenants.contains_key(&req.tenant) && d.kind != crate::decision::Kind::BadRequest {
+            self.cache.put(key, &d);
+        }
+        d
     }
 
     /// The policy part of a decision: Cedar over the tenant's effective set.
@@ -424,7 +455,10 @@ impl Engine {
     /// benchmarks that compare against plain Cedar).
     #[doc(hidden)]
     pub fn cedar_parts(&self, req: &Request) -> Result<(cedar_policy::Request, Entities), String> {
-        let node = self.tenants.get(&req.tenant).ok_or_else(|| format!("unknown tenant `{}`", req.tenant))?;
+        let node = self
+            .tenants
+            .get(&req.tenant)
+            .ok_or_else(|| format!("unknown tenant `{}`", req.tenant))?;
         self.cedar_request(node, req)
     }
 
@@ -436,8 +470,7 @@ impl Engine {
         let t = &self.types;
         let user = t.user_entity(req.principal.as_ref())?;
         let route = t.route_entity(&node.path, &req.path)?;
-        let mut all: Vec<Entity> = Vec::with_capacity(node.lineage.len() + self.actions.len() + 6);
-        all.extend(node.lineage.iter().cloned());
+        let mut all: Vec<Entity> = Vec::with_capacity(8);
         if let Some(p) = &req.principal {
             if let Some(home) = self.tenants.get(&p.tenant) {
                 all.extend(
@@ -448,10 +481,13 @@ impl Engine {
                 );
             }
         }
-        all.extend(self.actions.iter().cloned());
         all.push(user.clone());
         all.push(route.clone());
-        let entities = Entities::from_entities(all, None).map_err(|e| e.to_string())?;
+        let entities = node
+            .base
+            .clone()
+            .add_entities(all, None)
+            .map_err(|e| e.to_string())?;
         let context = t.context(req)?;
         let action: EntityUid = t.action_uid(&req.method);
         let r = cedar_policy::Request::new(user.uid(), action, route.uid(), context, None)

@@ -191,10 +191,7 @@ impl Engine {
             .ok()
             .flatten()
             .map(str::to_string);
-        let request_id = header(input, "x-request-id")
-            .ok()
-            .flatten()
-            .map(shorten);
+        let request_id = header(input, "x-request-id").ok().flatten().map(shorten);
         let source_ip = input.source_address.and_then(ip_of);
         let request = Request {
             tenant,

@@ -3,6 +3,7 @@
 //! time, shared storage and request attributes come in through traits.
 
 pub mod bundle;
+mod cache;
 pub mod decision;
 pub mod diag;
 mod engine;

@@ -67,9 +67,12 @@ impl TenantPath {
         let Some(rest) = s.strip_prefix('/') else {
             return Err(TenantPathError::NotAbsolute(shorten(s)));
         };
-        let rest = rest.strip_suffix('/').unwrap_or(rest);
         if rest.is_empty() {
             return Ok(Self::root());
+        }
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.is_empty() {
+            return Err(TenantPathError::EmptySegment { path: shorten(s) });
         }
         let mut depth = 0;
         for segment in rest.split('/') {

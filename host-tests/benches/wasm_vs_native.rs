@@ -1,1 +1,203 @@
-fn main() {}
+//! The same decision through `tenantgate.wasm` in the wasmtime host (every
+//! host call included: context creation, header maps, properties, shared
+//! data, metrics, the audit line, response headers, done/log/delete) and
+//! through the native engine (request mapping, policy, quota on an
+//! in-memory store with Envoy's semantics, audit line, response headers).
+//!
+//! `cargo bench -p tenantgate-host-tests` (build `tenantgate.wasm` first).
+//! Prints criterion's figures, then the wasm/native ratio of medians.
+
+use std::hint::black_box;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+use criterion::Criterion;
+use tenantgate_engine::http::{HttpInput, NoMetadata};
+use tenantgate_engine::quota::MemoryStore;
+use tenantgate_engine::{Bundle, Engine};
+use tenantgate_host_tests::{locate_wasm, Host, Vm};
+
+const SECOND: u64 = 1_000_000_000;
+
+/// A scenario: a bundle and one request that it allows.
+struct Scenario {
+    name: &'static str,
+    bundle: Bundle,
+    tenant: &'static str,
+    user: &'static str,
+    home: &'static str,
+    method: &'static str,
+    path: &'static str,
+}
+
+fn scenarios() -> Result<Vec<Scenario>> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let example = Bundle::from_dir(&repo.join("policies"))
+        .map_err(|d| anyhow!("policies/ does not bundle:\n{d}"))?;
+    let mut no_quota = example.clone();
+    for t in &mut no_quota.tenants {
+        t.config = None;
+    }
+    no_quota.version = no_quota.compute_version();
+    Ok(vec![
+        Scenario {
+            name: "policies+quota",
+            bundle: example,
+            tenant: "/acme/eu",
+            user: "alice",
+            home: "/acme/eu",
+            method: "GET",
+            path: "/orders/1",
+        },
+        Scenario {
+            name: "policies",
+            bundle: no_quota,
+            tenant: "/acme/eu",
+            user: "alice",
+            home: "/acme/eu",
+            method: "GET",
+            path: "/orders/1",
+        },
+    ])
+}
+
+struct Native {
+    engine: Engine,
+    store: MemoryStore,
+    headers: Vec<(String, Vec<u8>)>,
+    now: u64,
+}
+
+impl Native {
+    fn new(s: &Scenario) -> Result<Native> {
+        let engine = Engine::new(&s.bundle).map_err(|d| anyhow!("{d}"))?;
+        let headers = [
+            (":authority", "api.example.com"),
+            (":path", s.path),
+            (":method", s.method),
+            (":scheme", "http"),
+            ("x-request-id", "req-1"),
+            ("x-tenant", s.tenant),
+            ("x-user", s.user),
+            ("x-user-tenant", s.home),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+        .collect();
+        Ok(Native {
+            engine,
+            store: MemoryStore::new(),
+            headers,
+            now: 1_767_225_600 * SECOND,
+        })
+    }
+
+    /// What the filter does per request, minus the host calls.
+    fn decide(&mut self) -> bool {
+        self.now += SECOND;
+        let input = HttpInput {
+            headers: &self.headers,
+            source_address: Some("10.0.0.7:40000"),
+            now_ns: self.now,
+        };
+        let Ok(mapped) = self.engine.map_request(&input, &NoMetadata) else {
+            return false;
+        };
+        let decision = self.engine.decide(&mapped.request, &self.store);
+        black_box(
+            self.engine
+                .audit_line(&decision, Some(&mapped), mapped.request_id.as_deref()),
+        );
+        black_box(self.engine.allow_response_headers(&decision));
+        decision.is_allowed()
+    }
+}
+
+struct Wasm {
+    host: Host,
+    vm: Vm,
+    s: (
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static str,
+    ),
+}
+
+impl Wasm {
+    fn new(wasm: &Path, s: &Scenario) -> Result<Wasm> {
+        let host = Host::new(wasm)?;
+        let mut vm = host.vm()?;
+        if !vm.configure(s.bundle.to_json())? {
+            bail!("{}: the filter refused the bundle", s.name);
+        }
+        Ok(Wasm {
+            host,
+            vm,
+            s: (s.tenant, s.user, s.home, s.method, s.path),
+        })
+    }
+
+    fn decide(&mut self) -> bool {
+        self.host.clock().advance(Duration::from_secs(1));
+        let (tenant, user, home, method, path) = self.s;
+        let resp = self
+            .vm
+            .request()
+            .header("x-tenant", tenant)
+            .header("x-user", user)
+            .header("x-user-tenant", home)
+            .method(method)
+            .path(path)
+            .send();
+        resp.is_ok_and(|r| r.is_continue())
+    }
+}
+
+/// Median time per call over `rounds` batches of `n` calls.
+fn median(mut f: impl FnMut() -> bool, rounds: usize, n: usize) -> Duration {
+    let mut times: Vec<Duration> = (0..rounds)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..n {
+                black_box(f());
+            }
+            t.elapsed() / n as u32
+        })
+        .collect();
+    times.sort();
+    times.get(rounds / 2).copied().unwrap_or_default()
+}
+
+fn main() -> Result<()> {
+    let wasm = locate_wasm()?;
+    let mut c = Criterion::default()
+        .sample_size(50)
+        .measurement_time(Duration::from_secs(5))
+        .configure_from_args();
+    let mut ratios = Vec::new();
+    for s in scenarios()? {
+        let mut native = Native::new(&s)?;
+        let mut wasm_side = Wasm::new(&wasm, &s)?;
+        if !native.decide() || !wasm_side.decide() {
+            bail!("{}: the request is not allowed on both sides", s.name);
+        }
+        let mut g = c.benchmark_group(s.name);
+        g.bench_function("native", |b| b.iter(|| native.decide()));
+        g.bench_function("wasm", |b| b.iter(|| wasm_side.decide()));
+        g.finish();
+        let n = median(|| native.decide(), 15, 2000);
+        let w = median(|| wasm_side.decide(), 15, 2000);
+        ratios.push((s.name, n, w));
+    }
+    c.final_summary();
+    for (name, n, w) in ratios {
+        println!(
+            "{name}: native {n:?}, wasm {w:?} per request: wasm/native = {:.2}",
+            w.as_secs_f64() / n.as_secs_f64()
+        );
+    }
+    Ok(())
+}

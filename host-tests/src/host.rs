@@ -39,16 +39,15 @@ type CacheKey = (PathBuf, u64, Option<SystemTime>);
 /// build of wasmtime).
 fn compile(path: &Path) -> Result<Module> {
     static CACHE: OnceLock<Mutex<HashMap<CacheKey, Module>>> = OnceLock::new();
-    let meta = std::fs::metadata(path)
-        .with_context(|| format!("cannot read `{}`", path.display()))?;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read `{}`", path.display()))?;
     let key = (path.to_path_buf(), meta.len(), meta.modified().ok());
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
     let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(m) = cache.get(&key) {
         return Ok(m.clone());
     }
-    let bytes =
-        std::fs::read(path).with_context(|| format!("cannot read `{}`", path.display()))?;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read `{}`", path.display()))?;
     let engine = engine()?;
     let module = match disk_cache_path(&engine, &bytes) {
         Some(cached) => match load_cached(&engine, &cached) {

@@ -263,6 +263,15 @@ impl Vm {
         self.configured
     }
 
+    /// Size of the module's linear memory, in 64 KiB pages.
+    pub fn memory_pages(&self) -> u64 {
+        self.store
+            .data()
+            .memory
+            .map(|m| m.size(&self.store))
+            .unwrap_or(0)
+    }
+
     /// The trap that poisoned this VM, if any.
     pub fn trapped(&self) -> Option<&str> {
         self.trapped.as_deref()
@@ -326,7 +335,7 @@ impl Vm {
         end_of_stream: bool,
         upstream_status: u16,
         upstream_headers: Headers,
-    ) -> Result<(Response, bool)> {
+    ) -> Result<Response> {
         if let Some(f) = self.exports.on_context_create.clone() {
             self.call(&f, (id, root), "proxy_on_context_create")?;
         }
@@ -399,21 +408,18 @@ impl Vm {
             ctx.phase = Phase::Log;
         }
         let on_done = self.finish_context(id, true)?;
-        Ok((
-            Response {
-                action,
-                request_headers,
-                local,
-                status,
-                headers: response_headers,
-                body,
-                response_action,
-                context_id: id,
-                on_done,
-                local_responses_sent: 0,
-            },
+        Ok(Response {
+            action,
+            request_headers,
+            local,
+            status,
+            headers: response_headers,
+            body,
+            response_action,
+            context_id: id,
             on_done,
-        ))
+            local_responses_sent: 0,
+        })
     }
 }
 

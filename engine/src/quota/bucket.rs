@@ -120,11 +120,13 @@ impl Params {
     }
 
     /// `n` tokens in units.
+    #[cfg(test)]
     pub fn units(&self, n: u64) -> i128 {
         i128::from(n).saturating_mul(i128::from(self.per_ns))
     }
 
     /// Whole tokens in `units` (rounded down, never negative).
+    #[cfg(test)]
     pub fn whole_tokens(&self, units: i128) -> u64 {
         if units <= 0 {
             return 0;

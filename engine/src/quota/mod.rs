@@ -11,6 +11,22 @@
 //! most `burst`) and `ctokens` (refilled at `ceil`, at most
 //! `burst * ceil / rate`).
 //!
+//! # Validation
+//!
+//! `rate` is required; `ceil` and `burst` default to the rate; `per` is
+//! `<n><s|m|h|d>` (at most `365d`), default `1s` at the top of a chain. A
+//! child may write `rate` or `ceil` as a share of its nearest ancestor's rate
+//! for the same name (`"40%"`, up to two decimals, rounded down to whole
+//! tokens; less than one token is an error), and inherits `per`. Amounts are
+//! whole numbers from 1 to 10^12. Errors, each located at its key in
+//! `tenant.json`: bad or unknown keys, a share over 100% or with no ancestor
+//! to take it from, `rate > ceil`, a child `ceil` above its parent's, a
+//! child's rates summing above its parent's rate (reported at the parent), and
+//! a child `per` different from its parent's: one name keeps one window along
+//! a branch (mixed windows would make borrowing compare unlike units; write
+//! a second limit name for a second window, as `rps` and `daily`). Limit names
+//! are lowercase tokens like tenant segments, so they are safe in headers.
+//!
 //! # Admission
 //!
 //! For a request costing `cost` tokens, every chain is walked from its deepest
@@ -27,7 +43,17 @@
 //! runs up no debt against its own guarantee, so it has its rate again as soon
 //! as it slows down to it. If any chain refuses, nothing is charged anywhere
 //! (all-or-nothing across names and levels). A cost of 0 is admitted without
-//! touching the buckets.
+//! touching the buckets. A cost above a bucket's size can never pass (refused,
+//! `Retry-After` one window).
+//!
+//! The decision carries the IETF fields (draft-ietf-httpapi-ratelimit-headers):
+//! `RateLimit-Policy: "rps";q=<rate of the deepest node>;w=<window s>` and
+//! `RateLimit: "rps";r=<remaining>;t=<s>` per name, where `r` is the most one
+//! lender could still give (its `tokens`, bounded by the `ctokens` of every
+//! node up to it) and `t` the seconds until a request of this cost would pass
+//! again (0 when it would now). `Retry-After` is the longest `t` of a refusing
+//! name, at least 1; `limit` and `tenant` name that chain and the node where
+//! its walk stopped.
 //!
 //! # Arithmetic
 //!
@@ -64,24 +90,28 @@
 //! # Accuracy
 //!
 //! Within one Envoy process the buckets are exact: every charge is a CAS on
-//! the value it was computed from, so concurrent workers cannot over-admit.
-//! The documented slack:
+//! the value it was computed from, so concurrent workers cannot over-admit
+//! (in steady state the over-admission is zero, not just under 1%). The
+//! documented slack:
 //! - *key creation*: a set on a missing key ignores CAS (an Envoy quirk), so
-//!   two VMs that both find a key missing both create it, full; a charge made
-//!   between the two creations is lost. At most `(VMs - 1) * cost` per key,
-//!   once per key's life; the filter pre-creates every key at configure time
-//!   ([`QuotaModel::initial_buckets`], set only where `get` finds nothing),
-//!   which makes it vanish in steady state;
+//!   two VMs that both find a key missing both create it, full; charges made
+//!   between the first and the last creation are lost (a window of
+//!   microseconds, once per key's life). The filter pre-creates every key at
+//!   configure time ([`QuotaModel::initial_buckets`], set only where `get`
+//!   finds nothing), so in practice only VMs configuring at the same instant
+//!   race, before any traffic;
 //! - *new limits*: a changed limit starts with full buckets (one extra burst);
 //! - failures only ever err towards refusing: a refund that cannot complete
 //!   leaves a charge behind, and a VM whose clock lags another's refills
 //!   nothing until it catches up.
 //!
 //! So a subtree admits at most `ceil * window + ceil bucket + the bursts of
-//! its descendants` over any window (the *cap* invariant the property tests
-//! check); the descendants' bursts appear because a child lending its own
-//! tokens is, as in tc-htb, not held back by its parent's ceil (that is what
-//! makes the guarantee hold).
+//! its descendants` over any window (`rate * window + burst + ...` at the top
+//! of a chain, which cannot borrow): the *cap* invariant the property tests
+//! check. The descendants' bursts appear because a child lending its own
+//! tokens is, as in tc-htb, not held back by its parent's ceil; that is what
+//! makes the guarantee hold (a tenant within its rate is never refused,
+//! whatever its siblings do).
 
 mod bucket;
 mod clock;
@@ -94,6 +124,7 @@ mod proptests;
 mod tests;
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -132,12 +163,15 @@ pub struct QuotaModel {
     limits: Vec<Arc<Limit>>,
     /// For each tenant that declares limits: the chains of a request to it or
     /// to a descendant that declares none.
-    plans: HashMap<Box<str>, Arc<Plan>>,
+    plans: HashMap<Box<str>, Arc<Plan>, BuildHasherDefault<store::KeyHasher>>,
 }
 
-/// The chains that apply to requests to one tenant.
+/// The chains that apply to requests to one tenant. Bucket state during an
+/// admission is one flat slice aligned with `nodes`.
 #[derive(Debug)]
 struct Plan {
+    /// The nodes of every chain, chain after chain, each chain deepest first.
+    nodes: Vec<Arc<Limit>>,
     /// One per limit name, sorted by name.
     chains: Vec<Chain>,
     /// `RateLimit-Policy` value.
@@ -147,8 +181,25 @@ struct Plan {
 #[derive(Debug)]
 struct Chain {
     name: Arc<str>,
-    /// Deepest first. Never empty.
-    nodes: Vec<Arc<Limit>>,
+    /// Its nodes: `Plan::nodes[range]`. Never empty.
+    range: std::ops::Range<usize>,
+    /// The chain's window (validation makes it the same on every node).
+    per_ns: u64,
+}
+
+impl Chain {
+    fn of<'a, T>(&self, all: &'a [T]) -> &'a [T] {
+        all.get(self.range.clone()).unwrap_or_default()
+    }
+
+    fn of_mut<'a, T>(&self, all: &'a mut [T]) -> &'a mut [T] {
+        all.get_mut(self.range.clone()).unwrap_or_default()
+    }
+
+    /// `n` tokens in this chain's units.
+    fn units(&self, n: u64) -> i128 {
+        i128::from(n).saturating_mul(i128::from(self.per_ns))
+    }
 }
 
 /// One declared limit, as compiled (shares resolved, defaults applied).
@@ -209,7 +260,7 @@ impl QuotaModel {
         for l in &limits {
             at_node.entry(l.node.as_str()).or_default().push(l);
         }
-        let mut plans = HashMap::new();
+        let mut plans = HashMap::default();
         for node in at_node.keys() {
             let Ok(node) = TenantPath::parse(node) else {
                 continue;
@@ -224,28 +275,33 @@ impl QuotaModel {
                         .push(Arc::clone(l));
                 }
             }
+            let mut flat = Vec::new();
+            let mut policy = Vec::new();
             let chains: Vec<Chain> = chains
                 .into_iter()
-                .map(|(name, mut nodes)| {
+                .filter_map(|(name, mut nodes)| {
                     nodes.reverse();
-                    Chain { name, nodes }
-                })
-                .collect();
-            let policy = chains
-                .iter()
-                .filter_map(|c| {
-                    c.nodes.first().map(|l| {
-                        format!(
-                            "\"{}\";q={};w={}",
-                            c.name,
-                            l.params.rate,
-                            l.params.per_ns / 1_000_000_000
-                        )
+                    let deepest = nodes.first()?.params.clone();
+                    policy.push(format!(
+                        "\"{name}\";q={};w={}",
+                        deepest.rate,
+                        deepest.per_ns / 1_000_000_000
+                    ));
+                    let start = flat.len();
+                    flat.extend(nodes);
+                    Some(Chain {
+                        name,
+                        range: start..flat.len(),
+                        per_ns: deepest.per_ns,
                     })
                 })
-                .collect::<Vec<_>>()
-                .join(", ");
-            plans.insert(Box::from(node.as_str()), Arc::new(Plan { chains, policy }));
+                .collect();
+            let plan = Plan {
+                nodes: flat,
+                chains,
+                policy: policy.join(", "),
+            };
+            plans.insert(Box::from(node.as_str()), Arc::new(plan));
         }
         Ok(QuotaModel { limits, plans })
     }
@@ -344,30 +400,27 @@ impl QuotaModel {
         let Some(plan) = self.plan_for(tenant) else {
             return Ok(QuotaDecision::unlimited());
         };
+        let mut old = Vec::with_capacity(plan.nodes.len());
+        let mut cas = Vec::with_capacity(plan.nodes.len());
         for _ in 0..MAX_ATTEMPTS {
-            let read = read(plan, store)?;
-            let missing = read.iter().flatten().any(|(b, _)| b.is_none());
+            old.clear();
+            cas.clear();
+            let mut missing = false;
+            for l in &plan.nodes {
+                let (b, c) = read_one(l, store)?;
+                missing |= b.is_none();
+                old.push(b.unwrap_or_else(|| l.params.full(now)));
+                cas.push(c);
+            }
             if missing && cost > 0 {
-                create_missing(plan, &read, now, store)?;
+                create_missing(plan, store, now)?;
                 continue;
             }
-            let old: Vec<Vec<Bucket>> = plan
-                .chains
-                .iter()
-                .zip(&read)
-                .map(|(c, r)| {
-                    c.nodes
-                        .iter()
-                        .zip(r)
-                        .map(|(l, (b, _))| b.unwrap_or_else(|| l.params.full(now)))
-                        .collect()
-                })
-                .collect();
             let step = decide(plan, &old, cost, now);
             let Some(new) = step.new else {
                 return Ok(step.decision);
             };
-            match write(plan, &read, &new, &step.charges, store) {
+            match write(plan, &cas, &new, &step.charges, store) {
                 Ok(()) => return Ok(step.decision),
                 Err(StoreError::CasMismatch) => continue,
                 Err(e) => return Err(e),
@@ -377,17 +430,8 @@ impl QuotaModel {
     }
 }
 
-/// A bucket as read: its value (`None` if the key is missing) and CAS token.
-type Read = (Option<Bucket>, u32);
-
-fn read(plan: &Plan, store: &dyn BucketStore) -> Result<Vec<Vec<Read>>, StoreError> {
-    plan.chains
-        .iter()
-        .map(|c| c.nodes.iter().map(|l| read_one(l, store)).collect())
-        .collect()
-}
-
-fn read_one(limit: &Limit, store: &dyn BucketStore) -> Result<Read, StoreError> {
+/// Reads one bucket: its value (`None` if the key is missing) and CAS token.
+fn read_one(limit: &Limit, store: &dyn BucketStore) -> Result<(Option<Bucket>, u32), StoreError> {
     match store.get(&limit.key)? {
         None => Ok((None, 0)),
         Some((bytes, cas)) => {
@@ -398,17 +442,13 @@ fn read_one(limit: &Limit, store: &dyn BucketStore) -> Result<Read, StoreError> 
     }
 }
 
-fn create_missing(
-    plan: &Plan,
-    read: &[Vec<Read>],
-    now: Nanos,
-    store: &dyn BucketStore,
-) -> Result<(), StoreError> {
-    for (c, r) in plan.chains.iter().zip(read) {
-        for (l, (b, _)) in c.nodes.iter().zip(r) {
-            if b.is_none() {
-                store.set(&l.key, &l.params.full(now).encode(), 0)?;
-            }
+/// Creates the plan's missing keys with full buckets. Existing keys are left
+/// alone; a set on a missing key ignores CAS, so two workers may both create
+/// one (both full: no charge is lost unless one lands in between).
+fn create_missing(plan: &Plan, store: &dyn BucketStore, now: Nanos) -> Result<(), StoreError> {
+    for l in &plan.nodes {
+        if store.get(&l.key)?.is_none() {
+            store.set(&l.key, &l.params.full(now).encode(), 0)?;
         }
     }
     Ok(())
@@ -421,23 +461,21 @@ struct Charge {
     ctokens: i128,
 }
 
+/// Writes every new bucket with the CAS token it was read with. On a failure,
+/// refunds the writes already made, then returns the failure.
 fn write(
     plan: &Plan,
-    read: &[Vec<Read>],
-    new: &[Vec<Bucket>],
-    charges: &[Vec<Charge>],
+    cas: &[u32],
+    new: &[Bucket],
+    charges: &[Charge],
     store: &dyn BucketStore,
 ) -> Result<(), StoreError> {
-    let mut written: Vec<(&Limit, Charge)> = Vec::new();
-    for (((c, r), n), ch) in plan.chains.iter().zip(read).zip(new).zip(charges) {
-        for (((l, (_, cas)), b), charge) in c.nodes.iter().zip(r).zip(n).zip(ch) {
-            if let Err(e) = store.set(&l.key, &b.encode(), *cas) {
-                for (l, charge) in written {
-                    refund(l, charge, store)?;
-                }
-                return Err(e);
+    for (i, ((l, b), c)) in plan.nodes.iter().zip(new).zip(cas).enumerate() {
+        if let Err(e) = store.set(&l.key, &b.encode(), *c) {
+            for (l, charge) in plan.nodes.iter().zip(charges).take(i) {
+                refund(l, *charge, store)?;
             }
-            written.push((l, *charge));
+            return Err(e);
         }
     }
     Ok(())
@@ -470,11 +508,11 @@ fn refund(limit: &Limit, charge: Charge, store: &dyn BucketStore) -> Result<(), 
 #[derive(Debug)]
 struct Step {
     decision: QuotaDecision,
-    /// Every bucket's new value (chain-major, like the input), when the
-    /// request was admitted with a cost; `None` means write nothing.
-    new: Option<Vec<Vec<Bucket>>>,
+    /// Every bucket's new value (aligned with `Plan::nodes`) when the request
+    /// was admitted with a cost; `None` means write nothing.
+    new: Option<Vec<Bucket>>,
     /// What the new values charged, aligned with `new`.
-    charges: Vec<Vec<Charge>>,
+    charges: Vec<Charge>,
 }
 
 /// How the walk up one chain ended.
@@ -501,77 +539,69 @@ fn walk(buckets: &[Bucket], need: i128) -> Walk {
 }
 
 /// The admission decision as a pure function of the buckets read (`old`,
-/// aligned with `plan.chains`): refill to `now`, walk, charge. Touches nothing.
-fn decide(plan: &Plan, old: &[Vec<Bucket>], cost: u64, now: Nanos) -> Step {
-    let mut state: Vec<Vec<Bucket>> = plan
-        .chains
+/// aligned with `plan.nodes`): refill to `now`, walk, charge. Touches nothing.
+fn decide(plan: &Plan, old: &[Bucket], cost: u64, now: Nanos) -> Step {
+    use std::fmt::Write as _;
+
+    let mut state: Vec<Bucket> = plan
+        .nodes
         .iter()
         .zip(old)
-        .map(|(c, bs)| {
-            c.nodes
-                .iter()
-                .zip(bs)
-                .map(|(l, b)| l.params.refill(*b, now))
-                .collect()
-        })
+        .map(|(l, b)| l.params.refill(*b, now))
         .collect();
-    let needs: Vec<i128> = plan
+    let walks: Vec<Walk> = plan
         .chains
         .iter()
-        .map(|c| c.nodes.first().map(|l| l.params.units(cost)).unwrap_or(0))
-        .collect();
-    let walks: Vec<Walk> = state
-        .iter()
-        .zip(&needs)
-        .map(|(bs, need)| walk(bs, *need))
+        .map(|c| walk(c.of(&state), c.units(cost)))
         .collect();
     let admitted = cost == 0 || walks.iter().all(|w| matches!(w, Walk::Lent { .. }));
     let mut charges = Vec::new();
-    let mut changed = false;
     if admitted && cost > 0 {
-        for ((bs, need), w) in state.iter_mut().zip(&needs).zip(&walks) {
+        charges = vec![Charge::default(); state.len()];
+        for (c, w) in plan.chains.iter().zip(&walks) {
+            let need = c.units(cost);
             let lender = match w {
                 Walk::Lent { by } => *by,
                 Walk::Refused { .. } => 0,
             };
-            let mut ch = Vec::with_capacity(bs.len());
-            for (i, b) in bs.iter_mut().enumerate() {
-                let t = if i >= lender { *need } else { 0 };
+            for (i, (b, ch)) in c
+                .of_mut(&mut state)
+                .iter_mut()
+                .zip(c.of_mut(&mut charges))
+                .enumerate()
+            {
+                // tc-htb: `ctokens` everywhere, `tokens` from the lender up.
+                let t = if i >= lender { need } else { 0 };
                 b.tokens = b.tokens.saturating_sub(t).max(FLOOR);
-                b.ctokens = b.ctokens.saturating_sub(*need).max(FLOOR);
-                ch.push(Charge {
+                b.ctokens = b.ctokens.saturating_sub(need).max(FLOOR);
+                *ch = Charge {
                     tokens: t,
-                    ctokens: *need,
-                });
+                    ctokens: need,
+                };
             }
-            charges.push(ch);
         }
-        changed = true;
     }
 
     // Headers and waits, on the state after the charge (or as refused).
     let mut remaining = u64::MAX;
-    let mut ratelimit = Vec::with_capacity(plan.chains.len());
-    let mut worst: Option<(Option<u64>, usize)> = None; // (wait, chain) of the longest refusal
+    let mut ratelimit = String::with_capacity(24 * plan.chains.len());
+    // (wait, chain index) of the refusal with the longest wait; `None` waits forever.
+    let mut worst: Option<(Option<u64>, usize)> = None;
     let mut retry_s = 0;
-    for (ci, ((chain, bs), need)) in plan.chains.iter().zip(&state).zip(&needs).enumerate() {
-        let window_s = chain
-            .nodes
-            .first()
-            .map(|l| l.params.per_ns / 1_000_000_000)
-            .unwrap_or(1)
-            .max(1);
-        let r = available(chain, bs);
-        let need = if cost == 0 {
-            chain.nodes.first().map(|l| l.params.units(1)).unwrap_or(1)
-        } else {
-            *need
-        };
-        let wait = wait_for(chain, bs, need, now);
-        let t = wait.map(ceil_seconds).unwrap_or(window_s);
+    for (ci, (c, w)) in plan.chains.iter().zip(&walks).enumerate() {
+        let nodes = c.of(&plan.nodes);
+        let bs = c.of(&state);
+        let r = available(bs, c.per_ns);
+        let wait = wait_for(nodes, bs, c.units(cost.max(1)), now);
+        let t = wait
+            .map(ceil_seconds)
+            .unwrap_or((c.per_ns / 1_000_000_000).max(1));
         remaining = remaining.min(r);
-        ratelimit.push(format!("\"{}\";r={r};t={t}", chain.name));
-        if let Some(Walk::Refused { .. }) = walks.get(ci) {
+        if !ratelimit.is_empty() {
+            ratelimit.push_str(", ");
+        }
+        let _ = write!(ratelimit, "\"{}\";r={r};t={t}", c.name);
+        if let Walk::Refused { .. } = w {
             retry_s = retry_s.max(t.max(1));
             let longer = match worst {
                 None => true,
@@ -590,7 +620,9 @@ fn decide(plan: &Plan, old: &[Vec<Bucket>], cost: u64, now: Nanos) -> Step {
         Some((_, ci)) if !admitted => {
             let chain = plan.chains.get(ci);
             let node = match (chain, walks.get(ci)) {
-                (Some(c), Some(Walk::Refused { at })) => c.nodes.get(*at).map(|l| l.node.clone()),
+                (Some(c), Some(Walk::Refused { at })) => {
+                    c.of(&plan.nodes).get(*at).map(|l| l.node.clone())
+                }
                 _ => None,
             };
             (chain.map(|c| c.name.to_string()), node)
@@ -604,37 +636,37 @@ fn decide(plan: &Plan, old: &[Vec<Bucket>], cost: u64, now: Nanos) -> Step {
         remaining: if remaining == u64::MAX { 0 } else { remaining },
         retry_after_s: if admitted { 0 } else { retry_s },
         ratelimit_policy: Some(plan.policy.clone()),
-        ratelimit: Some(ratelimit.join(", ")),
+        ratelimit: Some(ratelimit),
     };
+    let new = (admitted && cost > 0).then_some(state);
     Step {
         decision,
-        new: changed.then_some(state),
+        new,
         charges,
     }
 }
 
-/// Whole tokens one lender could still give: the best, over the nodes of the
+/// Whole tokens one lender could still give: the best, over the nodes of a
 /// chain, of its `tokens` bounded by the `ctokens` of every node up to it.
-fn available(chain: &Chain, bs: &[Bucket]) -> u64 {
+fn available(bs: &[Bucket], per_ns: u64) -> u64 {
     let mut ceil_room = i128::MAX;
     let mut best = i128::MIN;
     for b in bs {
         ceil_room = ceil_room.min(b.ctokens);
         best = best.max(ceil_room.min(b.tokens));
     }
-    chain
-        .nodes
-        .first()
-        .map(|l| l.params.whole_tokens(best))
-        .unwrap_or(0)
+    if best <= 0 {
+        return 0;
+    }
+    u64::try_from(best / i128::from(per_ns.max(1))).unwrap_or(u64::MAX)
 }
 
 /// Nanoseconds until the walk would admit `need` units with no other traffic,
 /// `None` if it never can (the cost exceeds a bucket).
-fn wait_for(chain: &Chain, bs: &[Bucket], need: i128, now: Nanos) -> Option<u64> {
+fn wait_for(nodes: &[Arc<Limit>], bs: &[Bucket], need: i128, now: Nanos) -> Option<u64> {
     let mut ceil_wait = Some(0u64);
     let mut best: Option<u64> = None;
-    for (l, b) in chain.nodes.iter().zip(bs) {
+    for (l, b) in nodes.iter().zip(bs) {
         ceil_wait = match (ceil_wait, l.params.wait_ctokens(b, need, now)) {
             (Some(a), Some(w)) => Some(a.max(w)),
             _ => None,

@@ -1,0 +1,501 @@
+//! `tenantgate simulate`: replays a traffic plan against the quotas of a
+//! bundle on a virtual clock, and counts what each tenant gets.
+//!
+//! The plan (SPEC section 6):
+//! `{"duration_s": 60, "flows": [{"tenant": "/acme/eu", "rps": 50, "from_s": 0,
+//! "to_s": 60, "method": "GET", "path": "/orders", "principal": "alice"}]}`.
+//! A flow sends `rps` requests per second, evenly spread over `[from_s, to_s)`
+//! (defaults: the whole plan); `method` (default `GET`) sets the cost through
+//! the bundle's `costs`. An optional `description` says what the plan shows. Only the quotas are simulated: policies are not
+//! evaluated (every request counts as allowed by policy), so `path` and
+//! `principal` are accepted for readability and otherwise ignored.
+//!
+//! The replay uses the engine's own admission code with the in-memory store
+//! (Envoy's shared-data semantics) and a fake clock starting at a fixed
+//! instant, with every bucket full at the start: the same input gives the same
+//! output, to the request.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+use tenantgate_engine::quota::{BucketStore, Clock, FakeClock, MemoryStore, Nanos, QuotaModel};
+use tenantgate_engine::{Bundle, TenantPath};
+
+/// Start of the virtual clock: 2023-11-14T22:13:20Z, any fixed instant does.
+const START: Nanos = 1_700_000_000 * NS_PER_S;
+const NS_PER_S: u64 = 1_000_000_000;
+/// Longest plan, in seconds (one day).
+const MAX_DURATION_S: u64 = 86_400;
+/// Most requests one plan may make.
+const MAX_REQUESTS: u64 = 5_000_000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Plan {
+    /// What the plan shows, for its readers.
+    #[serde(default)]
+    #[allow(dead_code)]
+    description: Option<String>,
+    duration_s: u64,
+    flows: Vec<Flow>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Flow {
+    tenant: String,
+    rps: f64,
+    #[serde(default)]
+    from_s: Option<f64>,
+    #[serde(default)]
+    to_s: Option<f64>,
+    #[serde(default)]
+    method: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    path: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    principal: Option<String>,
+}
+
+/// One flow, checked and ready to replay.
+struct Ready {
+    tenant: TenantPath,
+    cost: u64,
+    from: Nanos,
+    /// Requests and the nanoseconds between them (as a rational: `span / n`).
+    n: u64,
+    span: Nanos,
+}
+
+impl Ready {
+    /// Offset of the `k`-th request from the start of the plan.
+    fn at(&self, k: u64) -> Nanos {
+        let offset = u128::from(self.span) * u128::from(k) / u128::from(self.n.max(1));
+        self.from + u64::try_from(offset).unwrap_or(u64::MAX)
+    }
+}
+
+/// Counts of one tenant.
+#[derive(Debug, Default, Clone)]
+struct Counts {
+    admitted: u64,
+    denied: u64,
+    /// Admitted and offered requests in each second of the plan.
+    admitted_per_s: Vec<u64>,
+    offered_per_s: Vec<u64>,
+}
+
+/// Replays `plan_text` against `model` (the quotas of `bundle`). Returns
+/// `{"tenants": {"/acme/eu": {"admitted": N, "denied": M}, ...}}`; with `svg`,
+/// also draws admitted (solid) and offered (faint) requests per second per
+/// tenant into that file.
+pub fn run(
+    bundle: &Bundle,
+    model: &QuotaModel,
+    plan_text: &str,
+    svg: Option<&Path>,
+) -> Result<serde_json::Value, String> {
+    let plan: Plan = serde_json::from_str(plan_text).map_err(|e| format!("traffic plan: {e}"))?;
+    if plan.duration_s == 0 || plan.duration_s > MAX_DURATION_S {
+        return Err(format!(
+            "traffic plan: `duration_s` must be between 1 and {MAX_DURATION_S}, got {}",
+            plan.duration_s
+        ));
+    }
+    let flows = check_flows(bundle, &plan)?;
+    let seconds = usize::try_from(plan.duration_s).unwrap_or(usize::MAX);
+    let mut counts: BTreeMap<TenantPath, Counts> = BTreeMap::new();
+    for f in &flows {
+        counts.entry(f.tenant.clone()).or_insert_with(|| Counts {
+            admitted_per_s: vec![0; seconds],
+            offered_per_s: vec![0; seconds],
+            ..Counts::default()
+        });
+    }
+
+    // Every request, in time order (flows in plan order at equal times).
+    let mut events: Vec<(Nanos, usize)> = Vec::new();
+    for (i, f) in flows.iter().enumerate() {
+        events.extend((0..f.n).map(|k| (f.at(k), i)));
+    }
+    events.sort_unstable();
+
+    let clock = FakeClock::new(START);
+    let store = MemoryStore::new();
+    for (key, value) in model.initial_buckets(START) {
+        store
+            .set(&key, &value, 0)
+            .map_err(|e| format!("quota store: {e}"))?;
+    }
+    for (at, i) in events {
+        let Some(flow) = flows.get(i) else { continue };
+        clock.set(START + at);
+        let decision = model
+            .admit(&flow.tenant, flow.cost, clock.now(), &store)
+            .map_err(|e| format!("quota store: {e}"))?;
+        if let Some(c) = counts.get_mut(&flow.tenant) {
+            let second = usize::try_from(at / NS_PER_S).unwrap_or(usize::MAX);
+            if let Some(n) = c.offered_per_s.get_mut(second) {
+                *n += 1;
+            }
+            if decision.admitted {
+                c.admitted += 1;
+                if let Some(n) = c.admitted_per_s.get_mut(second) {
+                    *n += 1;
+                }
+            } else {
+                c.denied += 1;
+            }
+        }
+    }
+
+    if let Some(path) = svg {
+        draw(path, plan.duration_s, &counts)?;
+    }
+    let tenants: serde_json::Map<String, serde_json::Value> = counts
+        .iter()
+        .map(|(t, c)| {
+            (
+                t.to_string(),
+                serde_json::json!({ "admitted": c.admitted, "denied": c.denied }),
+            )
+        })
+        .collect();
+    Ok(serde_json::json!({ "tenants": tenants }))
+}
+
+fn check_flows(bundle: &Bundle, plan: &Plan) -> Result<Vec<Ready>, String> {
+    let duration = plan.duration_s as f64;
+    let mut out = Vec::new();
+    let mut total: u64 = 0;
+    for (i, f) in plan.flows.iter().enumerate() {
+        let err = |msg: String| format!("traffic plan: flow {}: {msg}", i + 1);
+        let tenant = TenantPath::parse(&f.tenant).map_err(|e| err(e.to_string()))?;
+        if !bundle.tenants.iter().any(|t| t.path == tenant) {
+            return Err(err(format!("tenant `{tenant}` is not in the bundle")));
+        }
+        if !(f.rps.is_finite() && f.rps > 0.0 && f.rps <= 1_000_000.0) {
+            return Err(err(format!(
+                "`rps` must be more than 0 and at most 1000000, got {}",
+                f.rps
+            )));
+        }
+        let from = f.from_s.unwrap_or(0.0);
+        let to = f.to_s.unwrap_or(duration);
+        if !(from.is_finite() && to.is_finite() && 0.0 <= from && from < to && to <= duration) {
+            return Err(err(format!(
+                "`from_s` ({from}) and `to_s` ({to}) must satisfy 0 <= from_s < to_s <= duration_s ({duration})"
+            )));
+        }
+        let method = f.method.as_deref().unwrap_or("GET").to_ascii_uppercase();
+        // Whole requests in the range; the small epsilon keeps 50 rps over
+        // 60 s at 3000 despite binary fractions.
+        let n = ((to - from) * f.rps + 1e-9).floor() as u64;
+        total = total.saturating_add(n);
+        if total > MAX_REQUESTS {
+            return Err(err(format!(
+                "the plan makes more than {MAX_REQUESTS} requests"
+            )));
+        }
+        let from_ns = (from * NS_PER_S as f64).round() as u64;
+        let span = ((to - from) * NS_PER_S as f64).round() as u64;
+        // The k-th request is at k / rps seconds: spread `n` requests over
+        // the time they take at this rate, not over the whole range.
+        let span = if n == 0 {
+            span
+        } else {
+            ((n as f64 / f.rps) * NS_PER_S as f64).round() as u64
+        };
+        out.push(Ready {
+            tenant,
+            cost: bundle.settings.cost(&method),
+            from: from_ns,
+            n,
+            span,
+        });
+    }
+    Ok(out)
+}
+
+/// Admitted (solid) and offered (faint) requests per second, one color per tenant.
+fn draw(path: &Path, duration_s: u64, counts: &BTreeMap<TenantPath, Counts>) -> Result<(), String> {
+    use plotters::prelude::*;
+
+    let fail = |e: &dyn std::fmt::Display| format!("{}: error: cannot draw: {e}", path.display());
+    let peak = counts
+        .values()
+        .flat_map(|c| c.offered_per_s.iter().chain(&c.admitted_per_s))
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let root = SVGBackend::new(path, (960, 540)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| fail(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "admitted requests per second (faint: offered)",
+            ("sans-serif", 22),
+        )
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0u64..duration_s, 0u64..peak + peak * 2 / 5 + 1)
+        .map_err(|e| fail(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("time (s)")
+        .y_desc("requests per second")
+        .draw()
+        .map_err(|e| fail(&e))?;
+    // Distinct on white, colorblind-friendly first (Okabe-Ito).
+    const COLORS: [RGBColor; 7] = [
+        RGBColor(0, 114, 178),
+        RGBColor(213, 94, 0),
+        RGBColor(0, 158, 115),
+        RGBColor(204, 121, 167),
+        RGBColor(86, 180, 233),
+        RGBColor(230, 159, 0),
+        RGBColor(0, 0, 0),
+    ];
+    for (i, (tenant, c)) in counts.iter().enumerate() {
+        let color = COLORS
+            .get(i % COLORS.len())
+            .copied()
+            .unwrap_or(BLACK)
+            .to_rgba();
+        // Each second's count drawn as a step over that second.
+        let steps = |per_s: &[u64]| -> Vec<(u64, u64)> {
+            per_s
+                .iter()
+                .enumerate()
+                .flat_map(|(s, n)| [(s as u64, *n), (s as u64 + 1, *n)])
+                .collect()
+        };
+        chart
+            .draw_series(LineSeries::new(
+                steps(&c.offered_per_s),
+                color.mix(0.25).stroke_width(1),
+            ))
+            .map_err(|e| fail(&e))?;
+        chart
+            .draw_series(LineSeries::new(
+                steps(&c.admitted_per_s),
+                color.stroke_width(2),
+            ))
+            .map_err(|e| fail(&e))?
+            .label(format!(
+                "{tenant}: {} admitted, {} denied",
+                c.admitted, c.denied
+            ))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(|e| fail(&e))?;
+    root.present().map_err(|e| fail(&e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tenantgate_engine::bundle::{BundleTenant, SourceFile, FORMAT};
+
+    fn bundle(tree: &[(&str, &str)]) -> Bundle {
+        let mut settings = tenantgate_engine::Settings::default();
+        settings.costs.insert("POST".into(), 5);
+        Bundle {
+            format: FORMAT,
+            version: String::new(),
+            settings,
+            schema: None,
+            tenants: tree
+                .iter()
+                .map(|(p, text)| BundleTenant {
+                    path: TenantPath::parse(p).unwrap(),
+                    config: Some(SourceFile {
+                        file: format!("tenants{p}/tenant.json"),
+                        text: text.to_string(),
+                    }),
+                    policies: Vec::new(),
+                })
+                .collect(),
+        }
+    }
+
+    fn simulate(b: &Bundle, plan: &str) -> Result<serde_json::Value, String> {
+        let model = QuotaModel::from_bundle(b).map_err(|e| format!("{e:?}"))?;
+        run(b, &model, plan, None)
+    }
+
+    fn counts(v: &serde_json::Value, tenant: &str) -> (u64, u64) {
+        let t = &v["tenants"][tenant];
+        (
+            t["admitted"].as_u64().unwrap(),
+            t["denied"].as_u64().unwrap(),
+        )
+    }
+
+    #[test]
+    fn guarantee_and_borrowing_in_numbers() {
+        let b = bundle(&[
+            ("/", r#"{"limits": {"rps": {"rate": 100}}}"#),
+            (
+                "/a",
+                r#"{"limits": {"rps": {"rate": "40%", "ceil": "100%"}}}"#,
+            ),
+            (
+                "/b",
+                r#"{"limits": {"rps": {"rate": "60%", "ceil": "100%"}}}"#,
+            ),
+        ]);
+        // /b alone for 10 s at 100/s: it borrows /a's idle 40.
+        let v = simulate(
+            &b,
+            r#"{"duration_s": 20, "flows": [{"tenant": "/b", "rps": 100, "to_s": 10},
+                                            {"tenant": "/a", "rps": 40, "from_s": 10},
+                                            {"tenant": "/b", "rps": 100, "from_s": 10}]}"#,
+        )
+        .unwrap();
+        let (a, a_denied) = counts(&v, "/a");
+        let (b_ok, b_denied) = counts(&v, "/b");
+        // /a at its rate from second 10: never refused.
+        assert_eq!((a, a_denied), (400, 0));
+        // /b: about 100/s alone, then its own 60/s once /a is back.
+        assert!(
+            (1000 + 600 - 10..=1000 + 600 + 100 + 100).contains(&b_ok),
+            "{b_ok}"
+        );
+        assert_eq!(b_ok + b_denied, 2000);
+    }
+
+    #[test]
+    fn costs_come_from_the_settings() {
+        let b = bundle(&[("/", r#"{"limits": {"rps": {"rate": 10}}}"#)]);
+        let v = simulate(
+            &b,
+            r#"{"duration_s": 10, "flows": [{"tenant": "/", "rps": 10, "method": "POST", "path": "/x", "principal": "alice"}]}"#,
+        )
+        .unwrap();
+        // 10 tokens a second, 5 per POST: 2 a second, plus the initial burst of 10.
+        assert_eq!(counts(&v, "/"), (2 * 10 + 1, 100 - 21));
+    }
+
+    #[test]
+    fn output_has_the_spec_shape_and_is_deterministic() {
+        // 2 tokens a second, bucket of 1; 4 requests a second: every other one.
+        let b = bundle(&[("/", r#"{"limits": {"rps": {"rate": 2, "burst": 1}}}"#)]);
+        let plan = r#"{"duration_s": 2, "flows": [{"tenant": "/", "rps": 4}]}"#;
+        let v = simulate(&b, plan).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"tenants": {"/": {"admitted": 4, "denied": 4}}})
+        );
+        assert_eq!(simulate(&b, plan).unwrap(), v);
+    }
+
+    #[test]
+    fn bad_plans_are_explained() {
+        let b = bundle(&[("/", r#"{"limits": {"rps": {"rate": 3}}}"#)]);
+        for (plan, want) in [
+            ("{", "traffic plan: EOF while parsing"),
+            (
+                r#"{"duration_s": 1, "flows": [], "x": 1}"#,
+                "unknown field `x`",
+            ),
+            (
+                r#"{"duration_s": 0, "flows": []}"#,
+                "`duration_s` must be between 1 and 86400",
+            ),
+            (
+                r#"{"duration_s": 5, "flows": [{"tenant": "/nope", "rps": 1}]}"#,
+                "flow 1: tenant `/nope` is not in the bundle",
+            ),
+            (
+                r#"{"duration_s": 5, "flows": [{"tenant": "/", "rps": 0}]}"#,
+                "flow 1: `rps` must be more than 0",
+            ),
+            (
+                r#"{"duration_s": 5, "flows": [{"tenant": "/", "rps": 1, "from_s": 4, "to_s": 9}]}"#,
+                "flow 1: `from_s` (4) and `to_s` (9) must satisfy",
+            ),
+            (
+                r#"{"duration_s": 5, "flows": [{"tenant": "Acme", "rps": 1}]}"#,
+                "flow 1: a tenant path must start with `/`",
+            ),
+            (
+                r#"{"duration_s": 86400, "flows": [{"tenant": "/", "rps": 100}]}"#,
+                "more than 5000000 requests",
+            ),
+        ] {
+            let e = simulate(&b, plan).unwrap_err();
+            assert!(e.contains(want), "{plan}: {e}");
+        }
+    }
+
+    #[test]
+    fn draws_an_svg() {
+        let b = bundle(&[
+            ("/", r#"{"limits": {"rps": {"rate": 20}}}"#),
+            (
+                "/a",
+                r#"{"limits": {"rps": {"rate": "50%", "ceil": "100%"}}}"#,
+            ),
+        ]);
+        let dir = std::env::temp_dir().join(format!("tenantgate-sim-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("out.svg");
+        let model = QuotaModel::from_bundle(&b).unwrap();
+        run(
+            &b,
+            &model,
+            r#"{"duration_s": 5, "flows": [{"tenant": "/a", "rps": 30}, {"tenant": "/", "rps": 5}]}"#,
+            Some(&out),
+        )
+        .unwrap();
+        let svg = std::fs::read_to_string(&out).unwrap();
+        assert!(svg.starts_with("<svg"), "{}", &svg[..40.min(svg.len())]);
+        assert!(
+            svg.contains("/a: ") && svg.contains("admitted"),
+            "legend missing"
+        );
+        assert!(svg.contains("<polyline"), "no series drawn");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The example plans in `policies/` show what they claim.
+    #[test]
+    fn example_plans_demonstrate_guarantee_and_borrowing() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        let b = Bundle::from_dir(&dir).unwrap();
+        let model = QuotaModel::from_bundle(&b).unwrap();
+        let plan = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+
+        // /acme/us and /acme/eu/team-a at their rates next to two floods:
+        // never refused.
+        let v = run(&b, &model, &plan("traffic-guarantee.json"), None).unwrap();
+        assert_eq!(counts(&v, "/acme/us"), (30 * 200, 0), "{v}");
+        assert_eq!(counts(&v, "/acme/eu/team-a"), (30 * 100, 0), "{v}");
+        assert!(
+            counts(&v, "/acme/eu").1 > 0 && counts(&v, "/globex").1 > 0,
+            "{v}"
+        );
+
+        // /acme/eu (rate 200, ceil 500) gets far above its rate by borrowing,
+        // never above its ceil (plus the initial bursts); /acme/us at 150 is
+        // never refused.
+        let v = run(&b, &model, &plan("traffic-borrow.json"), None).unwrap();
+        let (eu, _) = counts(&v, "/acme/eu");
+        assert!(eu > 60 * 400 && eu <= 60 * 500 + 500 + 2000, "{v}");
+        assert_eq!(counts(&v, "/acme/us"), (20 * 150, 0), "{v}");
+    }
+}

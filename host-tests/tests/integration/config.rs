@@ -1,0 +1,103 @@
+//! Configuration: accepted, refused, and a refused update keeps the old bundle.
+
+use crate::support::*;
+
+#[test]
+fn example_bundle_is_accepted_and_its_version_logged() {
+    let host = host();
+    let bundle = example_bundle();
+    let version = serde_json::from_str::<serde_json::Value>(&bundle).unwrap()["version"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(version.starts_with("sha256:"));
+    let _vm = configured_vm(&host, &bundle);
+    assert!(
+        host.logs().iter().any(|l| l.message.contains(&version)),
+        "no log line names the loaded version {version}:\n{}",
+        dump_logs(&host)
+    );
+    assert_eq!(metric(&host, names::CONFIG_LOADED), 1);
+}
+
+#[test]
+fn invalid_bundles_are_refused_with_a_readable_error() {
+    let host = host();
+    let mut vm = host.vm().unwrap();
+    assert!(!vm.configure("{ not json").unwrap());
+    assert!(!vm.configure("").unwrap());
+    // A bundle whose policy does not parse (the CLI would refuse to build it,
+    // so edit a good one and recompute its version).
+    let good = Tree::empty().policy("/", "ok.cedar", "permit (principal, action, resource);");
+    let mut bundle = tenantgate_engine::Bundle::from_json(&good.bundle()).unwrap();
+    bundle.tenants[0].policies[0].text =
+        "permit (principal, action, resource) when { nope };".into();
+    bundle.version = bundle.compute_version();
+    assert!(!vm.configure(bundle.to_json()).unwrap());
+    assert_eq!(metric(&host, names::CONFIG_REJECTED), 3);
+    let errors: Vec<_> = host
+        .logs()
+        .into_iter()
+        .filter(|l| l.level >= tenantgate_host_tests::LogLevel::Error)
+        .collect();
+    assert!(errors.len() >= 3, "{}", dump_logs(&host));
+    assert!(
+        errors.iter().any(|l| l.message.contains("ok.cedar")),
+        "the policy error names no file:\n{}",
+        dump_logs(&host)
+    );
+    assert!(!vm.is_configured());
+    assert!(vm.trapped().is_none());
+}
+
+#[test]
+fn a_refused_configure_keeps_the_previous_bundle() {
+    let (host, mut vm) = gate(&Tree::standard());
+    expect_continue(&get(&mut vm, "/acme", "alice", "/acme", "/orders"));
+    expect_reply(&get(&mut vm, "/acme", "alice", "/acme", "/admin/x"), 403);
+
+    assert!(!vm.configure("{\"version\": 1").unwrap());
+    // Still the first bundle: same decisions.
+    expect_continue(&get(&mut vm, "/acme", "alice", "/acme", "/orders"));
+    expect_reply(&get(&mut vm, "/acme", "alice", "/acme", "/admin/x"), 403);
+    assert!(
+        host.logs()
+            .iter()
+            .any(|l| l.message.contains("previous bundle keeps serving")),
+        "{}",
+        dump_logs(&host)
+    );
+}
+
+#[test]
+fn an_update_applies_like_ecds_or_is_rejected() {
+    let host = host();
+    let mut vm = configured_vm(&host, &Tree::standard().bundle());
+    let first_root = vm.root_context();
+    expect_continue(&get(&mut vm, "/acme", "alice", "/acme", "/orders"));
+
+    // Rejected: the old root context keeps serving.
+    assert!(!vm.reload("[]").unwrap());
+    assert_eq!(vm.root_context(), first_root);
+    expect_continue(&get(&mut vm, "/acme", "alice", "/acme", "/orders"));
+
+    // Accepted: a new root context with a bundle that forbids /orders.
+    let stricter = Tree::standard().policy(
+        "/",
+        "orders.cedar",
+        r#"@id("no-orders") forbid (principal, action, resource) when { resource.path like "/orders*" };"#,
+    );
+    assert!(vm.reload(stricter.bundle()).unwrap());
+    assert_ne!(vm.root_context(), first_root);
+    let body = expect_reply(&get(&mut vm, "/acme", "alice", "/acme", "/orders"), 403);
+    assert_eq!(body["reasons"], serde_json::json!(["no-orders"]));
+}
+
+#[test]
+fn a_vm_without_a_bundle_fails_closed() {
+    let host = host();
+    let mut vm = host.vm().unwrap();
+    let resp = vm.request().header("x-tenant", "/acme").send().unwrap();
+    assert!(!resp.is_continue());
+    assert!(resp.status >= 500, "{resp:?}");
+}

@@ -1,0 +1,77 @@
+//! The host itself, checked with the real module.
+
+use crate::support::*;
+
+#[test]
+fn every_import_resolves_and_no_unimplemented_one_is_called() {
+    let (host, mut vm) = gate(&Tree::standard());
+    assert!(host
+        .imports()
+        .iter()
+        .any(|i| i == "env.proxy_get_shared_data"));
+    for _ in 0..3 {
+        get(&mut vm, "/acme", "alice", "/acme", "/orders");
+    }
+    get(&mut vm, "/acme", "alice", "/acme", "/admin");
+    vm.request().header("x-tenant", "bad").send().unwrap();
+    vm.tick().unwrap();
+    assert!(
+        host.unimplemented_calls().is_empty(),
+        "the filter called imports this host does not implement: {:?}",
+        host.unimplemented_calls()
+    );
+    assert_eq!(host.traps(), 0);
+}
+
+#[test]
+fn quota_state_is_compact_binary_in_shared_data() {
+    let (host, mut vm) = gate(&Tree::standard());
+    let keys = host.shared_data().keys();
+    // Created at configure time, before any request.
+    assert!(!keys.is_empty());
+    for key in &keys {
+        let key = String::from_utf8(key.clone()).unwrap();
+        assert!(key.starts_with("tenantgate:"), "{key}");
+        let (value, _) = host.shared_data().peek(key.as_bytes()).unwrap();
+        assert!(value.len() <= 64, "{key}: {} bytes", value.len());
+    }
+    let before = host.shared_data().stats();
+    for _ in 0..5 {
+        get(&mut vm, "/acme", "alice", "/acme", "/orders");
+    }
+    let after = host.shared_data().stats();
+    assert_eq!(after.keys, before.keys, "requests create no keys");
+    assert!(after.sets > before.sets);
+}
+
+#[test]
+fn memory_does_not_grow_with_distinct_principals_and_paths() {
+    let (host, mut vm) = gate(&Tree::standard_with(
+        r#"{ "principal_tenant": { "header": "x-user-tenant" }, "audit": "off" }"#,
+    ));
+    let keys = host.shared_data().stats().keys;
+    for i in 0..3000 {
+        host.clock().advance(std::time::Duration::from_millis(1));
+        let resp = get(
+            &mut vm,
+            "/t1",
+            &format!("user-{i}"),
+            "/t1",
+            &format!("/p/{i}"),
+        );
+        assert!(resp.status == 200 || resp.status == 429);
+    }
+    assert_eq!(host.shared_data().stats().keys, keys);
+    let pages = vm.memory_pages();
+    for i in 3000..6000 {
+        host.clock().advance(std::time::Duration::from_millis(1));
+        get(
+            &mut vm,
+            "/t1",
+            &format!("user-{i}"),
+            "/t1",
+            &format!("/p/{i}"),
+        );
+    }
+    assert_eq!(vm.memory_pages(), pages, "linear memory kept growing");
+}

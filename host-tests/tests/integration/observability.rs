@@ -1,0 +1,125 @@
+//! Audit lines, metrics and shadow mode (SPEC section 7).
+
+use crate::support::*;
+
+#[test]
+fn shadow_mode_decides_logs_and_counts_but_never_blocks() {
+    let (host, mut vm) = gate(&Tree::standard_with(
+        r#"{ "mode": "shadow", "principal_tenant": { "header": "x-user-tenant" }, "audit": "all" }"#,
+    ));
+    // Forbidden by policy, over quota, and bad input: all go through.
+    expect_continue(&get(&mut vm, "/acme", "alice", "/acme", "/admin"));
+    for _ in 0..12 {
+        expect_continue(&get(&mut vm, "/acme", "alice", "/acme", "/orders"));
+    }
+    let resp = vm.request().header("x-user", "alice").send().unwrap();
+    expect_continue(&resp);
+    assert_eq!(metric(&host, names::DENIED_POLICY), 1);
+    assert_eq!(metric(&host, names::DENIED_QUOTA), 2);
+    assert_eq!(metric(&host, names::BAD_REQUEST), 1);
+    assert_eq!(metric(&host, names::SHADOW_DENIED), 4);
+    assert_eq!(metric(&host, names::ALLOWED), 10);
+    let audit = audit_lines(&host);
+    let denies: Vec<_> = audit.iter().filter(|a| a["decision"] == "deny").collect();
+    assert_eq!(denies.len(), 4, "{audit:?}");
+    assert!(denies.iter().all(|a| a["mode"] == "shadow"));
+    // The identity headers are still set for the upstream.
+    let resp = get(&mut vm, "/acme", "alice", "/acme", "/admin");
+    assert_eq!(
+        resp.upstream_header("x-tenantgate-tenant").as_deref(),
+        Some("/acme")
+    );
+}
+
+#[test]
+fn audit_lines_are_json_with_the_decision_fields() {
+    let (host, mut vm) = gate(&Tree::standard());
+    let version = serde_json::from_str::<serde_json::Value>(&Tree::standard().bundle()).unwrap()
+        ["version"]
+        .clone();
+    vm.request()
+        .header("x-tenant", "/acme/eu")
+        .header("x-user", "alice")
+        .header("x-user-tenant", "/acme")
+        .id("rid-audit")
+        .method("DELETE")
+        .path("/orders/7?force=1")
+        .send()
+        .unwrap();
+    get(&mut vm, "/acme", "alice", "/acme", "/admin");
+    let audit = audit_lines(&host);
+    assert_eq!(audit.len(), 2, "{}", dump_logs(&host));
+    let a = &audit[0];
+    assert_eq!(a["request_id"], "rid-audit");
+    assert_eq!(a["tenant"], "/acme/eu");
+    assert_eq!(a["principal"], "alice");
+    assert_eq!(a["action"], "DELETE");
+    assert_eq!(a["resource"], "/orders/7");
+    assert_eq!(a["decision"], "allow");
+    assert_eq!(a["policies"], serde_json::json!(["members"]));
+    assert_eq!(a["bundle"], version);
+    assert_eq!(a["mode"], "enforce");
+    assert_eq!(a["time"], host.clock().now_ns() / 1_000_000_000);
+    assert!(a.get("limit").is_some());
+    let d = &audit[1];
+    assert_eq!(d["decision"], "deny");
+    assert_eq!(d["policies"], serde_json::json!(["no-admin"]));
+}
+
+#[test]
+fn audit_can_log_denies_only_or_nothing() {
+    let deny_only = Tree::standard_with(r#"{ "principal_tenant": { "header": "x-user-tenant" } }"#);
+    let (host, mut vm) = gate(&deny_only);
+    get(&mut vm, "/acme", "alice", "/acme", "/orders");
+    get(&mut vm, "/acme", "alice", "/acme", "/admin");
+    let audit = audit_lines(&host);
+    assert_eq!(audit.len(), 1, "audit defaults to deny only");
+    assert_eq!(audit[0]["decision"], "deny");
+
+    let off = Tree::standard_with(
+        r#"{ "principal_tenant": { "header": "x-user-tenant" }, "audit": "off" }"#,
+    );
+    let (host, mut vm) = gate(&off);
+    get(&mut vm, "/acme", "alice", "/acme", "/admin");
+    assert!(audit_lines(&host).is_empty());
+}
+
+#[test]
+fn metrics_count_every_outcome_and_tenant() {
+    let (host, mut vm) = gate(&Tree::standard());
+    for _ in 0..10 {
+        get(&mut vm, "/acme", "alice", "/acme", "/orders");
+    }
+    get(&mut vm, "/acme", "alice", "/acme", "/orders"); // 429
+    get(&mut vm, "/acme/eu", "alice", "/acme", "/admin"); // 403
+    vm.request().header("x-tenant", "/NOPE").send().unwrap(); // 400
+    assert_eq!(metric(&host, names::ALLOWED), 10);
+    assert_eq!(metric(&host, names::DENIED_QUOTA), 1);
+    assert_eq!(metric(&host, names::DENIED_POLICY), 1);
+    assert_eq!(metric(&host, names::BAD_REQUEST), 1);
+    assert_eq!(metric(&host, names::ERRORS), 0);
+    assert_eq!(tenant_metric(&host, "/acme", "allowed"), 10);
+    assert_eq!(tenant_metric(&host, "/acme", "denied"), 1);
+    assert_eq!(tenant_metric(&host, "/acme/eu", "denied"), 1);
+    // Per-tenant counters exist for every tenant of the bundle, from the start.
+    for t in ["/", "/globex/a", "/t8"] {
+        let t = tenantgate_engine::TenantPath::parse(t).unwrap();
+        assert!(host.metric(&names::tenant(&t, "allowed")).is_some(), "{t}");
+    }
+    // The decision time histogram has one sample per decision.
+    let h = host.metric_details(names::DECISION_US).unwrap();
+    assert_eq!(h.kind, tenantgate_host_tests::MetricType::Histogram);
+    assert_eq!(h.value, 13);
+}
+
+#[test]
+fn metrics_are_per_process_across_vms() {
+    let host = host();
+    let bundle = Tree::standard().bundle();
+    let mut a = configured_vm(&host, &bundle);
+    let mut b = configured_vm(&host, &bundle);
+    get(&mut a, "/globex/a", "gus", "/globex/a", "/x");
+    get(&mut b, "/globex/a", "gus", "/globex/a", "/x");
+    assert_eq!(metric(&host, names::ALLOWED), 2);
+    assert_eq!(metric(&host, names::CONFIG_LOADED), 2);
+}
