@@ -9,6 +9,7 @@ use serde::Deserialize;
 use tenantgate_engine::{Bundle, Decision, Diagnostics, Engine, Request, TenantPath};
 
 mod policytest;
+mod simulate;
 
 #[derive(Parser)]
 #[command(
@@ -54,6 +55,16 @@ enum Command {
     },
     /// Run the policy tests in `DIR/tests/*.json`.
     Test { dir: PathBuf },
+    /// Replay a traffic plan against the quotas on a virtual clock (policies are not evaluated).
+    Simulate {
+        source: PathBuf,
+        /// The traffic plan (JSON).
+        #[arg(long)]
+        traffic: PathBuf,
+        /// Draw admitted requests per second per tenant over time into this SVG file.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+    },
 }
 
 /// A request as `check` and the policy tests describe it.
@@ -175,6 +186,15 @@ fn run(command: Command) -> Result<ExitCode, String> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Simulate { source, traffic, svg } => {
+            let (bundle, engine) = load(&source)?;
+            let text = std::fs::read_to_string(&traffic)
+                .map_err(|e| format!("{}: error: cannot read: {e}", traffic.display()))?;
+            let out = simulate::run(&bundle, engine.quotas(), &text, svg.as_deref())
+                .map_err(|e| format!("{}: error: {e}", traffic.display()))?;
+            println!("{}", serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?);
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
