@@ -187,13 +187,20 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 ExitCode::FAILURE
             })
         }
-        Command::Simulate { source, traffic, svg } => {
+        Command::Simulate {
+            source,
+            traffic,
+            svg,
+        } => {
             let (bundle, engine) = load(&source)?;
             let text = std::fs::read_to_string(&traffic)
                 .map_err(|e| format!("{}: error: cannot read: {e}", traffic.display()))?;
             let out = simulate::run(&bundle, engine.quotas(), &text, svg.as_deref())
                 .map_err(|e| format!("{}: error: {e}", traffic.display()))?;
-            println!("{}", serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -18,6 +18,7 @@ pub const MAP_RESPONSE_HEADERS: u32 = 2;
 pub const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
 pub const METRIC_COUNTER: u32 = 0;
 
+pub const METRIC_GAUGE: u32 = 1;
 pub const METRIC_HISTOGRAM: u32 = 2;
 
 pub const LOG_INFO: u32 = 2;

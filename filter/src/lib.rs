@@ -20,6 +20,22 @@ pub mod metric_names {
     pub const DECISION_US: &str = "tenantgate.decision_us";
     pub const CONFIG_LOADED: &str = "tenantgate.config_loaded";
     pub const CONFIG_REJECTED: &str = "tenantgate.config_rejected";
+    /// Gauge: the first 8 hex digits of the loaded bundle's sha256, as a number.
+    pub const BUNDLE_VERSION: &str = "tenantgate.bundle_version";
+
+    /// Gauge set to 1: `tenantgate.bundle.<first 12 hex digits>`.
+    pub fn bundle(version: &str) -> String {
+        let hex = version.strip_prefix("sha256:").unwrap_or(version);
+        format!("tenantgate.bundle.{}", hex.get(..12).unwrap_or(hex))
+    }
+
+    /// The value of [`BUNDLE_VERSION`] for a `sha256:<hex>` version.
+    pub fn bundle_version_value(version: &str) -> u64 {
+        let hex = version.strip_prefix("sha256:").unwrap_or(version);
+        hex.get(..8)
+            .and_then(|h| u64::from_str_radix(h, 16).ok())
+            .unwrap_or(0)
+    }
 
     /// `tenantgate.tenant.acme.eu.<what>`; the root is `_root`.
     pub fn tenant(tenant: &tenantgate_engine::TenantPath, what: &str) -> String {
@@ -38,6 +54,16 @@ pub mod metric_names {
 mod tests {
     use super::metric_names::tenant;
     use tenantgate_engine::TenantPath;
+
+    #[test]
+    fn bundle_metrics() {
+        let v = "sha256:e313b8cd9b886ad888f5986c92ec36aa3bfa66bf24483053114f5c1af4660a6c";
+        assert_eq!(
+            super::metric_names::bundle(v),
+            "tenantgate.bundle.e313b8cd9b88"
+        );
+        assert_eq!(super::metric_names::bundle_version_value(v), 0xe313b8cd);
+    }
 
     #[test]
     fn tenant_metric_names() {

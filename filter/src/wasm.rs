@@ -148,6 +148,19 @@ impl RootContext for Root {
         if let Ok(id) = ffi::define_metric(ffi::METRIC_COUNTER, names::CONFIG_LOADED) {
             ffi::increment_metric(id, 1);
         }
+        if let Ok(id) = ffi::define_metric(ffi::METRIC_GAUGE, names::BUNDLE_VERSION) {
+            ffi::record_metric(id, names::bundle_version_value(engine.version()));
+        }
+        if let Some(previous) = &self.loaded {
+            if let Ok(id) =
+                ffi::define_metric(ffi::METRIC_GAUGE, &names::bundle(previous.engine.version()))
+            {
+                ffi::record_metric(id, 0);
+            }
+        }
+        if let Ok(id) = ffi::define_metric(ffi::METRIC_GAUGE, &names::bundle(engine.version())) {
+            ffi::record_metric(id, 1);
+        }
         ffi::log(
             ffi::LOG_INFO,
             &format!(

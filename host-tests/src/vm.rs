@@ -319,8 +319,7 @@ impl Vm {
             upstream_headers,
         );
         let ctx = self.store.data_mut().http.remove(&id);
-        let (mut response, on_done) = result?;
-        response.on_done = on_done;
+        let mut response = result?;
         if let Some(ctx) = ctx {
             response.local_responses_sent = ctx.local_count;
         }
