@@ -109,6 +109,12 @@ fn strip_location(msg: &str) -> &str {
 /// Runs one test; `Err` says what differed.
 pub fn run(engine: &Engine, test: &PolicyTest) -> Result<Decision, String> {
     let decision = crate::decide(engine, &test.request)?;
+    check(test, &decision)?;
+    Ok(decision)
+}
+
+/// Checks a decision against a test's expectation; `Err` says what differed.
+pub fn check(test: &PolicyTest, decision: &Decision) -> Result<(), String> {
     let mut problems = Vec::new();
     let want = match test.expect.decision {
         Outcome2::Allow => Outcome::Allow,
@@ -141,7 +147,7 @@ pub fn run(engine: &Engine, test: &PolicyTest) -> Result<Decision, String> {
         }
     }
     if problems.is_empty() {
-        Ok(decision)
+        Ok(())
     } else {
         Err(problems.join("; "))
     }
