@@ -218,6 +218,10 @@ def main():
         "d": ([wasm_filter("tenantgate", wasm, small)], "/orders/1", ACME),
         "e": ([wasm_filter("tenantgate", wasm, large)], "/api/v1/items/42", LARGE),
     }
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"bench: WARNING: load average {load:.2f} before the run: other processes share the 2 CPUs, "
+              "expect noisy numbers (compare ratios of the same round)", file=sys.stderr)
     only = os.environ.get("BENCH_ONLY")
     keys = [k for k in setups if not only or k in only.split(",")]
     print(f"bench: {ROUNDS} rounds x {len(keys)} configs, wrk -t1 -c{CONNECTIONS} -d{DURATION}s "
@@ -266,7 +270,8 @@ def main():
             print(f"  {name}: {value}")
     summary["ratio_tenantgate_over_wasm_floor"] = ratios["tenantgate/wasm_floor (target >= 0.90)"]
     summary["ratio_large_over_tenantgate"] = ratios["tenantgate_large/tenantgate (target >= 0.95)"]
-    summary.update({"rounds": ROUNDS, "duration_s": DURATION, "connections": CONNECTIONS, "audit": AUDIT})
+    summary.update({"rounds": ROUNDS, "duration_s": DURATION, "connections": CONNECTIONS, "audit": AUDIT,
+                    "load_before": round(load, 2)})
     print(json.dumps(summary, separators=(", ", ": ")))
     return 0
 
