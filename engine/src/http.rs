@@ -353,6 +353,20 @@ impl Engine {
         mapped: Option<&Mapped>,
         request_id: Option<&str>,
     ) -> Option<String> {
+        let now = mapped.map(|m| m.request.time_ns).unwrap_or(0);
+        self.audit_line_at(decision, mapped, None, request_id, now)
+    }
+
+    /// [`Engine::audit_line`] for requests that may not have been mapped (a
+    /// 400): the tenant, when it was read, and the time come separately.
+    pub fn audit_line_at(
+        &self,
+        decision: &Decision,
+        mapped: Option<&Mapped>,
+        tenant: Option<&TenantPath>,
+        request_id: Option<&str>,
+        now_ns: u64,
+    ) -> Option<String> {
         use crate::settings::Audit;
         match self.settings().audit {
             Audit::Off => return None,
@@ -361,9 +375,9 @@ impl Engine {
         }
         let req = mapped.map(|m| &m.request);
         let line = serde_json::json!({
-            "time": req.map(|r| r.time_ns / 1_000_000_000),
+            "time": now_ns / 1_000_000_000,
             "request_id": request_id,
-            "tenant": req.map(|r| r.tenant.to_string()),
+            "tenant": req.map(|r| &r.tenant).or(tenant).map(|t| t.to_string()),
             "principal": req.and_then(|r| r.principal.as_ref().map(|p| p.id.clone())),
             "principal_tenant": req.and_then(|r| r.principal.as_ref().map(|p| p.tenant.to_string())),
             "action": req.map(|r| r.method.clone()),

@@ -65,19 +65,9 @@ impl Metrics {
         m
     }
 
+    /// One decision's counters. In shadow mode a would-be denial counts only
+    /// in `shadow_denied` (and the tenant's `denied`), since nothing was denied.
     fn count(&self, decision: &Decision, tenant: Option<&TenantPath>, mode: Mode) {
-        let id = match (decision.is_allowed(), decision.kind) {
-            (true, Kind::Error) => self.errors,
-            (true, _) => self.allowed,
-            (false, Kind::Forbidden | Kind::Allowed) => self.denied_policy,
-            (false, Kind::QuotaExceeded) => self.denied_quota,
-            (false, Kind::BadRequest) => self.bad_request,
-            (false, Kind::Error) => self.errors,
-        };
-        ffi::increment_metric(id, 1);
-        if !decision.is_allowed() && mode == Mode::Shadow {
-            ffi::increment_metric(self.shadow_denied, 1);
-        }
         if let Some((allowed, denied)) = tenant.and_then(|t| self.tenants.get(t)) {
             ffi::increment_metric(
                 if decision.is_allowed() {
@@ -88,6 +78,19 @@ impl Metrics {
                 1,
             );
         }
+        if !decision.is_allowed() && mode == Mode::Shadow {
+            ffi::increment_metric(self.shadow_denied, 1);
+            return;
+        }
+        let id = match (decision.is_allowed(), decision.kind) {
+            (true, Kind::Error) => self.errors,
+            (true, _) => self.allowed,
+            (false, Kind::Forbidden | Kind::Allowed) => self.denied_policy,
+            (false, Kind::QuotaExceeded) => self.denied_quota,
+            (false, Kind::BadRequest) => self.bad_request,
+            (false, Kind::Error) => self.errors,
+        };
+        ffi::increment_metric(id, 1);
     }
 }
 
@@ -340,7 +343,13 @@ impl Http {
         loaded
             .metrics
             .count(&decision, tenant.as_ref(), engine.settings().mode);
-        if let Some(line) = engine.audit_line(&decision, None, request_id.as_deref()) {
+        if let Some(line) = engine.audit_line_at(
+            &decision,
+            None,
+            tenant.as_ref(),
+            request_id.as_deref(),
+            start,
+        ) {
             ffi::log(ffi::LOG_INFO, &line);
         }
         self.record_time(loaded, start);
