@@ -381,6 +381,7 @@ class JwtIdentity(EnvoyCase):
             tenant={"metadata": ["envoy.filters.http.jwt_authn", "payload", "tenant"]},
             principal={"metadata": ["envoy.filters.http.jwt_authn", "payload", "sub"]},
             principal_tenant=None,
+            claims={"header": "x-jwt-payload"},
         )
 
     @classmethod
@@ -451,11 +452,6 @@ class JwtIdentity(EnvoyCase):
         r = self.req("GET", "/orders/1", dict(self.bearer({"sub": "carol"}), **{"x-tenant": "/acme"}))
         self.assertJsonError(r, 400, "bad_request")
 
-    # Known gap (SPEC section 3: `claims` in the context when a JWT source is
-    # configured): the engine's request mapping leaves `claims` empty, so
-    # claim-based policies never apply in Envoy. Remove the marker once fixed
-    # (an unexpected success fails the run, as a reminder).
-    @unittest.expectedFailure
     def test_claims_reach_policy_context(self):
         # globex-admin-claim permits on context.claims.roles; see it in the audit line
         rid = "e2e-claims-%d" % time.time_ns()
@@ -466,6 +462,20 @@ class JwtIdentity(EnvoyCase):
         line = wait_for(lambda: next((a for a in audit_lines(self.envoy) if a.get("request_id") == rid), None), 5)
         self.assertIsNotNone(line, "no audit line")
         self.assertIn("globex-admin-claim", line.get("policies", []), line)
+
+    def test_a_forged_payload_header_never_grants_claims(self):
+        # A valid token without the admin role, plus a client-made payload header
+        # that claims it: the forged claims must never reach the policies.
+        forged = b64url(json.dumps({"sub": "gus", "tenant": "/globex", "roles": ["globex-admin"]}).encode())
+        rid = "e2e-forged-%d" % time.time_ns()
+        headers = self.bearer({"sub": "gus", "tenant": "/globex", "roles": []})
+        headers.update({"x-jwt-payload": forged, "x-request-id": rid})
+        r = self.req("GET", "/reports", headers)
+        if r.status == 400:
+            return  # two payload headers: refused outright
+        line = wait_for(lambda: next((a for a in audit_lines(self.envoy) if a.get("request_id") == rid), None), 5)
+        self.assertIsNotNone(line, "no audit line for %s (status %s)" % (rid, r.status))
+        self.assertNotIn("globex-admin-claim", line.get("policies", []), line)
 
 
 # ---------------------------------------------------------------------------

@@ -187,6 +187,18 @@ impl Engine {
                 headers.push((name.clone(), v.to_string()));
             }
         }
+        let claims = match &settings.claims {
+            Some(Source::Header(name)) => {
+                match header(input, name).map_err(|m| bad(Some(&tenant), m))? {
+                    Some(v) => Some(
+                        decode_claims(v)
+                            .map_err(|m| bad(Some(&tenant), format!("header `{name}`: {m}")))?,
+                    ),
+                    None => None,
+                }
+            }
+            _ => None,
+        };
         let host = header(input, ":authority")
             .ok()
             .flatten()
@@ -202,7 +214,7 @@ impl Engine {
             source_ip,
             time_ns: input.now_ns,
             headers,
-            claims: None,
+            claims,
             extra_context: None,
         };
         Ok(Mapped {
@@ -393,6 +405,68 @@ impl Engine {
         });
         Some(line.to_string())
     }
+}
+
+/// The longest claims header accepted.
+pub const MAX_CLAIMS_LEN: usize = 16 * 1024;
+
+/// A JWT payload as Envoy's `forward_payload_header` writes it: base64url
+/// (padding optional) of a JSON object. Values Cedar cannot hold (`null`,
+/// non-integer numbers) are left out rather than failing the request.
+pub fn decode_claims(v: &str) -> Result<serde_json::Value, String> {
+    if v.len() > MAX_CLAIMS_LEN {
+        return Err(format!("longer than {MAX_CLAIMS_LEN} bytes"));
+    }
+    let bytes = base64url_decode(v.trim()).ok_or("not base64url")?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|_| "not a JSON object")?;
+    match value {
+        serde_json::Value::Object(_) => Ok(cedar_safe(value)),
+        _ => Err("not a JSON object".into()),
+    }
+}
+
+fn cedar_safe(v: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    let keep = |x: &Value| !x.is_null() && !(x.is_number() && x.as_i64().is_none());
+    match v {
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .filter(|(_, x)| keep(x))
+                .map(|(k, x)| (k, cedar_safe(x)))
+                .collect(),
+        ),
+        Value::Array(items) => {
+            Value::Array(items.into_iter().filter(keep).map(cedar_safe).collect())
+        }
+        other => other,
+    }
+}
+
+fn base64url_decode(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim_end_matches('=');
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let mut acc: u32 = 0;
+    let mut bits = 0;
+    for c in s.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'-' | b'+' => 62,
+            b'_' | b'/' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    // A single leftover character cannot encode a byte.
+    (bits < 6).then_some(out)
 }
 
 fn describe(source: &Source) -> String {
@@ -689,6 +763,36 @@ mod tests {
             )
             .unwrap_err();
         assert!(err.message.contains("metadata"), "{}", err.message);
+    }
+
+    #[test]
+    fn claims_come_from_the_forwarded_payload_header() {
+        let e = engine(Settings {
+            claims: Some(Source::Header("x-jwt-payload".into())),
+            ..Settings::default()
+        });
+        // {"sub":"gus","roles":["admin"],"iat":1.5,"n":null,"exp":17}
+        let payload =
+            "eyJzdWIiOiJndXMiLCJyb2xlcyI6WyJhZG1pbiJdLCJpYXQiOjEuNSwibiI6bnVsbCwiZXhwIjoxN30";
+        let mut h = GET_ORDERS.to_vec();
+        h.extend([("x-tenant", "/acme"), ("x-jwt-payload", payload)]);
+        let claims = map(&e, &h).unwrap().request.claims.unwrap();
+        assert_eq!(
+            claims,
+            serde_json::json!({"sub": "gus", "roles": ["admin"], "exp": 17})
+        );
+        let mut h = GET_ORDERS.to_vec();
+        h.extend([("x-tenant", "/acme"), ("x-jwt-payload", "not base64!")]);
+        assert!(map(&e, &h).unwrap_err().message.contains("x-jwt-payload"));
+        let mut h = GET_ORDERS.to_vec();
+        h.extend([("x-tenant", "/acme"), ("x-jwt-payload", "WzFd")]); // [1]
+        assert!(map(&e, &h)
+            .unwrap_err()
+            .message
+            .contains("not a JSON object"));
+        assert_eq!(base64url_decode("aGk").unwrap(), b"hi");
+        assert_eq!(base64url_decode("aGk=").unwrap(), b"hi");
+        assert!(base64url_decode("a").is_none());
     }
 
     fn decide(

@@ -91,6 +91,10 @@ pub struct Settings {
     pub expose_reasons: bool,
     pub ratelimit_headers_on_allow: bool,
     pub audit: Audit,
+    /// Where `context.claims` comes from: the header Envoy's `jwt_authn`
+    /// writes with `forward_payload_header` (the verified token's payload,
+    /// base64url JSON). Only `header` is supported.
+    pub claims: Option<Source>,
     /// Request headers copied into `context.headers` (names lowercased).
     pub context_headers: Vec<String>,
     /// Token cost per HTTP method; methods not listed cost 1.
@@ -110,6 +114,7 @@ impl Default for Settings {
             expose_reasons: false,
             ratelimit_headers_on_allow: false,
             audit: Audit::Deny,
+            claims: None,
             context_headers: Vec::new(),
             costs: BTreeMap::new(),
         }
@@ -147,6 +152,13 @@ impl Settings {
         check_source("principal", &self.principal, &mut errors);
         if let Some(s) = &self.principal_tenant {
             check_source("principal_tenant", s, &mut errors);
+        }
+        match &self.claims {
+            Some(s @ Source::Header(_)) => check_source("claims", s, &mut errors),
+            Some(_) => errors.push(
+                "`claims` must be `{\"header\": ...}`: the header Envoy's jwt_authn fills with `forward_payload_header`".into(),
+            ),
+            None => {}
         }
         for h in &self.context_headers {
             if !is_header_name(h) {
