@@ -203,7 +203,10 @@ impl Engine {
             .ok()
             .flatten()
             .map(str::to_string);
-        let request_id = header(input, "x-request-id").ok().flatten().map(shorten);
+        let request_id = header(input, "x-request-id")
+            .ok()
+            .flatten()
+            .map(clip_request_id);
         let source_ip = input.source_address.and_then(ip_of);
         let request = Request {
             tenant,
@@ -407,6 +410,19 @@ impl Engine {
     }
 }
 
+/// The longest request id carried into replies and audit lines.
+pub const MAX_REQUEST_ID_LEN: usize = 256;
+
+/// The request id as sent (JSON output escapes it), cut at
+/// [`MAX_REQUEST_ID_LEN`] bytes on a character boundary.
+fn clip_request_id(v: &str) -> String {
+    let mut end = v.len().min(MAX_REQUEST_ID_LEN);
+    while !v.is_char_boundary(end) {
+        end -= 1;
+    }
+    v.get(..end).unwrap_or_default().to_string()
+}
+
 /// The longest claims header accepted.
 pub const MAX_CLAIMS_LEN: usize = 16 * 1024;
 
@@ -428,7 +444,7 @@ pub fn decode_claims(v: &str) -> Result<serde_json::Value, String> {
 
 fn cedar_safe(v: serde_json::Value) -> serde_json::Value {
     use serde_json::Value;
-    let keep = |x: &Value| !x.is_null() && !(x.is_number() && x.as_i64().is_none());
+    let keep = |x: &Value| !x.is_null() && (!x.is_number() || x.as_i64().is_some());
     match v {
         Value::Object(map) => Value::Object(
             map.into_iter()

@@ -78,7 +78,9 @@ impl Metrics {
                 1,
             );
         }
-        if !decision.is_allowed() && mode == Mode::Shadow {
+        // Store failures count as errors in every mode: a broken store during a
+        // shadow rollout must show.
+        if !decision.is_allowed() && mode == Mode::Shadow && decision.kind != Kind::Error {
             ffi::increment_metric(self.shadow_denied, 1);
             return;
         }

@@ -114,9 +114,16 @@ pub struct HostBuilder {
     clock: Clock,
     seed: u64,
     properties: Vec<(Vec<String>, Vec<u8>)>,
+    log_capacity: usize,
 }
 
 impl HostBuilder {
+    /// How many log lines the host keeps (the oldest go first; 0 keeps none).
+    pub fn log_capacity(mut self, lines: usize) -> Self {
+        self.log_capacity = lines;
+        self
+    }
+
     /// What `proxy_get_log_level` answers (default `Info`, like Envoy).
     /// Every line is captured whatever the level.
     pub fn log_level(mut self, level: LogLevel) -> Self {
@@ -171,7 +178,7 @@ impl HostBuilder {
         let shared = Arc::new(HostShared {
             shared_data: SharedData::default(),
             metrics: Metrics::default(),
-            logs: Logs::default(),
+            logs: Logs::with_capacity(self.log_capacity),
             clock: self.clock,
             unimplemented: Mutex::new(BTreeMap::new()),
             traps: AtomicU64::new(0),
@@ -233,6 +240,7 @@ impl Host {
             clock: Clock::default(),
             seed: 0x7e4a_47a7_e000_0001,
             properties: Vec::new(),
+            log_capacity: crate::logs::DEFAULT_CAPACITY,
         }
     }
 

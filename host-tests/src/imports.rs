@@ -98,14 +98,15 @@ fn log(c: &C<'_>, level: LogLevel, source: LogSource, message: String) {
 }
 
 /// Which header map a call names, if the running callback may read it.
-fn map_for_read(c: &C<'_>, map: u32) -> Result<Headers, Status> {
+fn map_for_read<'a>(c: &'a C<'_>, map: u32) -> Result<&'a Headers, Status> {
+    static NO_TRAILERS: Headers = Headers(Vec::new());
     let ctx = c.data().http().ok_or(Status::BadArgument)?;
     match (map, ctx.phase) {
-        (abi::MAP_REQUEST_HEADERS, _) => Ok(ctx.request_headers.clone()),
+        (abi::MAP_REQUEST_HEADERS, _) => Ok(&ctx.request_headers),
         (abi::MAP_RESPONSE_HEADERS, Phase::ResponseHeaders | Phase::Log) => {
-            Ok(ctx.response_headers.clone())
+            Ok(&ctx.response_headers)
         }
-        (abi::MAP_REQUEST_TRAILERS | abi::MAP_RESPONSE_TRAILERS, _) => Ok(Headers::new()),
+        (abi::MAP_REQUEST_TRAILERS | abi::MAP_RESPONSE_TRAILERS, _) => Ok(&NO_TRAILERS),
         _ => Err(Status::BadArgument),
     }
 }
@@ -246,9 +247,12 @@ fn define_env(linker: &mut Linker<VmState>, name: &str) -> Result<bool> {
         "proxy_get_header_map_pairs" => linker.func_wrap(
             M,
             name,
-            |mut c: C<'_>, map: u32, ptr_ptr: u32, size_ptr: u32| match map_for_read(&c, map) {
-                Ok(h) => copy_out(&mut c, &abi::serialize_pairs(&h.0), ptr_ptr, size_ptr),
-                Err(s) => Ok(s.code()),
+            |mut c: C<'_>, map: u32, ptr_ptr: u32, size_ptr: u32| {
+                let bytes = match map_for_read(&c, map) {
+                    Ok(h) => abi::serialize_pairs(&h.0),
+                    Err(s) => return Ok(s.code()),
+                };
+                copy_out(&mut c, &bytes, ptr_ptr, size_ptr)
             },
         )?,
         "proxy_get_header_map_size" => linker.func_wrap(
@@ -296,16 +300,14 @@ fn define_env(linker: &mut Linker<VmState>, name: &str) -> Result<bool> {
                     Ok(k) => k,
                     Err(s) => return Ok(s.code()),
                 };
-                match map_for_read(&c, map) {
+                let value = match map_for_read(&c, map) {
                     Ok(h) => match h.get_bytes(&key) {
-                        Some(v) => {
-                            let v = v.to_vec();
-                            copy_out(&mut c, &v, ptr_ptr, size_ptr)
-                        }
-                        None => Ok(Status::NotFound.code()),
+                        Some(v) => v.to_vec(),
+                        None => return Ok(Status::NotFound.code()),
                     },
-                    Err(s) => Ok(s.code()),
-                }
+                    Err(s) => return Ok(s.code()),
+                };
+                copy_out(&mut c, &value, ptr_ptr, size_ptr)
             },
         )?,
         "proxy_replace_header_map_value" | "proxy_add_header_map_value" => {

@@ -1,5 +1,6 @@
 //! Log lines the filter wrote through `proxy_log` or to stdout/stderr.
 
+use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
 
 use crate::abi::LogLevel;
@@ -21,32 +22,53 @@ pub struct LogLine {
     pub message: String,
 }
 
-/// Most lines kept; older ones are dropped first.
-pub const MAX_LINES: usize = 200_000;
+/// Lines kept by default; the oldest go first.
+pub const DEFAULT_CAPACITY: usize = 100_000;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Logs {
-    lines: Mutex<Vec<LogLine>>,
+    lines: Mutex<VecDeque<LogLine>>,
+    capacity: usize,
+    echo: bool,
+}
+
+impl Default for Logs {
+    fn default() -> Self {
+        Logs::with_capacity(DEFAULT_CAPACITY)
+    }
 }
 
 impl Logs {
-    fn lock(&self) -> MutexGuard<'_, Vec<LogLine>> {
+    /// Keeps the last `capacity` lines. `TENANTGATE_HOST_ECHO=1` also prints
+    /// every line to stderr.
+    pub fn with_capacity(capacity: usize) -> Logs {
+        Logs {
+            lines: Mutex::new(VecDeque::new()),
+            capacity,
+            echo: std::env::var_os("TENANTGATE_HOST_ECHO").is_some(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, VecDeque<LogLine>> {
         self.lines.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn push(&self, line: LogLine) {
-        let mut lines = self.lock();
-        if lines.len() >= MAX_LINES {
-            lines.drain(..MAX_LINES / 2);
-        }
-        if std::env::var_os("TENANTGATE_HOST_ECHO").is_some() {
+        if self.echo {
             eprintln!("[vm {} {:?}] {}", line.vm, line.level, line.message);
         }
-        lines.push(line);
+        if self.capacity == 0 {
+            return;
+        }
+        let mut lines = self.lock();
+        while lines.len() >= self.capacity {
+            lines.pop_front();
+        }
+        lines.push_back(line);
     }
 
     pub fn all(&self) -> Vec<LogLine> {
-        self.lock().clone()
+        self.lock().iter().cloned().collect()
     }
 
     pub fn clear(&self) {

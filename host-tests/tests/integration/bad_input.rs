@@ -189,3 +189,101 @@ fn a_bad_method_is_400() {
         .unwrap();
     expect_400(&resp, "lowercase method");
 }
+
+#[test]
+fn odd_bytes_in_the_path_the_request_id_and_claims_never_trap() {
+    let tree = Tree::standard_with(
+        r#"{ "principal_tenant": { "header": "x-user-tenant" }, "audit": "all",
+             "context_headers": ["x-api-key"] }"#,
+    );
+    let (host, mut vm) = gate(&tree);
+    // A path that is not UTF-8, and one longer than the engine accepts.
+    let resp = vm
+        .request()
+        .header("x-tenant", "/acme")
+        .header("x-user", "alice")
+        .header_bytes(":path", b"/orders/\xff")
+        .send()
+        .unwrap();
+    assert_eq!(resp.status, 400, "{}", resp.body_str());
+    let long = "/a".repeat(6000);
+    assert_eq!(get(&mut vm, "/acme", "alice", "/acme", &long).status, 400);
+    // A request id with quotes, a backslash and a newline: the reply and the
+    // audit line stay valid JSON.
+    let resp = vm
+        .request()
+        .header("x-tenant", "/acme")
+        .header("x-user", "alice")
+        .header("x-user-tenant", "/acme")
+        .id("r\"1\\\n<x>")
+        .path("/admin")
+        .send()
+        .unwrap();
+    let body = expect_reply(&resp, 403);
+    assert!(body["request_id"].is_string());
+    assert!(audit_lines(&host).last().unwrap()["request_id"].is_string());
+    // A context header with odd bytes.
+    let resp = vm
+        .request()
+        .header("x-tenant", "/acme")
+        .header("x-user", "alice")
+        .header("x-user-tenant", "/acme")
+        .header_bytes("x-api-key", b"k\xfe\x00y")
+        .path("/orders")
+        .send()
+        .unwrap();
+    assert!((200..500).contains(&resp.status), "{}", resp.status);
+    assert_eq!(host.traps(), 0);
+}
+
+#[test]
+fn claims_that_are_not_strings_are_refused_not_trusted() {
+    const JWT: &str = "envoy.filters.http.jwt_authn";
+    let (host, mut vm) = gate(&Tree::standard_with(&format!(
+        r#"{{ "tenant": {{ "metadata": ["{JWT}", "payload", "tenant"] }},
+              "principal": {{ "metadata": ["{JWT}", "payload", "sub"] }} }}"#
+    )));
+    for claim in [
+        serde_json::json!(42),
+        serde_json::json!(true),
+        serde_json::json!({ "path": "/acme" }),
+        serde_json::json!(["/acme"]),
+        serde_json::json!(null),
+    ] {
+        let resp = vm
+            .request()
+            .metadata(
+                &[JWT, "payload"],
+                serde_json::json!({ "tenant": claim.clone(), "sub": "alice" }),
+            )
+            .send()
+            .unwrap();
+        assert_eq!(
+            resp.status,
+            400,
+            "tenant claim {claim}: {}",
+            resp.body_str()
+        );
+    }
+    assert_eq!(host.traps(), 0);
+}
+
+/// The request id in a reply and an audit line must be the client's
+/// `x-request-id` verbatim (it is what correlates them with the access log).
+#[test]
+fn request_ids_are_carried_verbatim() {
+    let (host, mut vm) = gate(&Tree::standard());
+    for rid in ["r\"1\\\n<x>", &"a".repeat(120)] {
+        let resp = vm
+            .request()
+            .header("x-tenant", "/acme")
+            .header("x-user", "alice")
+            .header("x-user-tenant", "/acme")
+            .id(rid)
+            .path("/admin")
+            .send()
+            .unwrap();
+        assert_eq!(expect_reply(&resp, 403)["request_id"], rid);
+        assert_eq!(audit_lines(&host).last().unwrap()["request_id"], rid);
+    }
+}

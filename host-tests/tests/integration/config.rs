@@ -101,3 +101,31 @@ fn a_vm_without_a_bundle_fails_closed() {
     assert!(!resp.is_continue());
     assert!(resp.status >= 500, "{resp:?}");
 }
+
+#[test]
+fn a_reload_keeps_quota_state_unless_the_limit_changed() {
+    let host = host();
+    let mut vm = configured_vm(&host, &Tree::standard().bundle());
+    for _ in 0..10 {
+        expect_continue(&get(&mut vm, "/acme", "alice", "/acme", "/orders"));
+    }
+    expect_reply(&get(&mut vm, "/acme", "alice", "/acme", "/orders"), 429);
+    // Same limits, another policy: the buckets carry over (no free burst).
+    let same_limits = Tree::standard().policy(
+        "/",
+        "extra.cedar",
+        "@id(\"extra\") forbid (principal, action, resource) when { resource.path == \"/x\" };",
+    );
+    assert!(vm.reload(same_limits.bundle()).unwrap());
+    expect_reply(&get(&mut vm, "/acme", "alice", "/acme", "/orders"), 429);
+    // A changed limit starts from full buckets.
+    let changed = Tree::standard().tenant(
+        "/acme",
+        r#"{ "limits": { "rps": { "rate": 5, "per": "1s", "burst": 5, "ceil": 5 } } }"#,
+    );
+    assert!(vm.reload(changed.bundle()).unwrap());
+    let admitted = (0..10)
+        .filter(|_| get(&mut vm, "/acme", "alice", "/acme", "/orders").is_continue())
+        .count();
+    assert_eq!(admitted, 5);
+}

@@ -14,11 +14,14 @@ fn shadow_mode_decides_logs_and_counts_but_never_blocks() {
     }
     let resp = vm.request().header("x-user", "alice").send().unwrap();
     expect_continue(&resp);
-    assert_eq!(metric(&host, names::DENIED_POLICY), 1);
-    assert_eq!(metric(&host, names::DENIED_QUOTA), 2);
-    assert_eq!(metric(&host, names::BAD_REQUEST), 1);
+    // Nothing was denied: would-be denials count in `shadow_denied` only
+    // (and in the tenant's `denied`).
     assert_eq!(metric(&host, names::SHADOW_DENIED), 4);
     assert_eq!(metric(&host, names::ALLOWED), 10);
+    assert_eq!(metric(&host, names::DENIED_POLICY), 0);
+    assert_eq!(metric(&host, names::DENIED_QUOTA), 0);
+    assert_eq!(metric(&host, names::BAD_REQUEST), 0);
+    assert_eq!(tenant_metric(&host, "/acme", "denied"), 3);
     let audit = audit_lines(&host);
     let denies: Vec<_> = audit.iter().filter(|a| a["decision"] == "deny").collect();
     assert_eq!(denies.len(), 4, "{audit:?}");
@@ -122,4 +125,17 @@ fn metrics_are_per_process_across_vms() {
     get(&mut b, "/globex/a", "gus", "/globex/a", "/x");
     assert_eq!(metric(&host, names::ALLOWED), 2);
     assert_eq!(metric(&host, names::CONFIG_LOADED), 2);
+}
+
+/// A gate that cannot decide is a health problem whatever the mode: a shadow
+/// rollout must still show shared-store failures in `tenantgate.errors`.
+#[test]
+fn shadow_mode_still_counts_store_errors() {
+    let (host, mut vm) = gate(&Tree::standard_with(
+        r#"{ "mode": "shadow", "principal_tenant": { "header": "x-user-tenant" } }"#,
+    ));
+    host.shared_data()
+        .set_fault(tenantgate_host_tests::SharedDataFault::CasAlwaysMismatches);
+    expect_continue(&get(&mut vm, "/acme", "alice", "/acme", "/orders"));
+    assert_eq!(metric(&host, names::ERRORS), 1);
 }

@@ -96,7 +96,9 @@ fn same_tenant(w: usize) {
     });
     let mut all = Counts::default();
     counts.iter().for_each(|c| all.add(*c));
-    let slack = (w as u64 - 1) * 1;
+    // Documented slack: (VMs - 1) * cost per key, cost 1 for GET.
+    let cost = 1;
+    let slack = (w as u64 - 1) * cost;
     let bound = limit + limit / 100 + slack;
     eprintln!(
         "same tenant, W={w}: admitted {} of {} requests (allowed {limit}, bound {bound}); 429: {}, on_error: {}, per worker: {:?}",
