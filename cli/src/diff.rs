@@ -35,14 +35,83 @@ pub struct Side {
 }
 
 impl Side {
+    /// A policy folder, a bundle, or a config that carries one (see
+    /// [`embedded_bundle`]).
     pub fn load(source: &Path) -> Result<Side, String> {
-        let (bundle, engine) = crate::load(source)?;
+        let (bundle, engine) = if source.is_dir() {
+            crate::load(source)?
+        } else {
+            let text = std::fs::read_to_string(source)
+                .map_err(|e| format!("{}: error: cannot read: {e}", source.display()))?;
+            match embedded_bundle(&text) {
+                Ok(Some(inner)) => crate::load_text(source, &inner)?,
+                Ok(None) => crate::load_text(source, &text)?,
+                Err(message) => return Err(format!("{}: error: {message}", source.display())),
+            }
+        };
         Ok(Side {
             source: source.to_path_buf(),
             bundle,
             engine,
         })
     }
+}
+
+/// The bundle inside a config that carries one, so `diff` can compare with
+/// what a proxy runs: an Envoy bootstrap or ECDS file rendered by `tenantgate
+/// envoy`, Envoy's `/config_dump`, or an Istio `WasmPlugin` (`kubectl get
+/// wasmplugin NAME -o json`). `Ok(None)` when `text` is not such a config
+/// (a bundle itself, or not JSON: the bundle loader reports that).
+pub fn embedded_bundle(text: &str) -> Result<Option<String>, String> {
+    let Ok(v) = serde_json::from_str::<Value>(text) else {
+        return Ok(None);
+    };
+    if v.get("format").is_some() || v.get("tenants").is_some() {
+        return Ok(None);
+    }
+    let mut found = Vec::new();
+    find_bundles(&v, &mut found);
+    match found.len() {
+        0 => Err("holds no tenantgate bundle: expected a bundle, an Envoy config or `/config_dump` with the Wasm filter's configuration, or an Istio `WasmPlugin`".into()),
+        1 => Ok(found.pop()),
+        n => Err(format!(
+            "holds {n} different tenantgate bundles; extract the one to compare"
+        )),
+    }
+}
+
+fn find_bundles(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            // Envoy: the Wasm filter's `configuration`, a `StringValue`.
+            if m.get("@type").and_then(Value::as_str)
+                == Some("type.googleapis.com/google.protobuf.StringValue")
+            {
+                if let Some(text) = m.get("value").and_then(Value::as_str) {
+                    if is_bundle(text) && !out.iter().any(|b| b == text) {
+                        out.push(text.to_string());
+                    }
+                }
+            }
+            // Istio: `spec.pluginConfig`, the bundle as an object.
+            if let Some(config) = m.get("pluginConfig") {
+                if config.get("format").is_some() && config.get("tenants").is_some() {
+                    let text = config.to_string();
+                    if !out.iter().any(|b| b == &text) {
+                        out.push(text);
+                    }
+                }
+            }
+            m.values().for_each(|v| find_bundles(v, out));
+        }
+        Value::Array(a) => a.iter().for_each(|v| find_bundles(v, out)),
+        _ => {}
+    }
+}
+
+fn is_bundle(text: &str) -> bool {
+    serde_json::from_str::<Value>(text)
+        .is_ok_and(|b| b.get("format").is_some() && b.get("tenants").is_some())
 }
 
 #[derive(Debug, Serialize)]
@@ -208,7 +277,11 @@ pub fn diff(old: &Side, new: &Side, tests: Option<&Path>) -> Result<Report, Stri
         old.bundle.tenants.iter().map(|t| (&t.path, t)).collect();
     let new_tenants: BTreeMap<&TenantPath, &BundleTenant> =
         new.bundle.tenants.iter().map(|t| (&t.path, t)).collect();
-    let all: BTreeSet<&TenantPath> = old_tenants.keys().chain(new_tenants.keys()).copied().collect();
+    let all: BTreeSet<&TenantPath> = old_tenants
+        .keys()
+        .chain(new_tenants.keys())
+        .copied()
+        .collect();
 
     let mut tenants = Vec::new();
     let mut tenants_added = Vec::new();
@@ -235,7 +308,11 @@ pub fn diff(old: &Side, new: &Side, tests: Option<&Path>) -> Result<Report, Stri
         let (new_attrs, new_limits) = tenant_config(n)?;
         let attributes = diff_maps(&old_attrs, &new_attrs);
         let limits = diff_maps(&old_limits, &new_limits);
-        if status != "changed" || !policies.is_empty() || !attributes.is_empty() || !limits.is_empty() {
+        if status != "changed"
+            || !policies.is_empty()
+            || !attributes.is_empty()
+            || !limits.is_empty()
+        {
             tenants.push(TenantDiff {
                 tenant: path.to_string(),
                 status,
@@ -268,10 +345,7 @@ pub fn diff(old: &Side, new: &Side, tests: Option<&Path>) -> Result<Report, Stri
         tenants_added,
         tenants_removed,
         tenants,
-        effective_limits: diff_limits(
-            &old.engine.quotas().limits(),
-            &new.engine.quotas().limits(),
-        ),
+        effective_limits: diff_limits(&old.engine.quotas().limits(), &new.engine.quotas().limits()),
         decisions_changed: tests.changed.len(),
         tests,
     })
@@ -315,8 +389,8 @@ fn tenant_config(t: Option<&BundleTenant>) -> Result<(Attrs, Attrs), String> {
     let Some(src) = t.and_then(|t| t.config.as_ref()) else {
         return Ok((BTreeMap::new(), BTreeMap::new()));
     };
-    let c: TenantConfig = serde_json::from_str(&src.text)
-        .map_err(|e| format!("{}: error: {e}", src.file))?;
+    let c: TenantConfig =
+        serde_json::from_str(&src.text).map_err(|e| format!("{}: error: {e}", src.file))?;
     Ok((c.attributes, c.limits))
 }
 
@@ -329,7 +403,10 @@ struct Found {
 }
 
 /// The policies attached to a tenant (not inherited ones), by id.
-fn tenant_policies(engine: &Engine, t: Option<&BundleTenant>) -> Result<BTreeMap<String, Found>, String> {
+fn tenant_policies(
+    engine: &Engine,
+    t: Option<&BundleTenant>,
+) -> Result<BTreeMap<String, Found>, String> {
     let mut out = BTreeMap::new();
     let Some(t) = t else {
         return Ok(out);
@@ -356,8 +433,7 @@ fn tenant_policies(engine: &Engine, t: Option<&BundleTenant>) -> Result<BTreeMap
             let est = p
                 .to_json()
                 .map_err(|e| format!("{}:{line}: error: {e}", src.file))?;
-            let text = normalized(&est)
-                .map_err(|e| format!("{}:{line}: error: {e}", src.file))?;
+            let text = normalized(&est).map_err(|e| format!("{}:{line}: error: {e}", src.file))?;
             let mut bare = est;
             if let Some(Value::Object(a)) = bare.get_mut("annotations") {
                 a.remove("id");
@@ -394,14 +470,18 @@ fn normalized(est: &Value) -> Result<String, String> {
 fn canonical(v: &Value) -> String {
     match v {
         Value::Object(m) => {
-            let sorted: BTreeMap<&String, String> = m.iter().map(|(k, v)| (k, canonical(v))).collect();
+            let sorted: BTreeMap<&String, String> =
+                m.iter().map(|(k, v)| (k, canonical(v))).collect();
             let parts: Vec<String> = sorted
                 .into_iter()
                 .map(|(k, v)| format!("{}:{v}", Value::String(k.clone())))
                 .collect();
             format!("{{{}}}", parts.join(","))
         }
-        Value::Array(a) => format!("[{}]", a.iter().map(canonical).collect::<Vec<_>>().join(",")),
+        Value::Array(a) => format!(
+            "[{}]",
+            a.iter().map(canonical).collect::<Vec<_>>().join(",")
+        ),
         other => other.to_string(),
     }
 }
@@ -502,7 +582,8 @@ fn run_tests(old: &Side, new: &Side, tests: Option<&Path>) -> Result<TestsReport
     let Some(folder) = folder else {
         return Ok(empty(
             None,
-            "no policy tests were run: neither OLD nor NEW is a policy folder (pass `--tests DIR`)".into(),
+            "no policy tests were run: neither OLD nor NEW is a policy folder (pass `--tests DIR`)"
+                .into(),
         ));
     };
     let shown = folder.display().to_string();
@@ -599,16 +680,29 @@ pub fn text(r: &Report) -> String {
             s => writeln!(out, "\ntenant {} ({s}):", t.tenant),
         };
         for p in &t.policies.added {
-            let _ = writeln!(out, "  + policy `{}` ({} at {}:{})", p.id, p.effect, p.file, p.line);
-        }
-        for p in &t.policies.removed {
-            let _ = writeln!(out, "  - policy `{}` ({} at {}:{})", p.id, p.effect, p.file, p.line);
-        }
-        for c in &t.policies.changed {
             let _ = writeln!(
                 out,
-                "  ~ policy `{}` ({}:{}, was {}:{})",
-                c.id, c.new.file, c.new.line, c.old.file, c.old.line
+                "  + policy `{}` ({} at {}:{})",
+                p.id, p.effect, p.file, p.line
+            );
+        }
+        for p in &t.policies.removed {
+            let _ = writeln!(
+                out,
+                "  - policy `{}` ({} at {}:{})",
+                p.id, p.effect, p.file, p.line
+            );
+        }
+        for c in &t.policies.changed {
+            let was = if (&c.old.file, c.old.line) == (&c.new.file, c.new.line) {
+                String::new()
+            } else {
+                format!(", was {}:{}", c.old.file, c.old.line)
+            };
+            let _ = writeln!(
+                out,
+                "  ~ policy `{}` ({} at {}:{}{was})",
+                c.id, c.new.effect, c.new.file, c.new.line
             );
             for l in line_diff(&c.old.text, &c.new.text) {
                 let _ = writeln!(out, "      {l}");
@@ -622,7 +716,11 @@ pub fn text(r: &Report) -> String {
             );
         }
         for c in &t.attributes {
-            let _ = writeln!(out, "  {}", value_change(&format!("attribute {}", c.key), c));
+            let _ = writeln!(
+                out,
+                "  {}",
+                value_change(&format!("attribute {}", c.key), c)
+            );
         }
         for c in &t.limits {
             let _ = writeln!(out, "  {}", value_change(&format!("limit {}", c.key), c));
@@ -632,7 +730,10 @@ pub fn text(r: &Report) -> String {
         let _ = writeln!(out, "\neffective limits (shares resolved):");
         for l in &r.effective_limits {
             let show = |e: &Option<EffectiveLimit>| match e {
-                Some(e) => format!("rate {} ceil {} burst {} per {}s", e.rate, e.ceil, e.burst, e.per_s),
+                Some(e) => format!(
+                    "rate {} ceil {} burst {} per {}s",
+                    e.rate, e.ceil, e.burst, e.per_s
+                ),
                 None => "none".to_string(),
             };
             let _ = writeln!(
@@ -670,8 +771,8 @@ pub fn text(r: &Report) -> String {
                     summary(&c.old),
                     summary(&c.new),
                     match &c.new_failure {
-                        Some(why) => format!(" (expected {}: {why})", c.expect),
-                        None => format!(" (expected {})", c.expect),
+                        Some(_) => format!(" (test expects {}: fails under new)", c.expect),
+                        None => format!(" (test expects {}: passes under new)", c.expect),
                     }
                 );
             }
@@ -772,7 +873,11 @@ mod tests {
 
     #[test]
     fn canonical_sorts_keys() {
-        let a: Value = serde_json::from_str(r#"{"b":1,"a":{"d":[1,{"z":0,"y":1}],"c":null}}"#).unwrap();
-        assert_eq!(canonical(&a), r#"{"a":{"c":null,"d":[1,{"y":1,"z":0}]},"b":1}"#);
+        let a: Value =
+            serde_json::from_str(r#"{"b":1,"a":{"d":[1,{"z":0,"y":1}],"c":null}}"#).unwrap();
+        assert_eq!(
+            canonical(&a),
+            r#"{"a":{"c":null,"d":[1,{"y":1,"z":0}]},"b":1}"#
+        );
     }
 }

@@ -8,7 +8,9 @@ use clap::{Parser, Subcommand};
 use serde::Deserialize;
 use tenantgate_engine::{Bundle, Decision, Diagnostics, Engine, Request, TenantPath};
 
+mod diff;
 mod policytest;
+mod render;
 mod simulate;
 
 #[derive(Parser)]
@@ -64,6 +66,78 @@ enum Command {
         /// Draw admitted requests per second per tenant over time into this SVG file.
         #[arg(long)]
         svg: Option<PathBuf>,
+    },
+    /// What changed between two policy folders or bundles, and which policy-test decisions change.
+    ///
+    /// Policies are compared per tenant by id, in Cedar's normalized form;
+    /// `tenant.json` as parsed JSON; the policy tests of OLD's folder (else
+    /// NEW's, or `--tests DIR`) run against both bundles.
+    #[command(
+        after_help = "Exit status: 0 when no policy-test decision changes, 1 when some do, 2 when OLD, NEW or the tests cannot be loaded (the errors go to standard error)."
+    )]
+    Diff {
+        /// What runs now: a policy folder, a bundle, or a config holding one (an Envoy
+        /// bootstrap or ECDS file, Envoy's `/config_dump`, an Istio `WasmPlugin`).
+        old: PathBuf,
+        /// The candidate, in the same forms.
+        new: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Run the policy tests of this folder (`DIR/tests/*.json`) instead of
+        /// OLD's (or NEW's when OLD is a bundle).
+        #[arg(long, value_name = "DIR")]
+        tests: Option<PathBuf>,
+    },
+    /// Render an Envoy bootstrap, or an Istio `WasmPlugin`, that loads the filter with this bundle.
+    Envoy {
+        /// A bundle file or a policy folder.
+        bundle: PathBuf,
+        /// The filter module, as the proxy sees it (`dist/tenantgate.wasm`).
+        #[arg(long, value_name = "PATH")]
+        wasm: PathBuf,
+        /// Render an Istio `WasmPlugin` instead of an Envoy bootstrap.
+        #[arg(long)]
+        istio: bool,
+        /// Listener address.
+        #[arg(long, default_value = "0.0.0.0:10000", value_name = "IP:PORT")]
+        listen: String,
+        /// The upstream the listener routes to (an IP address or a DNS name, and a port).
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "HOST:PORT")]
+        upstream: String,
+        /// Envoy's admin interface (keep it on loopback).
+        #[arg(long, default_value = "127.0.0.1:9901", value_name = "IP:PORT")]
+        admin: String,
+        /// Expected sha256 of the module (64 lowercase hex digits); refused if the file differs.
+        #[arg(long, value_name = "HEX")]
+        sha256: Option<String>,
+        /// With `--istio`: where the proxy fetches the module (default: `file://` and the absolute `--wasm` path).
+        #[arg(long)]
+        url: Option<String>,
+        /// Let requests through when the filter cannot load or crashes (default: refuse them).
+        #[arg(long = "fail-open")]
+        fail_open: bool,
+        /// With `--istio`: `metadata.name`.
+        #[arg(long, default_value = "tenantgate")]
+        name: String,
+        /// With `--istio`: `metadata.namespace`.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// With `--istio`: a workload label `key=value` for `spec.selector.matchLabels`; repeatable.
+        #[arg(long, value_name = "K=V")]
+        selector: Vec<String>,
+        /// With `--istio`: the traffic direction, `spec.match[].mode` (`SERVER`: inbound to the workload).
+        #[arg(long, value_enum)]
+        mode: Option<render::TrafficMode>,
+        /// Envoy: take the filter config from this ECDS file (live reload) instead of inline.
+        #[arg(long, value_name = "FILE")]
+        ecds: Option<PathBuf>,
+        /// Envoy: print the ECDS file's content (a `DiscoveryResponse`) for this bundle instead of a bootstrap.
+        #[arg(long = "discovery-response")]
+        discovery_response: bool,
+        /// Write here instead of standard output (atomically: a temporary file, then a rename).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
     },
 }
 
@@ -203,7 +277,106 @@ fn run(command: Command) -> Result<ExitCode, String> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Diff {
+            old,
+            new,
+            json,
+            tests,
+        } => Ok(run_diff(&old, &new, json, tests.as_deref())),
+        Command::Envoy {
+            bundle,
+            wasm,
+            istio,
+            listen,
+            upstream,
+            admin,
+            sha256,
+            url,
+            fail_open,
+            name,
+            namespace,
+            selector,
+            mode,
+            ecds,
+            discovery_response,
+            output,
+        } => {
+            let (loaded, _) = load(&bundle)?;
+            let options = render::Options {
+                wasm,
+                istio,
+                listen,
+                upstream,
+                admin,
+                sha256,
+                url,
+                fail_open,
+                name,
+                namespace,
+                selector,
+                mode,
+                ecds,
+                discovery_response,
+            };
+            let doc = render::render(&loaded, &options)?;
+            let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())? + "\n";
+            match output {
+                Some(path) => {
+                    write_atomically(&path, &text)?;
+                    eprintln!("wrote {} ({})", path.display(), loaded.version);
+                }
+                None => print!("{text}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// `diff` has its own exit statuses: 0 no decision changes, 1 some, 2 error.
+fn run_diff(old: &Path, new: &Path, json: bool, tests: Option<&Path>) -> ExitCode {
+    let result = diff::Side::load(old).and_then(|old| {
+        let new = diff::Side::load(new)?;
+        diff::diff(&old, &new, tests)
+    });
+    let report = match result {
+        Ok(r) => r,
+        Err(message) => {
+            eprintln!("{message}");
+            return ExitCode::from(2);
+        }
+    };
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        print!("{}", diff::text(&report));
+    }
+    if report.decisions_changed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// Writes a file so that a watcher (Envoy's ECDS) never sees it half-written:
+/// a temporary file in the same folder, then a rename over the target.
+fn write_atomically(path: &Path, text: &str) -> Result<(), String> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, text)
+        .map_err(|e| format!("{}: error: cannot write: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("{}: error: cannot write: {e}", path.display())
+    })
 }
 
 /// Loads a policy folder or a bundle file and compiles it.
@@ -213,8 +386,15 @@ pub fn load(source: &Path) -> Result<(Bundle, Engine), String> {
     } else {
         let text = std::fs::read_to_string(source)
             .map_err(|e| format!("{}: error: cannot read: {e}", source.display()))?;
-        Bundle::from_json(&text).map_err(|d| prefix(source, &d))?
+        return load_text(source, &text);
     };
+    let engine = Engine::new(&bundle).map_err(|d| prefix(source, &d))?;
+    Ok((bundle, engine))
+}
+
+/// Compiles a bundle document read from `source`.
+pub fn load_text(source: &Path, text: &str) -> Result<(Bundle, Engine), String> {
+    let bundle = Bundle::from_json(text).map_err(|d| prefix(source, &d))?;
     let engine = Engine::new(&bundle).map_err(|d| prefix(source, &d))?;
     Ok((bundle, engine))
 }
@@ -241,8 +421,21 @@ fn prefix(source: &Path, d: &Diagnostics) -> String {
     out.join("\n")
 }
 
+/// Now, in nanoseconds since the Unix epoch.
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 /// Maps the arguments of `check` or a policy test to an engine request and decides.
 pub fn decide(engine: &Engine, args: &RequestArgs) -> Result<Decision, String> {
+    decide_at(engine, args, now_ns())
+}
+
+/// [`decide`] at a given time (nanoseconds since the Unix epoch).
+pub fn decide_at(engine: &Engine, args: &RequestArgs, now: u64) -> Result<Decision, String> {
     let tenant = match TenantPath::parse(&args.tenant) {
         Ok(t) => t,
         Err(e) => return Ok(Decision::bad_request(format!("bad tenant: {e}"))),
@@ -262,10 +455,6 @@ pub fn decide(engine: &Engine, args: &RequestArgs) -> Result<Decision, String> {
         };
         req = req.with_principal(id.clone(), home);
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-        .unwrap_or(0);
     req.time_ns = now;
     let settings = engine.settings();
     req.headers = args

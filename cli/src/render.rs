@@ -1,0 +1,423 @@
+//! `tenantgate envoy BUNDLE --wasm PATH`: configs that load the filter with a
+//! bundle. Output is JSON, which Envoy reads from a `.json` or `.yaml` file
+//! and `kubectl` applies as it is.
+//!
+//! - default: an Envoy bootstrap (listener, HTTP connection manager, the Wasm
+//!   filter with the bundle as its `StringValue` configuration, router, one
+//!   static upstream cluster, admin on loopback);
+//! - `--ecds FILE`: the same bootstrap with the filter's config discovered
+//!   from FILE (extension config discovery), for reloads without a restart;
+//! - `--discovery-response`: the content of that FILE for this bundle;
+//! - `--istio`: an Istio `WasmPlugin` (`extensions.istio.io/v1alpha1`).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+use tenantgate_engine::Bundle;
+
+pub const WASM_FILTER: &str = "envoy.filters.http.wasm";
+pub const WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+const HCM_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const ROUTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+const STRING_VALUE_TYPE: &str = "type.googleapis.com/google.protobuf.StringValue";
+const TYPED_EXTENSION_CONFIG_TYPE: &str =
+    "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
+/// The filter's name in the HTTP filter chain, its plugin name and VM id; the
+/// ECDS resource name.
+pub const FILTER_NAME: &str = "tenantgate";
+
+/// Which way a `WasmPlugin` applies (Istio's `WorkloadMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TrafficMode {
+    /// Inbound traffic to the workload.
+    Server,
+    /// Outbound traffic (and every gateway's traffic).
+    Client,
+    ClientAndServer,
+}
+
+impl TrafficMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            TrafficMode::Server => "SERVER",
+            TrafficMode::Client => "CLIENT",
+            TrafficMode::ClientAndServer => "CLIENT_AND_SERVER",
+        }
+    }
+}
+
+/// Everything `tenantgate envoy` takes besides the bundle.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub wasm: PathBuf,
+    pub istio: bool,
+    pub listen: String,
+    pub upstream: String,
+    pub admin: String,
+    pub sha256: Option<String>,
+    pub url: Option<String>,
+    pub fail_open: bool,
+    pub name: String,
+    pub namespace: Option<String>,
+    pub selector: Vec<String>,
+    pub mode: Option<TrafficMode>,
+    pub ecds: Option<PathBuf>,
+    pub discovery_response: bool,
+}
+
+/// The rendered document.
+pub fn render(bundle: &Bundle, o: &Options) -> Result<Value, String> {
+    if o.istio {
+        if o.ecds.is_some() || o.discovery_response {
+            return Err("error: `--ecds` and `--discovery-response` render Envoy configs; they do not apply with `--istio`".into());
+        }
+        return wasm_plugin(bundle, o);
+    }
+    for (flag, set) in [
+        ("--url", o.url.is_some()),
+        ("--selector", !o.selector.is_empty()),
+        ("--mode", o.mode.is_some()),
+        ("--namespace", o.namespace.is_some()),
+    ] {
+        if set {
+            return Err(format!("error: `{flag}` only applies with `--istio`"));
+        }
+    }
+    if let Some(want) = &o.sha256 {
+        // Envoy loads a local module without a checksum; check it here.
+        let got = file_sha256(&o.wasm)?;
+        check_sha256(want, &got, &o.wasm)?;
+    }
+    if o.discovery_response {
+        return Ok(discovery_response(bundle, o));
+    }
+    bootstrap(bundle, o)
+}
+
+/// The `Wasm` HTTP filter config (`typed_config` of the filter or of its
+/// ECDS resource).
+pub fn wasm_filter(bundle: &Bundle, o: &Options) -> Value {
+    json!({
+        "@type": WASM_TYPE,
+        "config": {
+            "name": FILTER_NAME,
+            "root_id": FILTER_NAME,
+            "vm_config": {
+                // One VM id: the worker VMs of one Envoy share the quota
+                // buckets through shared data.
+                "vm_id": FILTER_NAME,
+                "runtime": "envoy.wasm.runtime.v8",
+                "code": { "local": { "filename": o.wasm.display().to_string() } }
+            },
+            "configuration": {
+                "@type": STRING_VALUE_TYPE,
+                "value": compact(bundle)
+            },
+            // The current form of the deprecated `fail_open`: what Envoy does
+            // with requests when the VM failed (crashed, or could not load).
+            "failure_policy": if o.fail_open { "FAIL_OPEN" } else { "FAIL_CLOSED" }
+        }
+    })
+}
+
+/// The bundle as one line of JSON, the filter's plugin configuration.
+fn compact(bundle: &Bundle) -> String {
+    serde_json::to_string(bundle).unwrap_or_default()
+}
+
+/// An ECDS `DiscoveryResponse` holding the filter config, for a
+/// `path_config_source` file. `version_info` is the bundle version.
+pub fn discovery_response(bundle: &Bundle, o: &Options) -> Value {
+    json!({
+        "version_info": bundle.version,
+        "resources": [{
+            "@type": TYPED_EXTENSION_CONFIG_TYPE,
+            "name": FILTER_NAME,
+            "typed_config": wasm_filter(bundle, o)
+        }]
+    })
+}
+
+fn bootstrap(bundle: &Bundle, o: &Options) -> Result<Value, String> {
+    let listen = socket_address(&o.listen, "--listen")?;
+    let admin = socket_address(&o.admin, "--admin")?;
+    let (up_host, up_port) = host_port(&o.upstream, "--upstream")?;
+    let tenantgate = match &o.ecds {
+        None => json!({ "name": WASM_FILTER, "typed_config": wasm_filter(bundle, o) }),
+        Some(path) => json!({
+            "name": FILTER_NAME,
+            "config_discovery": {
+                "config_source": {
+                    "resource_api_version": "V3",
+                    "path_config_source": { "path": path.display().to_string() }
+                },
+                "type_urls": [WASM_TYPE]
+            }
+        }),
+    };
+    // A hostname upstream is resolved by DNS; an IP address is used as is.
+    let cluster_type = if up_host.parse::<IpAddr>().is_ok() {
+        "STATIC"
+    } else {
+        "STRICT_DNS"
+    };
+    Ok(json!({
+        // ECDS needs a node id and cluster; harmless otherwise.
+        "node": { "id": FILTER_NAME, "cluster": FILTER_NAME },
+        "admin": { "address": admin },
+        "static_resources": {
+            "listeners": [{
+                "name": "ingress",
+                "address": listen,
+                "filter_chains": [{
+                    "filters": [{
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": HCM_TYPE,
+                            "stat_prefix": "ingress",
+                            // tenantgate echoes x-request-id in replies and audit lines.
+                            "generate_request_id": true,
+                            "route_config": {
+                                "name": "local",
+                                "virtual_hosts": [{
+                                    "name": "all",
+                                    "domains": ["*"],
+                                    "routes": [{
+                                        "match": { "prefix": "/" },
+                                        "route": { "cluster": "upstream" }
+                                    }]
+                                }]
+                            },
+                            "http_filters": [
+                                tenantgate,
+                                {
+                                    "name": "envoy.filters.http.router",
+                                    "typed_config": { "@type": ROUTER_TYPE }
+                                }
+                            ]
+                        }
+                    }]
+                }]
+            }],
+            "clusters": [{
+                "name": "upstream",
+                "type": cluster_type,
+                "connect_timeout": "1s",
+                "load_assignment": {
+                    "cluster_name": "upstream",
+                    "endpoints": [{
+                        "lb_endpoints": [{
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": { "address": up_host, "port_value": up_port }
+                                }
+                            }
+                        }]
+                    }]
+                }
+            }]
+        }
+    }))
+}
+
+/// `{"socket_address": {...}}` of an `ip:port` (`[v6]:port` for IPv6).
+fn socket_address(s: &str, flag: &str) -> Result<Value, String> {
+    let (host, port) = host_port(s, flag)?;
+    if host.parse::<IpAddr>().is_err() {
+        return Err(format!(
+            "error: `{flag} {s}`: the address must be an IP address and a port, e.g. `127.0.0.1:10000`"
+        ));
+    }
+    Ok(json!({ "socket_address": { "address": host, "port_value": port } }))
+}
+
+/// Splits `host:port` or `[v6]:port`.
+fn host_port(s: &str, flag: &str) -> Result<(String, u16), String> {
+    let bad = || format!("error: `{flag} {s}` is not `host:port`");
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if host.is_empty() || host.contains(['/', ' ']) || port == 0 {
+        return Err(bad());
+    }
+    Ok((host.to_string(), port))
+}
+
+/// The Istio `WasmPlugin` (field names of `extensions.istio.io/v1alpha1`).
+fn wasm_plugin(bundle: &Bundle, o: &Options) -> Result<Value, String> {
+    let sha256 = match (&o.sha256, file_sha256(&o.wasm)) {
+        (Some(want), Ok(got)) => {
+            check_sha256(want, &got, &o.wasm)?;
+            got
+        }
+        // The module may only exist where it is served from (`--url`).
+        (Some(want), Err(_)) if o.url.is_some() => {
+            check_sha256(want, want, &o.wasm)?;
+            want.clone()
+        }
+        (_, Err(e)) => return Err(e),
+        (None, Ok(got)) => got,
+    };
+    let url = match &o.url {
+        Some(u) => u.clone(),
+        None => format!("file://{}", absolute(&o.wasm).display()),
+    };
+    let mut labels = BTreeMap::new();
+    for kv in &o.selector {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("error: `--selector {kv}` must be `key=value`"))?;
+        if k.is_empty() {
+            return Err(format!("error: `--selector {kv}` must be `key=value`"));
+        }
+        labels.insert(k.to_string(), Value::String(v.to_string()));
+    }
+    if !is_dns_label(&o.name) {
+        return Err(format!(
+            "error: `--name {}` is not a valid resource name (lowercase letters, digits and `-`, at most 63)",
+            o.name
+        ));
+    }
+    let mut metadata = Map::new();
+    metadata.insert("name".into(), o.name.clone().into());
+    if let Some(ns) = &o.namespace {
+        metadata.insert("namespace".into(), ns.clone().into());
+    }
+    metadata.insert(
+        "annotations".into(),
+        json!({ "tenantgate/bundle-version": bundle.version }),
+    );
+    let mut spec = Map::new();
+    if !labels.is_empty() {
+        spec.insert("selector".into(), json!({ "matchLabels": labels }));
+    }
+    spec.insert("url".into(), url.into());
+    spec.insert("sha256".into(), sha256.into());
+    spec.insert("phase".into(), "AUTHZ".into());
+    spec.insert(
+        "failStrategy".into(),
+        if o.fail_open {
+            "FAIL_OPEN"
+        } else {
+            "FAIL_CLOSE"
+        }
+        .into(),
+    );
+    spec.insert("type".into(), "HTTP".into());
+    spec.insert("pluginName".into(), FILTER_NAME.into());
+    spec.insert("pluginConfig".into(), plugin_config(bundle)?);
+    if let Some(mode) = o.mode {
+        spec.insert("match".into(), json!([{ "mode": mode.as_str() }]));
+    }
+    Ok(json!({
+        "apiVersion": "extensions.istio.io/v1alpha1",
+        "kind": "WasmPlugin",
+        "metadata": metadata,
+        "spec": spec
+    }))
+}
+
+/// The bundle as a JSON object for `pluginConfig` (a protobuf `Struct`).
+/// `null` values are left out: they mean the same as an absent key to the
+/// filter, and Kubernetes may drop them. Istio hands the Struct to the
+/// filter as JSON text; the version hash is over canonical JSON, so key
+/// order and layout do not matter.
+pub fn plugin_config(bundle: &Bundle) -> Result<Value, String> {
+    let v = serde_json::to_value(bundle).map_err(|e| format!("error: {e}"))?;
+    Ok(strip_nulls(v))
+}
+
+fn strip_nulls(v: Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.into_iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k, strip_nulls(v)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.into_iter().map(strip_nulls).collect()),
+        other => other,
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Lowercase hex SHA-256 of a file.
+pub fn file_sha256(path: &Path) -> Result<String, String> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        format!(
+            "{}: error: cannot read the Wasm module: {e}",
+            path.display()
+        )
+    })?;
+    Ok(hex(&Sha256::digest(&bytes)))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn check_sha256(want: &str, got: &str, path: &Path) -> Result<(), String> {
+    if want.len() != 64
+        || !want
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(format!(
+            "error: `--sha256 {want}` is not 64 lowercase hex digits"
+        ));
+    }
+    if want != got {
+        return Err(format!(
+            "{}: error: the module's sha256 is `{got}`, not `{want}` (`--sha256`)",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_ports() {
+        assert_eq!(
+            host_port("0.0.0.0:10000", "x").unwrap(),
+            ("0.0.0.0".into(), 10000)
+        );
+        assert_eq!(host_port("[::1]:80", "x").unwrap(), ("::1".into(), 80));
+        assert_eq!(
+            host_port("backend:8080", "x").unwrap(),
+            ("backend".into(), 8080)
+        );
+        assert!(host_port("10000", "x").is_err());
+        assert!(host_port("a:0", "x").is_err());
+        assert!(socket_address("backend:8080", "--listen").is_err());
+    }
+
+    #[test]
+    fn nulls_are_stripped_everywhere() {
+        let v = strip_nulls(json!({"a": null, "b": [{"c": null, "d": 1}]}));
+        assert_eq!(v, json!({"b": [{"d": 1}]}));
+    }
+}
