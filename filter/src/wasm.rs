@@ -96,6 +96,11 @@ impl Metrics {
     }
 }
 
+thread_local! {
+    /// The bundle version this VM loaded last.
+    static LAST_VERSION: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
 #[derive(Default)]
 struct Root {
     loaded: Option<Rc<Loaded>>,
@@ -156,10 +161,12 @@ impl RootContext for Root {
         if let Ok(id) = ffi::define_metric(ffi::METRIC_GAUGE, names::BUNDLE_VERSION) {
             ffi::record_metric(id, names::bundle_version_value(engine.version()));
         }
-        if let Some(previous) = &self.loaded {
-            if let Ok(id) =
-                ffi::define_metric(ffi::METRIC_GAUGE, &names::bundle(previous.engine.version()))
-            {
+        // The previous bundle of this VM (this root context's, or another
+        // root's when ECDS created a new plugin in the same VM) is no longer
+        // in force here.
+        let previous = LAST_VERSION.with(|v| v.replace(Some(engine.version().to_string())));
+        if let Some(previous) = previous.filter(|p| p != engine.version()) {
+            if let Ok(id) = ffi::define_metric(ffi::METRIC_GAUGE, &names::bundle(&previous)) {
                 ffi::record_metric(id, 0);
             }
         }
