@@ -48,6 +48,8 @@ pub struct BadRequest {
     /// The tenant, when it was read before the problem was found.
     pub tenant: Option<TenantPath>,
     pub message: String,
+    /// The request id, when the request had one.
+    pub request_id: Option<String>,
 }
 
 /// The mapped request and what else the reply needs.
@@ -108,9 +110,14 @@ impl Engine {
         meta: &dyn MetadataSource,
     ) -> Result<Mapped, BadRequest> {
         let settings = self.settings();
+        let request_id = header(input, "x-request-id")
+            .ok()
+            .flatten()
+            .map(clip_request_id);
         let bad = |tenant: Option<&TenantPath>, message: String| BadRequest {
             tenant: tenant.cloned(),
             message,
+            request_id: request_id.clone(),
         };
         let method = header(input, ":method")
             .map_err(|m| bad(None, m))?
@@ -203,10 +210,6 @@ impl Engine {
             .ok()
             .flatten()
             .map(str::to_string);
-        let request_id = header(input, "x-request-id")
-            .ok()
-            .flatten()
-            .map(clip_request_id);
         let source_ip = input.source_address.and_then(ip_of);
         let request = Request {
             tenant,

@@ -254,7 +254,7 @@ impl HttpContext for Http {
                     engine.settings().on_error,
                     format!("cannot read request headers: {e}"),
                 );
-                return self.finish(&loaded, d, None, start);
+                return self.finish(&loaded, d, None, None, None, start);
             }
         };
         for (name, _) in headers
@@ -276,20 +276,22 @@ impl HttpContext for Http {
             source_address: source.as_deref(),
             now_ns: start,
         };
-        match engine.map_request(&input, &HostMetadata) {
-            Ok(mapped) => {
-                let decision = engine.decide(&mapped.request, &SharedData);
-                self.finish(&loaded, decision, Some(mapped), start)
+        let (decision, mapped, tenant, request_id) = match engine.map_request(&input, &HostMetadata)
+        {
+            Ok(m) => {
+                let decision = engine.decide(&m.request, &SharedData);
+                let tenant = Some(m.request.tenant.clone());
+                let request_id = m.request_id.clone();
+                (decision, Some(m), tenant, request_id)
             }
-            Err(bad) => {
-                let d = Decision::bad_request(bad.message);
-                let request_id = headers
-                    .iter()
-                    .find(|(k, _)| k == "x-request-id")
-                    .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
-                self.finish_bad(&loaded, d, bad.tenant, request_id, start)
-            }
-        }
+            Err(bad) => (
+                Decision::bad_request(bad.message),
+                None,
+                bad.tenant,
+                bad.request_id,
+            ),
+        };
+        self.finish(&loaded, decision, mapped, tenant, request_id, start)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
@@ -301,20 +303,29 @@ impl HttpContext for Http {
 }
 
 impl Http {
+    /// Counts, audits and carries out a decision: continue (adding the
+    /// identity headers when the request was mapped) or send the reply.
     fn finish(
         &mut self,
         loaded: &Loaded,
         decision: Decision,
         mapped: Option<Mapped>,
+        tenant: Option<TenantPath>,
+        request_id: Option<String>,
         start: u64,
     ) -> Action {
         let engine = &loaded.engine;
-        let tenant = mapped.as_ref().map(|m| m.request.tenant.clone());
-        let request_id = mapped.as_ref().and_then(|m| m.request_id.clone());
         loaded
             .metrics
             .count(&decision, tenant.as_ref(), engine.settings().mode);
-        if let Some(line) = engine.audit_line(&decision, mapped.as_ref(), request_id.as_deref()) {
+        let line = engine.audit_line_at(
+            &decision,
+            mapped.as_ref(),
+            tenant.as_ref(),
+            request_id.as_deref(),
+            start,
+        );
+        if let Some(line) = line {
             ffi::log(ffi::LOG_INFO, &line);
         }
         self.record_time(loaded, start);
@@ -330,39 +341,6 @@ impl Http {
                 }
             }
             self.response_headers = engine.allow_response_headers(&decision);
-            return Action::Continue;
-        }
-        self.deny(
-            Some(engine),
-            &decision,
-            tenant.as_ref(),
-            request_id.as_deref(),
-        )
-    }
-
-    fn finish_bad(
-        &mut self,
-        loaded: &Loaded,
-        decision: Decision,
-        tenant: Option<TenantPath>,
-        request_id: Option<String>,
-        start: u64,
-    ) -> Action {
-        let engine = &loaded.engine;
-        loaded
-            .metrics
-            .count(&decision, tenant.as_ref(), engine.settings().mode);
-        if let Some(line) = engine.audit_line_at(
-            &decision,
-            None,
-            tenant.as_ref(),
-            request_id.as_deref(),
-            start,
-        ) {
-            ffi::log(ffi::LOG_INFO, &line);
-        }
-        self.record_time(loaded, start);
-        if engine.settings().mode == Mode::Shadow {
             return Action::Continue;
         }
         self.deny(
