@@ -14,4 +14,6 @@ scripts/build-wasm.sh >&2
 cargo build -q -p tenantgate-cli
 scripts/install-envoy.sh
 export TENANTGATE_CLI="$PWD/target/debug/tenantgate"
+[ $# -gt 0 ] || python3 envoy/reload_test.py  # live reload under load (envoy/reload_test.py), full runs only
+[ $# -gt 0 ] || python3 envoy/isolation_test.py  # isolation matrix (envoy/isolation_test.py), full runs only
 exec python3 envoy/e2e_test.py "$@"

@@ -57,6 +57,10 @@ pub struct BadRequest {
 pub struct Mapped {
     pub request: Request,
     pub request_id: Option<String>,
+    /// The `:path` to forward when normalization changed it (the normalized
+    /// path and the original query), so the upstream sees the path that was
+    /// judged; `None` when the request's path is already normal.
+    pub forward_path: Option<String>,
 }
 
 /// A reply the filter sends instead of forwarding the request.
@@ -132,6 +136,7 @@ impl Engine {
             .map_err(|m| bad(None, m))?
             .unwrap_or("/");
         let path = normalize_path(raw_path).map_err(|e| bad(None, e.to_string()))?;
+        let forward_path = forward_path(raw_path, &path);
 
         let (tenant, path) = match &settings.tenant {
             Source::PathPrefix(prefix) => match self.tenant_from_path(prefix, &path) {
@@ -149,7 +154,7 @@ impl Engine {
             },
             source => {
                 let value = from_source(input, meta, source).map_err(|m| bad(None, m))?;
-                match value.as_deref().map(str::trim) {
+                match value.as_deref().map(trim_ows) {
                     Some(v) if !v.is_empty() => (parse_tenant(v).map_err(|m| bad(None, m))?, path),
                     _ => match &settings.default_tenant {
                         Some(t) => (t.clone(), path),
@@ -178,7 +183,7 @@ impl Engine {
                     Some(source) => match from_source(input, meta, source)
                         .map_err(|m| bad(Some(&tenant), m))?
                     {
-                        Some(v) if !v.trim().is_empty() => parse_tenant(v.trim())
+                        Some(v) if !trim_ows(&v).is_empty() => parse_tenant(trim_ows(&v))
                             .map_err(|m| bad(Some(&tenant), format!("principal tenant: {m}")))?,
                         _ => tenant.clone(),
                     },
@@ -226,6 +231,7 @@ impl Engine {
         Ok(Mapped {
             request,
             request_id,
+            forward_path,
         })
     }
 
@@ -411,6 +417,31 @@ impl Engine {
         });
         Some(line.to_string())
     }
+}
+
+/// Trims HTTP optional whitespace (space and tab) only: any other character,
+/// Unicode spaces included, stays and makes a tenant value invalid.
+fn trim_ows(s: &str) -> &str {
+    s.trim_matches([' ', '\t'])
+}
+
+/// The path to forward when normalization changed it: the normalized path
+/// plus the original query.
+fn forward_path(raw: &str, normalized: &str) -> Option<String> {
+    let (path, query) = match raw.find('?') {
+        Some(i) => (raw.get(..i).unwrap_or(raw), raw.get(i..)),
+        None => (
+            raw.find('#').and_then(|i| raw.get(..i)).unwrap_or(raw),
+            None,
+        ),
+    };
+    if path == normalized && !raw.contains('#') {
+        return None;
+    }
+    let query = query
+        .map(|q| q.split('#').next().unwrap_or_default())
+        .unwrap_or_default();
+    Some(format!("{normalized}{query}"))
 }
 
 /// The longest request id carried into replies and audit lines.
@@ -673,6 +704,39 @@ mod tests {
             map(&e, &h).unwrap().request.principal.unwrap().id,
             "a\"b\\c"
         );
+    }
+
+    #[test]
+    fn a_changed_path_is_forwarded_normalized() {
+        let e = engine(Settings::default());
+        let at = |path: &str| {
+            map(
+                &e,
+                &[(":method", "GET"), (":path", path), ("x-tenant", "/acme")],
+            )
+            .unwrap()
+        };
+        assert_eq!(at("/orders/1?x=1").forward_path, None);
+        assert_eq!(at("/orders/1").forward_path, None);
+        assert_eq!(
+            at("/a/../orders/%31?x=/../y").forward_path.as_deref(),
+            Some("/orders/1?x=/../y")
+        );
+        assert_eq!(at("//orders").forward_path.as_deref(), Some("/orders"));
+        assert_eq!(at("/orders#frag").forward_path.as_deref(), Some("/orders"));
+        // Tenants: only ASCII space and tab are trimmed.
+        let h = [
+            (":method", "GET"),
+            (":path", "/"),
+            ("x-tenant", " \t/acme "),
+        ];
+        assert_eq!(map(&e, &h).unwrap().request.tenant.as_str(), "/acme");
+        let h = [
+            (":method", "GET"),
+            (":path", "/"),
+            ("x-tenant", "\u{a0}/acme\u{3000}"),
+        ];
+        assert!(map(&e, &h).is_err());
     }
 
     #[test]

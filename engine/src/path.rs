@@ -9,7 +9,9 @@
 //!    (`%5C`) is refused. Other escapes stay as they are, with upper-case hex,
 //!    so `%252e` (a double-encoded `.`) stays data, never becomes `..`.
 //! 4. Each segment loses its `;` parameters (`/a;v=1/b` is `/a/b`), as many
-//!    servers do, so `..;` cannot smuggle a `..` past the gate.
+//!    servers do. A `.` or `..` segment that carries parameters (`..;x`) is
+//!    refused: servers disagree on whether it climbs, so no single reading is
+//!    safe.
 //! 5. Empty segments and `.` are dropped; `..` removes the previous segment;
 //!    a `..` with nothing left to remove climbs above the root and is refused.
 
@@ -26,6 +28,8 @@ pub enum PathError {
     BadCharacter,
     #[error("the path climbs above its root with `..`")]
     ClimbsAboveRoot,
+    #[error("the path has a `.` or `..` segment with `;` parameters")]
+    DotSegmentParameters,
     #[error("the path is longer than {0} bytes")]
     TooLong(usize),
 }
@@ -52,7 +56,13 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
     let decoded = decode_unreserved(path)?;
     let mut out: Vec<&str> = Vec::new();
     for segment in decoded.split('/') {
-        let segment = segment.split(';').next().unwrap_or("");
+        let (segment, params) = match segment.split_once(';') {
+            Some((s, _)) => (s, true),
+            None => (segment, false),
+        };
+        if params && (segment == "." || segment == "..") {
+            return Err(PathError::DotSegmentParameters);
+        }
         match segment {
             "" | "." => {}
             ".." => {
@@ -152,7 +162,7 @@ mod tests {
             ("/a%20b", "/a%20b"),
             ("/a%c3%a9", "/a%C3%A9"),
             ("/admin;x=1/users", "/admin/users"),
-            ("/public/..;/admin", "/admin"),
+            ("/a;/b", "/a/b"),
             ("/é", "/é"),
             ("/a/b#frag", "/a/b"),
         ] {
@@ -175,6 +185,18 @@ mod tests {
             Err(PathError::EncodedSlash(_))
         ));
         assert_eq!(normalize_path("/.."), Err(PathError::ClimbsAboveRoot));
+        assert_eq!(
+            normalize_path("/public/..;/admin"),
+            Err(PathError::DotSegmentParameters)
+        );
+        assert_eq!(
+            normalize_path("/a/.;x/b"),
+            Err(PathError::DotSegmentParameters)
+        );
+        assert_eq!(
+            normalize_path("/a/%2e%2e;/b"),
+            Err(PathError::DotSegmentParameters)
+        );
         assert_eq!(
             normalize_path("/a/../../b"),
             Err(PathError::ClimbsAboveRoot)

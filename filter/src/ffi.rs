@@ -44,6 +44,13 @@ extern "C" {
         return_size: *mut usize,
     ) -> u32;
     fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
+    fn proxy_replace_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
     fn proxy_add_header_map_value(
         map_type: u32,
         key_data: *const u8,
@@ -222,6 +229,13 @@ pub fn add_header(map: u32, name: &str, value: &str) -> Result<(), HostError> {
     // SAFETY: pointers and lengths describe live slices for the whole call.
     check(unsafe {
         proxy_add_header_map_value(map, name.as_ptr(), name.len(), value.as_ptr(), value.len())
+    })
+}
+
+pub fn replace_header(map: u32, name: &str, value: &str) -> Result<(), HostError> {
+    // SAFETY: pointers and lengths describe live slices for the whole call.
+    check(unsafe {
+        proxy_replace_header_map_value(map, name.as_ptr(), name.len(), value.as_ptr(), value.len())
     })
 }
 

@@ -331,6 +331,10 @@ impl Http {
         self.record_time(loaded, start);
         if decision.is_allowed() || engine.settings().mode == Mode::Shadow {
             if let Some(m) = &mapped {
+                // The upstream sees the path that was judged.
+                if let Some(p) = &m.forward_path {
+                    let _ = ffi::replace_header(ffi::MAP_REQUEST_HEADERS, ":path", p);
+                }
                 let _ = ffi::add_header(
                     ffi::MAP_REQUEST_HEADERS,
                     TENANT_HEADER,

@@ -23,6 +23,10 @@ const SECOND: u64 = 1_000_000_000;
 /// A scenario: a bundle and one request that it allows.
 struct Scenario {
     name: &'static str,
+    /// How far the clock moves between requests. The policies read the
+    /// time, so a step of a second misses the decision cache every time;
+    /// 10 ms hits it 99 times in 100 (the quota still refills).
+    step_ns: u64,
     bundle: Bundle,
     tenant: &'static str,
     user: &'static str,
@@ -48,7 +52,18 @@ fn scenarios() -> Result<Vec<Scenario>> {
     no_quota.version = no_quota.compute_version();
     Ok(vec![
         Scenario {
+            name: "policies+quota, cache hits",
+            step_ns: SECOND / 100,
+            bundle: example.clone(),
+            tenant: "/acme/eu",
+            user: "alice",
+            home: "/acme/eu",
+            method: "GET",
+            path: "/orders/1",
+        },
+        Scenario {
             name: "policies+quota",
+            step_ns: SECOND,
             bundle: example,
             tenant: "/acme/eu",
             user: "alice",
@@ -58,6 +73,7 @@ fn scenarios() -> Result<Vec<Scenario>> {
         },
         Scenario {
             name: "policies",
+            step_ns: SECOND,
             bundle: no_quota,
             tenant: "/acme/eu",
             user: "alice",
@@ -69,6 +85,7 @@ fn scenarios() -> Result<Vec<Scenario>> {
 }
 
 struct Native {
+    step_ns: u64,
     engine: Engine,
     store: MemoryStore,
     headers: Vec<(String, Vec<u8>)>,
@@ -92,6 +109,7 @@ impl Native {
         .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
         .collect();
         Ok(Native {
+            step_ns: s.step_ns,
             engine,
             store: MemoryStore::new(),
             headers,
@@ -101,7 +119,7 @@ impl Native {
 
     /// What the filter does per request, minus the host calls.
     fn decide(&mut self) -> bool {
-        self.now += SECOND;
+        self.now += self.step_ns;
         let input = HttpInput {
             headers: &self.headers,
             source_address: Some("10.0.0.7:40000"),
@@ -121,6 +139,7 @@ impl Native {
 }
 
 struct Wasm {
+    step: Duration,
     host: Host,
     vm: Vm,
     s: (
@@ -142,6 +161,7 @@ impl Wasm {
             bail!("{}: the filter refused the bundle", s.name);
         }
         Ok(Wasm {
+            step: Duration::from_nanos(s.step_ns),
             host,
             vm,
             s: (s.tenant, s.user, s.home, s.method, s.path),
@@ -149,7 +169,7 @@ impl Wasm {
     }
 
     fn decide(&mut self) -> bool {
-        self.host.clock().advance(Duration::from_secs(1));
+        self.host.clock().advance(self.step);
         let (tenant, user, home, method, path) = self.s;
         let resp = self
             .vm

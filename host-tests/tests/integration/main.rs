@@ -17,6 +17,7 @@ mod config;
 mod faults;
 mod host_abi;
 mod identity;
+mod isolation;
 mod observability;
 mod quotas;
 mod responses;
