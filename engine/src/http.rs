@@ -398,24 +398,27 @@ impl Engine {
             _ => {}
         }
         let req = mapped.map(|m| &m.request);
-        let line = serde_json::json!({
-            "time": now_ns / 1_000_000_000,
-            "request_id": request_id,
-            "tenant": req.map(|r| &r.tenant).or(tenant).map(|t| t.to_string()),
-            "principal": req.and_then(|r| r.principal.as_ref().map(|p| p.id.clone())),
-            "principal_tenant": req.and_then(|r| r.principal.as_ref().map(|p| p.tenant.to_string())),
-            "action": req.map(|r| r.method.clone()),
-            "resource": req.map(|r| r.path.clone()),
-            "decision": decision.decision,
-            "status": decision.status,
-            "kind": decision.kind,
-            "policies": decision.reasons,
-            "errors": decision.errors,
-            "limit": decision.quota.as_ref().and_then(|q| q.limit.clone()),
-            "bundle": self.version(),
-            "mode": match self.settings().mode { Mode::Enforce => "enforce", Mode::Shadow => "shadow" },
-        });
-        Some(line.to_string())
+        let line = AuditLine {
+            time: now_ns / 1_000_000_000,
+            request_id,
+            tenant: req.map(|r| &r.tenant).or(tenant).map(TenantPath::as_str),
+            principal: req.and_then(|r| r.principal.as_ref().map(|p| p.id.as_str())),
+            principal_tenant: req.and_then(|r| r.principal.as_ref().map(|p| p.tenant.as_str())),
+            action: req.map(|r| r.method.as_str()),
+            resource: req.map(|r| r.path.as_str()),
+            decision: decision.decision,
+            status: decision.status,
+            kind: decision.kind,
+            policies: &decision.reasons,
+            errors: &decision.errors,
+            limit: decision.quota.as_ref().and_then(|q| q.limit.as_deref()),
+            bundle: self.version(),
+            mode: match self.settings().mode {
+                Mode::Enforce => "enforce",
+                Mode::Shadow => "shadow",
+            },
+        };
+        serde_json::to_string(&line).ok()
     }
 }
 
@@ -517,6 +520,26 @@ fn base64url_decode(s: &str) -> Option<Vec<u8>> {
     }
     // A single leftover character cannot encode a byte.
     (bits < 6).then_some(out)
+}
+
+/// One audit line, serialized straight from borrowed fields.
+#[derive(serde::Serialize)]
+struct AuditLine<'a> {
+    time: u64,
+    request_id: Option<&'a str>,
+    tenant: Option<&'a str>,
+    principal: Option<&'a str>,
+    principal_tenant: Option<&'a str>,
+    action: Option<&'a str>,
+    resource: Option<&'a str>,
+    decision: crate::decision::Outcome,
+    status: u16,
+    kind: Kind,
+    policies: &'a [String],
+    errors: &'a [String],
+    limit: Option<&'a str>,
+    bundle: &'a str,
+    mode: &'static str,
 }
 
 fn describe(source: &Source) -> String {
