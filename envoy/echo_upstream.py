@@ -55,6 +55,9 @@ class EchoHandler(BaseHTTPRequestHandler):
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # Envoy's workers open connections in bursts under load; socketserver's
+    # default backlog of 5 drops some, which Envoy reports as 503.
+    request_queue_size = 1024
 
 
 def main(argv=None):
