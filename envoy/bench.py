@@ -49,7 +49,8 @@ CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
 AUDIT = os.environ.get("BENCH_AUDIT", "deny")
 ENVOY_CPU, WRK_CPU = "0", "1"
 
-NAMES = {"a": "baseline", "b": "native", "c": "wasm_floor", "d": "tenantgate", "e": "tenantgate_large"}
+NAMES = {"a": "baseline", "b": "native", "c": "wasm_floor", "d": "tenantgate", "e": "tenantgate_large",
+         "f": "tenantgate_nolimits"}
 
 ACME = {"x-tenant": "/acme/eu", "x-user": "alice", "x-user-tenant": "/acme/eu"}
 LARGE = {"x-tenant": "/o07/u4/t3", "x-user": "dev-o07-u4-t3", "x-user-tenant": "/o07/u4/t3"}
@@ -117,10 +118,18 @@ def bootstrap(listen, admin, filters):
     }
 
 
-def bench_bundle(src, out, work):
-    """A bundle of `src` with the benchmark's two setting changes (see the docstring)."""
+def bench_bundle(src, out, work, limits=True):
+    """A bundle of `src` with the benchmark's two setting changes (see the docstring).
+    With `limits=False` every limit is removed: the policy part alone, for the
+    profile of where the time goes (config f)."""
     tree = h.copy_policies(work / f"tree-{out}", src)
     h.edit_settings(tree, audit=AUDIT)
+    if not limits:
+        for f in (tree / "tenants").rglob("tenant.json"):
+            cfg = json.loads(f.read_text())
+            cfg.pop("limits", None)
+            f.write_text(json.dumps(cfg))
+        return h.make_bundle(tree, work / f"{out}.json")
     root = tree / "tenants" / "tenant.json"
     cfg = json.loads(root.read_text())
     cfg.setdefault("limits", {})["rps"] = {"rate": 100_000_000, "per": "1s", "burst": 100_000_000}
@@ -192,7 +201,7 @@ def run_one(key, setup, work, round_no):
         if WARMUP > 0:
             wrk(listen, path, headers, WARMUP)
         result = wrk(listen, path, headers, DURATION)
-        if key in ("d", "e"):
+        if key in ("d", "e", "f"):
             time.sleep(5.5)  # histograms reach the admin output at the stats flush
             result["decision"] = decision_quantiles(envoy)
         return result
@@ -211,12 +220,14 @@ def main():
     print(f"bench: bundling policies/ and the large tree ({large_tree})", file=sys.stderr)
     small = bench_bundle(h.POLICIES, "bundle-policies", work)
     large = bench_bundle(large_tree, "bundle-large", work)
+    nolimits = bench_bundle(h.POLICIES, "bundle-nolimits", work, limits=False)
     setups = {
         "a": ([], "/orders/1", ACME),
         "b": (native_filters(), "/orders/1", ACME),
         "c": ([wasm_filter("noop", noop, "")], "/orders/1", ACME),
         "d": ([wasm_filter("tenantgate", wasm, small)], "/orders/1", ACME),
         "e": ([wasm_filter("tenantgate", wasm, large)], "/api/v1/items/42", LARGE),
+        "f": ([wasm_filter("tenantgate", wasm, nolimits)], "/orders/1", ACME),
     }
     load = os.getloadavg()[0]
     if load > 0.5:
@@ -264,6 +275,7 @@ def main():
         "tenantgate/baseline": ratio("tenantgate", "baseline"),
         "tenantgate/wasm_floor (target >= 0.90)": ratio("tenantgate", "wasm_floor"),
         "tenantgate_large/tenantgate (target >= 0.95)": ratio("tenantgate_large", "tenantgate"),
+        "tenantgate_nolimits/wasm_floor (policy part only)": ratio("tenantgate_nolimits", "wasm_floor"),
     }
     for name, value in ratios.items():
         if value is not None:
