@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import unittest
 import tempfile
 import time
 from pathlib import Path
@@ -434,3 +435,37 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+# --------------------------------------------------------------------------
+# Running a test file
+
+
+def run_tests(module, label, work):
+    """Runs the unittest cases of `module` (after checking that the filter and
+    Envoy are there) and prints `<label>: N passed, M failed[, K skipped]` as
+    the last line. A test with failing subtests counts once. Returns the exit
+    status: 0 all passed, 1 some failed, 2 something missing."""
+    if not wasm_path().exists():
+        print(f"{label}: {wasm_path()} is missing: run scripts/build-wasm.sh (or scripts/test-envoy.sh)",
+              file=sys.stderr)
+        return 2
+    if not envoy_bin().exists():
+        print(f"{label}: {envoy_bin()} is missing: run scripts/install-envoy.sh", file=sys.stderr)
+        return 2
+    argv = [sys.argv[0]] + sys.argv[1:]
+    prog = unittest.main(module=module, argv=argv, exit=False, verbosity=2 if "-v" in argv else 1)
+    result = prog.result
+    failed = len({getattr(t, "test_case", t).id() for t, _ in result.failures + result.errors})
+    failed += len(result.unexpectedSuccesses)
+    known = len(result.expectedFailures)
+    skipped = len(result.skipped) + known
+    passed = result.testsRun - failed - skipped
+    for test, _ in result.expectedFailures:
+        print(f"{label}: known gap (expected failure, counted as skipped): {test.id()}")
+    for test in result.unexpectedSuccesses:
+        print(f"{label}: {test.id()} now passes: remove its @unittest.expectedFailure")
+    print(f"{label}: Envoy logs and configs in {work}")
+    sys.stderr.flush()
+    print(f"{label}: {passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""), flush=True)
+    return 0 if failed == 0 and result.testsRun > 0 else 1

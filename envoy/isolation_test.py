@@ -26,7 +26,6 @@ import http.client
 import json
 import socket
 import sys
-import unittest
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -501,22 +500,7 @@ class JwtTenant(Matrix, e2e.EnvoyCase):
 
 
 def main():
-    if not h.wasm_path().exists():
-        print(f"isolation: {h.wasm_path()} is missing: run scripts/build-wasm.sh", file=sys.stderr)
-        return 2
-    if not h.envoy_bin().exists():
-        print(f"isolation: {h.envoy_bin()} is missing: run scripts/install-envoy.sh", file=sys.stderr)
-        return 2
-    argv = [sys.argv[0]] + sys.argv[1:]
-    prog = unittest.main(module=__name__, argv=argv, exit=False, verbosity=2 if "-v" in argv else 1)
-    result = prog.result
-    # a failing row is a failing subTest: count the test methods that failed
-    failed = len({getattr(t, "test_case", t).id() for t, _ in result.failures + result.errors})
-    passed = result.testsRun - failed - len(result.skipped)
-    print(f"envoy-isolation: Envoy logs and configs in {e2e.WORK}")
-    sys.stderr.flush()
-    print(f"envoy-isolation: {passed} passed, {failed} failed", flush=True)
-    return 0 if failed == 0 and result.testsRun > 0 else 1
+    return h.run_tests(__name__, "envoy-isolation", e2e.WORK)
 
 
 if __name__ == "__main__":

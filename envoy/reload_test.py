@@ -561,28 +561,7 @@ class QuotaAcrossReload(EcdsCase):
 
 
 def main():
-    wasm = h.wasm_path()
-    if not wasm.exists():
-        print(f"envoy-reload: {wasm} is missing: run scripts/build-wasm.sh (or scripts/test-envoy.sh)", file=sys.stderr)
-        return 2
-    if not h.envoy_bin().exists():
-        print(f"envoy-reload: {h.envoy_bin()} is missing: run scripts/install-envoy.sh", file=sys.stderr)
-        return 2
-    argv = [sys.argv[0]] + sys.argv[1:]
-    prog = unittest.main(module=__name__, argv=argv, exit=False, verbosity=2 if "-v" in argv else 1)
-    result = prog.result
-    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
-    known = len(result.expectedFailures)
-    skipped = len(result.skipped) + known
-    passed = result.testsRun - failed - skipped
-    for test, _ in result.expectedFailures:
-        print(f"envoy-reload: known gap (expected failure, counted as skipped): {test.id()}")
-    for test in result.unexpectedSuccesses:
-        print(f"envoy-reload: {test.id()} now passes: remove its @unittest.expectedFailure")
-    print(f"envoy-reload: Envoy logs and configs in {WORK}")
-    sys.stderr.flush()
-    print(f"envoy-reload: {passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""), flush=True)
-    return 0 if failed == 0 and result.testsRun > 0 else 1
+    return h.run_tests(__name__, "envoy-reload", WORK)
 
 
 if __name__ == "__main__":
