@@ -50,18 +50,7 @@ def who(user, home, tenant, **extra):
     return headers
 
 
-def audit_lines(envoy):
-    """The JSON audit lines tenantgate wrote to Envoy's log."""
-    out = []
-    for line in envoy.log().splitlines():
-        start = line.find("{")
-        if start < 0 or '"decision"' not in line:
-            continue
-        try:
-            out.append(json.loads(line[start:]))
-        except ValueError:
-            pass
-    return out
+audit_lines = h.audit_lines
 
 
 def wait_for(predicate, timeout=10.0, interval=0.1):

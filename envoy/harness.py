@@ -437,6 +437,20 @@ if __name__ == "__main__":
     main()
 
 
+def audit_lines(envoy):
+    """The JSON audit lines tenantgate wrote to Envoy's log."""
+    out = []
+    for line in envoy.log().splitlines():
+        start = line.find("{")
+        if start < 0 or '"decision"' not in line:
+            continue
+        try:
+            out.append(json.loads(line[start:]))
+        except ValueError:
+            pass
+    return out
+
+
 # --------------------------------------------------------------------------
 # Running a test file
 

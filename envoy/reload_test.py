@@ -134,17 +134,7 @@ def version_gauge(version):
 # Envoy's log
 
 
-def audit_lines(envoy):
-    out = []
-    for line in envoy.log().splitlines():
-        start = line.find("{")
-        if start < 0 or '"decision"' not in line:
-            continue
-        try:
-            out.append(json.loads(line[start:]))
-        except ValueError:
-            pass
-    return out
+audit_lines = h.audit_lines
 
 
 LOADED = re.compile(r"^\[[^\]]*\]\[(\d+)\].*tenantgate: loaded bundle (sha256:[0-9a-f]+)")
