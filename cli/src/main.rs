@@ -93,48 +93,8 @@ enum Command {
     Envoy {
         /// A bundle file or a policy folder.
         bundle: PathBuf,
-        /// The filter module, as the proxy sees it (`dist/tenantgate.wasm`).
-        #[arg(long, value_name = "PATH")]
-        wasm: PathBuf,
-        /// Render an Istio `WasmPlugin` instead of an Envoy bootstrap.
-        #[arg(long)]
-        istio: bool,
-        /// Listener address.
-        #[arg(long, default_value = "0.0.0.0:10000", value_name = "IP:PORT")]
-        listen: String,
-        /// The upstream the listener routes to (an IP address or a DNS name, and a port).
-        #[arg(long, default_value = "127.0.0.1:8080", value_name = "HOST:PORT")]
-        upstream: String,
-        /// Envoy's admin interface (keep it on loopback).
-        #[arg(long, default_value = "127.0.0.1:9901", value_name = "IP:PORT")]
-        admin: String,
-        /// Expected sha256 of the module (64 lowercase hex digits); refused if the file differs.
-        #[arg(long, value_name = "HEX")]
-        sha256: Option<String>,
-        /// With `--istio`: where the proxy fetches the module (default: `file://` and the absolute `--wasm` path).
-        #[arg(long)]
-        url: Option<String>,
-        /// Let requests through when the filter cannot load or crashes (default: refuse them).
-        #[arg(long = "fail-open")]
-        fail_open: bool,
-        /// With `--istio`: `metadata.name`.
-        #[arg(long, default_value = "tenantgate")]
-        name: String,
-        /// With `--istio`: `metadata.namespace`.
-        #[arg(long)]
-        namespace: Option<String>,
-        /// With `--istio`: a workload label `key=value` for `spec.selector.matchLabels`; repeatable.
-        #[arg(long, value_name = "K=V")]
-        selector: Vec<String>,
-        /// With `--istio`: the traffic direction, `spec.match[].mode` (`SERVER`: inbound to the workload).
-        #[arg(long, value_enum)]
-        mode: Option<render::TrafficMode>,
-        /// Envoy: take the filter config from this ECDS file (live reload) instead of inline.
-        #[arg(long, value_name = "FILE")]
-        ecds: Option<PathBuf>,
-        /// Envoy: print the ECDS file's content (a `DiscoveryResponse`) for this bundle instead of a bootstrap.
-        #[arg(long = "discovery-response")]
-        discovery_response: bool,
+        #[command(flatten)]
+        options: render::Options,
         /// Write here instead of standard output (atomically: a temporary file, then a rename).
         #[arg(short, long)]
         output: Option<PathBuf>,
@@ -285,39 +245,10 @@ fn run(command: Command) -> Result<ExitCode, String> {
         } => Ok(run_diff(&old, &new, json, tests.as_deref())),
         Command::Envoy {
             bundle,
-            wasm,
-            istio,
-            listen,
-            upstream,
-            admin,
-            sha256,
-            url,
-            fail_open,
-            name,
-            namespace,
-            selector,
-            mode,
-            ecds,
-            discovery_response,
+            options,
             output,
         } => {
             let (loaded, _) = load(&bundle)?;
-            let options = render::Options {
-                wasm,
-                istio,
-                listen,
-                upstream,
-                admin,
-                sha256,
-                url,
-                fail_open,
-                name,
-                namespace,
-                selector,
-                mode,
-                ecds,
-                discovery_response,
-            };
             let doc = render::render(&loaded, &options)?;
             let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())? + "\n";
             match output {

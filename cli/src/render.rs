@@ -52,21 +52,49 @@ impl TrafficMode {
 }
 
 /// Everything `tenantgate envoy` takes besides the bundle.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct Options {
+    /// The filter module, as the proxy sees it (`dist/tenantgate.wasm`).
+    #[arg(long, value_name = "PATH")]
     pub wasm: PathBuf,
+    /// Render an Istio `WasmPlugin` instead of an Envoy bootstrap.
+    #[arg(long)]
     pub istio: bool,
+    /// Listener address.
+    #[arg(long, default_value = "0.0.0.0:10000", value_name = "IP:PORT")]
     pub listen: String,
+    /// The upstream the listener routes to (an IP address or a DNS name, and a port).
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "HOST:PORT")]
     pub upstream: String,
+    /// Envoy's admin interface (keep it on loopback).
+    #[arg(long, default_value = "127.0.0.1:9901", value_name = "IP:PORT")]
     pub admin: String,
+    /// Expected sha256 of the module (64 lowercase hex digits); refused if the file differs.
+    #[arg(long, value_name = "HEX")]
     pub sha256: Option<String>,
+    /// With `--istio`: where the proxy fetches the module (default: `file://` and the absolute `--wasm` path).
+    #[arg(long)]
     pub url: Option<String>,
+    /// Let requests through when the filter cannot load or crashes (default: refuse them).
+    #[arg(long = "fail-open")]
     pub fail_open: bool,
+    /// With `--istio`: `metadata.name`.
+    #[arg(long, default_value = "tenantgate")]
     pub name: String,
+    /// With `--istio`: `metadata.namespace`.
+    #[arg(long)]
     pub namespace: Option<String>,
+    /// With `--istio`: a workload label `key=value` for `spec.selector.matchLabels`; repeatable.
+    #[arg(long, value_name = "K=V")]
     pub selector: Vec<String>,
+    /// With `--istio`: the traffic direction, `spec.match[].mode` (`SERVER`: inbound to the workload).
+    #[arg(long, value_enum)]
     pub mode: Option<TrafficMode>,
+    /// Envoy: take the filter config from this ECDS file (live reload) instead of inline.
+    #[arg(long, value_name = "FILE")]
     pub ecds: Option<PathBuf>,
+    /// Envoy: print the ECDS file's content (a `DiscoveryResponse`) for this bundle instead of a bootstrap.
+    #[arg(long = "discovery-response")]
     pub discovery_response: bool,
 }
 
