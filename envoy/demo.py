@@ -159,7 +159,9 @@ class Demo:
               and '"rps"' in limited.headers.get("ratelimit-policy", "")
               and '"rps"' in limited.headers.get("ratelimit", "")
               and body(limited).get("error") == "quota_exceeded")
-        self.expect("5 admitted, then 429 quota_exceeded with retry-after, ratelimit-policy and ratelimit", ok)
+        # The burst is 5; a request that lands after 200 ms finds a refilled token.
+        self.expect(f"{statuses.count(200)} admitted (burst 5, refilling 5 per second), then 429 quota_exceeded "
+                    "with retry-after, ratelimit-policy and ratelimit", ok)
 
         self.title("Bad input is a 400 with a reason, never a crash", """
             An encoded slash in the path, a path climbing above the root, a malformed
