@@ -18,6 +18,9 @@ pub mod metric_names {
     pub const SHADOW_DENIED: &str = "tenantgate.shadow_denied";
     pub const ERRORS: &str = "tenantgate.errors";
     pub const DECISION_US: &str = "tenantgate.decision_us";
+    /// One request in this many has its decision time recorded in
+    /// [`DECISION_US`] (the first always).
+    pub const DECISION_TIME_SAMPLE: u64 = 8;
     pub const CONFIG_LOADED: &str = "tenantgate.config_loaded";
     pub const CONFIG_REJECTED: &str = "tenantgate.config_rejected";
     /// Gauge: the first 8 hex digits of the loaded bundle's sha256, as a number.

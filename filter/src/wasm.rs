@@ -109,6 +109,8 @@ struct Root {
 struct Loaded {
     engine: Engine,
     metrics: Metrics,
+    /// Requests seen by this VM with this bundle (for sampling the histogram).
+    requests: std::cell::Cell<u64>,
 }
 
 impl Context for Root {}
@@ -183,7 +185,11 @@ impl RootContext for Root {
                 engine.settings().mode
             ),
         );
-        self.loaded = Some(Rc::new(Loaded { engine, metrics }));
+        self.loaded = Some(Rc::new(Loaded {
+            engine,
+            metrics,
+            requests: std::cell::Cell::new(0),
+        }));
         true
     }
 
@@ -355,7 +361,14 @@ impl Http {
         )
     }
 
+    /// Records the decision time of one request in 8 (the first always): two
+    /// host calls saved on the others, and the histogram keeps its shape.
     fn record_time(&self, loaded: &Loaded, start: u64) {
+        let n = loaded.requests.get();
+        loaded.requests.set(n.wrapping_add(1));
+        if !n.is_multiple_of(names::DECISION_TIME_SAMPLE) {
+            return;
+        }
         if let Ok(end) = ffi::now_ns() {
             ffi::record_metric(
                 loaded.metrics.decision_us,
