@@ -44,6 +44,8 @@ struct TenantNode {
     path: TenantPath,
     /// Tenant entities from the root down to this tenant.
     lineage: Vec<Entity>,
+    /// Their uids: the parents of a `Route` here and of a `User` at home here.
+    lineage_uids: std::collections::HashSet<EntityUid>,
     /// The lineage and the action entities, with the transitive closure done.
     base: Entities,
     /// The policies that apply here: this tenant's and its ancestors', overrides applied.
@@ -260,6 +262,7 @@ impl Engine {
                         None,
                     )
                     .unwrap_or_else(|_| Entities::empty()),
+                    lineage_uids: lineage.iter().map(Entity::uid).collect(),
                     lineage,
                     effective: set,
                     effective_list: list.clone(),
@@ -468,18 +471,27 @@ impl Engine {
         req: &Request,
     ) -> Result<(cedar_policy::Request, Entities), String> {
         let t = &self.types;
-        let user = t.user_entity(req.principal.as_ref())?;
-        let route = t.route_entity(&node.path, &req.path)?;
+        // The principal's parents: its home tenant's lineage, prepared at
+        // load time when the home tenant is in the bundle.
+        let home = req
+            .principal
+            .as_ref()
+            .map(|p| (p, self.tenants.get(&p.tenant)));
+        let user_parents = match home {
+            Some((_, Some(h))) => h.lineage_uids.clone(),
+            Some((p, None)) => t.lineage_uids(&p.tenant),
+            None => Default::default(),
+        };
+        let user = t.user_entity(req.principal.as_ref(), user_parents)?;
+        let route = t.route_entity(&node.path, &req.path, node.lineage_uids.clone())?;
         let mut all: Vec<Entity> = Vec::with_capacity(8);
-        if let Some(p) = &req.principal {
-            if let Some(home) = self.tenants.get(&p.tenant) {
-                all.extend(
-                    home.lineage
-                        .iter()
-                        .filter(|e| !p_in_lineage(&node.path, e, t))
-                        .cloned(),
-                );
-            }
+        if let Some((_, Some(h))) = home {
+            all.extend(
+                h.lineage
+                    .iter()
+                    .filter(|e| !node.lineage_uids.contains(&e.uid()))
+                    .cloned(),
+            );
         }
         all.push(user.clone());
         all.push(route.clone());
@@ -494,13 +506,6 @@ impl Engine {
             .map_err(|e| e.to_string())?;
         Ok((r, entities))
     }
-}
-
-/// True if `entity` is one of the tenants on `path`'s lineage.
-fn p_in_lineage(path: &TenantPath, entity: &Entity, t: &Types) -> bool {
-    path.lineage()
-        .iter()
-        .any(|p| t.tenant_uid(p.as_str()) == entity.uid())
 }
 
 fn tenant_file_name(path: &TenantPath) -> String {

@@ -101,17 +101,15 @@ impl Types {
     /// `User::"id"`: parents are the home tenant and its ancestors; attribute
     /// `tenant` is the home tenant. An anonymous request is `User::""`, in no
     /// tenant, with `tenant` set to `Tenant::""`, which is in no tree.
+    /// `parents` is the home tenant's lineage (empty for an anonymous request).
     pub fn user_entity(
         &self,
         principal: Option<&crate::request::Principal>,
+        parents: HashSet<EntityUid>,
     ) -> Result<Entity, String> {
-        let (uid, home, parents) = match principal {
-            Some(p) => (
-                self.user_uid(&p.id),
-                self.tenant_uid(p.tenant.as_str()),
-                self.lineage_uids(&p.tenant),
-            ),
-            None => (self.user_uid(""), self.tenant_uid(""), HashSet::new()),
+        let (uid, home) = match principal {
+            Some(p) => (self.user_uid(&p.id), self.tenant_uid(p.tenant.as_str())),
+            None => (self.user_uid(""), self.tenant_uid("")),
         };
         let attrs = HashMap::from([(
             "tenant".to_string(),
@@ -121,7 +119,13 @@ impl Types {
     }
 
     /// `Route::"/path"`: parents are the request tenant and its ancestors.
-    pub fn route_entity(&self, tenant: &TenantPath, path: &str) -> Result<Entity, String> {
+    /// `parents` is the request tenant's lineage.
+    pub fn route_entity(
+        &self,
+        tenant: &TenantPath,
+        path: &str,
+        parents: HashSet<EntityUid>,
+    ) -> Result<Entity, String> {
         let attrs = HashMap::from([
             (
                 "path".to_string(),
@@ -132,8 +136,7 @@ impl Types {
                 RestrictedExpression::new_entity_uid(self.tenant_uid(tenant.as_str())),
             ),
         ]);
-        Entity::new(self.route_uid(path), attrs, self.lineage_uids(tenant))
-            .map_err(|e| e.to_string())
+        Entity::new(self.route_uid(path), attrs, parents).map_err(|e| e.to_string())
     }
 
     /// The request context of SPEC section 3.
