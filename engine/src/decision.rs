@@ -3,6 +3,7 @@
 use serde::Serialize;
 
 use crate::quota::QuotaDecision;
+use crate::settings::Mode;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -96,5 +97,98 @@ impl Decision {
 
     pub fn is_allowed(&self) -> bool {
         self.decision == Outcome::Allow
+    }
+
+    /// True if the filter answers the request itself (`reply`) instead of
+    /// forwarding it: a denial in enforce mode. Shadow mode never blocks.
+    pub fn blocks(&self, mode: Mode) -> bool {
+        !self.is_allowed() && mode == Mode::Enforce
+    }
+
+    /// The counter this decision goes to. In shadow mode a would-be denial
+    /// counts as `ShadowDenied`; a store failure counts as `Error` in every
+    /// mode, so a broken store shows during a shadow rollout.
+    pub fn counter(&self, mode: Mode) -> Counter {
+        match (self.is_allowed(), self.kind) {
+            (_, Kind::Error) => Counter::Error,
+            (true, _) => Counter::Allowed,
+            (false, _) if mode == Mode::Shadow => Counter::ShadowDenied,
+            (false, Kind::Forbidden | Kind::Allowed) => Counter::DeniedPolicy,
+            (false, Kind::QuotaExceeded) => Counter::DeniedQuota,
+            (false, Kind::BadRequest) => Counter::BadRequest,
+        }
+    }
+}
+
+/// The outcome counters operators read (`tenantgate.allowed`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counter {
+    Allowed,
+    DeniedPolicy,
+    DeniedQuota,
+    BadRequest,
+    ShadowDenied,
+    Error,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::OnError;
+
+    fn quota_deny() -> Decision {
+        Decision {
+            status: 429,
+            kind: Kind::QuotaExceeded,
+            ..Decision::forbid(vec![], vec![])
+        }
+    }
+
+    #[test]
+    fn counters_and_blocking_follow_the_mode() {
+        let cases = [
+            (
+                Decision::allow(vec![], vec![]),
+                Counter::Allowed,
+                Counter::Allowed,
+                false,
+            ),
+            (
+                Decision::forbid(vec![], vec![]),
+                Counter::DeniedPolicy,
+                Counter::ShadowDenied,
+                true,
+            ),
+            (
+                quota_deny(),
+                Counter::DeniedQuota,
+                Counter::ShadowDenied,
+                true,
+            ),
+            (
+                Decision::bad_request("x"),
+                Counter::BadRequest,
+                Counter::ShadowDenied,
+                true,
+            ),
+            (
+                Decision::error(OnError::Deny, "x"),
+                Counter::Error,
+                Counter::Error,
+                true,
+            ),
+            (
+                Decision::error(OnError::Allow, "x"),
+                Counter::Error,
+                Counter::Error,
+                false,
+            ),
+        ];
+        for (d, enforce, shadow, blocks) in cases {
+            assert_eq!(d.counter(Mode::Enforce), enforce, "{d:?}");
+            assert_eq!(d.counter(Mode::Shadow), shadow, "{d:?}");
+            assert_eq!(d.blocks(Mode::Enforce), blocks, "{d:?}");
+            assert!(!d.blocks(Mode::Shadow), "{d:?}");
+        }
     }
 }

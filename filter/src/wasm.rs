@@ -5,7 +5,7 @@ use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
-use tenantgate_engine::decision::Kind;
+use tenantgate_engine::decision::Counter;
 use tenantgate_engine::http::{
     HttpInput, Mapped, MetadataSource, OWN_HEADER_PREFIX, PRINCIPAL_HEADER, TENANT_HEADER,
 };
@@ -78,19 +78,13 @@ impl Metrics {
                 1,
             );
         }
-        // Store failures count as errors in every mode: a broken store during a
-        // shadow rollout must show.
-        if !decision.is_allowed() && mode == Mode::Shadow && decision.kind != Kind::Error {
-            ffi::increment_metric(self.shadow_denied, 1);
-            return;
-        }
-        let id = match (decision.is_allowed(), decision.kind) {
-            (true, Kind::Error) => self.errors,
-            (true, _) => self.allowed,
-            (false, Kind::Forbidden | Kind::Allowed) => self.denied_policy,
-            (false, Kind::QuotaExceeded) => self.denied_quota,
-            (false, Kind::BadRequest) => self.bad_request,
-            (false, Kind::Error) => self.errors,
+        let id = match decision.counter(mode) {
+            Counter::Allowed => self.allowed,
+            Counter::DeniedPolicy => self.denied_policy,
+            Counter::DeniedQuota => self.denied_quota,
+            Counter::BadRequest => self.bad_request,
+            Counter::ShadowDenied => self.shadow_denied,
+            Counter::Error => self.errors,
         };
         ffi::increment_metric(id, 1);
     }
@@ -335,7 +329,7 @@ impl Http {
             ffi::log(ffi::LOG_INFO, &line);
         }
         self.record_time(loaded, start);
-        if decision.is_allowed() || engine.settings().mode == Mode::Shadow {
+        if !decision.blocks(engine.settings().mode) {
             if let Some(m) = &mapped {
                 // The upstream sees the path that was judged.
                 if let Some(p) = &m.forward_path {
