@@ -53,13 +53,7 @@ def who(user, home, tenant, **extra):
 audit_lines = h.audit_lines
 
 
-def wait_for(predicate, timeout=10.0, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
+wait_for = h.wait_for
 
 
 class EnvoyCase(unittest.TestCase):

@@ -437,6 +437,17 @@ if __name__ == "__main__":
     main()
 
 
+def wait_for(predicate, timeout=10.0, interval=0.1):
+    """Polls `predicate` until it returns something true or `timeout` seconds
+    pass; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
 def audit_lines(envoy):
     """The JSON audit lines tenantgate wrote to Envoy's log."""
     out = []

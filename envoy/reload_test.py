@@ -152,13 +152,7 @@ def loaded_threads(envoy, version):
     return out
 
 
-def wait_for(predicate, timeout, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
+wait_for = h.wait_for
 
 
 # ---------------------------------------------------------------------------

@@ -636,6 +636,22 @@ mod tests {
         )
     }
 
+    /// Maps raw header bytes with a given metadata source.
+    fn map_raw(
+        e: &Engine,
+        h: &[(String, Vec<u8>)],
+        meta: &dyn MetadataSource,
+    ) -> Result<Mapped, BadRequest> {
+        e.map_request(
+            &HttpInput {
+                headers: h,
+                source_address: None,
+                now_ns: 0,
+            },
+            meta,
+        )
+    }
+
     const GET_ORDERS: [(&str, &str); 2] = [(":method", "GET"), (":path", "/orders/1?x=1")];
 
     #[test]
@@ -699,16 +715,7 @@ mod tests {
         let e = engine(Settings::default());
         let mut h = headers(&GET_ORDERS);
         h.push(("x-tenant".into(), vec![b'/', 0xff, 0xfe]));
-        let err = e
-            .map_request(
-                &HttpInput {
-                    headers: &h,
-                    source_address: None,
-                    now_ns: 0,
-                },
-                &NoMetadata,
-            )
-            .unwrap_err();
+        let err = map_raw(&e, &h, &NoMetadata).unwrap_err();
         assert!(err.message.contains("not valid UTF-8"), "{}", err.message);
         let mut h = GET_ORDERS.to_vec();
         h.extend([("x-tenant", "/acme"), ("x-user", "al\u{1}ice")]);
@@ -846,28 +853,10 @@ mod tests {
             ("x-tenant", "/globex"),
             ("x-user", "mallory"),
         ]);
-        let m = e
-            .map_request(
-                &HttpInput {
-                    headers: &h,
-                    source_address: None,
-                    now_ns: 0,
-                },
-                &Meta,
-            )
-            .unwrap();
+        let m = map_raw(&e, &h, &Meta).unwrap();
         assert_eq!(m.request.tenant.as_str(), "/acme");
         assert_eq!(m.request.principal.unwrap().id, "alice");
-        let err = e
-            .map_request(
-                &HttpInput {
-                    headers: &h,
-                    source_address: None,
-                    now_ns: 0,
-                },
-                &NoMetadata,
-            )
-            .unwrap_err();
+        let err = map_raw(&e, &h, &NoMetadata).unwrap_err();
         assert!(err.message.contains("metadata"), "{}", err.message);
     }
 
