@@ -99,6 +99,7 @@ impl DecisionCache {
             None => k.push(0),
         }
         push(&mut k, req.method.as_bytes());
+        push(&mut k, req.action.unwrap_or("").as_bytes());
         push(&mut k, req.path.as_bytes());
         if self.shape.time {
             k.extend_from_slice(&(req.time_ns / 1_000_000_000).to_le_bytes());

@@ -368,7 +368,7 @@ impl Engine {
         if !decision.is_allowed() || self.quotas.is_empty() {
             return decision;
         }
-        let cost = self.settings.cost(&req.method);
+        let cost = self.settings.cost_of(&req.method, req.action);
         match self.quotas.admit(&req.tenant, cost, req.time_ns, store) {
             Ok(q) if q.admitted => Decision {
                 quota: Some(q),
@@ -501,7 +501,7 @@ impl Engine {
             .add_entities(all, None)
             .map_err(|e| e.to_string())?;
         let context = t.context(req)?;
-        let action: EntityUid = t.action_uid(&req.method);
+        let action: EntityUid = t.action_uid(req.action_name());
         let r = cedar_policy::Request::new(user.uid(), action, route.uid(), context, None)
             .map_err(|e| e.to_string())?;
         Ok((r, entities))

@@ -10,8 +10,65 @@ use crate::request::{Principal, Request};
 use crate::settings::{Mode, Source};
 use crate::tenant::{shorten, TenantPath};
 
-/// Headers the filter owns: any client-sent header with this prefix is removed.
+/// Headers the filter owns: any client-sent header with this prefix is
+/// removed, in any case and with `_` for `-` (see [`is_own_header`]).
 pub const OWN_HEADER_PREFIX: &str = "x-tenantgate-";
+
+/// True for a header or trailer name an upstream could read as one of ours:
+/// [`OWN_HEADER_PREFIX`] in any case, with `_` in place of any `-` (CGI,
+/// WSGI and Rack servers fold `_` and `-` into the same variable).
+pub fn is_own_header(name: &str) -> bool {
+    let (n, p) = (name.as_bytes(), OWN_HEADER_PREFIX.as_bytes());
+    n.len() >= p.len()
+        && n.iter().zip(p).all(|(&c, &want)| {
+            let c = c.to_ascii_lowercase();
+            c == want || (want == b'-' && c == b'_')
+        })
+}
+
+/// The names of the client-sent headers (or trailers) the filter removes
+/// before the request goes upstream.
+pub fn own_headers(pairs: &[(String, Vec<u8>)]) -> impl Iterator<Item = &str> {
+    pairs
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .filter(|n| is_own_header(n))
+}
+
+/// An id for one decision that the client cannot choose: unique per VM (a
+/// random VM part and a counter) and carried in replies and audit lines
+/// beside the incoming `x-request-id`, which the client may have chosen.
+#[derive(Debug)]
+pub struct DecisionIds {
+    vm: u64,
+    next: std::cell::Cell<u64>,
+}
+
+impl DecisionIds {
+    /// `seed` should be random per VM (the filter mixes the host's random
+    /// source, the time and the context id).
+    pub fn new(seed: u64) -> Self {
+        DecisionIds {
+            vm: splitmix64(seed),
+            next: std::cell::Cell::new(0),
+        }
+    }
+
+    /// The next id: 32 lowercase hex digits. Two ids of one VM never repeat
+    /// (the counter goes through a bijection).
+    pub fn next_id(&self) -> String {
+        let n = self.next.get();
+        self.next.set(n.wrapping_add(1));
+        format!("{:016x}{:016x}", self.vm, splitmix64(n ^ self.vm))
+    }
+}
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
 pub const TENANT_HEADER: &str = "x-tenantgate-tenant";
 pub const PRINCIPAL_HEADER: &str = "x-tenantgate-principal";
 /// The longest principal id accepted.
@@ -67,6 +124,9 @@ pub struct Mapped {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalReply {
     pub status: u16,
+    /// The gRPC status Envoy sends instead when the request is a gRPC call
+    /// (with the body as `grpc-message`).
+    pub grpc_status: u32,
     pub headers: Vec<(String, String)>,
     pub body: String,
 }
@@ -156,8 +216,11 @@ impl Engine {
                 let value = from_source(input, meta, source).map_err(|m| bad(None, m))?;
                 match value.as_deref().map(trim_ows) {
                     Some(v) if !v.is_empty() => (parse_tenant(v).map_err(|m| bad(None, m))?, path),
-                    _ => match &settings.default_tenant {
+                    empty => match &settings.default_tenant {
                         Some(t) => (t.clone(), path),
+                        None if empty.is_some() => {
+                            return Err(bad(None, format!("no tenant: {}", describe_empty(source))))
+                        }
                         None => return Err(bad(None, format!("no tenant: {}", describe(source)))),
                     },
                 }
@@ -211,6 +274,10 @@ impl Engine {
             }
             _ => None,
         };
+        let action = match &settings.grpc {
+            Some(g) if method == "POST" && is_grpc(input) => Some(g.action(&path)),
+            _ => None,
+        };
         let host = header(input, ":authority")
             .ok()
             .flatten()
@@ -220,6 +287,7 @@ impl Engine {
             tenant,
             principal,
             method: method.to_string(),
+            action,
             path,
             host,
             source_ip,
@@ -289,11 +357,14 @@ impl Engine {
     }
 
     /// The local reply for a denied decision; `None` when the request goes on.
+    /// `request_id` is the incoming `x-request-id` (for tracing; a client may
+    /// have chosen it), `decision_id` the filter's own id for this decision.
     pub fn reply(
         &self,
         decision: &Decision,
         tenant: Option<&TenantPath>,
         request_id: Option<&str>,
+        decision_id: Option<&str>,
     ) -> Option<LocalReply> {
         if decision.is_allowed() {
             return None;
@@ -305,6 +376,9 @@ impl Engine {
         let rid = request_id
             .map(|r| serde_json::Value::String(r.to_string()))
             .unwrap_or(serde_json::Value::Null);
+        let did = decision_id
+            .map(|r| serde_json::Value::String(r.to_string()))
+            .unwrap_or(serde_json::Value::Null);
         let mut headers = vec![("content-type".to_string(), "application/json".to_string())];
         let body = match decision.kind {
             Kind::QuotaExceeded => {
@@ -312,12 +386,7 @@ impl Engine {
                 let retry = q.map(|q| q.retry_after_s).unwrap_or(1);
                 headers.push(("retry-after".into(), retry.to_string()));
                 if let Some(q) = q {
-                    if let Some(p) = &q.ratelimit_policy {
-                        headers.push(("ratelimit-policy".into(), p.clone()));
-                    }
-                    if let Some(r) = &q.ratelimit {
-                        headers.push(("ratelimit".into(), r.clone()));
-                    }
+                    push_ratelimit_fields(&mut headers, q);
                 }
                 serde_json::json!({
                     "error": "quota_exceeded",
@@ -325,6 +394,7 @@ impl Engine {
                     "limit": q.and_then(|q| q.limit.clone()),
                     "retry_after_s": retry,
                     "request_id": rid,
+                    "decision_id": did,
                 })
             }
             Kind::BadRequest => serde_json::json!({
@@ -332,12 +402,13 @@ impl Engine {
                 "message": decision.errors.first().cloned().unwrap_or_default(),
                 "tenant": tenant_json,
                 "request_id": rid,
+                "decision_id": did,
             }),
             Kind::Error => {
-                serde_json::json!({ "error": "unavailable", "tenant": tenant_json, "request_id": rid })
+                serde_json::json!({ "error": "unavailable", "tenant": tenant_json, "request_id": rid, "decision_id": did })
             }
             Kind::Forbidden | Kind::Allowed => {
-                let mut body = serde_json::json!({ "error": "forbidden", "tenant": tenant_json, "request_id": rid });
+                let mut body = serde_json::json!({ "error": "forbidden", "tenant": tenant_json, "request_id": rid, "decision_id": did });
                 if settings.expose_reasons {
                     if let Some(obj) = body.as_object_mut() {
                         obj.insert("reasons".into(), decision.reasons.clone().into());
@@ -348,6 +419,7 @@ impl Engine {
         };
         Some(LocalReply {
             status: decision.status,
+            grpc_status: grpc_status(decision.status),
             headers,
             body: body.to_string(),
         })
@@ -356,16 +428,18 @@ impl Engine {
     /// Headers added to the response of an allowed request (the RateLimit
     /// fields, when the bundle asks for them).
     pub fn allow_response_headers(&self, decision: &Decision) -> Vec<(String, String)> {
+        use crate::settings::HeadersOnAllow;
         let mut out = Vec::new();
-        if self.settings().ratelimit_headers_on_allow && decision.is_allowed() {
-            if let Some(q) = &decision.quota {
-                if let Some(p) = &q.ratelimit_policy {
-                    out.push(("ratelimit-policy".into(), p.clone()));
-                }
-                if let Some(r) = &q.ratelimit {
-                    out.push(("ratelimit".into(), r.clone()));
-                }
-            }
+        let Some(q) = decision.quota.as_ref().filter(|_| decision.is_allowed()) else {
+            return out;
+        };
+        let send = match self.settings().ratelimit_headers_on_allow {
+            HeadersOnAllow::Never => false,
+            HeadersOnAllow::Always => true,
+            HeadersOnAllow::NearLimit => q.near_limit(self.settings().near_limit_ratio.0),
+        };
+        if send {
+            push_ratelimit_fields(&mut out, q);
         }
         out
     }
@@ -378,7 +452,17 @@ impl Engine {
         request_id: Option<&str>,
     ) -> Option<String> {
         let now = mapped.map(|m| m.request.time_ns).unwrap_or(0);
-        self.audit_line_at(decision, mapped, None, request_id, now)
+        self.audit_line_at(decision, mapped, None, request_id, None, now)
+    }
+
+    /// True when the `audit` setting asks for a line for this decision.
+    pub fn audits(&self, decision: &Decision) -> bool {
+        use crate::settings::Audit;
+        match self.settings().audit {
+            Audit::Off => false,
+            Audit::Deny => !decision.is_allowed(),
+            Audit::All => true,
+        }
     }
 
     /// [`Engine::audit_line`] for requests that may not have been mapped (a
@@ -389,17 +473,16 @@ impl Engine {
         mapped: Option<&Mapped>,
         tenant: Option<&TenantPath>,
         request_id: Option<&str>,
+        decision_id: Option<&str>,
         now_ns: u64,
     ) -> Option<String> {
-        use crate::settings::Audit;
-        match self.settings().audit {
-            Audit::Off => return None,
-            Audit::Deny if decision.is_allowed() => return None,
-            _ => {}
+        if !self.audits(decision) {
+            return None;
         }
         let req = mapped.map(|m| &m.request);
         let line = AuditLine {
             time: now_ns / 1_000_000_000,
+            decision_id,
             request_id,
             tenant: req.map(|r| &r.tenant).or(tenant).map(TenantPath::as_str),
             principal: req.and_then(|r| r.principal.as_ref().map(|p| p.id.as_str())),
@@ -419,6 +502,32 @@ impl Engine {
             },
         };
         serde_json::to_string(&line).ok()
+    }
+}
+
+/// The RateLimit fields of a quota decision, when a limit applies.
+fn push_ratelimit_fields(headers: &mut Vec<(String, String)>, q: &crate::quota::QuotaDecision) {
+    if let Some(p) = q.ratelimit_policy() {
+        headers.push(("ratelimit-policy".into(), p));
+    }
+    if let Some(r) = q.ratelimit() {
+        headers.push(("ratelimit".into(), r));
+    }
+}
+
+/// The gRPC status for a local reply's HTTP status (what Envoy's own
+/// `ratelimit` filter sends with `rate_limited_as_resource_exhausted`):
+/// 429 is RESOURCE_EXHAUSTED (8), which standard retry policies do not
+/// retry; 400 INVALID_ARGUMENT (3); 403 PERMISSION_DENIED (7); 503
+/// UNAVAILABLE (14).
+pub fn grpc_status(http_status: u16) -> u32 {
+    match http_status {
+        400 => 3,
+        401 => 16,
+        403 => 7,
+        429 => 8,
+        503 => 14,
+        _ => 2,
     }
 }
 
@@ -526,6 +635,7 @@ fn base64url_decode(s: &str) -> Option<Vec<u8>> {
 #[derive(serde::Serialize)]
 struct AuditLine<'a> {
     time: u64,
+    decision_id: Option<&'a str>,
     request_id: Option<&'a str>,
     tenant: Option<&'a str>,
     principal: Option<&'a str>,
@@ -540,6 +650,27 @@ struct AuditLine<'a> {
     limit: Option<&'a str>,
     bundle: &'a str,
     mode: &'static str,
+}
+
+/// A gRPC call: `content-type: application/grpc` or `application/grpc+...`.
+fn is_grpc(input: &HttpInput<'_>) -> bool {
+    match header(input, "content-type") {
+        Ok(Some(ct)) => {
+            let ct = ct.trim_start_matches([' ', '\t']);
+            ct.get(..16)
+                .is_some_and(|p| p.eq_ignore_ascii_case("application/grpc"))
+                && matches!(ct.as_bytes().get(16), None | Some(b'+' | b';'))
+        }
+        _ => false,
+    }
+}
+
+fn describe_empty(source: &Source) -> String {
+    match source {
+        Source::Header(h) => format!("the `{h}` header is empty"),
+        Source::Metadata(p) => format!("metadata `{}` is empty", p.join(".")),
+        Source::PathPrefix(p) => format!("the path has no tenant after `{p}`"),
+    }
 }
 
 fn describe(source: &Source) -> String {
@@ -916,10 +1047,10 @@ mod tests {
         // Allowed: no reply.
         let (d, _) = decide(&e, &store, "/acme", "alice", "/orders");
         assert!(d.is_allowed(), "{d:?}");
-        assert!(e.reply(&d, Some(&acme), Some("r-9")).is_none());
+        assert!(e.reply(&d, Some(&acme), Some("r-9"), Some("d-1")).is_none());
         // Forbidden: 403 without reasons unless exposed.
         let (d, _) = decide(&e, &store, "/acme", "alice", "/admin/x");
-        let r = e.reply(&d, Some(&acme), Some("r-9")).unwrap();
+        let r = e.reply(&d, Some(&acme), Some("r-9"), Some("d-1")).unwrap();
         assert_eq!(r.status, 403);
         let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
         assert_eq!(body["error"], "forbidden");
@@ -930,14 +1061,14 @@ mod tests {
             expose_reasons: true,
             ..Settings::default()
         });
-        let r = exposed.reply(&d, Some(&acme), None).unwrap();
+        let r = exposed.reply(&d, Some(&acme), None, None).unwrap();
         assert!(r.body.contains("no-admin"), "{}", r.body);
         // Quota: the third request in a minute is refused with the RateLimit fields.
         let (d, _) = decide(&e, &store, "/acme", "alice", "/orders");
         assert!(d.is_allowed());
         let (d, _) = decide(&e, &store, "/acme", "alice", "/orders");
         assert_eq!(d.status, 429, "{d:?}");
-        let r = e.reply(&d, Some(&acme), Some("r-9")).unwrap();
+        let r = e.reply(&d, Some(&acme), Some("r-9"), Some("d-1")).unwrap();
         let h: std::collections::HashMap<_, _> = r.headers.iter().cloned().collect();
         let retry: u64 = h["retry-after"].parse().unwrap();
         assert!((1..=60).contains(&retry), "{retry}");
@@ -949,7 +1080,7 @@ mod tests {
         assert_eq!(body["retry_after_s"], retry);
         // Bad request: 400 that says what was wrong.
         let d = Decision::bad_request("the path contains an encoded `/` or `\\` (%2F)");
-        let r = e.reply(&d, None, None).unwrap();
+        let r = e.reply(&d, None, None, None).unwrap();
         assert_eq!(r.status, 400);
         assert!(r.body.contains("encoded"), "{}", r.body);
     }
@@ -1025,7 +1156,7 @@ mod tests {
         let (d, _) = decide(&e, &store, "/acme", "alice", "/o");
         assert!(e.allow_response_headers(&d).is_empty());
         let e = engine(Settings {
-            ratelimit_headers_on_allow: true,
+            ratelimit_headers_on_allow: crate::settings::HeadersOnAllow::Always,
             ..Settings::default()
         });
         let (d, _) = decide(&e, &store, "/acme/eu", "alice", "/o");
@@ -1037,5 +1168,133 @@ mod tests {
             "{h:?}"
         );
         assert_eq!(Outcome::Allow, d.decision);
+    }
+
+    #[test]
+    fn own_headers_in_every_spelling_an_upstream_could_fold() {
+        for name in [
+            "x-tenantgate-principal",
+            "x_tenantgate_principal",
+            "X-TenantGate-Tenant",
+            "x_tenantgate-tenant",
+            "x-tenantgate_x",
+            "X_TENANTGATE_",
+        ] {
+            assert!(is_own_header(name), "{name}");
+        }
+        for name in ["x-tenant", "x-tenantgat", "xx-tenantgate-a", "x.tenantgate.a", "x-user"] {
+            assert!(!is_own_header(name), "{name}");
+        }
+        let h = headers(&[
+            ("x-tenant", "/acme"),
+            ("x_tenantgate_principal", "root"),
+            ("X-TENANTGATE-TENANT", "/"),
+        ]);
+        assert_eq!(
+            own_headers(&h).collect::<Vec<_>>(),
+            ["x_tenantgate_principal", "X-TENANTGATE-TENANT"]
+        );
+    }
+
+    #[test]
+    fn decision_ids_are_unique_and_not_the_clients() {
+        let ids = DecisionIds::new(42);
+        let a = ids.next_id();
+        let b = ids.next_id();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(DecisionIds::new(43).next_id(), a, "another VM, other ids");
+        let set: std::collections::HashSet<String> = (0..10_000).map(|_| ids.next_id()).collect();
+        assert_eq!(set.len(), 10_000);
+    }
+
+    #[test]
+    fn an_empty_tenant_header_is_reported_as_empty() {
+        let e = engine(Settings::default());
+        let mut h = GET_ORDERS.to_vec();
+        h.push(("x-tenant", " "));
+        let err = map(&e, &h).unwrap_err();
+        assert_eq!(err.message, "no tenant: the `x-tenant` header is empty");
+        let err = map(&e, &GET_ORDERS).unwrap_err();
+        assert_eq!(err.message, "no tenant: the `x-tenant` header is missing");
+    }
+
+    #[test]
+    fn grpc_calls_are_judged_by_method() {
+        let grpc = crate::settings::GrpcSettings {
+            read: vec!["/acme.Orders/Get*".into()],
+        };
+        let e = engine(Settings {
+            grpc: Some(grpc),
+            ..Settings::default()
+        });
+        let call = |path: &str, ct: &str| {
+            let h = [
+                (":method", "POST"),
+                (":path", path),
+                ("content-type", ct),
+                ("x-tenant", "/acme"),
+                ("x-user", "alice"),
+            ];
+            map(&e, &h).unwrap().request
+        };
+        let r = call("/acme.Orders/GetOrder", "application/grpc");
+        assert_eq!((r.action, r.method.as_str(), r.path.as_str()), (Some("read"), "POST", "/acme.Orders/GetOrder"));
+        assert_eq!(call("/acme.Orders/Create", "application/grpc+proto").action, Some("write"));
+        assert_eq!(call("/acme.Orders/GetOrder", "application/json").action, None);
+        assert_eq!(call("/acme.Orders/GetOrder", "application/grpcx").action, None);
+        // Read RPCs pass the members-read permit; write RPCs have no permit.
+        let store = MemoryStore::new();
+        let read = call("/acme.Orders/GetOrder", "application/grpc");
+        assert!(e.decide(&read, &store).is_allowed());
+        let write = call("/acme.Orders/Create", "application/grpc");
+        assert_eq!(e.decide(&write, &store).status, 403);
+        // Without the setting a gRPC call is a plain POST.
+        let plain = engine(Settings::default());
+        let h = [
+            (":method", "POST"),
+            (":path", "/acme.Orders/GetOrder"),
+            ("content-type", "application/grpc"),
+            ("x-tenant", "/acme"),
+        ];
+        assert_eq!(map(&plain, &h).unwrap().request.action, None);
+    }
+
+    #[test]
+    fn replies_carry_the_grpc_status_for_their_http_status() {
+        assert_eq!(
+            [400, 403, 429, 503].map(grpc_status),
+            [3, 7, 8, 14],
+            "INVALID_ARGUMENT, PERMISSION_DENIED, RESOURCE_EXHAUSTED, UNAVAILABLE"
+        );
+        let e = engine(Settings::default());
+        let r = e.reply(&Decision::bad_request("x"), None, Some("client-id"), Some("d-1")).unwrap();
+        assert_eq!(r.grpc_status, 3);
+        let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(body["request_id"], "client-id");
+        assert_eq!(body["decision_id"], "d-1");
+    }
+
+    #[test]
+    fn near_limit_headers_only_below_the_ratio() {
+        let store = MemoryStore::new();
+        let e = engine(Settings {
+            ratelimit_headers_on_allow: crate::settings::HeadersOnAllow::NearLimit,
+            near_limit_ratio: crate::settings::Ratio(0.5),
+            ..Settings::default()
+        });
+        // /acme: 2 per minute. After the first request 1 of 2 is left: not below half.
+        let (d, _) = decide(&e, &store, "/acme", "alice", "/o");
+        assert!(e.allow_response_headers(&d).is_empty());
+        let (d, _) = decide(&e, &store, "/acme", "alice", "/o");
+        let h = e.allow_response_headers(&d);
+        assert_eq!(
+            h,
+            [
+                ("ratelimit-policy".to_string(), "\"rpm\";q=2;w=60".to_string()),
+                ("ratelimit".to_string(), "\"rpm\";r=0;t=60".to_string())
+            ]
+        );
     }
 }

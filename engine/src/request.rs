@@ -19,6 +19,9 @@ pub struct Request {
     pub principal: Option<Principal>,
     /// HTTP method in upper case.
     pub method: String,
+    /// The Cedar action when it is not the method: `read` or `write` for a
+    /// gRPC call when the bundle maps gRPC methods.
+    pub action: Option<&'static str>,
     /// Normalized resource path (no query).
     pub path: String,
     pub host: Option<String>,
@@ -34,12 +37,18 @@ pub struct Request {
 }
 
 impl Request {
+    /// The Cedar action's id: the gRPC mapping's group, else the method.
+    pub fn action_name(&self) -> &str {
+        self.action.unwrap_or(&self.method)
+    }
+
     /// A request with no optional parts: anonymous, no host, no headers.
     pub fn new(tenant: TenantPath, method: impl Into<String>, path: impl Into<String>) -> Self {
         Request {
             tenant,
             principal: None,
             method: method.into(),
+            action: None,
             path: path.into(),
             host: None,
             source_ip: None,

@@ -75,6 +75,117 @@ pub enum Audit {
     Off,
 }
 
+/// When allowed responses carry the RateLimit fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HeadersOnAllow {
+    /// Never (`false`): nothing is added to an allowed response.
+    #[default]
+    Never,
+    /// On every allowed response a limit applies to (`true`).
+    Always,
+    /// Only when a limit is below `near_limit_ratio` of its burst (`"near_limit"`).
+    NearLimit,
+}
+
+impl Serialize for HeadersOnAllow {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            HeadersOnAllow::Never => s.serialize_bool(false),
+            HeadersOnAllow::Always => s.serialize_bool(true),
+            HeadersOnAllow::NearLimit => s.serialize_str("near_limit"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HeadersOnAllow {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(false) => Ok(HeadersOnAllow::Never),
+            Raw::Bool(true) => Ok(HeadersOnAllow::Always),
+            Raw::Str(s) if s == "near_limit" => Ok(HeadersOnAllow::NearLimit),
+            Raw::Str(s) => Err(serde::de::Error::custom(format!(
+                "`ratelimit_headers_on_allow`: expected `true`, `false` or `\"near_limit\"`, found `\"{s}\"`"
+            ))),
+        }
+    }
+}
+
+/// A fraction from 0 to 1 (`near_limit_ratio`), compared by value.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Ratio(pub f64);
+
+impl Eq for Ratio {}
+
+impl Default for Ratio {
+    fn default() -> Self {
+        Ratio(DEFAULT_NEAR_LIMIT_RATIO)
+    }
+}
+
+/// `near_limit_ratio` when the bundle does not set it.
+pub const DEFAULT_NEAR_LIMIT_RATIO: f64 = 0.2;
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+/// How gRPC calls (`content-type: application/grpc...`) are judged. Without
+/// this setting a gRPC call is a plain `POST`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcSettings {
+    /// Method patterns (`/package.Service/Method`, `*` matches any run of
+    /// characters) judged as `Action::"read"`; every other call is
+    /// `Action::"write"`.
+    pub read: Vec<String>,
+}
+
+impl GrpcSettings {
+    /// The Cedar action of a call to `method` (the request's `:path`).
+    pub fn action(&self, method: &str) -> &'static str {
+        if self.read.iter().any(|p| glob_match(p, method)) {
+            "read"
+        } else {
+            "write"
+        }
+    }
+}
+
+/// `*` matches any run of characters (including none); everything else matches itself.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t) = (pattern.as_bytes(), text.as_bytes());
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        match p.get(pi) {
+            Some(b'*') => {
+                star = Some((pi, ti));
+                pi += 1;
+            }
+            Some(c) if Some(c) == t.get(ti) => {
+                pi += 1;
+                ti += 1;
+            }
+            _ => match star {
+                Some((sp, st)) => {
+                    pi = sp + 1;
+                    ti = st + 1;
+                    star = Some((sp, st + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p.get(pi..).unwrap_or_default().iter().all(|&c| c == b'*')
+}
+
 /// The bundle's settings (`tenantgate.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -89,7 +200,11 @@ pub struct Settings {
     pub on_error: OnError,
     pub on_policy_error: OnPolicyError,
     pub expose_reasons: bool,
-    pub ratelimit_headers_on_allow: bool,
+    pub ratelimit_headers_on_allow: HeadersOnAllow,
+    /// With `ratelimit_headers_on_allow: "near_limit"`: the fraction of a
+    /// limit's burst under which the fields are sent.
+    #[serde(skip_serializing_if = "is_default")]
+    pub near_limit_ratio: Ratio,
     pub audit: Audit,
     /// Where `context.claims` comes from: the header Envoy's `jwt_authn`
     /// writes with `forward_payload_header` (the verified token's payload,
@@ -99,6 +214,9 @@ pub struct Settings {
     pub context_headers: Vec<String>,
     /// Token cost per HTTP method; methods not listed cost 1.
     pub costs: BTreeMap<String, u64>,
+    /// gRPC calls: which methods read. Absent: a gRPC call is a plain `POST`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcSettings>,
 }
 
 impl Default for Settings {
@@ -112,11 +230,13 @@ impl Default for Settings {
             on_error: OnError::Deny,
             on_policy_error: OnPolicyError::Deny,
             expose_reasons: false,
-            ratelimit_headers_on_allow: false,
+            ratelimit_headers_on_allow: HeadersOnAllow::Never,
+            near_limit_ratio: Ratio::default(),
             audit: Audit::Deny,
             claims: None,
             context_headers: Vec::new(),
             costs: BTreeMap::new(),
+            grpc: None,
         }
     }
 }
@@ -125,6 +245,16 @@ impl Settings {
     /// Token cost of one request with this method.
     pub fn cost(&self, method: &str) -> u64 {
         self.costs.get(method).copied().unwrap_or(1)
+    }
+
+    /// Token cost of a request with this method and Cedar action: a gRPC call
+    /// judged as `read` costs what a `GET` costs, one judged as `write` what
+    /// its method (`POST`) costs.
+    pub fn cost_of(&self, method: &str, action: Option<&str>) -> u64 {
+        match action {
+            Some("read") => self.cost("GET"),
+            _ => self.cost(method),
+        }
     }
 
     /// Checks what serde cannot: header names, prefixes, costs.
@@ -164,6 +294,23 @@ impl Settings {
             if !is_header_name(h) {
                 errors.push(format!(
                     "`context_headers`: `{h}` is not a valid header name"
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.near_limit_ratio.0) {
+            errors.push(format!(
+                "`near_limit_ratio`: {} is not between 0 and 1",
+                self.near_limit_ratio.0
+            ));
+        }
+        for p in self.grpc.iter().flat_map(|g| &g.read) {
+            let ok = p.starts_with('/')
+                && p.len() <= 512
+                && p.matches('/').count() == 2
+                && p.bytes().all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#' && b != b'%');
+            if !ok {
+                errors.push(format!(
+                    "`grpc.read`: `{p}` is not a gRPC method pattern like `/package.Service/Method` (`*` for any characters)"
                 ));
             }
         }
@@ -225,6 +372,50 @@ mod tests {
         assert_eq!(s.mode, Mode::Shadow);
         assert_eq!(s.cost("POST"), 5);
         assert!(s.check().is_empty());
+    }
+
+    #[test]
+    fn ratelimit_headers_on_allow_takes_three_forms() {
+        for (json, want) in [
+            ("false", HeadersOnAllow::Never),
+            ("true", HeadersOnAllow::Always),
+            ("\"near_limit\"", HeadersOnAllow::NearLimit),
+        ] {
+            let s: Settings =
+                serde_json::from_str(&format!(r#"{{"ratelimit_headers_on_allow": {json}}}"#))
+                    .unwrap();
+            assert_eq!(s.ratelimit_headers_on_allow, want);
+            let back = serde_json::to_value(&s).unwrap();
+            assert_eq!(back["ratelimit_headers_on_allow"].to_string(), json);
+        }
+        let err = serde_json::from_str::<Settings>(r#"{"ratelimit_headers_on_allow": "yes"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("near_limit"), "{err}");
+        let s: Settings = serde_json::from_str(r#"{"near_limit_ratio": 1.5}"#).unwrap();
+        assert_eq!(s.check().len(), 1);
+    }
+
+    #[test]
+    fn grpc_methods_map_to_read_or_write() {
+        let s: Settings = serde_json::from_str(
+            r#"{"grpc": {"read": ["/acme.orders.v1.Orders/Get*", "/grpc.health.v1.Health/*"]}}"#,
+        )
+        .unwrap();
+        assert!(s.check().is_empty());
+        let g = s.grpc.as_ref().unwrap();
+        assert_eq!(g.action("/acme.orders.v1.Orders/GetOrder"), "read");
+        assert_eq!(g.action("/grpc.health.v1.Health/Check"), "read");
+        assert_eq!(g.action("/acme.orders.v1.Orders/CreateOrder"), "write");
+        assert_eq!(g.action("/acme.orders.v1.Orders/Get"), "read");
+        assert_eq!(g.action("/acme.orders.v1.Orders"), "write");
+        assert_eq!(s.cost_of("POST", Some("read")), 1);
+        let bad: Settings = serde_json::from_str(r#"{"grpc": {"read": ["Orders/Get", "/a/b/c"]}}"#)
+            .unwrap();
+        assert_eq!(bad.check().len(), 2);
+        assert!(glob_match("*", ""));
+        assert!(glob_match("/a*c", "/abbbc"));
+        assert!(!glob_match("/a*c", "/abbbd"));
     }
 
     #[test]

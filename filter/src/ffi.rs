@@ -14,6 +14,7 @@ pub const NOT_FOUND: u32 = 1;
 pub const CAS_MISMATCH: u32 = 8;
 
 pub const MAP_REQUEST_HEADERS: u32 = 0;
+pub const MAP_REQUEST_TRAILERS: u32 = 1;
 pub const MAP_RESPONSE_HEADERS: u32 = 2;
 pub const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
 pub const METRIC_COUNTER: u32 = 0;
@@ -244,6 +245,7 @@ pub fn send_local_response(
     details: &str,
     body: &str,
     headers: &[(&str, &str)],
+    grpc_status: u32,
 ) -> Result<(), HostError> {
     let h = encode_map(headers);
     // SAFETY: pointers and lengths describe live slices for the whole call.
@@ -260,7 +262,7 @@ pub fn send_local_response(
             body.len(),
             h.as_ptr(),
             h.len(),
-            -1,
+            i32::try_from(grpc_status).unwrap_or(-1),
         )
     })
 }

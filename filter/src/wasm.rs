@@ -7,7 +7,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use tenantgate_engine::decision::Counter;
 use tenantgate_engine::http::{
-    HttpInput, Mapped, MetadataSource, OWN_HEADER_PREFIX, PRINCIPAL_HEADER, TENANT_HEADER,
+    own_headers, DecisionIds, HttpInput, Mapped, MetadataSource, PRINCIPAL_HEADER, TENANT_HEADER,
 };
 use tenantgate_engine::quota::{BucketStore, StoreError};
 use tenantgate_engine::settings::Mode;
@@ -23,7 +23,9 @@ proxy_wasm::main! {{
     std::panic::set_hook(Box::new(|info| {
         ffi::log(ffi::LOG_CRITICAL, &format!("tenantgate: panic (a bug, please report it): {info}"));
     }));
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
+        Box::new(Root { loaded: None, context_id })
+    });
 }}
 
 /// Counters and the decision-time histogram, defined at configure time.
@@ -98,6 +100,7 @@ thread_local! {
 #[derive(Default)]
 struct Root {
     loaded: Option<Rc<Loaded>>,
+    context_id: u32,
 }
 
 struct Loaded {
@@ -105,6 +108,19 @@ struct Loaded {
     metrics: Metrics,
     /// Requests seen by this VM with this bundle (for sampling the histogram).
     requests: std::cell::Cell<u64>,
+    /// Ids of this VM's decisions (in replies and audit lines).
+    ids: DecisionIds,
+}
+
+/// A per-VM seed for decision ids: the host's random source (WASI
+/// `random_get`, through the standard library's hasher keys), the time and
+/// the context id.
+fn id_seed(context_id: u32) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(ffi::now_ns().unwrap_or(0));
+    h.write_u32(context_id);
+    h.finish()
 }
 
 impl Context for Root {}
@@ -183,6 +199,7 @@ impl RootContext for Root {
             engine,
             metrics,
             requests: std::cell::Cell::new(0),
+            ids: DecisionIds::new(id_seed(self.context_id)),
         }));
         true
     }
@@ -243,7 +260,7 @@ impl HttpContext for Http {
             // HTTP contexts for a plugin that failed to configure, so this is
             // defensive; fail closed.
             let d = Decision::error(Default::default(), "tenantgate has no bundle loaded");
-            return self.deny(None, &d, None, None);
+            return self.deny(None, &d, None, None, None);
         };
         let engine = &loaded.engine;
         let start = ffi::now_ns().unwrap_or(0);
@@ -257,10 +274,7 @@ impl HttpContext for Http {
                 return self.finish(&loaded, d, None, None, None, start);
             }
         };
-        for (name, _) in headers
-            .iter()
-            .filter(|(n, _)| n.starts_with(OWN_HEADER_PREFIX))
-        {
+        for name in own_headers(&headers) {
             let _ = ffi::remove_header(ffi::MAP_REQUEST_HEADERS, name);
         }
         let source = if engine.uses_source_ip() {
@@ -294,6 +308,17 @@ impl HttpContext for Http {
         self.finish(&loaded, decision, mapped, tenant, request_id, start)
     }
 
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        // A client may send our headers as trailers (HTTP/2, chunked HTTP/1.1);
+        // the upstream must never receive them.
+        if let Ok(trailers) = ffi::header_pairs(ffi::MAP_REQUEST_TRAILERS) {
+            for name in own_headers(&trailers) {
+                let _ = ffi::remove_header(ffi::MAP_REQUEST_TRAILERS, name);
+            }
+        }
+        Action::Continue
+    }
+
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         for (k, v) in self.response_headers.drain(..) {
             let _ = ffi::add_header(ffi::MAP_RESPONSE_HEADERS, &k, &v);
@@ -318,18 +343,24 @@ impl Http {
         loaded
             .metrics
             .count(&decision, tenant.as_ref(), engine.settings().mode);
-        let line = engine.audit_line_at(
-            &decision,
-            mapped.as_ref(),
-            tenant.as_ref(),
-            request_id.as_deref(),
-            start,
-        );
-        if let Some(line) = line {
-            ffi::log(ffi::LOG_INFO, &line);
+        let blocks = decision.blocks(engine.settings().mode);
+        let audits = engine.audits(&decision);
+        let decision_id = (blocks || audits).then(|| loaded.ids.next_id());
+        if audits {
+            let line = engine.audit_line_at(
+                &decision,
+                mapped.as_ref(),
+                tenant.as_ref(),
+                request_id.as_deref(),
+                decision_id.as_deref(),
+                start,
+            );
+            if let Some(line) = line {
+                ffi::log(ffi::LOG_INFO, &line);
+            }
         }
         self.record_time(loaded, start);
-        if !decision.blocks(engine.settings().mode) {
+        if !blocks {
             if let Some(m) = &mapped {
                 // The upstream sees the path that was judged.
                 if let Some(p) = &m.forward_path {
@@ -352,6 +383,7 @@ impl Http {
             &decision,
             tenant.as_ref(),
             request_id.as_deref(),
+            decision_id.as_deref(),
         )
     }
 
@@ -377,14 +409,16 @@ impl Http {
         decision: &Decision,
         tenant: Option<&TenantPath>,
         request_id: Option<&str>,
+        decision_id: Option<&str>,
     ) -> Action {
         if decision.is_allowed() {
             return Action::Continue;
         }
-        let reply = engine.and_then(|e| e.reply(decision, tenant, request_id));
-        let (status, body, headers) = match &reply {
+        let reply = engine.and_then(|e| e.reply(decision, tenant, request_id, decision_id));
+        let (status, grpc_status, body, headers) = match &reply {
             Some(r) => (
                 r.status,
+                r.grpc_status,
                 r.body.as_str(),
                 r.headers
                     .iter()
@@ -393,11 +427,13 @@ impl Http {
             ),
             None => (
                 decision.status,
+                tenantgate_engine::http::grpc_status(decision.status),
                 r#"{"error":"unavailable"}"#,
                 vec![("content-type", "application/json")],
             ),
         };
-        if let Err(e) = ffi::send_local_response(status, "tenantgate", body, &headers) {
+        if let Err(e) = ffi::send_local_response(status, "tenantgate", body, &headers, grpc_status)
+        {
             ffi::log(
                 ffi::LOG_ERROR,
                 &format!("tenantgate: cannot send the {status} reply: {e}"),

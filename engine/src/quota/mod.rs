@@ -216,6 +216,28 @@ pub struct LimitInfo {
     pub key: String,
 }
 
+/// One limit name's state for a request, after its charge when admitted.
+/// Amounts are in tokens; [`QuotaDecision::ratelimit`] turns them into the
+/// requests a client can act on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LimitStatus {
+    pub name: Arc<str>,
+    /// Guaranteed tokens per window of the deepest node that declares it.
+    pub rate: u64,
+    /// Bucket size in tokens of that node.
+    pub burst: u64,
+    /// The window in seconds.
+    pub window_s: u64,
+    /// Whole tokens one lender on the chain could still give (borrowing
+    /// included, bounded by every ceil on the way).
+    pub remaining: u64,
+    /// Seconds until `remaining` is back to `rate` (rounded to whole
+    /// requests of this request's cost) with no other traffic; 0 when it is.
+    pub reset_s: u64,
+    /// True when the request was admitted with tokens borrowed from an ancestor.
+    pub borrowed: bool,
+}
+
 /// The quota part of a decision. Being refused is a value, not an error.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct QuotaDecision {
@@ -230,10 +252,10 @@ pub struct QuotaDecision {
     /// Whole seconds until this request would be admitted (at least 1 when
     /// refused), for `Retry-After`; 0 when admitted.
     pub retry_after_s: u64,
-    /// `RateLimit-Policy` field: `"rps";q=100;w=1` per limit name.
-    pub ratelimit_policy: Option<String>,
-    /// `RateLimit` field: `"rps";r=0;t=1` per limit name.
-    pub ratelimit: Option<String>,
+    /// What this request costs in tokens.
+    pub cost: u64,
+    /// Every limit name that applies, sorted by name.
+    pub limits: Vec<LimitStatus>,
 }
 
 impl QuotaDecision {
@@ -245,9 +267,61 @@ impl QuotaDecision {
             tenant: None,
             remaining: 0,
             retry_after_s: 0,
-            ratelimit_policy: None,
-            ratelimit: None,
+            cost: 0,
+            limits: Vec::new(),
         }
+    }
+
+    /// The `RateLimit-Policy` field (draft-ietf-httpapi-ratelimit-headers):
+    /// `"rps";q=100;w=1` per limit name, `q` in requests of this request's
+    /// cost; a cost above 1 is given as `tenantgate-cost`. `None` when no
+    /// limit applies.
+    pub fn ratelimit_policy(&self) -> Option<String> {
+        use std::fmt::Write as _;
+        if self.limits.is_empty() {
+            return None;
+        }
+        let cost = self.cost.max(1);
+        let mut out = String::with_capacity(24 * self.limits.len());
+        for l in &self.limits {
+            if !out.is_empty() {
+                out.push_str(", ");
+            }
+            let _ = write!(out, "\"{}\";q={};w={}", l.name, l.rate / cost, l.window_s);
+            if cost > 1 {
+                let _ = write!(out, ";tenantgate-cost={cost}");
+            }
+        }
+        Some(out)
+    }
+
+    /// The `RateLimit` field: `"rps";r=3;t=1` per limit name, `r` the
+    /// requests of this cost that could pass now (never above `q`) and `t` the
+    /// seconds until `r` is back to `q`. `None` when no limit applies.
+    pub fn ratelimit(&self) -> Option<String> {
+        use std::fmt::Write as _;
+        if self.limits.is_empty() {
+            return None;
+        }
+        let cost = self.cost.max(1);
+        let mut out = String::with_capacity(20 * self.limits.len());
+        for l in &self.limits {
+            if !out.is_empty() {
+                out.push_str(", ");
+            }
+            let q = l.rate / cost;
+            let r = (l.remaining / cost).min(q);
+            let _ = write!(out, "\"{}\";r={r};t={}", l.name, l.reset_s);
+        }
+        Some(out)
+    }
+
+    /// True when some limit has fewer tokens left than `ratio` of its burst
+    /// (after this request's charge).
+    pub fn near_limit(&self, ratio: f64) -> bool {
+        self.limits
+            .iter()
+            .any(|l| (l.remaining as f64) < ratio * (l.burst as f64))
     }
 }
 
@@ -541,8 +615,6 @@ fn walk(buckets: &[Bucket], need: i128) -> Walk {
 /// The admission decision as a pure function of the buckets read (`old`,
 /// aligned with `plan.nodes`): refill to `now`, walk, charge. Touches nothing.
 fn decide(plan: &Plan, old: &[Bucket], cost: u64, now: Nanos) -> Step {
-    use std::fmt::Write as _;
-
     let mut state: Vec<Bucket> = plan
         .nodes
         .iter()
@@ -582,25 +654,43 @@ fn decide(plan: &Plan, old: &[Bucket], cost: u64, now: Nanos) -> Step {
         }
     }
 
-    // Headers and waits, on the state after the charge (or as refused).
+    // Statuses and waits, on the state after the charge (or as refused).
     let mut remaining = u64::MAX;
-    let mut ratelimit = String::with_capacity(24 * plan.chains.len());
+    let mut limits = Vec::with_capacity(plan.chains.len());
     // (wait, chain index) of the refusal with the longest wait; `None` waits forever.
     let mut worst: Option<(Option<u64>, usize)> = None;
     let mut retry_s = 0;
+    let per_request = cost.max(1);
     for (ci, (c, w)) in plan.chains.iter().zip(&walks).enumerate() {
         let nodes = c.of(&plan.nodes);
         let bs = c.of(&state);
         let r = available(bs, c.per_ns);
-        let wait = wait_for(nodes, bs, c.units(cost.max(1)), now);
-        let t = wait
-            .map(ceil_seconds)
-            .unwrap_or((c.per_ns / 1_000_000_000).max(1));
+        let window_s = (c.per_ns / 1_000_000_000).max(1);
+        let wait = wait_for(nodes, bs, c.units(per_request), now);
+        let t = wait.map(ceil_seconds).unwrap_or(window_s);
         remaining = remaining.min(r);
-        if !ratelimit.is_empty() {
-            ratelimit.push_str(", ");
-        }
-        let _ = write!(ratelimit, "\"{}\";r={r};t={t}", c.name);
+        let (rate, burst) = nodes
+            .first()
+            .map(|l| (l.params.rate, l.params.burst))
+            .unwrap_or((0, 0));
+        // Back to a full quota: `q` whole requests of this cost.
+        let full = rate - rate % per_request;
+        let reset_s = if full == 0 || r >= full {
+            0
+        } else {
+            wait_for(nodes, bs, c.units(full), now)
+                .map(ceil_seconds)
+                .unwrap_or(window_s)
+        };
+        limits.push(LimitStatus {
+            name: Arc::clone(&c.name),
+            rate,
+            burst,
+            window_s,
+            remaining: r,
+            reset_s,
+            borrowed: admitted && matches!(w, Walk::Lent { by } if *by > 0),
+        });
         if let Walk::Refused { .. } = w {
             retry_s = retry_s.max(t.max(1));
             let longer = match worst {
@@ -635,8 +725,8 @@ fn decide(plan: &Plan, old: &[Bucket], cost: u64, now: Nanos) -> Step {
         tenant,
         remaining: if remaining == u64::MAX { 0 } else { remaining },
         retry_after_s: if admitted { 0 } else { retry_s },
-        ratelimit_policy: Some(plan.policy.clone()),
-        ratelimit: Some(ratelimit),
+        cost,
+        limits,
     };
     let new = (admitted && cost > 0).then_some(state);
     Step {

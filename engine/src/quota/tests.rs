@@ -221,10 +221,20 @@ fn admits_up_to_the_burst_then_refuses_with_retry_after() {
             tenant: Some(t("/")),
             remaining: 0,
             retry_after_s: 1,
-            ratelimit_policy: Some("\"rps\";q=10;w=1".into()),
-            ratelimit: Some("\"rps\";r=0;t=1".into()),
+            cost: 1,
+            limits: vec![LimitStatus {
+                name: "rps".into(),
+                rate: 10,
+                burst: 20,
+                window_s: 1,
+                remaining: 0,
+                reset_s: 1,
+                borrowed: false,
+            }],
         }
     );
+    assert_eq!(d.ratelimit_policy().as_deref(), Some("\"rps\";q=10;w=1"));
+    assert_eq!(d.ratelimit().as_deref(), Some("\"rps\";r=0;t=1"));
     // 10 per second: one more token every 100 ms, exactly.
     assert_eq!(burst(&m, &s, "/acme", 5, 1, T0 + S / 10 - 1), 0);
     assert_eq!(burst(&m, &s, "/acme", 5, 1, T0 + S / 10), 1);
@@ -236,8 +246,9 @@ fn admits_up_to_the_burst_then_refuses_with_retry_after() {
     let d = m.admit(&t("/acme"), 1, T0 + 4 * S, &s).unwrap();
     assert!(d.admitted);
     assert_eq!(
-        (d.remaining, d.ratelimit.as_deref()),
-        (8, Some("\"rps\";r=8;t=0"))
+        (d.remaining, d.ratelimit().as_deref()),
+        (8, Some("\"rps\";r=8;t=1")),
+        "t: two more tokens take 200 ms"
     );
 }
 
@@ -270,8 +281,9 @@ fn multi_window_limits_apply_together() {
     // One hourly token every 144 s; 2 s already passed since the start.
     assert_eq!(d.retry_after_s, 142);
     assert_eq!(
-        d.ratelimit.as_deref(),
-        Some("\"hourly\";r=0;t=142, \"rps\";r=5;t=0")
+        d.ratelimit().as_deref(),
+        Some("\"hourly\";r=0;t=3598, \"rps\";r=5;t=1"),
+        "t: until the whole quota is back (Retry-After says when one request passes)"
     );
     // Hours later the per-second limit is the binding one again.
     assert_eq!(burst(&m, &s, "/a", 20, 1, T0 + 3_600 * S), 10);
@@ -697,4 +709,52 @@ fn bundle_limits_build_through_from_bundle() {
         (e[0].file.as_str(), e[0].line),
         ("tenants/a/b/tenant.json", 2)
     );
+}
+
+#[test]
+fn ratelimit_fields_count_requests_of_this_cost_and_r_never_exceeds_q() {
+    // rate 100, burst 500: plenty of tokens, but q is the rate.
+    let m = model(&[(
+        "/",
+        r#"{"limits": {"rps": {"rate": 100, "burst": 500}}}"#,
+    )]);
+    let s = store_for(&m);
+    let d = m.admit(&t("/a"), 1, T0, &s).unwrap();
+    assert_eq!(d.remaining, 499);
+    assert_eq!(d.ratelimit_policy().as_deref(), Some("\"rps\";q=100;w=1"));
+    assert_eq!(d.ratelimit().as_deref(), Some("\"rps\";r=100;t=0"));
+    // A request costing 2 tokens: q and r in requests of that cost.
+    let d = m.admit(&t("/a"), 2, T0, &s).unwrap();
+    assert_eq!(d.remaining, 497);
+    assert_eq!(
+        d.ratelimit_policy().as_deref(),
+        Some("\"rps\";q=50;w=1;tenantgate-cost=2")
+    );
+    assert_eq!(d.ratelimit().as_deref(), Some("\"rps\";r=50;t=0"));
+    // Drain to 3 tokens: one request of cost 2 left, refused after it.
+    assert_eq!(burst(&m, &s, "/a", 494, 1, T0), 494);
+    let d = m.admit(&t("/a"), 2, T0, &s).unwrap();
+    assert!(d.admitted);
+    assert_eq!(d.ratelimit().as_deref(), Some("\"rps\";r=0;t=1"));
+    let d = m.admit(&t("/a"), 2, T0, &s).unwrap();
+    assert!(!d.admitted);
+    assert_eq!(d.ratelimit().as_deref(), Some("\"rps\";r=0;t=1"));
+    // 1 token left; 99 more for a full quota of 50 requests of 2 take 990 ms.
+    assert_eq!(d.limits[0].reset_s, 1);
+    assert_eq!(d.retry_after_s, 1);
+    assert!(d.near_limit(0.2));
+}
+
+#[test]
+fn a_borrowing_admission_is_marked() {
+    let m = model(&[
+        ("/", r#"{"limits": {"rps": {"rate": 10}}}"#),
+        ("/a", r#"{"limits": {"rps": {"rate": 2, "ceil": 10}}}"#),
+    ]);
+    let s = store_for(&m);
+    let d = m.admit(&t("/a"), 1, T0, &s).unwrap();
+    assert!(!d.limits[0].borrowed);
+    assert_eq!(burst(&m, &s, "/a", 1, 1, T0), 1);
+    let d = m.admit(&t("/a"), 1, T0, &s).unwrap();
+    assert!(d.admitted && d.limits[0].borrowed, "{d:?}");
 }
