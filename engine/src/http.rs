@@ -1182,7 +1182,13 @@ mod tests {
         ] {
             assert!(is_own_header(name), "{name}");
         }
-        for name in ["x-tenant", "x-tenantgat", "xx-tenantgate-a", "x.tenantgate.a", "x-user"] {
+        for name in [
+            "x-tenant",
+            "x-tenantgat",
+            "xx-tenantgate-a",
+            "x.tenantgate.a",
+            "x-user",
+        ] {
             assert!(!is_own_header(name), "{name}");
         }
         let h = headers(&[
@@ -1240,10 +1246,22 @@ mod tests {
             map(&e, &h).unwrap().request
         };
         let r = call("/acme.Orders/GetOrder", "application/grpc");
-        assert_eq!((r.action, r.method.as_str(), r.path.as_str()), (Some("read"), "POST", "/acme.Orders/GetOrder"));
-        assert_eq!(call("/acme.Orders/Create", "application/grpc+proto").action, Some("write"));
-        assert_eq!(call("/acme.Orders/GetOrder", "application/json").action, None);
-        assert_eq!(call("/acme.Orders/GetOrder", "application/grpcx").action, None);
+        assert_eq!(
+            (r.action, r.method.as_str(), r.path.as_str()),
+            (Some("read"), "POST", "/acme.Orders/GetOrder")
+        );
+        assert_eq!(
+            call("/acme.Orders/Create", "application/grpc+proto").action,
+            Some("write")
+        );
+        assert_eq!(
+            call("/acme.Orders/GetOrder", "application/json").action,
+            None
+        );
+        assert_eq!(
+            call("/acme.Orders/GetOrder", "application/grpcx").action,
+            None
+        );
         // Read RPCs pass the members-read permit; write RPCs have no permit.
         let store = MemoryStore::new();
         let read = call("/acme.Orders/GetOrder", "application/grpc");
@@ -1269,7 +1287,14 @@ mod tests {
             "INVALID_ARGUMENT, PERMISSION_DENIED, RESOURCE_EXHAUSTED, UNAVAILABLE"
         );
         let e = engine(Settings::default());
-        let r = e.reply(&Decision::bad_request("x"), None, Some("client-id"), Some("d-1")).unwrap();
+        let r = e
+            .reply(
+                &Decision::bad_request("x"),
+                None,
+                Some("client-id"),
+                Some("d-1"),
+            )
+            .unwrap();
         assert_eq!(r.grpc_status, 3);
         let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
         assert_eq!(body["request_id"], "client-id");
@@ -1292,7 +1317,10 @@ mod tests {
         assert_eq!(
             h,
             [
-                ("ratelimit-policy".to_string(), "\"rpm\";q=2;w=60".to_string()),
+                (
+                    "ratelimit-policy".to_string(),
+                    "\"rpm\";q=2;w=60".to_string()
+                ),
                 ("ratelimit".to_string(), "\"rpm\";r=0;t=60".to_string())
             ]
         );

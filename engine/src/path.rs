@@ -128,7 +128,11 @@ fn is_double_encoded_dot_segment(segment: &str) -> bool {
     while !rest.is_empty() {
         if let Some(r) = rest.strip_prefix('.') {
             rest = r;
-        } else if rest.len() >= 5 && rest.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("%252e")) {
+        } else if rest.len() >= 5
+            && rest
+                .get(..5)
+                .is_some_and(|p| p.eq_ignore_ascii_case("%252e"))
+        {
             rest = rest.get(5..).unwrap_or_default();
         } else {
             return false;
@@ -273,7 +277,12 @@ mod tests {
         assert_eq!(normalize_path("/a\nb"), Err(PathError::BadCharacter));
         assert_eq!(normalize_path("/a\\..\\b"), Err(PathError::BadCharacter));
         // What an upstream decoding once more would read differently.
-        for raw in ["/a/%252e%252e/b", "/a/%252E/b", "/a/.%252e/b", "/a/%252e%252E;x/b"] {
+        for raw in [
+            "/a/%252e%252e/b",
+            "/a/%252E/b",
+            "/a/.%252e/b",
+            "/a/%252e%252E;x/b",
+        ] {
             assert!(
                 matches!(normalize_path(raw), Err(PathError::DoubleEncoded(_))),
                 "{raw}"

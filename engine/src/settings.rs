@@ -307,7 +307,8 @@ impl Settings {
             let ok = p.starts_with('/')
                 && p.len() <= 512
                 && p.matches('/').count() == 2
-                && p.bytes().all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#' && b != b'%');
+                && p.bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#' && b != b'%');
             if !ok {
                 errors.push(format!(
                     "`grpc.read`: `{p}` is not a gRPC method pattern like `/package.Service/Method` (`*` for any characters)"
@@ -410,8 +411,8 @@ mod tests {
         assert_eq!(g.action("/acme.orders.v1.Orders/Get"), "read");
         assert_eq!(g.action("/acme.orders.v1.Orders"), "write");
         assert_eq!(s.cost_of("POST", Some("read")), 1);
-        let bad: Settings = serde_json::from_str(r#"{"grpc": {"read": ["Orders/Get", "/a/b/c"]}}"#)
-            .unwrap();
+        let bad: Settings =
+            serde_json::from_str(r#"{"grpc": {"read": ["Orders/Get", "/a/b/c"]}}"#).unwrap();
         assert_eq!(bad.check().len(), 2);
         assert!(glob_match("*", ""));
         assert!(glob_match("/a*c", "/abbbc"));

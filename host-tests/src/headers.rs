@@ -77,6 +77,22 @@ impl Headers {
         self.0.is_empty()
     }
 
+    /// Names an upstream could read as `prefix` (lowercase, `-` separated):
+    /// any case, `_` for `-`.
+    pub fn names_folding_to(&self, prefix: &str) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|(k, _)| {
+                k.len() >= prefix.len()
+                    && k.bytes().zip(prefix.bytes()).all(|(c, p)| {
+                        let c = c.to_ascii_lowercase();
+                        c == p || (p == b'-' && c == b'_')
+                    })
+            })
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
     /// Names starting with `prefix` (lowercase).
     pub fn names_with_prefix(&self, prefix: &str) -> Vec<String> {
         self.0

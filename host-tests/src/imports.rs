@@ -103,6 +103,7 @@ fn map_for_read<'a>(c: &'a C<'_>, map: u32) -> Result<&'a Headers, Status> {
     let ctx = c.data().http().ok_or(Status::BadArgument)?;
     match (map, ctx.phase) {
         (abi::MAP_REQUEST_HEADERS, _) => Ok(&ctx.request_headers),
+        (abi::MAP_REQUEST_TRAILERS, _) => Ok(&ctx.request_trailers),
         (abi::MAP_RESPONSE_HEADERS, Phase::ResponseHeaders | Phase::Log) => {
             Ok(&ctx.response_headers)
         }
@@ -117,6 +118,7 @@ fn map_for_write<'a>(c: &'a mut C<'_>, map: u32) -> Result<&'a mut Headers, Stat
     let ctx = c.data_mut().http_mut().ok_or(Status::BadArgument)?;
     match (map, ctx.phase) {
         (abi::MAP_REQUEST_HEADERS, Phase::RequestHeaders) => Ok(&mut ctx.request_headers),
+        (abi::MAP_REQUEST_TRAILERS, Phase::RequestTrailers) => Ok(&mut ctx.request_trailers),
         (abi::MAP_RESPONSE_HEADERS, Phase::ResponseHeaders) => Ok(&mut ctx.response_headers),
         _ => Err(Status::BadArgument),
     }
@@ -148,7 +150,9 @@ fn get_property(state: &VmState, path: &[u8]) -> Result<Vec<u8>, Status> {
                     .map(<[u8]>::to_vec)
                     .ok_or(Status::NotFound);
             }
-            [b"response", b"headers", name] if ctx.phase != Phase::RequestHeaders => {
+            [b"response", b"headers", name]
+                if matches!(ctx.phase, Phase::ResponseHeaders | Phase::Log) =>
+            {
                 let name = String::from_utf8_lossy(name);
                 return ctx
                     .response_headers

@@ -38,6 +38,7 @@ pub(crate) struct HostShared {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Phase {
     RequestHeaders,
+    RequestTrailers,
     ResponseHeaders,
     Log,
 }
@@ -56,6 +57,7 @@ pub struct LocalResponse {
 pub(crate) struct HttpCtx {
     pub phase: Phase,
     pub request_headers: Headers,
+    pub request_trailers: Headers,
     pub response_headers: Headers,
     pub properties: HashMap<PropertyPath, Vec<u8>>,
     /// `metadata.filter_metadata`: filter name -> value.

@@ -16,6 +16,7 @@ struct Exports {
     on_vm_start: Option<TypedFunc<(u32, u32), u32>>,
     on_configure: Option<TypedFunc<(u32, u32), u32>>,
     on_request_headers: Option<TypedFunc<(u32, u32, u32), u32>>,
+    on_request_trailers: Option<TypedFunc<(u32, u32), u32>>,
     on_response_headers: Option<TypedFunc<(u32, u32, u32), u32>>,
     on_done: Option<TypedFunc<u32, u32>>,
     on_log: Option<TypedFunc<u32, ()>>,
@@ -80,6 +81,7 @@ impl Vm {
             on_vm_start: typed(&instance, &mut store, "proxy_on_vm_start")?,
             on_configure: typed(&instance, &mut store, "proxy_on_configure")?,
             on_request_headers: typed(&instance, &mut store, "proxy_on_request_headers")?,
+            on_request_trailers: typed(&instance, &mut store, "proxy_on_request_trailers")?,
             on_response_headers: typed(&instance, &mut store, "proxy_on_response_headers")?,
             on_done: typed(&instance, &mut store, "proxy_on_done")?,
             on_log: typed(&instance, &mut store, "proxy_on_log")?,
@@ -287,6 +289,7 @@ impl Vm {
         let root = self.root;
         let StreamInput {
             headers,
+            trailers,
             properties,
             metadata,
             end_of_stream,
@@ -301,6 +304,7 @@ impl Vm {
                 HttpCtx {
                     phase: Phase::RequestHeaders,
                     request_headers: headers,
+                    request_trailers: trailers,
                     response_headers: Headers::new(),
                     properties,
                     metadata,
@@ -346,6 +350,26 @@ impl Vm {
             )?),
             None => Action::Continue,
         };
+        // Request trailers (after the body) reach the filter only when it let
+        // the headers through, as in Envoy.
+        let has_trailers = self
+            .store
+            .data()
+            .http
+            .get(&id)
+            .is_some_and(|c| !c.request_trailers.is_empty() && c.local.is_none());
+        if has_trailers && action == Action::Continue {
+            let st = self.store.data_mut();
+            let mut n = 0;
+            if let Some(ctx) = st.http.get_mut(&id) {
+                ctx.phase = Phase::RequestTrailers;
+                n = u32::try_from(ctx.request_trailers.len()).unwrap_or(u32::MAX);
+            }
+            st.active = id;
+            if let Some(f) = self.exports.on_request_trailers.clone() {
+                self.call(&f, (id, n), "proxy_on_request_trailers")?;
+            }
+        }
         let ctx = self
             .store
             .data()
@@ -353,6 +377,7 @@ impl Vm {
             .get(&id)
             .ok_or_else(|| anyhow!("HTTP context {id} vanished"))?;
         let request_headers = ctx.request_headers.clone();
+        let request_trailers = ctx.request_trailers.clone();
         let local = ctx.local.clone();
 
         // The response Envoy sends downstream, through the filter's
@@ -410,6 +435,7 @@ impl Vm {
         Ok(Response {
             action,
             request_headers,
+            request_trailers,
             local,
             status,
             headers: response_headers,
@@ -431,6 +457,7 @@ pub struct RequestBuilder<'a> {
 
 struct StreamInput {
     headers: Headers,
+    trailers: Headers,
     properties: HashMap<Vec<Vec<u8>>, Vec<u8>>,
     metadata: serde_json::Map<String, serde_json::Value>,
     end_of_stream: bool,
@@ -451,6 +478,7 @@ impl<'a> RequestBuilder<'a> {
             vm,
             input: StreamInput {
                 headers: Headers::new(),
+                trailers: Headers::new(),
                 properties: HashMap::new(),
                 metadata: serde_json::Map::new(),
                 end_of_stream: true,
@@ -490,6 +518,14 @@ impl<'a> RequestBuilder<'a> {
     /// Adds a request header (the name is lowercased, as Envoy's codecs do).
     pub fn header(mut self, name: &str, value: &str) -> Self {
         self.input.headers.add(name, value.as_bytes());
+        self
+    }
+
+    /// Adds a request trailer (sent after the body, as HTTP/2 and chunked
+    /// HTTP/1.1 clients may); the filter sees it in `proxy_on_request_trailers`.
+    pub fn trailer(mut self, name: &str, value: &str) -> Self {
+        self.input.trailers.add(name, value.as_bytes());
+        self.input.end_of_stream = false;
         self
     }
 
@@ -637,6 +673,8 @@ pub struct Response {
     pub action: Action,
     /// The request headers after the filter (what the upstream would get).
     pub request_headers: Headers,
+    /// The request trailers after the filter.
+    pub request_trailers: Headers,
     /// The local response the filter sent, if any.
     pub local: Option<LocalResponse>,
     /// Status sent downstream: the local response's, else the upstream's (0

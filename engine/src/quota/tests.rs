@@ -714,10 +714,7 @@ fn bundle_limits_build_through_from_bundle() {
 #[test]
 fn ratelimit_fields_count_requests_of_this_cost_and_r_never_exceeds_q() {
     // rate 100, burst 500: plenty of tokens, but q is the rate.
-    let m = model(&[(
-        "/",
-        r#"{"limits": {"rps": {"rate": 100, "burst": 500}}}"#,
-    )]);
+    let m = model(&[("/", r#"{"limits": {"rps": {"rate": 100, "burst": 500}}}"#)]);
     let s = store_for(&m);
     let d = m.admit(&t("/a"), 1, T0, &s).unwrap();
     assert_eq!(d.remaining, 499);

@@ -81,7 +81,8 @@ fn a_policy_deny_is_403_with_a_json_body() {
     assert_eq!(body["request_id"], "rid-403");
     // The bundle sets `expose_reasons`.
     assert_eq!(body["reasons"], serde_json::json!(["no-admin"]));
-    assert_eq!(resp.local.as_ref().unwrap().grpc_status, -1);
+    // gRPC clients get PERMISSION_DENIED.
+    assert_eq!(resp.local.as_ref().unwrap().grpc_status, 7);
     // Default deny: no permit (alice's home is /acme, the request is for /globex).
     let body = expect_reply(&get(&mut vm, "/globex", "alice", "/acme", "/x"), 403);
     assert_eq!(body["tenant"], "/globex");
