@@ -13,7 +13,10 @@ cd "$(dirname "$0")/.."
 scripts/build-wasm.sh >&2
 cargo build -q -p tenantgate-cli
 scripts/install-envoy.sh
+# Real clients and parsers for the upstream-trust tests (gRPC, HTTP/2, RFC 9651).
+.venv/bin/pip install --quiet --disable-pip-version-check -r envoy/requirements-test.txt
 export TENANTGATE_CLI="$PWD/target/debug/tenantgate"
 [ $# -gt 0 ] || python3 envoy/reload_test.py  # live reload under load (envoy/reload_test.py), full runs only
 [ $# -gt 0 ] || python3 envoy/isolation_test.py  # isolation matrix (envoy/isolation_test.py), full runs only
+[ $# -gt 0 ] || .venv/bin/python envoy/upstream_trust_test.py  # what upstreams may trust, full runs only
 exec python3 envoy/e2e_test.py "$@"

@@ -23,6 +23,8 @@ pub const WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.w
 const HCM_TYPE: &str =
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const ROUTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+const HTTP_PROTOCOL_OPTIONS_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 const STRING_VALUE_TYPE: &str = "type.googleapis.com/google.protobuf.StringValue";
 const TYPED_EXTENSION_CONFIG_TYPE: &str =
     "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
@@ -51,6 +53,17 @@ impl TrafficMode {
     }
 }
 
+/// How Envoy talks to the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 to the upstream, whatever the client spoke.
+    Http1,
+    /// HTTP/2 (cleartext) to the upstream: for gRPC services.
+    Http2,
+    /// The client's protocol: HTTP/2 clients (gRPC) upstream over HTTP/2, HTTP/1.1 ones over HTTP/1.1.
+    Downstream,
+}
+
 /// Everything `tenantgate envoy` takes besides the bundle.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Options {
@@ -66,6 +79,18 @@ pub struct Options {
     /// The upstream the listener routes to (an IP address or a DNS name, and a port).
     #[arg(long, default_value = "127.0.0.1:8080", value_name = "HOST:PORT")]
     pub upstream: String,
+    /// How many proxies in front of Envoy append to `x-forwarded-for` (a load
+    /// balancer: 1). Envoy takes the client address that many hops back.
+    #[arg(long = "trusted-hops", default_value_t = 0, value_name = "N")]
+    pub trusted_hops: u32,
+    /// A range of addresses Envoy treats as internal (trusted to set
+    /// `x-request-id` and `x-envoy-*` headers), e.g. `10.0.0.0/8`; repeatable.
+    /// Default: none, every client is external.
+    #[arg(long = "internal-cidr", value_name = "CIDR")]
+    pub internal_cidrs: Vec<String>,
+    /// The protocol to the upstream.
+    #[arg(long = "upstream-protocol", value_enum, default_value = "http1")]
+    pub upstream_protocol: UpstreamProtocol,
     /// Envoy's admin interface (keep it on loopback).
     #[arg(long, default_value = "127.0.0.1:9901", value_name = "IP:PORT")]
     pub admin: String,
@@ -175,6 +200,7 @@ fn bootstrap(bundle: &Bundle, o: &Options) -> Result<Value, String> {
     let listen = socket_address(&o.listen, "--listen")?;
     let admin = socket_address(&o.admin, "--admin")?;
     let (up_host, up_port) = host_port(&o.upstream, "--upstream")?;
+    let internal = internal_address_config(&o.internal_cidrs)?;
     let tenantgate = match &o.ecds {
         None => json!({ "name": WASM_FILTER, "typed_config": wasm_filter(bundle, o) }),
         Some(path) => json!({
@@ -208,8 +234,23 @@ fn bootstrap(bundle: &Bundle, o: &Options) -> Result<Value, String> {
                         "typed_config": {
                             "@type": HCM_TYPE,
                             "stat_prefix": "ingress",
-                            // tenantgate echoes x-request-id in replies and audit lines.
+                            // What upstreams may trust (SECURITY.md):
+                            // - the client address is the peer's (or `--trusted-hops`
+                            //   back in x-forwarded-for), and a client outside
+                            //   `--internal-cidr` cannot set x-request-id or x-envoy-*;
+                            // - header names with `_` are dropped before any filter:
+                            //   CGI/WSGI upstreams fold `_` into `-`, so
+                            //   `x_tenantgate_principal` would read as ours.
+                            //   (REJECT_REQUEST would reset HTTP/2 streams of
+                            //   clients that send harmless ones.)
+                            "use_remote_address": true,
+                            "xff_num_trusted_hops": o.trusted_hops,
+                            "internal_address_config": internal,
                             "generate_request_id": true,
+                            "preserve_external_request_id": false,
+                            "common_http_protocol_options": {
+                                "headers_with_underscores_action": "DROP_HEADER"
+                            },
                             "route_config": {
                                 "name": "local",
                                 "virtual_hosts": [{
@@ -232,9 +273,16 @@ fn bootstrap(bundle: &Bundle, o: &Options) -> Result<Value, String> {
                     }]
                 }]
             }],
-            "clusters": [{
+            "clusters": [upstream_cluster(cluster_type, &up_host, up_port, o.upstream_protocol)]
+        }
+    }))
+}
+
+/// The upstream cluster, with the protocol options `--upstream-protocol` asks for.
+fn upstream_cluster(kind: &str, host: &str, port: u16, protocol: UpstreamProtocol) -> Value {
+    let mut cluster = json!({
                 "name": "upstream",
-                "type": cluster_type,
+                "type": kind,
                 "connect_timeout": "1s",
                 "load_assignment": {
                     "cluster_name": "upstream",
@@ -242,15 +290,59 @@ fn bootstrap(bundle: &Bundle, o: &Options) -> Result<Value, String> {
                         "lb_endpoints": [{
                             "endpoint": {
                                 "address": {
-                                    "socket_address": { "address": up_host, "port_value": up_port }
+                                    "socket_address": { "address": host, "port_value": port }
                                 }
                             }
                         }]
                     }]
                 }
-            }]
+    });
+    let options = match protocol {
+        UpstreamProtocol::Http1 => None,
+        UpstreamProtocol::Http2 => {
+            Some(json!({ "explicit_http_config": { "http2_protocol_options": {} } }))
         }
-    }))
+        UpstreamProtocol::Downstream => Some(json!({
+            "use_downstream_protocol_config": { "http_protocol_options": {}, "http2_protocol_options": {} }
+        })),
+    };
+    if let (Some(mut options), Some(obj)) = (options, cluster.as_object_mut()) {
+        if let Some(o) = options.as_object_mut() {
+            o.insert("@type".into(), HTTP_PROTOCOL_OPTIONS_TYPE.into());
+        }
+        obj.insert(
+            "typed_extension_protocol_options".into(),
+            json!({ "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": options }),
+        );
+    }
+    cluster
+}
+
+/// `internal_address_config` with exactly the given ranges. Set explicitly:
+/// its default changed between Envoy releases, and an empty `cidr_ranges`
+/// still means Envoy's built-in list (loopback and RFC 1918 addresses are
+/// internal, checked in Envoy 1.40). With no `--internal-cidr` the one range
+/// is `0.0.0.0/32`, which no client connects from: every client is external.
+fn internal_address_config(cidrs: &[String]) -> Result<Value, String> {
+    if cidrs.is_empty() {
+        return Ok(json!({
+            "unix_sockets": false,
+            "cidr_ranges": [{ "address_prefix": "0.0.0.0", "prefix_len": 32 }]
+        }));
+    }
+    let mut ranges = Vec::new();
+    for c in cidrs {
+        let bad =
+            || format!("error: `--internal-cidr {c}` is not an address range like `10.0.0.0/8`");
+        let (ip, len) = c.split_once('/').ok_or_else(bad)?;
+        let ip: IpAddr = ip.parse().map_err(|_| bad())?;
+        let len: u32 = len.parse().map_err(|_| bad())?;
+        if len > if ip.is_ipv4() { 32 } else { 128 } {
+            return Err(bad());
+        }
+        ranges.push(json!({ "address_prefix": ip.to_string(), "prefix_len": len }));
+    }
+    Ok(json!({ "unix_sockets": false, "cidr_ranges": ranges }))
 }
 
 /// `{"socket_address": {...}}` of an `ip:port` (`[v6]:port` for IPv6).
@@ -447,5 +539,31 @@ mod tests {
     fn nulls_are_stripped_everywhere() {
         let v = strip_nulls(json!({"a": null, "b": [{"c": null, "d": 1}]}));
         assert_eq!(v, json!({"b": [{"d": 1}]}));
+    }
+
+    #[test]
+    fn internal_ranges_are_explicit() {
+        let none = internal_address_config(&[]).unwrap();
+        assert_eq!(
+            none["cidr_ranges"],
+            json!([{ "address_prefix": "0.0.0.0", "prefix_len": 32 }]),
+            "an empty list would mean Envoy's built-in ranges"
+        );
+        let some = internal_address_config(&["10.0.0.0/8".into(), "fd00::/8".into()]).unwrap();
+        assert_eq!(some["cidr_ranges"][1]["prefix_len"], 8);
+        for bad in ["10.0.0.0", "10.0.0.0/33", "x/8", "::/129"] {
+            assert!(internal_address_config(&[bad.into()]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn upstream_protocols() {
+        let c = upstream_cluster("STATIC", "127.0.0.1", 80, UpstreamProtocol::Http1);
+        assert!(c.get("typed_extension_protocol_options").is_none());
+        let c = upstream_cluster("STATIC", "127.0.0.1", 80, UpstreamProtocol::Http2);
+        let o = &c["typed_extension_protocol_options"]
+            ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"];
+        assert_eq!(o["@type"], HTTP_PROTOCOL_OPTIONS_TYPE);
+        assert!(o["explicit_http_config"]["http2_protocol_options"].is_object());
     }
 }
