@@ -294,8 +294,7 @@ def path_rows():
         .up_path("/t/globex/x"),  # the upstream gets the path that was judged
         a("P08", "/t/acme/%2e%2e/globex").forbidden("/globex", ISO),
         a("P09", "/t/acme/.%2E/globex/x").forbidden("/globex", ISO),
-        a("P10", "/t/acme/eu/%252e%252e/%252e%252e/globex/x").bad()
-        .res("/%252e%252e/%252e%252e/globex/x"),
+        a("P10", "/t/acme/eu/%252e%252e/%252e%252e/globex/x").bad(),
         a("P11", "/t//acme//eu//orders").ok("/acme/eu").res("/orders"),
         a("P12", "/t/./acme/eu/./x").ok("/acme/eu").res("/x"),
         a("P13", "/t/acme;v=1/eu/x").ok("/acme/eu").res("/x"),
