@@ -38,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
         Err(bad) => (Decision::bad_request(bad.message), bad.tenant, None),
     };
     assert!(matches!(decision.status, 200 | 400 | 403 | 429 | 503), "{decision:?}");
-    if let Some(reply) = engine.reply(&decision, tenant.as_ref(), rid.as_deref()) {
+    if let Some(reply) = engine.reply(&decision, tenant.as_ref(), rid.as_deref(), Some("d")) {
         let v: serde_json::Value = serde_json::from_str(&reply.body).expect("reply bodies are JSON");
         assert!(v.get("error").is_some());
     }
