@@ -107,7 +107,7 @@ fn map_for_read<'a>(c: &'a C<'_>, map: u32) -> Result<&'a Headers, Status> {
         (abi::MAP_RESPONSE_HEADERS, Phase::ResponseHeaders | Phase::Log) => {
             Ok(&ctx.response_headers)
         }
-        (abi::MAP_REQUEST_TRAILERS | abi::MAP_RESPONSE_TRAILERS, _) => Ok(&NO_TRAILERS),
+        (abi::MAP_RESPONSE_TRAILERS, _) => Ok(&NO_TRAILERS),
         _ => Err(Status::BadArgument),
     }
 }
