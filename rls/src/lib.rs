@@ -25,6 +25,9 @@ use service::Service;
 /// How long one Redis step may take before the RPC answers UNAVAILABLE.
 pub const REDIS_TIMEOUT: Duration = Duration::from_millis(1000);
 
+/// How long a graceful shutdown waits for open connections.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// The command line.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -124,21 +127,34 @@ pub async fn run(config: Config) -> Result<(), String> {
         config.domain.clone(),
     );
     log(format!("listening on {addr} (domain `{}`)", config.domain));
+    let (stop_tx, mut stop_rx) = watch::channel(false);
     let shutdown = async move {
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
         log("shutting down");
+        stop_tx.send_replace(true);
     };
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .add_service(RateLimitServiceServer::new(service))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),
             shutdown,
-        )
-        .await
-        .map_err(|e| format!("server: {e}"))?;
+        );
+    // Connections get GOAWAY and finish their calls; one that stays open
+    // does not hold the process past SHUTDOWN_GRACE.
+    let deadline = async move {
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        r = server => r.map_err(|e| format!("server: {e}"))?,
+        () = deadline => log(format!(
+            "connections still open {} s after the signal; closing them",
+            SHUTDOWN_GRACE.as_secs()
+        )),
+    }
     log("stopped");
     Ok(())
 }
