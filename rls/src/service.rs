@@ -10,7 +10,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use envoy_types::pb::google::protobuf::Duration as PbDuration;
-use tenantgate_engine::quota::fleet::FleetLimit;
+use tenantgate_engine::quota::fleet::{FleetLimit, REPORT_HEADER};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
@@ -33,8 +33,13 @@ impl Service {
         }
     }
 
-    /// Answers one request (the RPC without the gRPC wrapping).
-    pub async fn decide(&self, req: &RateLimitRequest) -> Result<RateLimitResponse, Status> {
+    /// Answers one request (the RPC without the gRPC wrapping); `report`
+    /// when the call's metadata marks it as a report.
+    pub async fn decide(
+        &self,
+        req: &RateLimitRequest,
+        report_call: bool,
+    ) -> Result<RateLimitResponse, Status> {
         let limits = Arc::clone(&self.limits.borrow());
         // The API: a request-level `hits_addend` of 0 means 1.
         let request_hits = u64::from(req.hits_addend.max(1));
@@ -48,10 +53,15 @@ impl Service {
             } else {
                 Match::Unknown
             };
-            let Match::Limit { limit, report } = m else {
+            let Match::Limit {
+                limit,
+                report: report_entry,
+            } = m
+            else {
                 slot.push(None);
                 continue;
             };
+            let report = report_call || report_entry;
             let n = d.hits_addend.as_ref().map_or(request_hits, |h| h.value);
             let key = limits.counter_key(limit);
             // The same counter twice in one request is counted once, with the hits summed.
@@ -107,7 +117,14 @@ impl RateLimitService for Service {
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
-        self.decide(request.get_ref()).await.map(Response::new)
+        let (k, v) = REPORT_HEADER;
+        let report = request
+            .metadata()
+            .get(k)
+            .is_some_and(|x| x.as_bytes() == v.as_bytes());
+        self.decide(request.get_ref(), report)
+            .await
+            .map(Response::new)
     }
 }
 

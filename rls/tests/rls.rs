@@ -200,6 +200,43 @@ async fn reports_count_past_the_limit() {
 
 #[tokio::test]
 #[ignore = "needs Redis: run scripts/test-rls.sh"]
+async fn a_call_marked_as_a_report_by_metadata_counts_past_the_limit() {
+    let top = unique("reportmd");
+    let (p, a) = (format!("/{top}"), format!("/{top}/a"));
+    let tree = Tree::new();
+    tree.write(&[(&p, &fleet("rpm", "5", "1m")), (&a, &fleet("rpm", "3", ""))]);
+    let rls = Rls::start(&tree.bundle_path(), &redis_url());
+    let mut c = rls.client().await;
+    let marked = |hits| {
+        let mut r = tonic::Request::new(request(vec![check(&a, "rpm"), check(&p, "rpm")], hits));
+        r.metadata_mut()
+            .insert("x-tenantgate-report", "1".parse().unwrap());
+        r
+    };
+    let r = c.should_rate_limit(marked(4)).await.unwrap().into_inner();
+    assert_eq!(
+        (r.overall_code, codes(&r)),
+        (OVER, vec![(OVER, 0), (OK, 1)])
+    );
+    let r = c.should_rate_limit(marked(2)).await.unwrap().into_inner();
+    assert_eq!(
+        (r.overall_code, codes(&r)),
+        (OVER, vec![(OVER, 0), (OVER, 0)])
+    );
+    let key = |n: &str| format!("tenantgate:rls:v1:{{{top}}}:{n}:rpm:60");
+    assert_eq!(redis_get(&redis_url(), &key(&a)).await, Some(6));
+    assert_eq!(redis_get(&redis_url(), &key(&p)).await, Some(6));
+    // Another value of the header is no report: a refused check counts nothing.
+    let mut r = tonic::Request::new(request(vec![check(&p, "rpm")], 1));
+    r.metadata_mut()
+        .insert("x-tenantgate-report", "0".parse().unwrap());
+    let r = c.should_rate_limit(r).await.unwrap().into_inner();
+    assert_eq!(codes(&r), vec![(OVER, 0)]);
+    assert_eq!(redis_get(&redis_url(), &key(&p)).await, Some(6));
+}
+
+#[tokio::test]
+#[ignore = "needs Redis: run scripts/test-rls.sh"]
 async fn unknown_descriptors_are_ok_without_a_limit() {
     let t = format!("/{}", unique("unknown"));
     let tree = Tree::new();

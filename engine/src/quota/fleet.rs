@@ -23,9 +23,9 @@
 //! A request to tenant `T` carries, for each fleet limit `N` declared on an
 //! ancestor-or-self `A` of `T`, one descriptor `[("tenant", A), ("limit", N)]`,
 //! deepest `A` first, then by name ([`FleetLimits::descriptors_for`]). A
-//! report of requests already admitted (the filter's batched mode) ends each
-//! descriptor with the extra entry [`REPORT_ENTRY`]; a server that does not
-//! know it still matches the descriptor by its leading entries.
+//! report of requests already admitted (the filter's batched mode) carries
+//! the same descriptors and the gRPC metadata [`REPORT_HEADER`] (or, per
+//! descriptor, the trailing entry [`REPORT_ENTRY`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -41,8 +41,14 @@ pub const TENANT_KEY: &str = "tenant";
 pub const LIMIT_KEY: &str = "limit";
 /// Descriptor entry key carrying a keyed limit's value (keyed limits).
 pub const KEY_KEY: &str = "key";
-/// The last entry of every descriptor of a *report*: hits already admitted,
-/// which the service counts even past the limit.
+/// gRPC request metadata marking a whole `ShouldRateLimit` call as a
+/// *report*: hits already admitted, which the service counts even past the
+/// limit. The preferred marker: servers that do not know it (Limitador,
+/// envoyproxy/ratelimit) ignore it and count the hits on the same counters.
+pub const REPORT_HEADER: (&str, &str) = ("x-tenantgate-report", "1");
+/// The same marker for one descriptor, as its last entry. `tenantgate-rls`
+/// only: envoyproxy/ratelimit matches a descriptor by all its entries, so
+/// it would not count such a descriptor at all.
 pub const REPORT_ENTRY: (&str, &str) = ("tenantgate_report", "1");
 
 /// Where a limit is enforced.
