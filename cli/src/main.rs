@@ -9,6 +9,7 @@ use serde::Deserialize;
 use tenantgate_engine::{Bundle, Decision, Diagnostics, Engine, Request, TenantPath};
 
 mod diff;
+mod limits;
 mod policytest;
 mod render;
 mod simulate;
@@ -98,6 +99,16 @@ enum Command {
         /// Write here instead of standard output (atomically: a temporary file, then a rename).
         #[arg(short, long)]
         output: Option<PathBuf>,
+    },
+    /// The fleet limits as Limitador's limits file or envoyproxy/ratelimit's config (YAML).
+    Limits {
+        /// A policy folder or a bundle.
+        source: PathBuf,
+        #[arg(long, value_enum)]
+        format: limits::Format,
+        /// The rate limit domain (Limitador's namespace) the filters send.
+        #[arg(long, default_value = "tenantgate")]
+        domain: String,
     },
 }
 
@@ -243,6 +254,11 @@ fn run(command: Command) -> Result<ExitCode, String> {
             json,
             tests,
         } => Ok(run_diff(&old, &new, json, tests.as_deref())),
+        Command::Limits {
+            source,
+            format,
+            domain,
+        } => limits::run(&source, format, &domain),
         Command::Envoy {
             bundle,
             options,

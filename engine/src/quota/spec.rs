@@ -7,6 +7,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use super::bucket::Params;
+use super::fleet::{parse_scope, Scope};
 use super::LimitsInput;
 use crate::diag::{locate_json_key, Diagnostic};
 use crate::tenant::{is_valid_segment, shorten, TenantPath};
@@ -20,7 +21,7 @@ pub(crate) const DEFAULT_PER_NS: u64 = SECOND_NS;
 
 const SECOND_NS: u64 = 1_000_000_000;
 const DAY_NS: u64 = 86_400 * SECOND_NS;
-const KEYS: &str = "`rate`, `ceil`, `burst` or `per`";
+const KEYS: &str = "`rate`, `ceil`, `burst`, `per` or `scope`";
 
 /// One node's compiled limit.
 #[derive(Debug)]
@@ -30,6 +31,8 @@ pub(crate) struct Limit {
     pub params: Params,
     /// Its shared-data key; see the module doc of `quota` for the layout.
     pub key: String,
+    /// Local (token buckets in this process) or fleet (the rate limit service).
+    pub scope: Scope,
 }
 
 /// A `rate` or `ceil` as written: tokens, or a share of the nearest ancestor's rate.
@@ -137,6 +140,7 @@ fn compile_one(
     let mut ceil = None;
     let mut burst = None;
     let mut per = None;
+    let mut scope = Scope::Local;
     for (key, v) in fields {
         let parsed = match key.as_str() {
             "rate" => parse_amount(v, true).map(|a| rate = Some(a)),
@@ -147,6 +151,7 @@ fn compile_one(
                 }
             }),
             "per" => parse_per(v).map(|p| per = Some(p)),
+            "scope" => parse_scope(v).map(|s| scope = s),
             other => {
                 errors.push(at(
                     input,
@@ -177,6 +182,11 @@ fn compile_one(
             format!("limit `{name}`: `rate` is required"),
         ));
     }
+    if scope == Scope::Fleet {
+        errors.extend(super::fleet::local_only_keys(fields).map(|key| {
+            at(input, name, Some(key), format!("limit `{name}`: `{key}` is a local notion and cannot be set on a fleet limit (`\"scope\": \"fleet\"`): a fleet limit is at most `rate` per `per` window"))
+        }));
+    }
     let (Some(rate), true) = (rate, errors.is_empty()) else {
         return Err(errors);
     };
@@ -190,6 +200,10 @@ fn compile_one(
                 // Its own error is reported; checking against it would only echo it.
                 Def::Broken => return Err(Vec::new()),
                 Def::Ok(i) => parent = entries.get(*i).map(|e| (*i, e)),
+            }
+            if let Some((_, e)) = parent.filter(|(_, e)| e.limit.scope != scope) {
+                let key = fields.contains_key("scope").then_some("scope");
+                return Err(err(key, format!("limit `{name}`: scope `{scope}` differs from the scope `{}` of `{}`; one limit name keeps one scope along a branch (use another name)", e.limit.scope, e.limit.node)));
             }
             break;
         }
@@ -286,6 +300,7 @@ fn compile_one(
             name: Arc::from(name),
             params,
             key,
+            scope,
         }),
         parent: parent.map(|(i, _)| i),
         input: input_index,
