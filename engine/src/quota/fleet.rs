@@ -332,7 +332,7 @@ mod tests {
         for _ in 0..5 {
             let q = m.admit(&tp("/acme"), 1, 0, &store).unwrap();
             assert!(q.admitted);
-            assert_eq!(q.ratelimit_policy, None);
+            assert_eq!(q.ratelimit_policy(), None);
         }
     }
 

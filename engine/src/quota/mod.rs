@@ -97,7 +97,7 @@
 //!   two VMs that both find a key missing both create it, full; charges made
 //!   between the first and the last creation are lost (a window of
 //!   microseconds, once per key's life). The filter pre-creates every key at
-//!   configure time ([`QuotaModel::initial_buckets`], set only where `get`
+//!   configure time ([`QuotaModel::create_buckets`], set only where `get`
 //!   finds nothing), so in practice only VMs configuring at the same instant
 //!   race, before any traffic;
 //! - *new limits*: a changed limit starts with full buckets (one extra burst);
@@ -477,6 +477,21 @@ impl QuotaModel {
             .iter()
             .map(|l| (l.key.clone(), l.params.full(now).encode().to_vec()))
             .collect()
+    }
+
+    /// Creates every bucket that does not exist yet, full at `now` (the filter
+    /// does it at configure time, before traffic, so the "set on a missing
+    /// key ignores CAS" quirk cannot lose a charge under load). Returns how
+    /// many it created.
+    pub fn create_buckets(&self, store: &dyn BucketStore, now: Nanos) -> Result<usize, StoreError> {
+        let mut created = 0;
+        for l in &self.limits {
+            if store.get(&l.key)?.is_none() {
+                store.set(&l.key, &l.params.full(now).encode(), 0)?;
+                created += 1;
+            }
+        }
+        Ok(created)
     }
 
     /// Admission of one request to `tenant` costing `cost` tokens at `now`:

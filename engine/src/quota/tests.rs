@@ -755,3 +755,21 @@ fn a_borrowing_admission_is_marked() {
     let d = m.admit(&t("/a"), 1, T0, &s).unwrap();
     assert!(d.admitted && d.limits[0].borrowed, "{d:?}");
 }
+
+#[test]
+fn create_buckets_creates_only_the_missing_ones() {
+    let m = model(&[
+        ("/", r#"{"limits": {"rps": {"rate": 10}}}"#),
+        ("/a", r#"{"limits": {"rps": {"rate": 5}}}"#),
+    ]);
+    let s = MemoryStore::new();
+    assert_eq!(m.create_buckets(&s, T0).unwrap(), 2);
+    assert_eq!(burst(&m, &s, "/a", 3, 1, T0), 3);
+    let before = s.snapshot();
+    assert_eq!(
+        m.create_buckets(&s, T0 + S).unwrap(),
+        0,
+        "existing state is kept"
+    );
+    assert_eq!(s.snapshot(), before);
+}
