@@ -222,13 +222,13 @@ fn run_bundle(dir: &Path, output: Option<&Path>) -> Result<ExitCode, String> {
 }
 
 /// `--header name=value` flags as raw headers (names lowercased, values as given).
-fn header_args(headers: &[String]) -> Result<BTreeMap<String, String>, String> {
-    let mut out = BTreeMap::new();
+fn header_args(headers: &[String]) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
     for h in headers {
         let (k, v) = h
             .split_once('=')
             .ok_or_else(|| format!("error: `--header {h}` must be `name=value`"))?;
-        out.insert(k.trim().to_ascii_lowercase(), v.to_string());
+        out.push((k.trim().to_ascii_lowercase(), v.to_string()));
     }
     Ok(out)
 }
@@ -279,7 +279,7 @@ fn run_simulate(source: &Path, traffic: &Path, svg: Option<&Path>) -> Result<Exi
     let (bundle, engine) = load(source)?;
     let text = std::fs::read_to_string(traffic)
         .map_err(|e| format!("{}: error: cannot read: {e}", traffic.display()))?;
-    let out = simulate::run(&bundle, engine.quotas(), &text, svg)
+    let out = simulate::run(&bundle, &engine, &text, svg)
         .map_err(|e| format!("{}: error: {e}", traffic.display()))?;
     println!(
         "{}",

@@ -29,9 +29,11 @@ pub struct RequestSpec {
     pub principal: Option<String>,
     #[serde(default)]
     pub principal_tenant: Option<String>,
-    /// Request headers, sent as given (names are lowercased, as Envoy's codecs do).
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
+    /// Request headers, sent as given (names are lowercased, as Envoy's
+    /// codecs do): an object, or a list of `[name, value]` pairs when a
+    /// name repeats.
+    #[serde(default, deserialize_with = "header_list")]
+    pub headers: Vec<(String, String)>,
     /// JWT claims (an object), sent where the bundle reads claims (the
     /// `claims` header, base64url JSON, as `jwt_authn` writes it).
     #[serde(default)]
@@ -46,6 +48,19 @@ pub struct RequestSpec {
     /// Fields merged over the request context (for tests: a fixed `time`).
     #[serde(default)]
     pub context: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+fn header_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(String, String)>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Headers {
+        Map(BTreeMap<String, String>),
+        List(Vec<(String, String)>),
+    }
+    Ok(match Headers::deserialize(d)? {
+        Headers::Map(m) => m.into_iter().collect(),
+        Headers::List(l) => l,
+    })
 }
 
 /// The raw request a [`RequestSpec`] stands for.
