@@ -12,12 +12,13 @@ use crate::tenant::{shorten, TenantPath};
 
 impl Engine {
     /// Maps an HTTP request to an engine [`Request`], or says why it is bad.
+    /// Steps: method, path (normalized), tenant, principal, context headers,
+    /// claims; the first problem is the 400.
     pub fn map_request(
         &self,
         input: &HttpInput<'_>,
         meta: &dyn MetadataSource,
     ) -> Result<Mapped, BadRequest> {
-        let settings = self.settings();
         let request_id = header(input, "x-request-id")
             .ok()
             .flatten()
@@ -27,117 +28,36 @@ impl Engine {
             message,
             request_id: request_id.clone(),
         };
-        let method = header(input, ":method")
-            .map_err(|m| bad(None, m))?
-            .unwrap_or("GET");
-        if !crate::entities::is_known_method(method) {
-            return Err(bad(
-                None,
-                format!(
-                    "`{}` is not a method tenantgate judges (GET, HEAD, OPTIONS, POST, PUT, PATCH, DELETE; upper case)",
-                    shorten(method)
-                ),
-            ));
-        }
+        let method = map_method(input).map_err(|m| bad(None, m))?;
         let raw_path = header(input, ":path")
             .map_err(|m| bad(None, m))?
             .unwrap_or("/");
         let path = normalize_path(raw_path).map_err(|e| bad(None, e.to_string()))?;
         let forward_path = forward_path(raw_path, &path);
-
-        let (tenant, path) = match &settings.tenant {
-            Source::PathPrefix(prefix) => match self.tenant_from_path(prefix, &path) {
-                Some(Ok((t, rest))) => (t, rest),
-                Some(Err(m)) => return Err(bad(None, m)),
-                None => match &settings.default_tenant {
-                    Some(t) => (t.clone(), path),
-                    None => {
-                        return Err(bad(
-                            None,
-                            format!("the path does not start with the tenant prefix `{prefix}`"),
-                        ))
-                    }
-                },
-            },
-            source => {
-                let value = from_source(input, meta, source).map_err(|m| bad(None, m))?;
-                match value.as_deref().map(trim_ows) {
-                    Some(v) if !v.is_empty() => (parse_tenant(v).map_err(|m| bad(None, m))?, path),
-                    empty => match &settings.default_tenant {
-                        Some(t) => (t.clone(), path),
-                        None if empty.is_some() => {
-                            return Err(bad(None, format!("no tenant: {}", describe_empty(source))))
-                        }
-                        None => return Err(bad(None, format!("no tenant: {}", describe(source)))),
-                    },
-                }
-            }
-        };
-        let principal = match from_source(input, meta, &settings.principal)
-            .map_err(|m| bad(Some(&tenant), m))?
-        {
-            Some(id) if !id.is_empty() => {
-                if id.len() > MAX_PRINCIPAL_LEN {
-                    return Err(bad(
-                        Some(&tenant),
-                        format!("the principal is longer than {MAX_PRINCIPAL_LEN} bytes"),
-                    ));
-                }
-                if id.chars().any(char::is_control) {
-                    return Err(bad(
-                        Some(&tenant),
-                        "the principal contains control characters".into(),
-                    ));
-                }
-                let home = match &settings.principal_tenant {
-                    Some(source) => match from_source(input, meta, source)
-                        .map_err(|m| bad(Some(&tenant), m))?
-                    {
-                        Some(v) if !trim_ows(&v).is_empty() => parse_tenant(trim_ows(&v))
-                            .map_err(|m| bad(Some(&tenant), format!("principal tenant: {m}")))?,
-                        _ => tenant.clone(),
-                    },
-                    None => tenant.clone(),
-                };
-                Some(Principal { id, tenant: home })
-            }
-            _ => None,
-        };
-        let mut headers = Vec::new();
-        for name in &settings.context_headers {
-            if let Some(v) = header(input, name).map_err(|m| bad(Some(&tenant), m))? {
-                headers.push((name.clone(), v.to_string()));
-            }
-        }
-        let claims = match &settings.claims {
-            Some(Source::Header(name)) => {
-                match header(input, name).map_err(|m| bad(Some(&tenant), m))? {
-                    Some(v) => Some(
-                        decode_claims(v)
-                            .map_err(|m| bad(Some(&tenant), format!("header `{name}`: {m}")))?,
-                    ),
-                    None => None,
-                }
-            }
-            _ => None,
-        };
-        let action = match &settings.grpc {
+        let (tenant, path) = self
+            .map_tenant(input, meta, path)
+            .map_err(|m| bad(None, m))?;
+        let in_tenant = |m: String| bad(Some(&tenant), m);
+        let principal = self
+            .map_principal(input, meta, &tenant)
+            .map_err(in_tenant)?;
+        let headers = self.context_headers(input).map_err(in_tenant)?;
+        let claims = self.map_claims(input).map_err(in_tenant)?;
+        let action = match &self.settings().grpc {
             Some(g) if method == "POST" && is_grpc(input) => Some(g.action(&path)),
             _ => None,
         };
-        let host = header(input, ":authority")
-            .ok()
-            .flatten()
-            .map(str::to_string);
-        let source_ip = input.source_address.and_then(ip_of);
         let request = Request {
             tenant,
             principal,
             method: method.to_string(),
             action,
             path,
-            host,
-            source_ip,
+            host: header(input, ":authority")
+                .ok()
+                .flatten()
+                .map(str::to_string),
+            source_ip: input.source_address.and_then(ip_of),
             time_ns: input.now_ns,
             headers,
             claims,
@@ -148,6 +68,93 @@ impl Engine {
             request_id,
             forward_path,
         })
+    }
+
+    /// The request tenant and the resource path (the path after the tenant
+    /// for a `path_prefix` source, else the whole normalized path).
+    fn map_tenant(
+        &self,
+        input: &HttpInput<'_>,
+        meta: &dyn MetadataSource,
+        path: String,
+    ) -> Result<(TenantPath, String), String> {
+        let settings = self.settings();
+        let default = || settings.default_tenant.clone();
+        match &settings.tenant {
+            Source::PathPrefix(prefix) => match self.tenant_from_path(prefix, &path) {
+                Some(found) => found,
+                None => default().map(|t| (t, path)).ok_or_else(|| {
+                    format!("the path does not start with the tenant prefix `{prefix}`")
+                }),
+            },
+            source => {
+                let value = from_source(input, meta, source)?;
+                match value.as_deref().map(trim_ows) {
+                    Some(v) if !v.is_empty() => Ok((parse_tenant(v)?, path)),
+                    empty => match default() {
+                        Some(t) => Ok((t, path)),
+                        None if empty.is_some() => {
+                            Err(format!("no tenant: {}", describe_empty(source)))
+                        }
+                        None => Err(format!("no tenant: {}", describe(source))),
+                    },
+                }
+            }
+        }
+    }
+
+    /// The principal and its home tenant; `None` when the source is absent or
+    /// empty (an anonymous request).
+    fn map_principal(
+        &self,
+        input: &HttpInput<'_>,
+        meta: &dyn MetadataSource,
+        tenant: &TenantPath,
+    ) -> Result<Option<Principal>, String> {
+        let settings = self.settings();
+        let Some(id) = from_source(input, meta, &settings.principal)?.filter(|id| !id.is_empty())
+        else {
+            return Ok(None);
+        };
+        if id.len() > MAX_PRINCIPAL_LEN {
+            return Err(format!(
+                "the principal is longer than {MAX_PRINCIPAL_LEN} bytes"
+            ));
+        }
+        if id.chars().any(char::is_control) {
+            return Err("the principal contains control characters".into());
+        }
+        let home = match &settings.principal_tenant {
+            Some(source) => match from_source(input, meta, source)? {
+                Some(v) if !trim_ows(&v).is_empty() => {
+                    parse_tenant(trim_ows(&v)).map_err(|m| format!("principal tenant: {m}"))?
+                }
+                _ => tenant.clone(),
+            },
+            None => tenant.clone(),
+        };
+        Ok(Some(Principal { id, tenant: home }))
+    }
+
+    /// The `context_headers` present on the request.
+    fn context_headers(&self, input: &HttpInput<'_>) -> Result<Vec<(String, String)>, String> {
+        let mut headers = Vec::new();
+        for name in &self.settings().context_headers {
+            if let Some(v) = header(input, name)? {
+                headers.push((name.clone(), v.to_string()));
+            }
+        }
+        Ok(headers)
+    }
+
+    /// JWT claims from the `claims` header, when the bundle names one.
+    fn map_claims(&self, input: &HttpInput<'_>) -> Result<Option<serde_json::Value>, String> {
+        let Some(Source::Header(name)) = &self.settings().claims else {
+            return Ok(None);
+        };
+        header(input, name)?
+            .map(|v| decode_claims(v).map_err(|m| format!("header `{name}`: {m}")))
+            .transpose()
     }
 
     /// Tenant from the path: `prefix` then the longest run of segments naming a
@@ -201,6 +208,19 @@ impl Engine {
                 )))
             }
         }
+    }
+}
+
+/// The method, if tenantgate judges it (one with a Cedar action, upper case).
+fn map_method<'a>(input: &'a HttpInput<'_>) -> Result<&'a str, String> {
+    let method = header(input, ":method")?.unwrap_or("GET");
+    if crate::entities::is_known_method(method) {
+        Ok(method)
+    } else {
+        Err(format!(
+            "`{}` is not a method tenantgate judges (GET, HEAD, OPTIONS, POST, PUT, PATCH, DELETE; upper case)",
+            shorten(method)
+        ))
     }
 }
 
