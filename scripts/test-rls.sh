@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 
 if ! command -v redis-server >/dev/null; then
   echo "== installing redis-server" >&2
+  export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
 fi
 
