@@ -24,6 +24,7 @@ pub const METRIC_HISTOGRAM: u32 = 2;
 
 pub const LOG_INFO: u32 = 2;
 
+pub const LOG_WARN: u32 = 3;
 pub const LOG_ERROR: u32 = 4;
 pub const LOG_CRITICAL: u32 = 5;
 

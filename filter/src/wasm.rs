@@ -162,6 +162,21 @@ impl RootContext for Root {
                 &format!("tenantgate: cannot create the quota buckets: {e}"),
             );
         }
+        if !engine.fleet_limits().is_empty() {
+            let names: Vec<String> = engine
+                .fleet_limits()
+                .all()
+                .iter()
+                .map(|l| format!("`{}` at {}", l.name, l.tenant))
+                .collect();
+            ffi::log(
+                ffi::LOG_WARN,
+                &format!(
+                    "tenantgate: fleet limits ({}) are not enforced by this filter: it does not call a rate limit service yet (see docs/fleet.md)",
+                    names.join(", ")
+                ),
+            );
+        }
         let metrics = Metrics::define(&engine);
         if let Ok(id) = ffi::define_metric(ffi::METRIC_COUNTER, names::CONFIG_LOADED) {
             ffi::increment_metric(id, 1);
