@@ -11,8 +11,9 @@ echo "== build tenantgate.wasm"
 echo "== cargo test (engine, cli, filter, host-tests)"
 cargo test --workspace
 
-echo "== policies/: validate and policy tests"
+echo "== policies/: validate, formatting and policy tests"
 cargo run -q -p tenantgate-cli -- validate policies
+cargo run -q -p tenantgate-cli -- fmt policies --check
 cargo run -q -p tenantgate-cli -- test policies
 
 if [ -x scripts/test-envoy.sh ]; then

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use tenantgate_engine::{Bundle, Decision, Diagnostics, Engine, Request, TenantPath};
 
 mod diff;
+mod fmt;
 mod policytest;
 mod render;
 mod simulate;
@@ -98,6 +99,12 @@ enum Command {
         /// Write here instead of standard output (atomically: a temporary file, then a rename).
         #[arg(short, long)]
         output: Option<PathBuf>,
+    },
+    /// Format the Cedar files under `DIR/tenants` in place; `--check` lists the files that would change (exit 1).
+    Fmt {
+        dir: PathBuf,
+        #[arg(long)]
+        check: bool,
     },
 }
 
@@ -260,6 +267,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Fmt { dir, check } => fmt::run(&dir, check),
     }
 }
 
