@@ -179,8 +179,9 @@ class Responses(EnvoyCase):
 
     def test_unknown_tenant_is_denied(self):
         r = self.req("GET", "/orders/1", who("alice", "/nope", "/nope"))
-        self.assertIn(r.status, (400, 403), r)
-        self.assertNotIn(b'"upstream"', r.body)
+        # a well-formed tenant the bundle does not declare: 403, never an ancestor's policies
+        doc = self.assertJsonError(r, 403, "forbidden")
+        self.assertEqual(doc.get("tenant"), "/nope")
 
     def test_normalized_paths_reach_the_guardrails(self):
         for path in ("/public/../internal/keys", "//internal//keys", "/%69nternal/keys", "/./internal/./keys"):
@@ -231,8 +232,10 @@ class Responses(EnvoyCase):
             status, body = resp.status, resp.read()
         finally:
             conn.close()
-        self.assertIn(status, (400, 403), body)
-        self.assertNotIn(b'"upstream"', body)
+        self.assertEqual(status, 400, body)
+        doc = json.loads(body)
+        self.assertEqual(doc.get("error"), "bad_request")
+        self.assertIn("more than one `x-tenant`", doc.get("message", ""))
 
     def test_quota_exceeded_is_429_with_ratelimit_fields(self):
         # /globex/labs: rps rate 5, burst 5, shared by both workers
@@ -552,8 +555,9 @@ class InvalidBundle(unittest.TestCase):
 class SchemaInvalidBundle(EnvoyCase):
     """The filter is built without the engine's `schema` feature (size): it does
     not type-check policies against the schema, the CLI does. A bundle that
-    would fail schema validation is then either refused, or loaded with its
-    ill-typed policy erroring at evaluation, which denies (on_policy_error: deny)."""
+    would fail schema validation (made by hand, past the CLI) therefore loads,
+    and its ill-typed policy errors at evaluation, which denies
+    (on_policy_error: deny)."""
 
     bundle_name = "schema-typo"
 
@@ -561,24 +565,9 @@ class SchemaInvalidBundle(EnvoyCase):
     def bundle_text(cls):
         return schema_typo_bundle()
 
-    @classmethod
-    def setUpClass(cls):
-        try:
-            super().setUpClass()
-            cls.refused = False
-        except RuntimeError:
-            cls.refused = True  # Envoy exited: the bundle was refused (fail closed)
-            cls.upstream.stop()
-
-    @classmethod
-    def tearDownClass(cls):
-        if not cls.refused:
-            super().tearDownClass()
-
-    def test_refused_or_the_erroring_policy_denies(self):
-        if self.refused:
-            self.assertIn("bundle refused", self.envoy.log())
-            return
+    def test_the_bundle_loads_and_the_erroring_policy_denies(self):
+        version = json.loads(self.bundle)["version"]
+        self.assertIn(f"loaded bundle {version}", self.envoy.log())
         r = self.req("GET", "/docs/intro", who("paul", "/public", "/public"))
         self.assertJsonError(r, 403, "forbidden")
         # the rest of the bundle is unaffected

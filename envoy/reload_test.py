@@ -335,7 +335,6 @@ class ReloadUnderLoad(EcdsCase):
         cls.v1_text, cls.v1 = bundle_of("v1", edit_base)
         cls.v2_text, cls.v2 = bundle_of("v2", edit_forbid_reports)
         cls.start_envoy(cls.v1_text, "v1")
-        cls.swapped = False
 
     def test_1_swap_under_load_then_bad_bundle(self):
         envoy = self.envoy
@@ -361,7 +360,6 @@ class ReloadUnderLoad(EcdsCase):
             t_swap = time.monotonic()
             self.publish(self.v2_text, "v2")
             applied_s = self.wait_applied(self.v2, v1_threads, success0)
-            type(self).swapped = True
             # v2's decision is seen by the load
             self.assertTrue(wait_for(lambda: load.first("new") is not None, APPLY_TIMEOUT, interval=0.05),
                             "no request saw the new decision")
@@ -456,17 +454,6 @@ class ReloadUnderLoad(EcdsCase):
         status, body = self._get("/orders/1", CAROL)  # shadow mode (the tampered bundle) would let carol in
         self.assertEqual(Load.classify("carol", status, body), "same")
 
-    # Envoy configures each new plugin config (ECDS or listener update) in a
-    # NEW root context of the same VM, so the filter remembers the VM's last
-    # version outside the root context to clear its gauge; without that both
-    # versions would read 1 after a reload.
-    def test_2_previous_version_gauge_drops_to_zero(self):
-        if not self.swapped:
-            self.skipTest("needs test_1's swap")
-        stats = self.envoy.stats("wasmcustom.tenantgate.bundle")
-        self.assertEqual(stats.get(version_gauge(self.v2)), 1, stats)
-        self.assertEqual(stats.get(version_gauge(self.v1)), 0, stats)
-
     def worker_connections(self):
         stats = self.envoy.stats("downstream_cx_total")
         port = self.envoy.listen_port
@@ -475,6 +462,32 @@ class ReloadUnderLoad(EcdsCase):
     def _get(self, path, headers):
         r = self.envoy.request("GET", path, headers)
         return r.status, r.body
+
+
+class VersionGaugeAfterReload(EcdsCase):
+    """The bundle gauges after a reload, on its own Envoy (no other test's
+    state): the new version reads 1, the previous one 0."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.v1_text, cls.v1 = bundle_of("v1", edit_base)
+        cls.v2_text, cls.v2 = bundle_of("v2", edit_forbid_reports)
+        cls.start_envoy(cls.v1_text, "v1")
+
+    # Envoy configures each new plugin config (ECDS or listener update) in a
+    # NEW root context of the same VM, so the filter remembers the VM's last
+    # version outside the root context to clear its gauge; without that both
+    # versions would read 1 after a reload.
+    def test_previous_version_gauge_drops_to_zero(self):
+        envoy = self.envoy
+        threads = wait_for(lambda: len(loaded_threads(envoy, self.v1)) >= 3 and loaded_threads(envoy, self.v1), 10)
+        self.assertTrue(threads, f"v1 loaded by threads {loaded_threads(envoy, self.v1)}")
+        before = self.ecds_stat("update_success")
+        self.publish(self.v2_text, "v2")
+        self.wait_applied(self.v2, threads, before)
+        stats = self.envoy.stats("wasmcustom.tenantgate.bundle")
+        self.assertEqual(stats.get(version_gauge(self.v2)), 1, stats)
+        self.assertEqual(stats.get(version_gauge(self.v1)), 0, stats)
 
 
 # ---------------------------------------------------------------------------

@@ -11,6 +11,9 @@ echo "== build tenantgate.wasm"
 echo "== cargo test (engine, cli, filter, host-tests)"
 cargo test --workspace
 
+echo "== tenantgate-rls against a real Redis (scripts/test-rls.sh)"
+./scripts/test-rls.sh
+
 echo "== policies/: validate, formatting and policy tests"
 cargo run -q -p tenantgate-cli -- validate policies
 cargo run -q -p tenantgate-cli -- fmt policies --check

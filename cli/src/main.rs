@@ -5,11 +5,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use serde::Deserialize;
-use tenantgate_engine::{Bundle, Decision, Diagnostics, Engine, Request, TenantPath};
+use tenantgate_engine::http::{Mapped, RequestSpec};
+use tenantgate_engine::{Bundle, Decision, Diagnostics, Engine};
 
 mod diff;
 mod fmt;
+mod limits;
 mod policytest;
 mod render;
 mod simulate;
@@ -36,22 +37,32 @@ enum Command {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
-    /// Decide one request and print the decision as JSON.
+    /// Decide one request exactly as the filter would and print the decision as JSON.
+    ///
+    /// The request goes through the filter's own mapping: `--tenant`,
+    /// `--principal` and `--principal-tenant` are placed where the bundle reads
+    /// them (a header, the path after the prefix, or metadata); `--header`
+    /// adds raw headers, so a request can also be given entirely as Envoy sees it.
     Check {
         source: PathBuf,
         #[arg(long)]
-        tenant: String,
+        tenant: Option<String>,
+        /// The method as sent (`get` is refused with 400, as in Envoy).
         #[arg(long)]
         method: String,
+        /// The raw path, query included.
         #[arg(long)]
         path: String,
         #[arg(long)]
         principal: Option<String>,
         #[arg(long = "principal-tenant")]
         principal_tenant: Option<String>,
-        /// A request header, `name=value`; repeatable.
+        /// A raw request header, `name=value` (the value as sent); repeatable.
         #[arg(long = "header", value_name = "K=V")]
         headers: Vec<String>,
+        /// JWT claims (a JSON object), sent in the bundle's `claims` header.
+        #[arg(long)]
+        claims: Option<String>,
         /// JSON object merged over the request context (e.g. `{"time": {...}}`).
         #[arg(long)]
         context: Option<String>,
@@ -100,6 +111,16 @@ enum Command {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
+    /// The fleet limits as Limitador's limits file or envoyproxy/ratelimit's config (YAML).
+    Limits {
+        /// A policy folder or a bundle.
+        source: PathBuf,
+        #[arg(long, value_enum)]
+        format: limits::Format,
+        /// The rate limit domain (Limitador's namespace) the filters send.
+        #[arg(long, default_value = "tenantgate")]
+        domain: String,
+    },
     /// Format the Cedar files under `DIR/tenants` in place; `--check` lists the files that would change (exit 1).
     Fmt {
         dir: PathBuf,
@@ -108,22 +129,9 @@ enum Command {
     },
 }
 
-/// A request as `check` and the policy tests describe it.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RequestArgs {
-    pub tenant: String,
-    pub method: String,
-    pub path: String,
-    #[serde(default)]
-    pub principal: Option<String>,
-    #[serde(default)]
-    pub principal_tenant: Option<String>,
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-    #[serde(default)]
-    pub context: Option<serde_json::Map<String, serde_json::Value>>,
-}
+/// A request as `check` and the policy tests describe it: the engine's
+/// [`RequestSpec`], mapped by the filter's own code.
+pub type RequestArgs = RequestSpec;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -138,35 +146,8 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<ExitCode, String> {
     match command {
-        Command::Validate { source } => {
-            let (bundle, engine) = load(&source)?;
-            let limits = engine.quotas().is_empty();
-            println!(
-                "{}: ok: {} tenants, {} policies{}, version {}",
-                source.display(),
-                bundle.tenants.len(),
-                engine.policy_count(),
-                if limits { "" } else { ", limits valid" },
-                bundle.version
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Bundle { dir, output } => {
-            if !dir.is_dir() {
-                return Err(format!("{}: error: not a policy folder", dir.display()));
-            }
-            let (bundle, _) = load(&dir)?;
-            let json = bundle.to_json();
-            match output {
-                Some(path) => {
-                    std::fs::write(&path, json + "\n")
-                        .map_err(|e| format!("{}: error: cannot write: {e}", path.display()))?;
-                    eprintln!("wrote {} ({})", path.display(), bundle.version);
-                }
-                None => println!("{json}"),
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Validate { source } => run_validate(&source),
+        Command::Bundle { dir, output } => run_bundle(&dir, output.as_deref()),
         Command::Check {
             source,
             tenant,
@@ -175,75 +156,28 @@ fn run(command: Command) -> Result<ExitCode, String> {
             principal,
             principal_tenant,
             headers,
+            claims,
             context,
         } => {
-            let (_, engine) = load(&source)?;
-            let mut header_map = BTreeMap::new();
-            for h in headers {
-                let (k, v) = h
-                    .split_once('=')
-                    .ok_or_else(|| format!("error: `--header {h}` must be `name=value`"))?;
-                header_map.insert(k.trim().to_ascii_lowercase(), v.to_string());
-            }
-            let context = match context {
-                Some(text) => Some(
-                    serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&text)
-                        .map_err(|e| format!("error: `--context` is not a JSON object: {e}"))?,
-                ),
-                None => None,
-            };
-            let args = RequestArgs {
+            let spec = RequestSpec {
                 tenant,
                 method,
                 path,
                 principal,
                 principal_tenant,
-                headers: header_map,
-                context,
+                headers: header_args(&headers)?,
+                claims: json_arg("--claims", claims.as_deref())?.map(serde_json::Value::Object),
+                context: json_arg("--context", context.as_deref())?,
+                ..RequestSpec::default()
             };
-            let decision = decide(&engine, &args)?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&decision).map_err(|e| e.to_string())?
-            );
-            Ok(ExitCode::SUCCESS)
+            run_check(&source, &spec)
         }
-        Command::Test { dir } => {
-            let (_, engine) = load(&dir)?;
-            let tests = policytest::load(&dir).map_err(|e| e.join("\n"))?;
-            let (mut passed, mut failed) = (0, 0);
-            for t in &tests {
-                match policytest::run(&engine, &t.test) {
-                    Ok(_) => passed += 1,
-                    Err(why) => {
-                        failed += 1;
-                        println!("FAIL {}: {}: {why}", t.file, t.test.name);
-                    }
-                }
-            }
-            println!("{passed} passed, {failed} failed");
-            Ok(if failed == 0 && passed > 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
+        Command::Test { dir } => run_test(&dir),
         Command::Simulate {
             source,
             traffic,
             svg,
-        } => {
-            let (bundle, engine) = load(&source)?;
-            let text = std::fs::read_to_string(&traffic)
-                .map_err(|e| format!("{}: error: cannot read: {e}", traffic.display()))?;
-            let out = simulate::run(&bundle, engine.quotas(), &text, svg.as_deref())
-                .map_err(|e| format!("{}: error: {e}", traffic.display()))?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        } => run_simulate(&source, &traffic, svg.as_deref()),
         Command::Diff {
             old,
             new,
@@ -254,21 +188,130 @@ fn run(command: Command) -> Result<ExitCode, String> {
             bundle,
             options,
             output,
-        } => {
-            let (loaded, _) = load(&bundle)?;
-            let doc = render::render(&loaded, &options)?;
-            let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())? + "\n";
-            match output {
-                Some(path) => {
-                    write_atomically(&path, &text)?;
-                    eprintln!("wrote {} ({})", path.display(), loaded.version);
-                }
-                None => print!("{text}"),
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        } => run_envoy(&bundle, &options, output.as_deref()),
+        Command::Limits {
+            source,
+            format,
+            domain,
+        } => limits::run(&source, format, &domain),
         Command::Fmt { dir, check } => fmt::run(&dir, check),
     }
+}
+
+fn run_validate(source: &Path) -> Result<ExitCode, String> {
+    let (bundle, engine) = load(source)?;
+    let limits = engine.quotas().is_empty();
+    println!(
+        "{}: ok: {} tenants, {} policies{}, version {}",
+        source.display(),
+        bundle.tenants.len(),
+        engine.policy_count(),
+        if limits { "" } else { ", limits valid" },
+        bundle.version
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_bundle(dir: &Path, output: Option<&Path>) -> Result<ExitCode, String> {
+    if !dir.is_dir() {
+        return Err(format!("{}: error: not a policy folder", dir.display()));
+    }
+    let (bundle, _) = load(dir)?;
+    let json = bundle.to_json();
+    match output {
+        Some(path) => {
+            std::fs::write(path, json + "\n")
+                .map_err(|e| format!("{}: error: cannot write: {e}", path.display()))?;
+            eprintln!("wrote {} ({})", path.display(), bundle.version);
+        }
+        None => println!("{json}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--header name=value` flags as raw headers (names lowercased, values as given).
+fn header_args(headers: &[String]) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for h in headers {
+        let (k, v) = h
+            .split_once('=')
+            .ok_or_else(|| format!("error: `--header {h}` must be `name=value`"))?;
+        out.push((k.trim().to_ascii_lowercase(), v.to_string()));
+    }
+    Ok(out)
+}
+
+/// A flag holding a JSON object.
+fn json_arg(
+    flag: &str,
+    text: Option<&str>,
+) -> Result<Option<serde_json::Map<String, serde_json::Value>>, String> {
+    text.map(|t| {
+        serde_json::from_str(t).map_err(|e| format!("error: `{flag}` is not a JSON object: {e}"))
+    })
+    .transpose()
+}
+
+fn run_check(source: &Path, spec: &RequestSpec) -> Result<ExitCode, String> {
+    let (_, engine) = load(source)?;
+    let out = check_output(&engine, spec, now_ns())?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_test(dir: &Path) -> Result<ExitCode, String> {
+    let (_, engine) = load(dir)?;
+    let tests = policytest::load(dir).map_err(|e| e.join("\n"))?;
+    let (mut passed, mut failed) = (0, 0);
+    for t in &tests {
+        match policytest::run(&engine, &t.test) {
+            Ok(_) => passed += 1,
+            Err(why) => {
+                failed += 1;
+                println!("FAIL {}: {}: {why}", t.file, t.test.name);
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    Ok(if failed == 0 && passed > 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn run_simulate(source: &Path, traffic: &Path, svg: Option<&Path>) -> Result<ExitCode, String> {
+    let (bundle, engine) = load(source)?;
+    let text = std::fs::read_to_string(traffic)
+        .map_err(|e| format!("{}: error: cannot read: {e}", traffic.display()))?;
+    let out = simulate::run(&bundle, &engine, &text, svg)
+        .map_err(|e| format!("{}: error: {e}", traffic.display()))?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_envoy(
+    bundle: &Path,
+    options: &render::Options,
+    output: Option<&Path>,
+) -> Result<ExitCode, String> {
+    let (loaded, _) = load(bundle)?;
+    let doc = render::render(&loaded, options)?;
+    let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())? + "\n";
+    match output {
+        Some(path) => {
+            write_atomically(path, &text)?;
+            eprintln!("wrote {} ({})", path.display(), loaded.version);
+        }
+        None => print!("{text}"),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `diff` has its own exit statuses: 0 no decision changes, 1 some, 2 error.
@@ -368,45 +411,61 @@ pub fn now_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// Maps the arguments of `check` or a policy test to an engine request and decides.
-pub fn decide(engine: &Engine, args: &RequestArgs) -> Result<Decision, String> {
+/// Decides a request given by its parts, through the filter's own mapping.
+pub fn decide(engine: &Engine, args: &RequestSpec) -> Result<Decision, String> {
     decide_at(engine, args, now_ns())
 }
 
 /// [`decide`] at a given time (nanoseconds since the Unix epoch).
-pub fn decide_at(engine: &Engine, args: &RequestArgs, now: u64) -> Result<Decision, String> {
-    let tenant = match TenantPath::parse(&args.tenant) {
-        Ok(t) => t,
-        Err(e) => return Ok(Decision::bad_request(format!("bad tenant: {e}"))),
+pub fn decide_at(engine: &Engine, args: &RequestSpec, now: u64) -> Result<Decision, String> {
+    Ok(decide_mapped(engine, args, now)?.0)
+}
+
+/// The decision and, when the request could be mapped, the mapping.
+fn decide_mapped(
+    engine: &Engine,
+    spec: &RequestSpec,
+    now: u64,
+) -> Result<(Decision, Option<Mapped>), String> {
+    let store = tenantgate_engine::quota::MemoryStore::new();
+    Ok(match engine.map_spec(spec, now)? {
+        Ok(m) => (engine.decide(&m.request, &store), Some(m)),
+        Err(bad) => (Decision::bad_request(bad.message), None),
+    })
+}
+
+/// What `check` prints: the decision, and what Envoy would do with the
+/// request: the headers and path the upstream gets, or the reply.
+pub fn check_output(
+    engine: &Engine,
+    spec: &RequestSpec,
+    now: u64,
+) -> Result<serde_json::Value, String> {
+    let (decision, mapped) = decide_mapped(engine, spec, now)?;
+    let mut out = serde_json::to_value(&decision).map_err(|e| e.to_string())?;
+    let Some(obj) = out.as_object_mut() else {
+        return Ok(out);
     };
-    let path = match tenantgate_engine::path::normalize_path(&args.path) {
-        Ok(p) => p,
-        Err(e) => return Ok(Decision::bad_request(format!("bad path: {e}"))),
-    };
-    let mut req = Request::new(tenant, args.method.to_ascii_uppercase(), path);
-    if let Some(id) = &args.principal {
-        let home = match &args.principal_tenant {
-            Some(t) => match TenantPath::parse(t) {
-                Ok(t) => Some(t),
-                Err(e) => return Ok(Decision::bad_request(format!("bad principal tenant: {e}"))),
-            },
-            None => None,
-        };
-        req = req.with_principal(id.clone(), home);
+    if decision.blocks(engine.settings().mode) {
+        let tenant = mapped.as_ref().map(|m| &m.request.tenant);
+        let request_id = mapped.as_ref().and_then(|m| m.request_id.as_deref());
+        if let Some(r) = engine.reply(&decision, tenant, request_id, None) {
+            obj.insert(
+                "reply".into(),
+                serde_json::json!({
+                    "status": r.status,
+                    "grpc_status": r.grpc_status,
+                    "headers": r.headers.iter().cloned().collect::<BTreeMap<_, _>>(),
+                    "body": serde_json::from_str::<serde_json::Value>(&r.body).unwrap_or_default(),
+                }),
+            );
+        }
+    } else if let Some(m) = &mapped {
+        let headers: BTreeMap<&str, &str> = m.upstream_headers().collect();
+        obj.insert(
+            "upstream".into(),
+            serde_json::json!({ "path": m.forward_path, "headers": headers }),
+        );
     }
-    req.time_ns = now;
-    let settings = engine.settings();
-    req.headers = args
-        .headers
-        .iter()
-        .filter(|(k, _)| {
-            settings
-                .context_headers
-                .iter()
-                .any(|h| h.eq_ignore_ascii_case(k))
-        })
-        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-        .collect();
-    req.extra_context = args.context.clone();
-    Ok(engine.decide(&req, &tenantgate_engine::quota::MemoryStore::new()))
+    Ok(out)
 }

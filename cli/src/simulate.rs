@@ -19,8 +19,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Deserialize;
-use tenantgate_engine::quota::{BucketStore, Clock, FakeClock, MemoryStore, Nanos, QuotaModel};
-use tenantgate_engine::{Bundle, TenantPath};
+use tenantgate_engine::http::RequestSpec;
+use tenantgate_engine::quota::{BucketStore, Clock, FakeClock, MemoryStore, Nanos};
+use tenantgate_engine::{Bundle, Engine, TenantPath};
 
 /// Start of the virtual clock: 2023-11-14T22:13:20Z, any fixed instant does.
 const START: Nanos = 1_700_000_000 * NS_PER_S;
@@ -53,11 +54,12 @@ struct Flow {
     #[serde(default)]
     method: Option<String>,
     #[serde(default)]
-    #[allow(dead_code)]
     path: Option<String>,
     #[serde(default)]
-    #[allow(dead_code)]
     principal: Option<String>,
+    /// Raw request headers, as in `check` and the policy tests.
+    #[serde(default)]
+    headers: Vec<(String, String)>,
 }
 
 /// One flow, checked and ready to replay.
@@ -94,7 +96,7 @@ struct Counts {
 /// tenant into that file.
 pub fn run(
     bundle: &Bundle,
-    model: &QuotaModel,
+    engine: &Engine,
     plan_text: &str,
     svg: Option<&Path>,
 ) -> Result<serde_json::Value, String> {
@@ -105,7 +107,8 @@ pub fn run(
             plan.duration_s
         ));
     }
-    let flows = check_flows(bundle, &plan)?;
+    let model = engine.quotas();
+    let flows = check_flows(bundle, engine, &plan)?;
     let seconds = usize::try_from(plan.duration_s).unwrap_or(usize::MAX);
     let mut counts: BTreeMap<TenantPath, Counts> = BTreeMap::new();
     for f in &flows {
@@ -167,13 +170,38 @@ pub fn run(
     Ok(serde_json::json!({ "tenants": tenants }))
 }
 
-fn check_flows(bundle: &Bundle, plan: &Plan) -> Result<Vec<Ready>, String> {
+/// A flow's request mapped exactly as the filter maps it: the tenant whose
+/// quotas it meets and what it costs.
+fn map_flow(engine: &Engine, f: &Flow) -> Result<(TenantPath, u64), String> {
+    let spec = RequestSpec {
+        tenant: Some(f.tenant.clone()),
+        method: f.method.clone().unwrap_or_else(|| "GET".into()),
+        path: f.path.clone().unwrap_or_else(|| "/".into()),
+        principal: f.principal.clone(),
+        headers: f.headers.clone(),
+        ..RequestSpec::default()
+    };
+    match engine.map_spec(&spec, 0)? {
+        Ok(m) => {
+            let cost = engine
+                .settings()
+                .cost_of(&m.request.method, m.request.action);
+            Ok((m.request.tenant, cost))
+        }
+        Err(bad) => Err(format!(
+            "the filter answers its requests 400: {}",
+            bad.message
+        )),
+    }
+}
+
+fn check_flows(bundle: &Bundle, engine: &Engine, plan: &Plan) -> Result<Vec<Ready>, String> {
     let duration = plan.duration_s as f64;
     let mut out = Vec::new();
     let mut total: u64 = 0;
     for (i, f) in plan.flows.iter().enumerate() {
         let err = |msg: String| format!("traffic plan: flow {}: {msg}", i + 1);
-        let tenant = TenantPath::parse(&f.tenant).map_err(|e| err(e.to_string()))?;
+        let (tenant, cost) = map_flow(engine, f).map_err(err)?;
         if !bundle.tenants.iter().any(|t| t.path == tenant) {
             return Err(err(format!("tenant `{tenant}` is not in the bundle")));
         }
@@ -190,7 +218,6 @@ fn check_flows(bundle: &Bundle, plan: &Plan) -> Result<Vec<Ready>, String> {
                 "`from_s` ({from}) and `to_s` ({to}) must satisfy 0 <= from_s < to_s <= duration_s ({duration})"
             )));
         }
-        let method = f.method.as_deref().unwrap_or("GET").to_ascii_uppercase();
         // Whole requests in the range; the small epsilon keeps 50 rps over
         // 60 s at 3000 despite binary fractions.
         let n = ((to - from) * f.rps + 1e-9).floor() as u64;
@@ -211,7 +238,7 @@ fn check_flows(bundle: &Bundle, plan: &Plan) -> Result<Vec<Ready>, String> {
         };
         out.push(Ready {
             tenant,
-            cost: bundle.settings.cost(&method),
+            cost,
             from: from_ns,
             n,
             span,
@@ -333,8 +360,10 @@ mod tests {
     }
 
     fn simulate(b: &Bundle, plan: &str) -> Result<serde_json::Value, String> {
-        let model = QuotaModel::from_bundle(b).map_err(|e| format!("{e:?}"))?;
-        run(b, &model, plan, None)
+        let mut b = b.clone();
+        b.version = b.compute_version();
+        let engine = Engine::new(&b).map_err(|e| format!("{e:?}"))?;
+        run(&b, &engine, plan, None)
     }
 
     fn counts(v: &serde_json::Value, tenant: &str) -> (u64, u64) {
@@ -430,7 +459,11 @@ mod tests {
             ),
             (
                 r#"{"duration_s": 5, "flows": [{"tenant": "Acme", "rps": 1}]}"#,
-                "flow 1: a tenant path must start with `/`",
+                "flow 1: the filter answers its requests 400: a tenant path must start with `/`",
+            ),
+            (
+                r#"{"duration_s": 5, "flows": [{"tenant": "/", "rps": 1, "method": "get"}]}"#,
+                "flow 1: the filter answers its requests 400: `get` is not a method",
             ),
             (
                 r#"{"duration_s": 86400, "flows": [{"tenant": "/", "rps": 100}]}"#,
@@ -454,10 +487,12 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tenantgate-sim-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let out = dir.join("out.svg");
-        let model = QuotaModel::from_bundle(&b).unwrap();
+        let mut b = b;
+        b.version = b.compute_version();
+        let engine = Engine::new(&b).unwrap();
         run(
             &b,
-            &model,
+            &engine,
             r#"{"duration_s": 5, "flows": [{"tenant": "/a", "rps": 30}, {"tenant": "/", "rps": 5}]}"#,
             Some(&out),
         )
@@ -477,7 +512,7 @@ mod tests {
     fn example_plans_demonstrate_guarantee_and_borrowing() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
         let b = Bundle::from_dir(&dir).unwrap();
-        let model = QuotaModel::from_bundle(&b).unwrap();
+        let model = Engine::new(&b).unwrap();
         let plan = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
 
         // /acme/us and /acme/eu/team-a at their rates next to two floods:

@@ -28,6 +28,13 @@ pub enum Kind {
     Error,
 }
 
+/// The per-tenant counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TenantCounter {
+    Allowed,
+    Denied,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Decision {
     pub decision: Outcome,
@@ -103,6 +110,17 @@ impl Decision {
     /// forwarding it: a denial in enforce mode. Shadow mode never blocks.
     pub fn blocks(&self, mode: Mode) -> bool {
         !self.is_allowed() && mode == Mode::Enforce
+    }
+
+    /// The per-tenant counter this decision goes to: `Denied` for every
+    /// denial, would-be denials of shadow mode included (a tenant's refusals
+    /// show during a shadow rollout), `Allowed` otherwise.
+    pub fn tenant_counter(&self) -> TenantCounter {
+        if self.is_allowed() {
+            TenantCounter::Allowed
+        } else {
+            TenantCounter::Denied
+        }
     }
 
     /// The counter this decision goes to. In shadow mode a would-be denial
@@ -190,5 +208,37 @@ mod tests {
             assert_eq!(d.blocks(Mode::Enforce), blocks, "{d:?}");
             assert!(!d.blocks(Mode::Shadow), "{d:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod counter_tests {
+    use super::*;
+
+    #[test]
+    fn tenant_counters_count_would_be_denials_too() {
+        assert_eq!(
+            Decision::allow(vec![], vec![]).tenant_counter(),
+            TenantCounter::Allowed
+        );
+        for d in [
+            Decision::forbid(vec![], vec![]),
+            Decision::bad_request("x"),
+            Decision::error(crate::settings::OnError::Deny, "x"),
+        ] {
+            assert_eq!(d.tenant_counter(), TenantCounter::Denied);
+            assert_eq!(
+                d.counter(Mode::Shadow),
+                if d.kind == Kind::Error {
+                    Counter::Error
+                } else {
+                    Counter::ShadowDenied
+                }
+            );
+        }
+        assert_eq!(
+            Decision::error(crate::settings::OnError::Allow, "x").tenant_counter(),
+            TenantCounter::Allowed
+        );
     }
 }

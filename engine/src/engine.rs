@@ -11,7 +11,7 @@ use cedar_policy::{
     RestrictedExpression,
 };
 
-use crate::bundle::{json_error, Bundle, SourceFile, TenantConfig};
+use crate::bundle::{json_error, Bundle, BundleTenant, SourceFile, TenantConfig};
 use crate::decision::Decision;
 use crate::diag::{locate_json_key, Diagnostic, Diagnostics};
 use crate::entities::{json_to_expr, Types};
@@ -82,218 +82,26 @@ impl Engine {
                 .into_iter()
                 .map(|m| Diagnostic::new(crate::bundle::SETTINGS_FILE, m)),
         );
-
         let (schema, validator) = load_schema(bundle, &mut errors);
-
-        // Tenant configs and entities, parents first.
-        let mut configs: Vec<(TenantPath, TenantConfig, Option<&SourceFile>)> = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        let mut sorted: Vec<_> = bundle.tenants.iter().collect();
-        sorted.sort_by(|a, b| a.path.cmp(&b.path));
-        if sorted.first().map(|t| t.path.is_root()) != Some(true) {
-            errors.push(Diagnostic::new(
-                "bundle",
-                "the bundle has no root tenant `/`",
-            ));
-        }
-        for t in &sorted {
-            if !seen.insert(t.path.clone()) {
-                errors.push(Diagnostic::new(
-                    "bundle",
-                    format!("tenant `{}` appears twice", t.path),
-                ));
-                continue;
-            }
-            if let Some(parent) = t.path.parent() {
-                if !seen.contains(&parent) {
-                    errors.push(Diagnostic::new(
-                        "bundle",
-                        format!(
-                            "tenant `{}` has no parent tenant `{parent}` in the bundle",
-                            t.path
-                        ),
-                    ));
-                }
-            }
-            let config = match &t.config {
-                Some(src) => match serde_json::from_str::<TenantConfig>(&src.text) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        errors.push(json_error(&src.file, &e));
-                        TenantConfig::default()
-                    }
-                },
-                None => TenantConfig::default(),
-            };
-            configs.push((t.path.clone(), config, t.config.as_ref()));
-        }
-
-        let mut entity_by_tenant: HashMap<TenantPath, Entity> = HashMap::new();
-        for (path, config, src) in &configs {
-            let file = src
-                .map(|s| s.file.clone())
-                .unwrap_or_else(|| tenant_file_name(path));
-            let text = src.map(|s| s.text.as_str()).unwrap_or("");
-            let mut declared: Vec<(String, RestrictedExpression)> = Vec::new();
-            for (name, value) in &config.attributes {
-                let locate = |msg: String| match locate_json_key(text, &["attributes", name]) {
-                    Some(off) => Diagnostic::at_offset(&file, text, off, msg),
-                    None => Diagnostic::new(&file, msg),
-                };
-                if name == "path" || name == "depth" {
-                    errors.push(locate(format!(
-                        "attribute `{name}` is reserved: the engine sets it"
-                    )));
-                    continue;
-                }
-                match json_to_expr(value, name) {
-                    Ok(expr) => declared.push((name.clone(), expr)),
-                    Err(m) => errors.push(locate(format!("attribute {m}"))),
-                }
-            }
-            match types.tenant_entity(path, &declared) {
-                Ok(entity) => {
-                    if let Some(msg) = check_entity(schema.as_ref(), &entity) {
-                        errors.push(match locate_json_key(text, &["attributes"]) {
-                            Some(off) => Diagnostic::at_offset(&file, text, off, msg),
-                            None => Diagnostic::new(&file, msg),
-                        });
-                    }
-                    entity_by_tenant.insert(path.clone(), entity);
-                }
-                Err(m) => errors.push(Diagnostic::new(&file, m)),
-            }
-        }
-
-        // Policies, per file, located.
-        let mut attached: HashMap<TenantPath, Vec<Arc<CompiledPolicy>>> = HashMap::new();
-        for t in &sorted {
-            let mut list: Vec<Arc<CompiledPolicy>> = Vec::new();
-            for src in &t.policies {
-                let (ps, ds) = compile_file(src, &t.path, validator.as_ref());
-                list.extend(ps.into_iter().map(Arc::new));
-                errors.extend(ds);
-            }
-            // Two policies at one tenant may not share an id.
-            let mut ids: HashMap<&str, &PolicyInfo> = HashMap::new();
-            for p in &list {
-                if let Some(first) = ids.insert(&p.info.id, &p.info) {
-                    errors.push(Diagnostic::at(
-                        &p.info.file,
-                        p.info.line,
-                        p.info.column,
-                        format!(
-                            "policy id `{}` is already used at {}:{}:{}",
-                            p.info.id, first.file, first.line, first.column
-                        ),
-                    ));
-                }
-            }
-            attached.insert(t.path.clone(), list);
-        }
-
+        let (sorted, configs) = tenant_configs(bundle, &mut errors);
+        let entities = tenant_entities(&types, schema.as_ref(), &configs, &mut errors);
+        let attached = attach_policies(&sorted, validator.as_ref(), &mut errors);
         let actions = types
             .action_entities()
             .map_err(|m| Diagnostic::new("bundle", m))?;
-
-        // Effective sets: the parent's, minus what this tenant overrides, plus its own.
-        let mut tenants: HashMap<TenantPath, TenantNode> = HashMap::new();
-        let mut effective_lists: HashMap<TenantPath, Vec<Arc<CompiledPolicy>>> = HashMap::new();
-        let mut policy_count = 0;
-        for (path, _, _) in &configs {
-            let own = attached.get(path).cloned().unwrap_or_default();
-            policy_count += own.len();
-            let mut list: Vec<Arc<CompiledPolicy>> = path
-                .parent()
-                .and_then(|p| effective_lists.get(&p).cloned())
-                .unwrap_or_default();
-            let mut refused: Vec<&str> = Vec::new();
-            for p in &own {
-                if let Some(pos) = list.iter().position(|q| q.info.id == p.info.id) {
-                    let inherited = list.get(pos).map(|q| q.info.clone());
-                    match inherited {
-                        Some(q) if q.overridable => {
-                            list.remove(pos);
-                        }
-                        Some(q) => {
-                            refused.push(&p.info.id);
-                            errors.push(Diagnostic::at(
-                            &p.info.file,
-                            p.info.line,
-                            p.info.column,
-                            format!(
-                                "policy id `{}` reuses the id of a policy of tenant `{}` ({}:{}:{}) that is not `@overridable`; mark that policy `@overridable` to allow overriding it, or choose another id",
-                                p.info.id, q.tenant, q.file, q.line, q.column
-                            ),
-                        ))
-                        }
-                        None => {}
-                    }
-                }
-            }
-            list.extend(
-                own.iter()
-                    .filter(|p| !refused.contains(&p.info.id.as_str()))
-                    .cloned(),
-            );
-            let mut set = PolicySet::new();
-            for p in &list {
-                let policy = p.policy.new_id(PolicyId::new(&p.info.id));
-                if let Err(e) = set.add(policy) {
-                    errors.push(Diagnostic::at(
-                        &p.info.file,
-                        p.info.line,
-                        p.info.column,
-                        e.to_string(),
-                    ));
-                }
-            }
-            let lineage: Vec<Entity> = path
-                .lineage()
-                .iter()
-                .filter_map(|p| entity_by_tenant.get(p).cloned())
-                .collect();
-            tenants.insert(
-                path.clone(),
-                TenantNode {
-                    path: path.clone(),
-                    base: Entities::from_entities(
-                        lineage.iter().cloned().chain(actions.iter().cloned()),
-                        None,
-                    )
-                    .unwrap_or_else(|_| Entities::empty()),
-                    lineage_uids: lineage.iter().map(Entity::uid).collect(),
-                    lineage,
-                    effective: set,
-                    effective_list: list.clone(),
-                },
-            );
-            effective_lists.insert(path.clone(), list);
-        }
-
-        let limit_inputs: Vec<LimitsInput<'_>> = configs
-            .iter()
-            .filter(|(_, c, _)| !c.limits.is_empty())
-            .filter_map(|(path, c, src)| {
-                src.map(|s| LimitsInput {
-                    tenant: path,
-                    file: &s.file,
-                    text: &s.text,
-                    limits: &c.limits,
-                })
-            })
-            .collect();
-        let quotas = match QuotaModel::build(&limit_inputs) {
-            Ok(q) => q,
-            Err(ds) => {
-                errors.extend(ds);
-                QuotaModel::default()
-            }
-        };
-
+        let (tenants, policy_count) =
+            effective_sets(&configs, &attached, &entities, &actions, &mut errors);
+        let quotas = quota_model(&configs, &mut errors);
         if !errors.is_empty() {
             return Err(Diagnostics(errors));
         }
+        let policy_texts = || {
+            bundle
+                .tenants
+                .iter()
+                .flat_map(|t| &t.policies)
+                .map(|p| p.text.as_str())
+        };
         Ok(Engine {
             settings: bundle.settings.clone(),
             version: bundle.version.clone(),
@@ -303,17 +111,9 @@ impl Engine {
             quotas,
             policy_count,
             cache: crate::cache::DecisionCache::new(crate::cache::KeyShape::from_texts(
-                bundle
-                    .tenants
-                    .iter()
-                    .flat_map(|t| &t.policies)
-                    .map(|p| p.text.as_str()),
+                policy_texts(),
             )),
-            uses_source_ip: bundle
-                .tenants
-                .iter()
-                .flat_map(|t| &t.policies)
-                .any(|p| p.text.contains("source_ip")),
+            uses_source_ip: policy_texts().any(|t| t.contains("source_ip")),
         })
     }
 
@@ -505,6 +305,259 @@ impl Engine {
         let r = cedar_policy::Request::new(user.uid(), action, route.uid(), context, None)
             .map_err(|e| e.to_string())?;
         Ok((r, entities))
+    }
+}
+
+/// A tenant's parsed `tenant.json` and its source, parents first.
+type Config<'a> = (TenantPath, TenantConfig, Option<&'a SourceFile>);
+
+/// The tenants sorted parents first, each with its parsed `tenant.json`;
+/// reports a missing root, duplicates, orphans and unreadable configs.
+fn tenant_configs<'a>(
+    bundle: &'a Bundle,
+    errors: &mut Vec<Diagnostic>,
+) -> (Vec<&'a BundleTenant>, Vec<Config<'a>>) {
+    let mut configs = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut sorted: Vec<&BundleTenant> = bundle.tenants.iter().collect();
+    sorted.sort_by(|a, b| a.path.cmp(&b.path));
+    if sorted.first().map(|t| t.path.is_root()) != Some(true) {
+        errors.push(Diagnostic::new(
+            "bundle",
+            "the bundle has no root tenant `/`",
+        ));
+    }
+    for t in &sorted {
+        if !seen.insert(t.path.clone()) {
+            errors.push(Diagnostic::new(
+                "bundle",
+                format!("tenant `{}` appears twice", t.path),
+            ));
+            continue;
+        }
+        if let Some(parent) = t.path.parent() {
+            if !seen.contains(&parent) {
+                errors.push(Diagnostic::new(
+                    "bundle",
+                    format!(
+                        "tenant `{}` has no parent tenant `{parent}` in the bundle",
+                        t.path
+                    ),
+                ));
+            }
+        }
+        let config = match &t.config {
+            Some(src) => match serde_json::from_str::<TenantConfig>(&src.text) {
+                Ok(c) => c,
+                Err(e) => {
+                    errors.push(json_error(&src.file, &e));
+                    TenantConfig::default()
+                }
+            },
+            None => TenantConfig::default(),
+        };
+        configs.push((t.path.clone(), config, t.config.as_ref()));
+    }
+    (sorted, configs)
+}
+
+/// Each tenant's entity with its declared attributes, checked against the
+/// schema; errors located at the attribute.
+fn tenant_entities(
+    types: &Types,
+    schema: Option<&LoadedSchema>,
+    configs: &[Config<'_>],
+    errors: &mut Vec<Diagnostic>,
+) -> HashMap<TenantPath, Entity> {
+    let mut entity_by_tenant = HashMap::new();
+    for (path, config, src) in configs {
+        let file = src
+            .map(|s| s.file.clone())
+            .unwrap_or_else(|| tenant_file_name(path));
+        let text = src.map(|s| s.text.as_str()).unwrap_or("");
+        let locate_at = |keys: &[&str], msg: String| match locate_json_key(text, keys) {
+            Some(off) => Diagnostic::at_offset(&file, text, off, msg),
+            None => Diagnostic::new(&file, msg),
+        };
+        let mut declared: Vec<(String, RestrictedExpression)> = Vec::new();
+        for (name, value) in &config.attributes {
+            if name == "path" || name == "depth" {
+                errors.push(locate_at(
+                    &["attributes", name],
+                    format!("attribute `{name}` is reserved: the engine sets it"),
+                ));
+                continue;
+            }
+            match json_to_expr(value, name) {
+                Ok(expr) => declared.push((name.clone(), expr)),
+                Err(m) => errors.push(locate_at(&["attributes", name], format!("attribute {m}"))),
+            }
+        }
+        match types.tenant_entity(path, &declared) {
+            Ok(entity) => {
+                if let Some(msg) = check_entity(schema, &entity) {
+                    errors.push(locate_at(&["attributes"], msg));
+                }
+                entity_by_tenant.insert(path.clone(), entity);
+            }
+            Err(m) => errors.push(Diagnostic::new(&file, m)),
+        }
+    }
+    entity_by_tenant
+}
+
+/// The policies attached to each tenant, compiled and located; two policies
+/// of one tenant may not share an id.
+fn attach_policies(
+    sorted: &[&BundleTenant],
+    validator: Option<&SchemaValidator>,
+    errors: &mut Vec<Diagnostic>,
+) -> HashMap<TenantPath, Vec<Arc<CompiledPolicy>>> {
+    let mut attached = HashMap::new();
+    for t in sorted {
+        let mut list: Vec<Arc<CompiledPolicy>> = Vec::new();
+        for src in &t.policies {
+            let (ps, ds) = compile_file(src, &t.path, validator);
+            list.extend(ps.into_iter().map(Arc::new));
+            errors.extend(ds);
+        }
+        let mut ids: HashMap<&str, &PolicyInfo> = HashMap::new();
+        for p in &list {
+            if let Some(first) = ids.insert(&p.info.id, &p.info) {
+                errors.push(Diagnostic::at(
+                    &p.info.file,
+                    p.info.line,
+                    p.info.column,
+                    format!(
+                        "policy id `{}` is already used at {}:{}:{}",
+                        p.info.id, first.file, first.line, first.column
+                    ),
+                ));
+            }
+        }
+        attached.insert(t.path.clone(), list);
+    }
+    attached
+}
+
+/// The parent's effective list, minus what `own` overrides, plus `own`.
+/// Reusing the id of a policy that is not `@overridable` is an error.
+fn apply_overrides(
+    inherited: Vec<Arc<CompiledPolicy>>,
+    own: &[Arc<CompiledPolicy>],
+    errors: &mut Vec<Diagnostic>,
+) -> Vec<Arc<CompiledPolicy>> {
+    let mut list = inherited;
+    let mut refused: Vec<&str> = Vec::new();
+    for p in own {
+        let Some(pos) = list.iter().position(|q| q.info.id == p.info.id) else {
+            continue;
+        };
+        match list.get(pos).map(|q| q.info.clone()) {
+            Some(q) if q.overridable => {
+                list.remove(pos);
+            }
+            Some(q) => {
+                refused.push(&p.info.id);
+                errors.push(Diagnostic::at(
+                    &p.info.file,
+                    p.info.line,
+                    p.info.column,
+                    format!(
+                        "policy id `{}` reuses the id of a policy of tenant `{}` ({}:{}:{}) that is not `@overridable`; mark that policy `@overridable` to allow overriding it, or choose another id",
+                        p.info.id, q.tenant, q.file, q.line, q.column
+                    ),
+                ))
+            }
+            None => {}
+        }
+    }
+    list.extend(
+        own.iter()
+            .filter(|p| !refused.contains(&p.info.id.as_str()))
+            .cloned(),
+    );
+    list
+}
+
+/// Every tenant's node: its effective policy set (its own policies and its
+/// ancestors', overrides applied) and its lineage entities. Also counts the
+/// policies.
+fn effective_sets(
+    configs: &[Config<'_>],
+    attached: &HashMap<TenantPath, Vec<Arc<CompiledPolicy>>>,
+    entities: &HashMap<TenantPath, Entity>,
+    actions: &[Entity],
+    errors: &mut Vec<Diagnostic>,
+) -> (HashMap<TenantPath, TenantNode>, usize) {
+    let mut tenants = HashMap::new();
+    let mut effective_lists: HashMap<TenantPath, Vec<Arc<CompiledPolicy>>> = HashMap::new();
+    let mut policy_count = 0;
+    for (path, _, _) in configs {
+        let own = attached.get(path).cloned().unwrap_or_default();
+        policy_count += own.len();
+        let inherited = path
+            .parent()
+            .and_then(|p| effective_lists.get(&p).cloned())
+            .unwrap_or_default();
+        let list = apply_overrides(inherited, &own, errors);
+        let mut set = PolicySet::new();
+        for p in &list {
+            let policy = p.policy.new_id(PolicyId::new(&p.info.id));
+            if let Err(e) = set.add(policy) {
+                errors.push(Diagnostic::at(
+                    &p.info.file,
+                    p.info.line,
+                    p.info.column,
+                    e.to_string(),
+                ));
+            }
+        }
+        let lineage: Vec<Entity> = path
+            .lineage()
+            .iter()
+            .filter_map(|p| entities.get(p).cloned())
+            .collect();
+        tenants.insert(
+            path.clone(),
+            TenantNode {
+                path: path.clone(),
+                base: Entities::from_entities(
+                    lineage.iter().cloned().chain(actions.iter().cloned()),
+                    None,
+                )
+                .unwrap_or_else(|_| Entities::empty()),
+                lineage_uids: lineage.iter().map(Entity::uid).collect(),
+                lineage,
+                effective: set,
+                effective_list: list.clone(),
+            },
+        );
+        effective_lists.insert(path.clone(), list);
+    }
+    (tenants, policy_count)
+}
+
+/// The hierarchical quotas of every `tenant.json` that declares limits.
+fn quota_model(configs: &[Config<'_>], errors: &mut Vec<Diagnostic>) -> QuotaModel {
+    let inputs: Vec<LimitsInput<'_>> = configs
+        .iter()
+        .filter(|(_, c, _)| !c.limits.is_empty())
+        .filter_map(|(path, c, src)| {
+            src.map(|s| LimitsInput {
+                tenant: path,
+                file: &s.file,
+                text: &s.text,
+                limits: &c.limits,
+            })
+        })
+        .collect();
+    match QuotaModel::build(&inputs) {
+        Ok(q) => q,
+        Err(ds) => {
+            errors.extend(ds);
+            QuotaModel::default()
+        }
     }
 }
 

@@ -15,6 +15,11 @@ pub const READ_METHODS: [&str; 3] = ["GET", "HEAD", "OPTIONS"];
 /// HTTP methods that belong to `Action::"write"`.
 pub const WRITE_METHODS: [&str; 4] = ["POST", "PUT", "PATCH", "DELETE"];
 
+/// True for the methods that have a Cedar action (upper case, as sent).
+pub fn is_known_method(m: &str) -> bool {
+    READ_METHODS.contains(&m) || WRITE_METHODS.contains(&m)
+}
+
 /// Entity type names, parsed once.
 #[derive(Debug, Clone)]
 pub(crate) struct Types {

@@ -5,9 +5,9 @@ use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
-use tenantgate_engine::decision::Counter;
+use tenantgate_engine::decision::{Counter, TenantCounter};
 use tenantgate_engine::http::{
-    own_headers, DecisionIds, HttpInput, Mapped, MetadataSource, PRINCIPAL_HEADER, TENANT_HEADER,
+    own_headers, DecisionIds, HttpInput, LocalReply, Mapped, MetadataSource,
 };
 use tenantgate_engine::quota::{BucketStore, StoreError};
 use tenantgate_engine::settings::Mode;
@@ -71,14 +71,11 @@ impl Metrics {
     /// in `shadow_denied` (and the tenant's `denied`), since nothing was denied.
     fn count(&self, decision: &Decision, tenant: Option<&TenantPath>, mode: Mode) {
         if let Some((allowed, denied)) = tenant.and_then(|t| self.tenants.get(t)) {
-            ffi::increment_metric(
-                if decision.is_allowed() {
-                    *allowed
-                } else {
-                    *denied
-                },
-                1,
-            );
+            let id = match decision.tenant_counter() {
+                TenantCounter::Allowed => *allowed,
+                TenantCounter::Denied => *denied,
+            };
+            ffi::increment_metric(id, 1);
         }
         let id = match decision.counter(mode) {
             Counter::Allowed => self.allowed,
@@ -158,13 +155,12 @@ impl RootContext for Root {
                 return false;
             }
         };
-        // Create every bucket before traffic, so the "set on a missing key
-        // ignores CAS" quirk cannot lose an update under load.
         let now = ffi::now_ns().unwrap_or(0);
-        for (key, value) in engine.quotas().initial_buckets(now) {
-            if matches!(ffi::get_shared_data(&key), Ok(None)) {
-                let _ = ffi::set_shared_data(&key, &value, 0);
-            }
+        if let Err(e) = engine.quotas().create_buckets(&SharedData, now) {
+            ffi::log(
+                ffi::LOG_ERROR,
+                &format!("tenantgate: cannot create the quota buckets: {e}"),
+            );
         }
         let metrics = Metrics::define(&engine);
         if let Ok(id) = ffi::define_metric(ffi::METRIC_COUNTER, names::CONFIG_LOADED) {
@@ -366,13 +362,8 @@ impl Http {
                 if let Some(p) = &m.forward_path {
                     let _ = ffi::replace_header(ffi::MAP_REQUEST_HEADERS, ":path", p);
                 }
-                let _ = ffi::add_header(
-                    ffi::MAP_REQUEST_HEADERS,
-                    TENANT_HEADER,
-                    m.request.tenant.as_str(),
-                );
-                if let Some(p) = &m.request.principal {
-                    let _ = ffi::add_header(ffi::MAP_REQUEST_HEADERS, PRINCIPAL_HEADER, &p.id);
+                for (name, value) in m.upstream_headers() {
+                    let _ = ffi::add_header(ffi::MAP_REQUEST_HEADERS, name, value);
                 }
             }
             self.response_headers = engine.allow_response_headers(&decision);
@@ -414,24 +405,15 @@ impl Http {
         if decision.is_allowed() {
             return Action::Continue;
         }
-        let reply = engine.and_then(|e| e.reply(decision, tenant, request_id, decision_id));
-        let (status, grpc_status, body, headers) = match &reply {
-            Some(r) => (
-                r.status,
-                r.grpc_status,
-                r.body.as_str(),
-                r.headers
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str()))
-                    .collect(),
-            ),
-            None => (
-                decision.status,
-                tenantgate_engine::http::grpc_status(decision.status),
-                r#"{"error":"unavailable"}"#,
-                vec![("content-type", "application/json")],
-            ),
-        };
+        let reply = engine
+            .and_then(|e| e.reply(decision, tenant, request_id, decision_id))
+            .unwrap_or_else(|| LocalReply::unavailable(decision.status));
+        let headers: Vec<(&str, &str)> = reply
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let (status, grpc_status, body) = (reply.status, reply.grpc_status, reply.body.as_str());
         if let Err(e) = ffi::send_local_response(status, "tenantgate", body, &headers, grpc_status)
         {
             ffi::log(

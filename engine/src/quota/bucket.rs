@@ -10,6 +10,9 @@
 
 use super::Nanos;
 
+/// Largest `rate`, `ceil` or `burst`, in tokens.
+pub(crate) const MAX_AMOUNT: u64 = 1_000_000_000_000;
+
 /// Encoding version tag (first byte of every stored value).
 pub(crate) const TAG_V1: u8 = 1;
 /// Length of an encoded bucket: tag, tokens, ctokens, last.
@@ -88,7 +91,7 @@ pub(crate) struct Params {
     /// Rate bucket size in units (`burst * per_ns`).
     pub cap: i128,
     /// Ceil bucket size in units (`burst * ceil / rate` tokens, at most
-    /// [`super::spec::MAX_AMOUNT`] tokens).
+    /// [`MAX_AMOUNT`] tokens).
     pub ccap: i128,
 }
 
@@ -100,7 +103,7 @@ impl Params {
         let (b, c, r) = (u128::from(burst), u128::from(ceil), u128::from(rate.max(1)));
         let whole = b.saturating_mul(c) / r;
         let rem = b.saturating_mul(c) % r;
-        let max = u128::from(super::spec::MAX_AMOUNT);
+        let max = u128::from(MAX_AMOUNT);
         let ccap_units = if whole >= max {
             max.saturating_mul(u128::from(per_ns))
         } else {

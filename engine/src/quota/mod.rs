@@ -97,7 +97,7 @@
 //!   two VMs that both find a key missing both create it, full; charges made
 //!   between the first and the last creation are lost (a window of
 //!   microseconds, once per key's life). The filter pre-creates every key at
-//!   configure time ([`QuotaModel::initial_buckets`], set only where `get`
+//!   configure time ([`QuotaModel::create_buckets`], set only where `get`
 //!   finds nothing), so in practice only VMs configuring at the same instant
 //!   race, before any traffic;
 //! - *new limits*: a changed limit starts with full buckets (one extra burst);
@@ -115,6 +115,7 @@
 
 mod bucket;
 mod clock;
+pub mod fleet;
 mod spec;
 mod store;
 
@@ -159,11 +160,13 @@ pub struct LimitsInput<'a> {
 /// no limits: every request is admitted.
 #[derive(Debug, Clone, Default)]
 pub struct QuotaModel {
-    /// Every node's limits, parents first.
+    /// Every node's local limits, parents first.
     limits: Vec<Arc<Limit>>,
     /// For each tenant that declares limits: the chains of a request to it or
     /// to a descendant that declares none.
     plans: HashMap<Box<str>, Arc<Plan>, BuildHasherDefault<store::KeyHasher>>,
+    /// The fleet limits: validated with the others, never admitted here.
+    fleet: fleet::FleetLimits,
 }
 
 /// The chains that apply to requests to one tenant. Bucket state during an
@@ -329,7 +332,12 @@ impl QuotaModel {
     /// Builds and validates the limits of every tenant. `inputs` come parents
     /// first; tenants without limits may be absent.
     pub fn build(inputs: &[LimitsInput<'_>]) -> Result<QuotaModel, Vec<Diagnostic>> {
-        let limits = spec::compile(inputs)?;
+        let all = spec::compile(inputs)?;
+        let fleet = fleet::FleetLimits::new(&all);
+        let limits: Vec<Arc<Limit>> = all
+            .into_iter()
+            .filter(|l| l.scope == fleet::Scope::Local)
+            .collect();
         let mut at_node: HashMap<&str, Vec<&Arc<Limit>>> = HashMap::new();
         for l in &limits {
             at_node.entry(l.node.as_str()).or_default().push(l);
@@ -377,7 +385,11 @@ impl QuotaModel {
             };
             plans.insert(Box::from(node.as_str()), Arc::new(plan));
         }
-        Ok(QuotaModel { limits, plans })
+        Ok(QuotaModel {
+            limits,
+            plans,
+            fleet,
+        })
     }
 
     /// Builds the model from the `tenant.json` files of a bundle (the quota
@@ -409,7 +421,12 @@ impl QuotaModel {
         Self::build(&inputs)
     }
 
-    /// True if no tenant declares a limit.
+    /// The fleet limits (see [`fleet`]); they take no part in [`Self::admit`].
+    pub fn fleet(&self) -> &fleet::FleetLimits {
+        &self.fleet
+    }
+
+    /// True if no tenant declares a local limit.
     pub fn is_empty(&self) -> bool {
         self.limits.is_empty()
     }
@@ -460,6 +477,21 @@ impl QuotaModel {
             .iter()
             .map(|l| (l.key.clone(), l.params.full(now).encode().to_vec()))
             .collect()
+    }
+
+    /// Creates every bucket that does not exist yet, full at `now` (the filter
+    /// does it at configure time, before traffic, so the "set on a missing
+    /// key ignores CAS" quirk cannot lose a charge under load). Returns how
+    /// many it created.
+    pub fn create_buckets(&self, store: &dyn BucketStore, now: Nanos) -> Result<usize, StoreError> {
+        let mut created = 0;
+        for l in &self.limits {
+            if store.get(&l.key)?.is_none() {
+                store.set(&l.key, &l.params.full(now).encode(), 0)?;
+                created += 1;
+            }
+        }
+        Ok(created)
     }
 
     /// Admission of one request to `tenant` costing `cost` tokens at `now`:

@@ -6,13 +6,12 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use super::bucket::Params;
+use super::bucket::{Params, MAX_AMOUNT};
+use super::fleet::{parse_scope, Scope};
 use super::LimitsInput;
 use crate::diag::{locate_json_key, Diagnostic};
 use crate::tenant::{is_valid_segment, shorten, TenantPath};
 
-/// Largest `rate`, `ceil` or `burst`, in tokens.
-pub(crate) const MAX_AMOUNT: u64 = 1_000_000_000_000;
 /// Longest `per`: 365 days.
 pub(crate) const MAX_PER_NS: u64 = 365 * DAY_NS;
 /// `per` of a top-level limit that does not say.
@@ -20,7 +19,7 @@ pub(crate) const DEFAULT_PER_NS: u64 = SECOND_NS;
 
 const SECOND_NS: u64 = 1_000_000_000;
 const DAY_NS: u64 = 86_400 * SECOND_NS;
-const KEYS: &str = "`rate`, `ceil`, `burst` or `per`";
+const KEYS: &str = "`rate`, `ceil`, `burst`, `per` or `scope`";
 
 /// One node's compiled limit.
 #[derive(Debug)]
@@ -30,6 +29,8 @@ pub(crate) struct Limit {
     pub params: Params,
     /// Its shared-data key; see the module doc of `quota` for the layout.
     pub key: String,
+    /// Local (token buckets in this process) or fleet (the rate limit service).
+    pub scope: Scope,
 }
 
 /// A `rate` or `ceil` as written: tokens, or a share of the nearest ancestor's rate.
@@ -108,6 +109,17 @@ fn at(input: &LimitsInput<'_>, name: &str, key: Option<&str>, message: String) -
     }
 }
 
+/// The keys of one limit as written, before shares are resolved.
+struct Fields<'a> {
+    rate: Amount,
+    ceil: Option<Amount>,
+    burst: Option<u64>,
+    per: Option<u64>,
+    scope: Scope,
+    /// The object as written, to locate keys.
+    raw: &'a serde_json::Map<String, serde_json::Value>,
+}
+
 fn compile_one(
     input: &LimitsInput<'_>,
     input_index: usize,
@@ -116,6 +128,30 @@ fn compile_one(
     defs: &HashMap<(TenantPath, String), Def>,
     entries: &[Entry],
 ) -> Result<Entry, Vec<Diagnostic>> {
+    let fields = parse_fields(input, name, value)?;
+    let parent = nearest_parent(input, name, &fields, defs, entries)?;
+    let params = resolve(input, name, &fields, parent.map(|(_, e)| e))?;
+    let key = bucket_key(input.tenant, name, &params);
+    Ok(Entry {
+        limit: Arc::new(Limit {
+            node: input.tenant.clone(),
+            name: Arc::from(name),
+            params,
+            key,
+            scope: fields.scope,
+        }),
+        parent: parent.map(|(i, _)| i),
+        input: input_index,
+    })
+}
+
+/// Reads the keys of one limit: every unknown key and bad value reported,
+/// each located at its key.
+fn parse_fields<'a>(
+    input: &LimitsInput<'_>,
+    name: &str,
+    value: &'a serde_json::Value,
+) -> Result<Fields<'a>, Vec<Diagnostic>> {
     let err = |key: Option<&str>, msg: String| vec![at(input, name, key, msg)];
     if !is_valid_segment(name) {
         return Err(err(
@@ -126,7 +162,7 @@ fn compile_one(
             ),
         ));
     }
-    let Some(fields) = value.as_object() else {
+    let Some(raw) = value.as_object() else {
         return Err(err(
             None,
             format!("limit `{name}` must be an object like `{{\"rate\": 100, \"per\": \"1s\"}}`, got `{}`", describe(value)),
@@ -137,7 +173,8 @@ fn compile_one(
     let mut ceil = None;
     let mut burst = None;
     let mut per = None;
-    for (key, v) in fields {
+    let mut scope = Scope::Local;
+    for (key, v) in raw {
         let parsed = match key.as_str() {
             "rate" => parse_amount(v, true).map(|a| rate = Some(a)),
             "ceil" => parse_amount(v, true).map(|a| ceil = Some(a)),
@@ -147,6 +184,7 @@ fn compile_one(
                 }
             }),
             "per" => parse_per(v).map(|p| per = Some(p)),
+            "scope" => parse_scope(v).map(|s| scope = s),
             other => {
                 errors.push(at(
                     input,
@@ -169,7 +207,7 @@ fn compile_one(
             ));
         }
     }
-    if !fields.contains_key("rate") {
+    if !raw.contains_key("rate") {
         errors.push(at(
             input,
             name,
@@ -177,99 +215,134 @@ fn compile_one(
             format!("limit `{name}`: `rate` is required"),
         ));
     }
-    let (Some(rate), true) = (rate, errors.is_empty()) else {
-        return Err(errors);
-    };
+    if scope == Scope::Fleet {
+        errors.extend(super::fleet::local_only_keys(raw).map(|key| {
+            at(input, name, Some(key), format!("limit `{name}`: `{key}` is a local notion and cannot be set on a fleet limit (`\"scope\": \"fleet\"`): a fleet limit is at most `rate` per `per` window"))
+        }));
+    }
+    match (rate, errors.is_empty()) {
+        (Some(rate), true) => Ok(Fields {
+            rate,
+            ceil,
+            burst,
+            per,
+            scope,
+            raw,
+        }),
+        _ => Err(errors),
+    }
+}
 
-    // The nearest ancestor defining the same name.
-    let mut parent = None;
+/// The nearest ancestor that defines the same limit name (index and entry),
+/// if any; it must have the same scope.
+fn nearest_parent<'e>(
+    input: &LimitsInput<'_>,
+    name: &str,
+    fields: &Fields<'_>,
+    defs: &HashMap<(TenantPath, String), Def>,
+    entries: &'e [Entry],
+) -> Result<Option<(usize, &'e Entry)>, Vec<Diagnostic>> {
     let mut cursor = input.tenant.parent();
     while let Some(p) = cursor {
         if let Some(def) = defs.get(&(p.clone(), name.to_owned())) {
-            match def {
+            let parent = match def {
                 // Its own error is reported; checking against it would only echo it.
                 Def::Broken => return Err(Vec::new()),
-                Def::Ok(i) => parent = entries.get(*i).map(|e| (*i, e)),
+                Def::Ok(i) => entries.get(*i).map(|e| (*i, e)),
+            };
+            if let Some((_, e)) = parent.filter(|(_, e)| e.limit.scope != fields.scope) {
+                let key = fields.raw.contains_key("scope").then_some("scope");
+                return Err(vec![at(input, name, key, format!("limit `{name}`: scope `{}` differs from the scope `{}` of `{}`; one limit name keeps one scope along a branch (use another name)", fields.scope, e.limit.scope, e.limit.node))]);
             }
-            break;
+            return Ok(parent);
         }
         cursor = p.parent();
     }
-    let parent_params = parent.map(|(_, e)| &e.limit.params);
-    let parent_node = parent.map(|(_, e)| e.limit.node.as_str()).unwrap_or("");
+    Ok(None)
+}
 
+/// The limit's numbers: shares of the parent's rate resolved, the window
+/// inherited, defaults applied, and the bounds against the parent checked.
+fn resolve(
+    input: &LimitsInput<'_>,
+    name: &str,
+    fields: &Fields<'_>,
+    parent: Option<&Entry>,
+) -> Result<Params, Vec<Diagnostic>> {
+    let parent_params = parent.map(|e| &e.limit.params);
+    let parent_node = parent.map(|e| e.limit.node.as_str()).unwrap_or("");
     // Shares are of the parent's rate and inherit its window.
-    let resolve = |key: &str, a: Amount| -> Result<u64, Diagnostic> {
-        match a {
-            Amount::Tokens(n) => Ok(n),
-            Amount::Share(bp) => {
-                let Some(pp) = parent_params else {
-                    return Err(at(
-                        input,
-                        name,
-                        Some(key),
-                        format!(
-                            "limit `{name}`: `{key}` is a share ({}) but no ancestor of `{}` defines limit `{name}` to take it from",
-                            fmt_share(bp),
-                            input.tenant
-                        ),
-                    ));
-                };
-                let n = u64::try_from(u128::from(pp.rate) * u128::from(bp) / 10_000)
-                    .unwrap_or(u64::MAX);
-                if n == 0 {
-                    return Err(at(
-                        input,
-                        name,
-                        Some(key),
-                        format!(
-                            "limit `{name}`: `{key}` {} of the rate {} of `{parent_node}` is less than one token",
-                            fmt_share(bp),
-                            pp.rate
-                        ),
-                    ));
-                }
-                Ok(n)
-            }
+    let tokens = |key: &str, a: Amount| -> Result<u64, Vec<Diagnostic>> {
+        let bp = match a {
+            Amount::Tokens(n) => return Ok(n),
+            Amount::Share(bp) => bp,
+        };
+        let Some(pp) = parent_params else {
+            return Err(vec![at(
+                input,
+                name,
+                Some(key),
+                format!(
+                    "limit `{name}`: `{key}` is a share ({}) but no ancestor of `{}` defines limit `{name}` to take it from",
+                    fmt_share(bp),
+                    input.tenant
+                ),
+            )]);
+        };
+        let n = u64::try_from(u128::from(pp.rate) * u128::from(bp) / 10_000).unwrap_or(u64::MAX);
+        if n == 0 {
+            return Err(vec![at(
+                input,
+                name,
+                Some(key),
+                format!(
+                    "limit `{name}`: `{key}` {} of the rate {} of `{parent_node}` is less than one token",
+                    fmt_share(bp),
+                    pp.rate
+                ),
+            )]);
         }
+        Ok(n)
     };
-    let rate_n = resolve("rate", rate).map_err(|d| vec![d])?;
-    let ceil_n = match ceil {
-        Some(c) => resolve("ceil", c).map_err(|d| vec![d])?,
-        None => rate_n,
+    let rate = tokens("rate", fields.rate)?;
+    let ceil = match fields.ceil {
+        Some(c) => tokens("ceil", c)?,
+        None => rate,
     };
-    let per_ns = match (per, parent_params) {
+    let per_ns = match (fields.per, parent_params) {
         (Some(p), Some(pp)) if p != pp.per_ns => {
-            return Err(err(
+            return Err(vec![at(
+                input,
+                name,
                 Some("per"),
                 format!(
                     "limit `{name}`: `per` `{}` differs from the window `{}` of `{parent_node}`; one limit name keeps one window along a branch (omit `per` to inherit it)",
                     fmt_per(p),
                     fmt_per(pp.per_ns)
                 ),
-            ));
+            )]);
         }
         (Some(p), _) => p,
         (None, Some(pp)) => pp.per_ns,
         (None, None) => DEFAULT_PER_NS,
     };
-    let burst_n = burst.unwrap_or(rate_n);
-    if rate_n > ceil_n {
+    let mut errors = Vec::new();
+    if rate > ceil {
         errors.push(at(
             input,
             name,
             Some("ceil"),
-            format!("limit `{name}`: `rate` {rate_n} is larger than `ceil` {ceil_n}"),
+            format!("limit `{name}`: `rate` {rate} is larger than `ceil` {ceil}"),
         ));
     }
-    if let (Some(pp), Some(_)) = (parent_params, ceil) {
-        if ceil_n > pp.ceil {
+    if let (Some(pp), Some(_)) = (parent_params, fields.ceil) {
+        if ceil > pp.ceil {
             errors.push(at(
                 input,
                 name,
                 Some("ceil"),
                 format!(
-                    "limit `{name}`: `ceil` {ceil_n} is larger than the ceil {} of `{parent_node}` (a tenant cannot borrow more than its parent may use)",
+                    "limit `{name}`: `ceil` {ceil} is larger than the ceil {} of `{parent_node}` (a tenant cannot borrow more than its parent may use)",
                     pp.ceil
                 ),
             ));
@@ -278,18 +351,12 @@ fn compile_one(
     if !errors.is_empty() {
         return Err(errors);
     }
-    let params = Params::new(rate_n, ceil_n, burst_n, per_ns);
-    let key = bucket_key(input.tenant, name, &params);
-    Ok(Entry {
-        limit: Arc::new(Limit {
-            node: input.tenant.clone(),
-            name: Arc::from(name),
-            params,
-            key,
-        }),
-        parent: parent.map(|(i, _)| i),
-        input: input_index,
-    })
+    Ok(Params::new(
+        rate,
+        ceil,
+        fields.burst.unwrap_or(rate),
+        per_ns,
+    ))
 }
 
 /// For each limit, its children's rates add up to at most its own rate.

@@ -103,7 +103,7 @@ fn validation_errors_are_located() {
         (r#"{ "rate": 1, "burst": 0 }"#, "tenants/tenant.json:3:25: error: limit `rps`: `burst` must be at least 1, got `0`"),
         (r#"{ "rate": 1, "burst": "50%" }"#, "tenants/tenant.json:3:25: error: limit `rps`: `burst` must be a whole number of tokens, got `\"50%\"`"),
         (r#"{ "rate": 10, "ceil": 5 }"#, "tenants/tenant.json:3:26: error: limit `rps`: `rate` 10 is larger than `ceil` 5"),
-        (r#"{ "rate": 1, "rte": 2 }"#, "tenants/tenant.json:3:25: error: limit `rps`: unknown key `rte` (expected `rate`, `ceil`, `burst` or `per`)"),
+        (r#"{ "rate": 1, "rte": 2 }"#, "tenants/tenant.json:3:25: error: limit `rps`: unknown key `rte` (expected `rate`, `ceil`, `burst`, `per` or `scope`)"),
         (r#"{ "per": "1s" }"#, "tenants/tenant.json:3:5: error: limit `rps`: `rate` is required"),
         (r#"5"#, "tenants/tenant.json:3:5: error: limit `rps` must be an object"),
         (r#"{ "rate": "40%" }"#, "tenants/tenant.json:3:14: error: limit `rps`: `rate` is a share (`\"40%\"`) but no ancestor of `/` defines limit `rps`"),
@@ -754,4 +754,22 @@ fn a_borrowing_admission_is_marked() {
     assert_eq!(burst(&m, &s, "/a", 1, 1, T0), 1);
     let d = m.admit(&t("/a"), 1, T0, &s).unwrap();
     assert!(d.admitted && d.limits[0].borrowed, "{d:?}");
+}
+
+#[test]
+fn create_buckets_creates_only_the_missing_ones() {
+    let m = model(&[
+        ("/", r#"{"limits": {"rps": {"rate": 10}}}"#),
+        ("/a", r#"{"limits": {"rps": {"rate": 5}}}"#),
+    ]);
+    let s = MemoryStore::new();
+    assert_eq!(m.create_buckets(&s, T0).unwrap(), 2);
+    assert_eq!(burst(&m, &s, "/a", 3, 1, T0), 3);
+    let before = s.snapshot();
+    assert_eq!(
+        m.create_buckets(&s, T0 + S).unwrap(),
+        0,
+        "existing state is kept"
+    );
+    assert_eq!(s.snapshot(), before);
 }

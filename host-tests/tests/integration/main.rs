@@ -14,6 +14,7 @@ mod support;
 
 mod bad_input;
 mod config;
+mod differential;
 mod faults;
 mod host_abi;
 mod identity;

@@ -202,8 +202,11 @@ pub fn audit_lines(host: &Host) -> Vec<Value> {
         .collect()
 }
 
+/// A metric's value; a metric the filter never defined is a test failure
+/// (a misspelt name would otherwise read as 0 and pass).
 pub fn metric(host: &Host, name: &str) -> u64 {
-    host.metric(name).unwrap_or(0)
+    host.metric(name)
+        .unwrap_or_else(|| panic!("metric `{name}` was never defined by the filter"))
 }
 
 pub fn tenant_metric(host: &Host, tenant: &str, what: &str) -> u64 {

@@ -1,0 +1,309 @@
+//! Mapping a request's headers, properties and metadata to a [`Request`].
+
+use super::{
+    decode_claims, from_source, header, BadRequest, HttpInput, Mapped, MetadataSource,
+    MAX_PRINCIPAL_LEN, MAX_TENANT_LEN,
+};
+use crate::engine::Engine;
+use crate::path::normalize_path;
+use crate::request::{Principal, Request};
+use crate::settings::Source;
+use crate::tenant::{shorten, TenantPath};
+
+impl Engine {
+    /// Maps an HTTP request to an engine [`Request`], or says why it is bad.
+    /// Steps: method, path (normalized), tenant, principal, context headers,
+    /// claims; the first problem is the 400.
+    pub fn map_request(
+        &self,
+        input: &HttpInput<'_>,
+        meta: &dyn MetadataSource,
+    ) -> Result<Mapped, BadRequest> {
+        let request_id = header(input, "x-request-id")
+            .ok()
+            .flatten()
+            .map(clip_request_id);
+        let bad = |tenant: Option<&TenantPath>, message: String| BadRequest {
+            tenant: tenant.cloned(),
+            message,
+            request_id: request_id.clone(),
+        };
+        let method = map_method(input).map_err(|m| bad(None, m))?;
+        let raw_path = header(input, ":path")
+            .map_err(|m| bad(None, m))?
+            .unwrap_or("/");
+        let path = normalize_path(raw_path).map_err(|e| bad(None, e.to_string()))?;
+        let forward_path = forward_path(raw_path, &path);
+        let (tenant, path) = self
+            .map_tenant(input, meta, path)
+            .map_err(|m| bad(None, m))?;
+        let in_tenant = |m: String| bad(Some(&tenant), m);
+        let principal = self
+            .map_principal(input, meta, &tenant)
+            .map_err(in_tenant)?;
+        let headers = self.context_headers(input).map_err(in_tenant)?;
+        let claims = self.map_claims(input).map_err(in_tenant)?;
+        let action = match &self.settings().grpc {
+            Some(g) if method == "POST" && is_grpc(input) => Some(g.action(&path)),
+            _ => None,
+        };
+        let request = Request {
+            tenant,
+            principal,
+            method: method.to_string(),
+            action,
+            path,
+            host: header(input, ":authority")
+                .ok()
+                .flatten()
+                .map(str::to_string),
+            source_ip: input.source_address.and_then(ip_of),
+            time_ns: input.now_ns,
+            headers,
+            claims,
+            extra_context: None,
+        };
+        Ok(Mapped {
+            request,
+            request_id,
+            forward_path,
+        })
+    }
+
+    /// The request tenant and the resource path (the path after the tenant
+    /// for a `path_prefix` source, else the whole normalized path).
+    fn map_tenant(
+        &self,
+        input: &HttpInput<'_>,
+        meta: &dyn MetadataSource,
+        path: String,
+    ) -> Result<(TenantPath, String), String> {
+        let settings = self.settings();
+        let default = || settings.default_tenant.clone();
+        match &settings.tenant {
+            Source::PathPrefix(prefix) => match self.tenant_from_path(prefix, &path) {
+                Some(found) => found,
+                None => default().map(|t| (t, path)).ok_or_else(|| {
+                    format!("the path does not start with the tenant prefix `{prefix}`")
+                }),
+            },
+            source => {
+                let value = from_source(input, meta, source)?;
+                match value.as_deref().map(trim_ows) {
+                    Some(v) if !v.is_empty() => Ok((parse_tenant(v)?, path)),
+                    empty => match default() {
+                        Some(t) => Ok((t, path)),
+                        None if empty.is_some() => {
+                            Err(format!("no tenant: {}", describe_empty(source)))
+                        }
+                        None => Err(format!("no tenant: {}", describe(source))),
+                    },
+                }
+            }
+        }
+    }
+
+    /// The principal and its home tenant; `None` when the source is absent or
+    /// empty (an anonymous request).
+    fn map_principal(
+        &self,
+        input: &HttpInput<'_>,
+        meta: &dyn MetadataSource,
+        tenant: &TenantPath,
+    ) -> Result<Option<Principal>, String> {
+        let settings = self.settings();
+        let Some(id) = from_source(input, meta, &settings.principal)?.filter(|id| !id.is_empty())
+        else {
+            return Ok(None);
+        };
+        if id.len() > MAX_PRINCIPAL_LEN {
+            return Err(format!(
+                "the principal is longer than {MAX_PRINCIPAL_LEN} bytes"
+            ));
+        }
+        if id.chars().any(char::is_control) {
+            return Err("the principal contains control characters".into());
+        }
+        let home = match &settings.principal_tenant {
+            Some(source) => match from_source(input, meta, source)? {
+                Some(v) if !trim_ows(&v).is_empty() => {
+                    parse_tenant(trim_ows(&v)).map_err(|m| format!("principal tenant: {m}"))?
+                }
+                _ => tenant.clone(),
+            },
+            None => tenant.clone(),
+        };
+        Ok(Some(Principal { id, tenant: home }))
+    }
+
+    /// The `context_headers` present on the request.
+    fn context_headers(&self, input: &HttpInput<'_>) -> Result<Vec<(String, String)>, String> {
+        let mut headers = Vec::new();
+        for name in &self.settings().context_headers {
+            if let Some(v) = header(input, name)? {
+                headers.push((name.clone(), v.to_string()));
+            }
+        }
+        Ok(headers)
+    }
+
+    /// JWT claims from the `claims` header, when the bundle names one.
+    fn map_claims(&self, input: &HttpInput<'_>) -> Result<Option<serde_json::Value>, String> {
+        let Some(Source::Header(name)) = &self.settings().claims else {
+            return Ok(None);
+        };
+        header(input, name)?
+            .map(|v| decode_claims(v).map_err(|m| format!("header `{name}`: {m}")))
+            .transpose()
+    }
+
+    /// Tenant from the path: `prefix` then the longest run of segments naming a
+    /// tenant of the bundle. `None` if the path is not under the prefix. Only
+    /// the prefix itself maps to `/`; a first segment that names no tenant is
+    /// refused rather than falling back to the root.
+    fn tenant_from_path(
+        &self,
+        prefix: &str,
+        path: &str,
+    ) -> Option<Result<(TenantPath, String), String>> {
+        let prefix = prefix.trim_end_matches('/');
+        let rest = if prefix.is_empty() {
+            path
+        } else {
+            path.strip_prefix(prefix)?
+        };
+        if !(rest.is_empty() || rest.starts_with('/')) {
+            return None;
+        }
+        let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+        let mut best: Option<(TenantPath, usize)> = None;
+        let mut cur = TenantPath::root();
+        if segments.is_empty() {
+            return Some(Ok((cur, "/".into())));
+        }
+        for (i, seg) in segments.iter().enumerate() {
+            match cur.child(seg) {
+                Ok(next) if self.has_tenant(&next) => {
+                    best = Some((next.clone(), i + 1));
+                    cur = next;
+                }
+                _ => break,
+            }
+        }
+        match best {
+            Some((tenant, used)) => {
+                let remaining = segments.get(used..).unwrap_or_default();
+                let resource = if remaining.is_empty() {
+                    "/".to_string()
+                } else {
+                    format!("/{}", remaining.join("/"))
+                };
+                Some(Ok((tenant, resource)))
+            }
+            None => {
+                let first = segments.first().copied().unwrap_or_default();
+                Some(Err(format!(
+                    "unknown tenant `/{}` in the path",
+                    shorten(first)
+                )))
+            }
+        }
+    }
+}
+
+/// The method, if tenantgate judges it (one with a Cedar action, upper case).
+fn map_method<'a>(input: &'a HttpInput<'_>) -> Result<&'a str, String> {
+    let method = header(input, ":method")?.unwrap_or("GET");
+    if crate::entities::is_known_method(method) {
+        Ok(method)
+    } else {
+        Err(format!(
+            "`{}` is not a method tenantgate judges (GET, HEAD, OPTIONS, POST, PUT, PATCH, DELETE; upper case)",
+            shorten(method)
+        ))
+    }
+}
+
+/// Trims HTTP optional whitespace (space and tab) only: any other character,
+/// Unicode spaces included, stays and makes a tenant value invalid.
+fn trim_ows(s: &str) -> &str {
+    s.trim_matches([' ', '\t'])
+}
+
+/// The path to forward when normalization changed it: the normalized path
+/// plus the original query.
+fn forward_path(raw: &str, normalized: &str) -> Option<String> {
+    let (path, query) = match raw.find('?') {
+        Some(i) => (raw.get(..i).unwrap_or(raw), raw.get(i..)),
+        None => (
+            raw.find('#').and_then(|i| raw.get(..i)).unwrap_or(raw),
+            None,
+        ),
+    };
+    if path == normalized && !raw.contains('#') {
+        return None;
+    }
+    let query = query
+        .map(|q| q.split('#').next().unwrap_or_default())
+        .unwrap_or_default();
+    Some(format!("{normalized}{query}"))
+}
+
+/// The longest request id carried into replies and audit lines.
+pub const MAX_REQUEST_ID_LEN: usize = 256;
+
+/// The request id as sent (JSON output escapes it), cut at
+/// [`MAX_REQUEST_ID_LEN`] bytes on a character boundary.
+fn clip_request_id(v: &str) -> String {
+    let mut end = v.len().min(MAX_REQUEST_ID_LEN);
+    while !v.is_char_boundary(end) {
+        end -= 1;
+    }
+    v.get(..end).unwrap_or_default().to_string()
+}
+
+/// A gRPC call: `content-type: application/grpc` or `application/grpc+...`.
+fn is_grpc(input: &HttpInput<'_>) -> bool {
+    match header(input, "content-type") {
+        Ok(Some(ct)) => {
+            let ct = ct.trim_start_matches([' ', '\t']);
+            ct.get(..16)
+                .is_some_and(|p| p.eq_ignore_ascii_case("application/grpc"))
+                && matches!(ct.as_bytes().get(16), None | Some(b'+' | b';'))
+        }
+        _ => false,
+    }
+}
+
+fn describe_empty(source: &Source) -> String {
+    match source {
+        Source::Header(h) => format!("the `{h}` header is empty"),
+        Source::Metadata(p) => format!("metadata `{}` is empty", p.join(".")),
+        Source::PathPrefix(p) => format!("the path has no tenant after `{p}`"),
+    }
+}
+
+fn describe(source: &Source) -> String {
+    match source {
+        Source::Header(h) => format!("the `{h}` header is missing"),
+        Source::Metadata(p) => format!("metadata `{}` is missing", p.join(".")),
+        Source::PathPrefix(p) => format!("the path has no tenant after `{p}`"),
+    }
+}
+
+fn parse_tenant(v: &str) -> Result<TenantPath, String> {
+    if v.len() > MAX_TENANT_LEN {
+        return Err(format!("the tenant is longer than {MAX_TENANT_LEN} bytes"));
+    }
+    TenantPath::parse(v).map_err(|e| e.to_string())
+}
+
+/// The IP of `host:port`, `[v6]:port` or a bare address.
+fn ip_of(addr: &str) -> Option<String> {
+    if let Ok(sa) = addr.parse::<std::net::SocketAddr>() {
+        return Some(sa.ip().to_string());
+    }
+    addr.parse::<std::net::IpAddr>()
+        .ok()
+        .map(|ip| ip.to_string())
+}

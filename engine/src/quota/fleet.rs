@@ -1,0 +1,407 @@
+//! Fleet-wide limits: limits that hold across every Envoy loading the bundle,
+//! counted by a rate limit service that speaks Envoy's RLS v3 API
+//! (`tenantgate-rls`, Limitador, envoyproxy/ratelimit).
+//!
+//! # Model
+//!
+//! A limit with `"scope": "fleet"` in `tenant.json` is a cap per fixed window:
+//! at most `rate` hits per `per` window, counted by the service, never by the
+//! local token buckets ([`super::QuotaModel`] leaves it out). It is validated
+//! like a local limit (same names, amounts, shares and windows; shares resolve
+//! to whole numbers here, at bundle time), with two differences:
+//! - `ceil` and `burst` are local notions (borrowing, bucket size) and are an
+//!   error on a fleet limit, located at the key;
+//! - one limit name keeps one scope along a branch: a share of a fleet limit
+//!   is a share of the nearest ancestor's *fleet* limit of that name, and a
+//!   child that declares the same name with the other scope is an error. So the
+//!   sum rule (children's rates add up to at most the parent's rate) applies
+//!   within each scope: fleet children against their fleet parent, local ones
+//!   against their local parent.
+//!
+//! # Descriptors
+//!
+//! A request to tenant `T` carries, for each fleet limit `N` declared on an
+//! ancestor-or-self `A` of `T`, one descriptor `[("tenant", A), ("limit", N)]`,
+//! deepest `A` first, then by name ([`FleetLimits::descriptors_for`]). A
+//! report of requests already admitted (the filter's batched mode) carries
+//! the same descriptors and the gRPC metadata [`REPORT_HEADER`] (or, per
+//! descriptor, the trailing entry [`REPORT_ENTRY`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::Arc;
+
+use super::spec::Limit;
+use crate::diag::Diagnostic;
+use crate::tenant::TenantPath;
+
+/// Descriptor entry key naming the tenant that declares the limit.
+pub const TENANT_KEY: &str = "tenant";
+/// Descriptor entry key naming the limit.
+pub const LIMIT_KEY: &str = "limit";
+/// Descriptor entry key carrying a keyed limit's value (keyed limits).
+pub const KEY_KEY: &str = "key";
+/// gRPC request metadata marking a whole `ShouldRateLimit` call as a
+/// *report*: hits already admitted, which the service counts even past the
+/// limit. The preferred marker: servers that do not know it (Limitador,
+/// envoyproxy/ratelimit) ignore it and count the hits on the same counters.
+pub const REPORT_HEADER: (&str, &str) = ("x-tenantgate-report", "1");
+/// The same marker for one descriptor, as its last entry. `tenantgate-rls`
+/// only: envoyproxy/ratelimit matches a descriptor by all its entries, so
+/// it would not count such a descriptor at all.
+pub const REPORT_ENTRY: (&str, &str) = ("tenantgate_report", "1");
+
+/// Where a limit is enforced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// Token buckets in this Envoy process (proxy-wasm shared data).
+    #[default]
+    Local,
+    /// The rate limit service, across the fleet.
+    Fleet,
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Scope::Local => "local",
+            Scope::Fleet => "fleet",
+        })
+    }
+}
+
+/// `"local"` or `"fleet"`; errors are message tails read after the key name.
+pub(crate) fn parse_scope(v: &serde_json::Value) -> Result<Scope, String> {
+    match v.as_str() {
+        Some("local") => Ok(Scope::Local),
+        Some("fleet") => Ok(Scope::Fleet),
+        _ => Err(format!(
+            "must be `\"local\"` or `\"fleet\"`, got `{}`",
+            v.to_string().chars().take(80).collect::<String>()
+        )),
+    }
+}
+
+/// The keys of a limit object that a fleet limit may not have.
+pub(crate) fn local_only_keys(
+    fields: &serde_json::Map<String, serde_json::Value>,
+) -> impl Iterator<Item = &'static str> + '_ {
+    ["ceil", "burst"]
+        .into_iter()
+        .filter(|k| fields.contains_key(*k))
+}
+
+/// One fleet limit, as compiled: at most `rate` hits per `per_s` seconds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FleetLimit {
+    /// The tenant that declares it.
+    pub tenant: TenantPath,
+    pub name: String,
+    /// Hits per window (shares resolved), at least 1.
+    pub rate: u64,
+    /// Window in seconds, at least 1.
+    pub per_s: u64,
+    /// A keyed limit's key source. Always `None` until keyed limits exist;
+    /// a keyed descriptor then carries one more entry, `("key", value)`.
+    pub key: Option<String>,
+}
+
+impl FleetLimit {
+    /// The descriptor of this limit for a check.
+    pub fn descriptor(&self) -> Descriptor {
+        Descriptor {
+            entries: vec![
+                (TENANT_KEY.to_owned(), self.tenant.as_str().to_owned()),
+                (LIMIT_KEY.to_owned(), self.name.clone()),
+            ],
+        }
+    }
+}
+
+/// One RLS descriptor: ordered `(key, value)` entries.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Descriptor {
+    pub entries: Vec<(String, String)>,
+}
+
+impl Descriptor {
+    /// The same descriptor marked as a report ([`REPORT_ENTRY`] appended).
+    pub fn into_report(mut self) -> Descriptor {
+        self.entries
+            .push((REPORT_ENTRY.0.to_owned(), REPORT_ENTRY.1.to_owned()));
+        self
+    }
+}
+
+/// Every fleet limit of a bundle. Empty (the default) means none.
+#[derive(Debug, Clone, Default)]
+pub struct FleetLimits {
+    /// Parents before children; at one node, by name.
+    limits: Vec<FleetLimit>,
+    /// Tenant path -> name -> index in `limits`.
+    index: HashMap<Box<str>, BTreeMap<String, usize>>,
+}
+
+impl FleetLimits {
+    /// From compiled limits (parents first); local ones are skipped.
+    pub(crate) fn new(compiled: &[Arc<Limit>]) -> FleetLimits {
+        let mut out = FleetLimits::default();
+        for l in compiled.iter().filter(|l| l.scope == Scope::Fleet) {
+            out.index
+                .entry(Box::from(l.node.as_str()))
+                .or_default()
+                .insert(l.name.to_string(), out.limits.len());
+            out.limits.push(FleetLimit {
+                tenant: l.node.clone(),
+                name: l.name.to_string(),
+                rate: l.params.rate,
+                per_s: l.params.per_ns / 1_000_000_000,
+                key: None,
+            });
+        }
+        out
+    }
+
+    /// The fleet limits of a bundle, validating its limits (every limit of
+    /// every `tenant.json`, local ones included) but not its policies.
+    pub fn from_bundle(bundle: &crate::Bundle) -> Result<FleetLimits, Vec<Diagnostic>> {
+        super::QuotaModel::from_bundle(bundle).map(|m| m.fleet().clone())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.limits.is_empty()
+    }
+
+    /// Every fleet limit, parents before children.
+    pub fn all(&self) -> &[FleetLimit] {
+        &self.limits
+    }
+
+    /// The limit `name` declared on `tenant` (a path as written in a
+    /// descriptor), if any.
+    pub fn get(&self, tenant: &str, name: &str) -> Option<&FleetLimit> {
+        let i = self.index.get(tenant)?.get(name)?;
+        self.limits.get(*i)
+    }
+
+    /// The fleet limits that apply to a request to `tenant`: those declared on
+    /// it or an ancestor, deepest first, then by name.
+    pub fn applying_to(&self, tenant: &TenantPath) -> Vec<&FleetLimit> {
+        let mut out = Vec::new();
+        if self.limits.is_empty() {
+            return out;
+        }
+        for node in tenant.lineage().iter().rev() {
+            if let Some(names) = self.index.get(node.as_str()) {
+                out.extend(names.values().filter_map(|i| self.limits.get(*i)));
+            }
+        }
+        out
+    }
+
+    /// The descriptors of a request to `tenant` (a check): one
+    /// `[("tenant", A), ("limit", N)]` per fleet limit `N` declared on an
+    /// ancestor-or-self `A`, deepest first, then by name.
+    pub fn descriptors_for(&self, tenant: &TenantPath) -> Vec<Descriptor> {
+        self.applying_to(tenant)
+            .into_iter()
+            .map(FleetLimit::descriptor)
+            .collect()
+    }
+}
+
+impl crate::Engine {
+    /// The bundle's fleet limits (see [`FleetLimits`]).
+    pub fn fleet_limits(&self) -> &FleetLimits {
+        self.quotas().fleet()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quota::{LimitsInput, MemoryStore, QuotaModel};
+
+    fn tp(s: &str) -> TenantPath {
+        TenantPath::parse(s).unwrap()
+    }
+
+    /// Builds a model from `(tenant, tenant.json text)` pairs.
+    fn build(files: &[(&str, &str)]) -> Result<QuotaModel, Vec<String>> {
+        let parsed: Vec<(TenantPath, String, BTreeMap<String, serde_json::Value>)> = files
+            .iter()
+            .map(|(t, text)| {
+                let v: serde_json::Value = serde_json::from_str(text).unwrap();
+                let limits = serde_json::from_value(v["limits"].clone()).unwrap();
+                let dir = if *t == "/" { "" } else { t };
+                (tp(t), format!("tenants{dir}/tenant.json"), limits)
+            })
+            .collect();
+        let inputs: Vec<LimitsInput<'_>> = parsed
+            .iter()
+            .zip(files)
+            .map(|((tenant, file, limits), (_, text))| LimitsInput {
+                tenant,
+                file,
+                text,
+                limits,
+            })
+            .collect();
+        QuotaModel::build(&inputs).map_err(|ds| ds.iter().map(|d| d.to_string()).collect())
+    }
+
+    #[test]
+    fn fleet_limits_resolve_shares_and_windows() {
+        let m = build(&[
+            ("/", r#"{"limits": {"rpm": {"rate": 6000, "per": "1m", "scope": "fleet"}, "rps": {"rate": 10}}}"#),
+            ("/acme", r#"{"limits": {"rpm": {"rate": "40%", "scope": "fleet"}}}"#),
+            ("/acme/eu", r#"{"limits": {"rpm": {"rate": "12.5%", "scope": "fleet"}, "day": {"rate": 5, "per": "1d", "scope": "fleet"}}}"#),
+        ])
+        .unwrap();
+        let f = m.fleet();
+        let got: Vec<(String, String, u64, u64)> = f
+            .all()
+            .iter()
+            .map(|l| (l.tenant.to_string(), l.name.clone(), l.rate, l.per_s))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("/".into(), "rpm".into(), 6000, 60),
+                ("/acme".into(), "rpm".into(), 2400, 60),
+                ("/acme/eu".into(), "day".into(), 5, 86_400),
+                ("/acme/eu".into(), "rpm".into(), 300, 60),
+            ]
+        );
+        // The local model holds only the local limit.
+        let local: Vec<String> = m.limits().iter().map(|l| l.name.clone()).collect();
+        assert_eq!(local, ["rps"]);
+        assert_eq!(f.get("/acme", "rpm").map(|l| l.rate), Some(2400));
+        assert_eq!(f.get("/acme", "day"), None);
+        assert_eq!(f.get("/nope", "rpm"), None);
+    }
+
+    #[test]
+    fn descriptors_deepest_first_then_by_name() {
+        let m = build(&[
+            ("/", r#"{"limits": {"rpm": {"rate": 100, "per": "1m", "scope": "fleet"}}}"#),
+            ("/acme", r#"{"limits": {"rpm": {"rate": 50, "scope": "fleet"}}}"#),
+            ("/acme/eu", r#"{"limits": {"rpm": {"rate": 10, "scope": "fleet"}, "day": {"rate": 5, "per": "1d", "scope": "fleet"}}}"#),
+        ])
+        .unwrap();
+        let d = |t: &str| -> Vec<Vec<(String, String)>> {
+            m.fleet()
+                .descriptors_for(&tp(t))
+                .into_iter()
+                .map(|d| d.entries)
+                .collect()
+        };
+        let e = |t: &str, n: &str| {
+            vec![
+                ("tenant".to_string(), t.to_string()),
+                ("limit".to_string(), n.to_string()),
+            ]
+        };
+        assert_eq!(
+            d("/acme/eu/team-a"),
+            [
+                e("/acme/eu", "day"),
+                e("/acme/eu", "rpm"),
+                e("/acme", "rpm"),
+                e("/", "rpm")
+            ]
+        );
+        assert_eq!(d("/acme/us"), [e("/acme", "rpm"), e("/", "rpm")]);
+        assert_eq!(d("/"), [e("/", "rpm")]);
+        let report = m.fleet().descriptors_for(&tp("/")).remove(0).into_report();
+        assert_eq!(
+            report.entries.last(),
+            Some(&("tenantgate_report".to_string(), "1".to_string()))
+        );
+    }
+
+    #[test]
+    fn fleet_limits_take_no_part_in_local_admission() {
+        let m = build(&[(
+            "/",
+            r#"{"limits": {"rpm": {"rate": 1, "per": "1m", "scope": "fleet"}}}"#,
+        )])
+        .unwrap();
+        assert!(m.is_empty());
+        let store = MemoryStore::default();
+        for _ in 0..5 {
+            let q = m.admit(&tp("/acme"), 1, 0, &store).unwrap();
+            assert!(q.admitted);
+            assert_eq!(q.ratelimit_policy(), None);
+        }
+    }
+
+    #[test]
+    fn fleet_errors_are_located() {
+        let text = "{\"limits\": {\"rpm\": {\"rate\": 10,\n  \"ceil\": 20, \"burst\": 5, \"scope\": \"fleet\"}}}";
+        assert_eq!(
+            build(&[("/", text)]).unwrap_err(),
+            [
+                "tenants/tenant.json:2:3: error: limit `rpm`: `ceil` is a local notion and cannot be set on a fleet limit (`\"scope\": \"fleet\"`): a fleet limit is at most `rate` per `per` window",
+                "tenants/tenant.json:2:15: error: limit `rpm`: `burst` is a local notion and cannot be set on a fleet limit (`\"scope\": \"fleet\"`): a fleet limit is at most `rate` per `per` window",
+            ]
+        );
+        let bad_scope = r#"{"limits": {"rpm": {"rate": 10, "scope": "global"}}}"#;
+        assert_eq!(
+            build(&[("/", bad_scope)]).unwrap_err(),
+            ["tenants/tenant.json:1:33: error: limit `rpm`: `scope` must be `\"local\"` or `\"fleet\"`, got `\"global\"`"]
+        );
+    }
+
+    #[test]
+    fn one_scope_per_name_along_a_branch_and_sums_per_scope() {
+        let err = build(&[
+            (
+                "/",
+                r#"{"limits": {"rpm": {"rate": 10, "scope": "fleet"}}}"#,
+            ),
+            (
+                "/acme",
+                r#"{"limits": {"rpm": {"rate": 5, "scope": "local"}}}"#,
+            ),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            err,
+            ["tenants/acme/tenant.json:1:32: error: limit `rpm`: scope `local` differs from the scope `fleet` of `/`; one limit name keeps one scope along a branch (use another name)"]
+        );
+        // Children's fleet rates are summed against the parent's fleet rate.
+        let err = build(&[
+            (
+                "/",
+                r#"{"limits": {"rpm": {"rate": 10, "scope": "fleet"}}}"#,
+            ),
+            (
+                "/a",
+                r#"{"limits": {"rpm": {"rate": "60%", "scope": "fleet"}}}"#,
+            ),
+            (
+                "/b",
+                r#"{"limits": {"rpm": {"rate": "60%", "scope": "fleet"}}}"#,
+            ),
+        ])
+        .unwrap_err();
+        assert_eq!(err.len(), 1);
+        assert!(
+            err[0].starts_with("tenants/tenant.json:1:21: error: limit `rpm`: the rates of the children add up to 12"),
+            "{err:?}"
+        );
+        // Local and fleet limits of different names on one branch are independent.
+        build(&[
+            (
+                "/",
+                r#"{"limits": {"rpm": {"rate": 10, "scope": "fleet"}, "rps": {"rate": 10}}}"#,
+            ),
+            (
+                "/a",
+                r#"{"limits": {"rpm": {"rate": 10, "scope": "fleet"}, "rps": {"rate": 10}}}"#,
+            ),
+        ])
+        .unwrap();
+    }
+}

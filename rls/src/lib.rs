@@ -1,0 +1,160 @@
+//! `tenantgate-rls`: Envoy's rate limit service (RLS v3) for tenantgate's
+//! fleet limits. The limits come from the bundle the filters load; the counts
+//! live in Redis, updated by one atomic Lua script per request
+//! ([`counter::SCRIPT`]). The process holds no counter state, so any number of
+//! replicas can serve one Redis. See `docs/fleet.md`.
+
+pub mod counter;
+pub mod limits;
+pub mod service;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+use counter::Counters;
+use limits::Limits;
+use service::Service;
+
+/// How long one Redis step may take before the RPC answers UNAVAILABLE.
+pub const REDIS_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// How long a graceful shutdown waits for open connections.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// The command line.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub bundle: PathBuf,
+    pub redis: String,
+    pub listen: SocketAddr,
+    /// The RLS domain this service answers for; other domains get OK, no limit.
+    pub domain: String,
+}
+
+fn log(msg: impl std::fmt::Display) {
+    eprintln!("tenantgate-rls: {msg}");
+}
+
+/// A Redis URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            format!(
+                "{}://***@{}",
+                url.get(..s).unwrap_or(""),
+                url.get(at + 1..).unwrap_or("")
+            )
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Connects to Redis and checks it answers.
+async fn connect(url: &str) -> Result<ConnectionManager, String> {
+    let fail = |e: &dyn std::fmt::Display| format!("cannot reach Redis at `{}`: {e}", redact(url));
+    let client = redis::Client::open(url).map_err(|e| fail(&e))?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(REDIS_TIMEOUT))
+        .set_response_timeout(Some(REDIS_TIMEOUT))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_millis(500));
+    let mut conn = tokio::time::timeout(
+        REDIS_TIMEOUT * 5,
+        ConnectionManager::new_with_config(client, config),
+    )
+    .await
+    .map_err(|_| fail(&"no answer within 5 s"))?
+    .map_err(|e| fail(&e))?;
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| fail(&e))?;
+    if pong != "PONG" {
+        return Err(fail(&format!("PING answered `{pong}`")));
+    }
+    Ok(conn)
+}
+
+/// Runs the service until SIGTERM or SIGINT. An error means it could not
+/// start (the bundle, Redis, the listen address).
+pub async fn run(config: Config) -> Result<(), String> {
+    let first = Limits::load(&config.bundle)?;
+    let conn = connect(&config.redis).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on `{}`: {e}", config.listen))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("cannot listen on `{}`: {e}", config.listen))?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| format!("SIGHUP: {e}"))?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM: {e}"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT: {e}"))?;
+
+    log(format!(
+        "loaded bundle {} ({} fleet limits)",
+        first.version,
+        first.fleet.all().len()
+    ));
+    let (tx, rx) = watch::channel(Arc::new(first));
+    let bundle = config.bundle.clone();
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let old = tx.borrow().version.clone();
+            match Limits::load(&bundle) {
+                Ok(new) => {
+                    log(format!(
+                        "reloaded bundle {} ({} fleet limits; was {old})",
+                        new.version,
+                        new.fleet.all().len()
+                    ));
+                    tx.send_replace(Arc::new(new));
+                }
+                Err(e) => log(format!("reload failed, keeping bundle {old}: {e}")),
+            }
+        }
+    });
+
+    let service = Service::new(
+        rx,
+        Counters::new(conn, REDIS_TIMEOUT),
+        config.domain.clone(),
+    );
+    log(format!("listening on {addr} (domain `{}`)", config.domain));
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        log("shutting down");
+        stop_tx.send_replace(true);
+    };
+    let server = tonic::transport::Server::builder()
+        .add_service(RateLimitServiceServer::new(service))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown,
+        );
+    // Connections get GOAWAY and finish their calls; one that stays open
+    // does not hold the process past SHUTDOWN_GRACE.
+    let deadline = async move {
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        r = server => r.map_err(|e| format!("server: {e}"))?,
+        () = deadline => log(format!(
+            "connections still open {} s after the signal; closing them",
+            SHUTDOWN_GRACE.as_secs()
+        )),
+    }
+    log("stopped");
+    Ok(())
+}

@@ -1,0 +1,491 @@
+//! `tenantgate-rls` end to end: the real binary, a real Redis, a tonic client.
+//! The Redis tests are `#[ignore]`d; `scripts/test-rls.sh` runs them.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs Redis: run scripts/test-rls.sh"]
+async fn admission_is_exact_under_concurrency() {
+    let t = format!("/{}", unique("conc"));
+    let tree = Tree::new();
+    tree.write(&[(&t, &fleet("rpm", "1000", "1m"))]);
+    let rls = Rls::start(&tree.bundle_path(), &redis_url());
+    let left = Arc::new(AtomicUsize::new(3000));
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let mut c = rls.client().await;
+        let left = Arc::clone(&left);
+        let t = t.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut over) = (0u32, 0u32);
+            while left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                let r = call(&mut c, request(vec![check(&t, "rpm")], 1)).await;
+                match r.overall_code {
+                    OK => ok += 1,
+                    OVER => over += 1,
+                    other => panic!("overall_code {other}"),
+                }
+            }
+            (ok, over)
+        }));
+    }
+    let (mut ok, mut over) = (0, 0);
+    for task in tasks {
+        let (o, v) = task.await.unwrap();
+        ok += o;
+        over += v;
+    }
+    assert_eq!((ok, over), (1000, 2000));
+    let key = format!("tenantgate:rls:v1:{{{}}}:{t}:rpm:60", &t[1..]);
+    assert_eq!(redis_get(&redis_url(), &key).await, Some(1000));
+}
+
+#[tokio::test]
+#[ignore = "needs Redis: run scripts/test-rls.sh"]
+async fn a_chain_is_charged_all_or_nothing() {
+    let top = unique("chain");
+    let (p, a, b) = (format!("/{top}"), format!("/{top}/a"), format!("/{top}/b"));
+    let tree = Tree::new();
+    tree.write(&[
+        (&p, &fleet("rpm", "10", "1m")),
+        (&a, &fleet("rpm", "6", "")),
+        (&b, &fleet("rpm", "\"40%\"", "")),
+    ]);
+    let rls = Rls::start(&tree.bundle_path(), &redis_url());
+    let mut c = rls.client().await;
+    // 8 hits on the parent itself.
+    let r = call(&mut c, request(vec![check(&p, "rpm")], 8)).await;
+    assert_eq!((r.overall_code, codes(&r)), (OK, vec![(OK, 2)]));
+    // 3 hits to `a`: `a` has room (0 + 3 <= 6), the parent does not (8 + 3 > 10).
+    let chain = |hits| request(vec![check(&a, "rpm"), check(&p, "rpm")], hits);
+    let r = call(&mut c, chain(3)).await;
+    assert_eq!(
+        (r.overall_code, codes(&r)),
+        (OVER, vec![(OK, 6), (OVER, 2)])
+    );
+    // Nothing was charged: `a` still has 6, so 2 more pass and leave it 4.
+    let r = call(&mut c, chain(2)).await;
+    assert_eq!((r.overall_code, codes(&r)), (OK, vec![(OK, 4), (OK, 0)]));
+    let key = |n: &str| format!("tenantgate:rls:v1:{{{top}}}:{n}:rpm:60");
+    assert_eq!(redis_get(&redis_url(), &key(&a)).await, Some(2));
+    assert_eq!(redis_get(&redis_url(), &key(&p)).await, Some(10));
+    assert_eq!(redis_get(&redis_url(), &key(&b)).await, None);
+    // `b` (40% = 4) is refused by the parent now, and stays untouched.
+    let r = call(&mut c, request(vec![check(&b, "rpm"), check(&p, "rpm")], 1)).await;
+    assert_eq!(
+        (r.overall_code, codes(&r)),
+        (OVER, vec![(OK, 4), (OVER, 0)])
+    );
+    assert_eq!(redis_get(&redis_url(), &key(&b)).await, None);
+}
+
+#[tokio::test]
+#[ignore = "needs Redis: run scripts/test-rls.sh"]
+async fn statuses_carry_limit_remaining_and_reset() {
+    let t = format!("/{}", unique("status"));
+    let u = format!("{t}/odd");
+    let tree = Tree::new();
+    tree.write(&[
+        (&t, &fleet("rpm", "10", "1m")),
+        (
+            &u,
+            r#"{"limits": {"slow": {"rate": 3, "per": "90s", "scope": "fleet"}}}"#,
+        ),
+    ]);
+    let rls = Rls::start(&tree.bundle_path(), &redis_url());
+    let mut c = rls.client().await;
+    let started = Instant::now();
+    // hits_addend 0 means 1.
+    let r = call(
+        &mut c,
+        request(vec![check(&u, "slow"), check(&t, "rpm")], 0),
+    )
+    .await;
+    assert_eq!((r.overall_code, codes(&r)), (OK, vec![(OK, 2), (OK, 9)]));
+    let slow = r.statuses[0].current_limit.clone().unwrap();
+    assert_eq!(
+        (slow.name.as_str(), slow.requests_per_unit, slow.unit),
+        ("\"slow\";q=3;w=90", 3, 0),
+        "90s is no API unit: UNKNOWN, the window in the name"
+    );
+    let rpm = r.statuses[1].current_limit.clone().unwrap();
+    assert_eq!(
+        (rpm.name.as_str(), rpm.requests_per_unit, rpm.unit),
+        ("\"rpm\";q=10;w=60", 10, 2),
+        "1m is MINUTE"
+    );
+    let reset =
+        |i: usize, r: &envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse| {
+            let d = r.statuses[i].duration_until_reset.unwrap();
+            Duration::from_secs(d.seconds as u64) + Duration::from_nanos(d.nanos as u64)
+        };
+    let (d_slow, d_rpm) = (reset(0, &r), reset(1, &r));
+    let elapsed = started.elapsed();
+    assert!(
+        d_slow <= Duration::from_secs(90) && d_slow + elapsed >= Duration::from_secs(89),
+        "{d_slow:?}"
+    );
+    assert!(
+        d_rpm <= Duration::from_secs(60) && d_rpm + elapsed >= Duration::from_secs(59),
+        "{d_rpm:?}"
+    );
+    // A request-level hits_addend, and a per-descriptor one that overrides it.
+    let r = call(
+        &mut c,
+        request(
+            vec![
+                desc(&[("tenant", &u), ("limit", "slow")], Some(1)),
+                check(&t, "rpm"),
+            ],
+            4,
+        ),
+    )
+    .await;
+    assert_eq!((r.overall_code, codes(&r)), (OK, vec![(OK, 1), (OK, 5)]));
+    // Refused: the status still says when the window resets, and nothing moves.
+    let r = call(
+        &mut c,
+        request(vec![check(&u, "slow"), check(&t, "rpm")], 2),
+    )
+    .await;
+    assert_eq!(
+        (r.overall_code, codes(&r)),
+        (OVER, vec![(OVER, 1), (OK, 5)])
+    );
+    assert!(reset(0, &r) <= Duration::from_secs(90));
+}
+
+#[tokio::test]
+#[ignore = "needs Redis: run scripts/test-rls.sh"]
+async fn reports_count_past_the_limit() {
+    let top = unique("report");
+    let t = format!("/{top}");
+    let tree = Tree::new();
+    tree.write(&[(&t, &fleet("rpm", "5", "1m"))]);
+    let rls = Rls::start(&tree.bundle_path(), &redis_url());
+    let mut c = rls.client().await;
+    let key = format!("tenantgate:rls:v1:{{{top}}}:{t}:rpm:60");
+    let r = call(&mut c, request(vec![report(&t, "rpm")], 4)).await;
+    assert_eq!((r.overall_code, codes(&r)), (OK, vec![(OK, 1)]));
+    let r = call(&mut c, request(vec![report(&t, "rpm")], 4)).await;
+    assert_eq!((r.overall_code, codes(&r)), (OVER, vec![(OVER, 0)]));
+    assert_eq!(redis_get(&redis_url(), &key).await, Some(8));
+    // A check is refused and not counted; a report still counts.
+    let r = call(&mut c, request(vec![check(&t, "rpm")], 1)).await;
+    assert_eq!((r.overall_code, codes(&r)), (OVER, vec![(OVER, 0)]));
+    assert_eq!(redis_get(&redis_url(), &key).await, Some(8));
+    let r = call(
+        &mut c,
+        request(
+            vec![desc(
+                &[("tenant", &t), ("limit", "rpm"), ("tenantgate_report", "1")],
+                Some(3),
+            )],
+            1,
+        ),
+    )
+    .await;
+    assert_eq!((r.overall_code, codes(&r)), (OVER, vec![(OVER, 0)]));
+    assert_eq!(redis_get(&redis_url(), &key).await, Some(11));
+}
+
+#[tokio::test]
+#[ignore = "needs Redis: run scripts/test-rls.sh"]
+async fn a_call_marked_as_a_report_by_metadata_counts_past_the_limit() {
+    let top = unique("reportmd");
+    let (p, a) = (format!("/{top}"), format!("/{top}/a"));
+    let tree = Tree::new();
+    tree.write(&[(&p, &fleet("rpm", "5", "1m")), (&a, &fleet("rpm", "3", ""))]);
+    let rls = Rls::start(&tree.bundle_path(), &redis_url());
+    let mut c = rls.client().await;
+    let marked = |hits| {
+        let mut r = tonic::Request::new(request(vec![check(&a, "rpm"), check(&p, "rpm")], hits));
+        r.metadata_mut()
+            .insert("x-tenantgate-report", "1".parse().unwrap());
+        r
+    };
+    let r = c.should_rate_limit(marked(4)).await.unwrap().into_inner();
+    assert_eq!(
+        (r.overall_code, codes(&r)),
+        (OVER, vec![(OVER, 0), (OK, 1)])
+    );
+    let r = c.should_rate_limit(marked(2)).await.unwrap().into_inner();
+    assert_eq!(
+        (r.overall_code, codes(&r)),
+        (OVER, vec![(OVER, 0), (OVER, 0)])
+    );
+    let key = |n: &str| format!("tenantgate:rls:v1:{{{top}}}:{n}:rpm:60");
+    assert_eq!(redis_get(&redis_url(), &key(&a)).await, Some(6));
+    assert_eq!(redis_get(&redis_url(), &key(&p)).await, Some(6));
+    // Another value of the header is no report: a refused check counts nothing.
+    let mut r = tonic::Request::new(request(vec![check(&p, "rpm")], 1));
+    r.metadata_mut()
+        .insert("x-tenantgate-report", "0".parse().unwrap());
+    let r = c.should_rate_limit(r).await.unwrap().into_inner();
+    assert_eq!(codes(&r), vec![(OVER, 0)]);
+    assert_eq!(redis_get(&redis_url(), &key(&p)).await, Some(6));
+}
+
+#[tokio::test]
+#[ignore = "needs Redis: run scripts/test-rls.sh"]
+async fn unknown_descriptors_are_ok_without_a_limit() {
+    let t = format!("/{}", unique("unknown"));
+    let tree = Tree::new();
+    tree.write(&[(&t, &fleet("rpm", "1", "1m"))]);
+    let rls = Rls::start(&tree.bundle_path(), &redis_url());
+    let mut c = rls.client().await;
+    let r = call(
+        &mut c,
+        request(
+            vec![
+                check("/nobody", "rpm"),
+                check(&t, "rps"),
+                desc(&[("limit", "rpm"), ("tenant", &t)], None),
+                desc(&[("tenant", &t), ("limit", "rpm"), ("key", "alice")], None),
+                desc(&[("generic_key", "x")], None),
+                check(&t, "rpm"),
+            ],
+            1,
+        ),
+    )
+    .await;
+    assert_eq!(r.overall_code, OK);
+    assert_eq!(
+        codes(&r),
+        vec![(OK, 0), (OK, 0), (OK, 0), (OK, 0), (OK, 0), (OK, 0)]
+    );
+    for s in &r.statuses[..5] {
+        assert_eq!(
+            (s.current_limit.clone(), s.duration_until_reset),
+            (None, None)
+        );
+    }
+    assert!(r.statuses[5].current_limit.is_some());
+    // Another domain: not this service's limits.
+    let mut other = request(vec![check(&t, "rpm")], 5);
+    other.domain = "other".into();
+    let r = call(&mut c, other).await;
+    assert_eq!((r.overall_code, codes(&r)), (OK, vec![(OK, 0)]));
+    assert_eq!(r.statuses[0].current_limit, None);
+    // No descriptors at all.
+    let r = call(&mut c, request(vec![], 1)).await;
+    assert_eq!((r.overall_code, r.statuses.len()), (OK, 0));
+}
+
+#[tokio::test]
+#[ignore = "needs Redis: run scripts/test-rls.sh"]
+async fn sighup_reloads_and_keeps_the_old_bundle_when_the_new_one_fails() {
+    let t = format!("/{}", unique("reload"));
+    let tree = Tree::new();
+    let v1 = tree.write(&[(&t, &fleet("rpm", "2", "1m"))]);
+    let mut rls = Rls::start(&tree.bundle_path(), &redis_url());
+    rls.wait_log(
+        &format!("loaded bundle {v1} (1 fleet limits)"),
+        Duration::from_secs(5),
+    );
+    let mut c = rls.client().await;
+    let one = || request(vec![check(&t, "rpm")], 1);
+    assert_eq!(codes(&call(&mut c, one()).await), vec![(OK, 1)]);
+    assert_eq!(codes(&call(&mut c, one()).await), vec![(OK, 0)]);
+    assert_eq!(codes(&call(&mut c, one()).await), vec![(OVER, 0)]);
+
+    let v2 = tree.write(&[(&t, &fleet("rpm", "4", "1m"))]);
+    rls.signal("HUP");
+    rls.wait_log(
+        &format!("reloaded bundle {v2} (1 fleet limits; was {v1})"),
+        Duration::from_secs(10),
+    );
+    // Same window, same counter (2 used): the new limit leaves 2.
+    assert_eq!(codes(&call(&mut c, one()).await), vec![(OK, 1)]);
+    assert_eq!(codes(&call(&mut c, one()).await), vec![(OK, 0)]);
+    assert_eq!(codes(&call(&mut c, one()).await), vec![(OVER, 0)]);
+
+    tree.write_raw("{ not a bundle");
+    rls.signal("HUP");
+    rls.wait_log(
+        &format!("reload failed, keeping bundle {v2}"),
+        Duration::from_secs(10),
+    );
+    let r = call(&mut c, one()).await;
+    assert_eq!(codes(&r), vec![(OVER, 0)]);
+    assert_eq!(
+        r.statuses[0]
+            .current_limit
+            .clone()
+            .unwrap()
+            .requests_per_unit,
+        4
+    );
+    // A bundle whose limits do not validate is refused the same way.
+    tree.write_raw(
+        &std::fs::read_to_string(tree.bundle_path())
+            .unwrap()
+            .replace("\"version\": \"sha256:", "\"version\": \"sha256:0"),
+    );
+    rls.signal("HUP");
+    let start = Instant::now();
+    while rls
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("reload failed"))
+        .count()
+        < 2
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "second reload not logged"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(codes(&call(&mut c, one()).await), vec![(OVER, 0)]);
+}
+
+#[tokio::test]
+#[ignore = "needs Redis: run scripts/test-rls.sh"]
+async fn sigterm_shuts_down_cleanly() {
+    let t = format!("/{}", unique("term"));
+    let tree = Tree::new();
+    tree.write(&[(&t, &fleet("rpm", "2", "1m"))]);
+    let mut rls = Rls::start(&tree.bundle_path(), &redis_url());
+    let mut c = rls.client().await;
+    assert_eq!(
+        codes(&call(&mut c, request(vec![check(&t, "rpm")], 1)).await),
+        vec![(OK, 1)]
+    );
+    // The connection stays open: the server says GOAWAY, the client closes it.
+    rls.signal("TERM");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = rls.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "still running 10 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+    rls.wait_log("shutting down", Duration::from_secs(1));
+    rls.wait_log("stopped", Duration::from_secs(1));
+    let log = rls.log.lock().unwrap().join("\n");
+    assert!(!log.contains("still open"), "{log}");
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server: run scripts/test-rls.sh"]
+async fn redis_down_answers_unavailable_then_recovers() {
+    let _ = redis_url();
+    let port = free_port();
+    let mut redis = RedisServer::start(port);
+    let t = format!("/{}", unique("down"));
+    let tree = Tree::new();
+    tree.write(&[(&t, &fleet("rpm", "100", "1m"))]);
+    let rls = Rls::start(&tree.bundle_path(), &redis.url());
+    let mut c = rls.client().await;
+    let one = || request(vec![check(&t, "rpm")], 1);
+    assert_eq!(codes(&call(&mut c, one()).await), vec![(OK, 99)]);
+
+    redis.stop();
+    let start = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(5), c.should_rate_limit(one()))
+        .await
+        .expect("an RPC with Redis down must not hang")
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().starts_with("redis: "), "{err:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+
+    // Redis back (empty: no persistence): the service recovers by itself.
+    let _redis = RedisServer::start(port);
+    let start = Instant::now();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), c.should_rate_limit(one())).await {
+            Ok(Ok(r)) => {
+                assert_eq!(codes(r.get_ref()), vec![(OK, 99)]);
+                break;
+            }
+            _ => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(15),
+                    "no recovery within 15 s"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Needs no Redis: nothing listens on the port.
+#[test]
+fn redis_unreachable_at_start_exits_1_with_a_clear_message() {
+    let tree = Tree::new();
+    tree.write(&[("/acme", &fleet("rpm", "2", "1m"))]);
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}/");
+    let start = Instant::now();
+    let out = std::process::Command::new(bin())
+        .args([
+            "--bundle",
+            tree.bundle_path().to_str().unwrap(),
+            "--redis",
+            &url,
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "tenantgate-rls: error: cannot reach Redis at `{url}`: "
+        )),
+        "{stderr}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(15));
+}
+
+/// Needs no Redis: the bundle is checked first.
+#[test]
+fn a_bad_bundle_at_start_exits_1_naming_the_error() {
+    let tree = Tree::new();
+    tree.write(&[(
+        "/acme",
+        r#"{"limits": {"rpm": {"rate": 2, "burst": 4, "scope": "fleet"}}}"#,
+    )]);
+    let out = std::process::Command::new(bin())
+        .args([
+            "--bundle",
+            tree.bundle_path().to_str().unwrap(),
+            "--redis",
+            "redis://127.0.0.1:1/",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "tenants/acme/tenant.json:1:32: error: limit `rpm`: `burst` is a local notion"
+        ),
+        "{stderr}"
+    );
+}
