@@ -120,7 +120,7 @@ class EnvoyCase(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
-# The policies/ bundle as shipped: every response of SPEC section 7.
+# The policies/ bundle as shipped: every response of docs/reference.md ("Responses").
 
 
 class Responses(EnvoyCase):

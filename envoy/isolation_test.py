@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The tenant isolation matrix (issue 7) against the real Envoy 1.40 (2 workers).
+"""The tenant isolation matrix (SECURITY.md, "Isolation rules") against the real Envoy 1.40 (2 workers).
 
 The same rows as host-tests/tests/integration/isolation.rs, over the example
 tree policies/ in three bundle variants: the tenant from the `x-tenant` header

@@ -14,8 +14,9 @@ cargo test --workspace
 echo "== tenantgate-rls against a real Redis (scripts/test-rls.sh)"
 ./scripts/test-rls.sh
 
-echo "== policies/: validate and policy tests"
+echo "== policies/: validate, formatting and policy tests"
 cargo run -q -p tenantgate-cli -- validate policies
+cargo run -q -p tenantgate-cli -- fmt policies --check
 cargo run -q -p tenantgate-cli -- test policies
 
 if [ -x scripts/test-envoy.sh ]; then

@@ -9,6 +9,7 @@ use tenantgate_engine::http::{Mapped, RequestSpec};
 use tenantgate_engine::{Bundle, Decision, Diagnostics, Engine};
 
 mod diff;
+mod fmt;
 mod limits;
 mod policytest;
 mod render;
@@ -120,6 +121,12 @@ enum Command {
         #[arg(long, default_value = "tenantgate")]
         domain: String,
     },
+    /// Format the Cedar files under `DIR/tenants` in place; `--check` lists the files that would change (exit 1).
+    Fmt {
+        dir: PathBuf,
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 /// A request as `check` and the policy tests describe it: the engine's
@@ -187,6 +194,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
             format,
             domain,
         } => limits::run(&source, format, &domain),
+        Command::Fmt { dir, check } => fmt::run(&dir, check),
     }
 }
 

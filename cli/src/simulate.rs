@@ -1,7 +1,7 @@
 //! `tenantgate simulate`: replays a traffic plan against the quotas of a
 //! bundle on a virtual clock, and counts what each tenant gets.
 //!
-//! The plan (SPEC section 6):
+//! The plan (docs/reference.md, "Traffic plans"):
 //! `{"duration_s": 60, "flows": [{"tenant": "/acme/eu", "rps": 50, "from_s": 0,
 //! "to_s": 60, "method": "GET", "path": "/orders", "principal": "alice"}]}`.
 //! A flow sends `rps` requests per second, evenly spread over `[from_s, to_s)`

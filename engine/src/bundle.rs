@@ -69,8 +69,9 @@ pub const TENANTS_DIR: &str = "tenants";
 pub const TENANT_FILE: &str = "tenant.json";
 
 impl Bundle {
-    /// Reads a policy folder (SPEC section 5) into a bundle. Only reads files and
-    /// checks the layout; [`crate::Engine::new`] validates the content.
+    /// Reads a policy folder (docs/reference.md, "The policy folder") into a
+    /// bundle. Only reads files and checks the layout; [`crate::Engine::new`]
+    /// validates the content.
     pub fn from_dir(dir: &Path) -> Result<Bundle, Diagnostics> {
         let mut errors = Vec::new();
         let settings = match read_optional(dir, SETTINGS_FILE) {

@@ -1,4 +1,5 @@
-//! The Cedar entity model of SPEC section 3, built from values, never by
+//! The Cedar entity model (docs/reference.md, "The Cedar entity model"),
+//! built from values, never by
 //! formatting ids into Cedar text.
 
 use std::collections::{HashMap, HashSet};
@@ -144,7 +145,8 @@ impl Types {
         Entity::new(self.route_uid(path), attrs, parents).map_err(|e| e.to_string())
     }
 
-    /// The request context of SPEC section 3.
+    /// The request context: `method`, `path`, `time`, `headers`, and `host`,
+    /// `source_ip` and `claims` when known.
     pub fn context(&self, req: &Request) -> Result<Context, String> {
         let (epoch_s, hour_utc, weekday) = time_fields(req.time_ns);
         let mut fields: Vec<(String, RestrictedExpression)> = vec![

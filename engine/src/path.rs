@@ -1,5 +1,6 @@
-//! Request path normalization (SPEC section 2). Policies, the tenant taken from
-//! the path and the `Route` entity all see the normalized path only.
+//! Request path normalization (docs/reference.md, "Path normalization").
+//! Policies, the tenant taken from the path and the `Route` entity all see the
+//! normalized path only.
 //!
 //! Rules, in order:
 //! 1. The query (`?...`) and fragment (`#...`) are cut off.

@@ -8,7 +8,7 @@ pub const MAX_DEPTH: usize = 16;
 /// The longest a segment may be.
 pub const MAX_SEGMENT_LEN: usize = 63;
 
-/// A tenant path. Every value of this type satisfies SPEC section 2: it starts
+/// A tenant path. Every value of this type is valid (docs/reference.md, "Tenant paths"): it starts
 /// with `/`, has at most [`MAX_DEPTH`] segments and each segment matches
 /// `[a-z0-9][a-z0-9_-]{0,62}`. `/` is the root.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -1,5 +1,5 @@
 //! A native proxy-wasm host, on wasmtime, that runs `tenantgate.wasm` the way
-//! Envoy does (issue 5): the ABI v0.2.1 host functions and the WASI functions
+//! Envoy does: the ABI v0.2.1 host functions and the WASI functions
 //! the module imports, several worker VMs sharing one shared-data store with
 //! Envoy's compare-and-swap semantics, per-process metrics, captured logs and a
 //! clock that only moves when a test moves it.

@@ -1,4 +1,4 @@
-//! Bad input (issue 4's list, SPEC sections 2 and 8): a clear 4xx, a counter
+//! Bad input (docs/reference.md, "Request mapping" and "Responses"): a clear 4xx, a counter
 //! incremented, never a trap.
 
 use crate::support::*;

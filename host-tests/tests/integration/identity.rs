@@ -1,4 +1,5 @@
-//! Where the tenant and the principal come from (SPEC section 2 and 5).
+//! Where the tenant and the principal come from (docs/reference.md, "Sources"
+//! and "Request mapping").
 
 use serde_json::json;
 

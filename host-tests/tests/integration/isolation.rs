@@ -1,7 +1,7 @@
-//! The tenant isolation matrix (issue 7), over the example tree `policies/` in
-//! three bundle variants: the tenant from the `x-tenant` header (the tree as
-//! shipped), from the path (`"tenant": {"path_prefix": "/t"}`) and from JWT
-//! claims in dynamic metadata. Every row ends in a 4xx or in a decision the
+//! The tenant isolation matrix (SECURITY.md, "Isolation rules"), over the
+//! example tree `policies/` in three bundle variants: the tenant from the
+//! `x-tenant` header (the tree as shipped), from the path (`"tenant":
+//! {"path_prefix": "/t"}`) and from JWT claims in dynamic metadata. Every row ends in a 4xx or in a decision the
 //! policies allow; for allowed rows the test checks the tenant the upstream
 //! sees (`x-tenantgate-tenant`), for 403s the tenant the decision was about and
 //! the policy ids, and where it matters the normalized resource in the audit

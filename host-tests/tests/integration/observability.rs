@@ -1,4 +1,5 @@
-//! Audit lines, metrics and shadow mode (SPEC section 7).
+//! Audit lines, metrics and shadow mode (docs/reference.md, "Audit lines" and
+//! "Metrics").
 
 use crate::support::*;
 

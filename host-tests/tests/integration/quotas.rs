@@ -1,5 +1,6 @@
 //! Quotas through the filter on one VM: refill with the clock, the guarantee,
-//! borrowing and no leak (SPEC section 4).
+//! borrowing and no leak (docs/reference.md, "limits"; the engine's `quota`
+//! module docs).
 
 use std::time::Duration;
 

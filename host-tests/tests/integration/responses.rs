@@ -1,4 +1,5 @@
-//! The responses of SPEC section 7 and the identity headers of section 2.
+//! The responses and the identity headers (docs/reference.md, "Responses" and
+//! "Headers").
 
 use crate::support::*;
 

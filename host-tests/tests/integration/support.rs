@@ -22,7 +22,8 @@ pub fn host() -> Host {
     Host::new(wasm()).unwrap_or_else(|e| panic!("cannot start the host: {e:?}"))
 }
 
-/// A policy tree in a temporary folder (SPEC section 5 layout).
+/// A policy tree in a temporary folder (laid out as in docs/reference.md, "The
+/// policy folder").
 pub struct Tree {
     dir: tempfile::TempDir,
 }

@@ -1,5 +1,5 @@
 //! Several worker VMs on their own threads sharing one host, as Envoy runs
-//! them: a limit holds per process (SPEC section 4). The filter documents its
+//! them: a limit holds per process (docs/reference.md, "limits"). The filter documents its
 //! slack (engine `quota` module docs): buckets are exact under CAS; the only
 //! slack is `(VMs - 1) * cost` per key when VMs race to create a missing key,
 //! and the filter pre-creates every key at configure time.
