@@ -1,4 +1,4 @@
-//! `tenantgate`: the command policy authors and operators use (SPEC section 6).
+//! `tenantgate`: the command policy authors and operators use (verbs, flags and exit statuses: docs/reference.md).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -5,10 +5,13 @@
 //! `{"duration_s": 60, "flows": [{"tenant": "/acme/eu", "rps": 50, "from_s": 0,
 //! "to_s": 60, "method": "GET", "path": "/orders", "principal": "alice"}]}`.
 //! A flow sends `rps` requests per second, evenly spread over `[from_s, to_s)`
-//! (defaults: the whole plan); `method` (default `GET`) sets the cost through
-//! the bundle's `costs`. An optional `description` says what the plan shows. Only the quotas are simulated: policies are not
-//! evaluated (every request counts as allowed by policy), so `path` and
-//! `principal` are accepted for readability and otherwise ignored.
+//! (defaults: the whole plan). Each flow's request (`tenant`, `method`
+//! default `GET`, `path` default `/`, `principal`, raw `headers`) is mapped
+//! once by the filter's own mapping, which gives the tenant whose quotas it
+//! meets and its cost (the bundle's `costs`); a flow the filter would answer
+//! 400 is an error. An optional `description` says what the plan shows. Only
+//! the quotas are simulated: policies are not evaluated (every request counts
+//! as allowed by policy).
 //!
 //! The replay uses the engine's own admission code with the in-memory store
 //! (Envoy's shared-data semantics) and a fake clock starting at a fixed

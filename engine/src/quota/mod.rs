@@ -1,4 +1,4 @@
-//! Hierarchical quotas (SPEC section 4): the token buckets of Linux HTB
+//! Hierarchical quotas (docs/reference.md, limits): the token buckets of Linux HTB
 //! (`tc-htb`) over the tenant tree.
 //!
 //! # Model

@@ -1,4 +1,5 @@
-//! Property tests of SPEC section 4's invariants over random valid trees and
+//! Property tests of the quota invariants (cap, guarantee, borrowing, no leak;
+//! see the module docs of `quota`) over random valid trees and
 //! random traffic on a virtual clock:
 //! - cap: a subtree never admits more than `ceil * window + its ceil bucket +
 //!   the bursts of its descendants` over any window (`rate * window + burst +

@@ -1,5 +1,5 @@
-//! Reading and validating the `limits` of `tenant.json` files (SPEC sections 4
-//! and 5). Every error is located at the offending key.
+//! Reading and validating the `limits` of `tenant.json` files (the keys are in
+//! docs/reference.md). Every error is located at the offending key.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
