@@ -246,3 +246,58 @@ fn check_refuses_bad_tenants_and_paths_with_400() {
         assert_eq!(v["status"], 400, "{tenant} {path}: {v}");
     }
 }
+
+#[test]
+fn a_limit_declared_twice_is_located_at_the_second() {
+    let dir = copy_tree();
+    std::fs::write(
+        dir.path().join("tenants/globex/labs/tenant.json"),
+        "{\n  \"limits\": {\n    \"rps\": { \"rate\": 5 },\n    \"rps\": { \"rate\": 50 }\n  }\n}\n",
+    )
+    .unwrap();
+    assert_error(
+        dir.path(),
+        "tenants/globex/labs/tenant.json:4:5:",
+        "key `rps` appears twice in `limits`",
+    );
+}
+
+#[test]
+fn tenantgate_json_checks_are_located() {
+    let dir = copy_tree();
+    std::fs::write(
+        dir.path().join("tenantgate.json"),
+        "{\n  \"tenant\": { \"header\": \"X Tenant\" },\n  \"costs\": { \"POST\": 2, \"post\": 1,\n             \"POST\": 3 }\n}\n",
+    )
+    .unwrap();
+    assert_error(
+        dir.path(),
+        "tenantgate.json:2:15:",
+        "`tenant.header`: `X Tenant`",
+    );
+    assert_error(
+        dir.path(),
+        "tenantgate.json:3:25:",
+        "`costs.post`: `post` is not a method",
+    );
+    assert_error(
+        dir.path(),
+        "tenantgate.json:4:14:",
+        "key `POST` appears twice in `costs`",
+    );
+}
+
+#[test]
+fn a_template_is_located_at_its_slot() {
+    let dir = copy_tree();
+    std::fs::write(
+        dir.path().join("tenants/globex/tmpl.cedar"),
+        "// a template\n@id(\"t\")\npermit(principal == ?principal, action, resource);\n",
+    )
+    .unwrap();
+    assert_error(
+        dir.path(),
+        "tenants/globex/tmpl.cedar:3:21:",
+        "templates (policies with `?principal` or `?resource` slots) are not supported",
+    );
+}

@@ -77,10 +77,11 @@ impl Bundle {
         let settings = match read_optional(dir, SETTINGS_FILE) {
             Ok(Some(text)) => match serde_json::from_str::<Settings>(&text) {
                 Ok(s) => {
+                    errors.extend(crate::diag::duplicate_key_errors(SETTINGS_FILE, &text));
                     errors.extend(
                         s.check()
                             .into_iter()
-                            .map(|m| Diagnostic::new(SETTINGS_FILE, m)),
+                            .map(|m| crate::diag::locate_setting(SETTINGS_FILE, &text, m)),
                     );
                     s
                 }

@@ -188,3 +188,157 @@ mod tests {
         );
     }
 }
+
+/// A located error for every key that appears twice in one object of a JSON
+/// file: serde keeps the last value and drops the first without a word.
+pub fn duplicate_key_errors(file: &str, text: &str) -> Vec<Diagnostic> {
+    duplicate_json_keys(text)
+        .into_iter()
+        .map(|(offset, path, key)| {
+            let within = if path.is_empty() {
+                String::new()
+            } else {
+                format!(" in `{}`", path.join("."))
+            };
+            Diagnostic::at_offset(
+                file,
+                text,
+                offset,
+                format!("key `{key}` appears twice{within}; only the last would count, so the first would be silently lost"),
+            )
+        })
+        .collect()
+}
+
+/// A settings message that starts with a backticked key path
+/// (`` `tenant.header`: ... ``), located at that key when the text has it.
+pub fn locate_setting(file: &str, text: &str, message: String) -> Diagnostic {
+    let key = message
+        .strip_prefix('`')
+        .and_then(|rest| rest.split_once('`'))
+        .map(|(k, _)| k.to_string());
+    let offset = key.and_then(|k| {
+        let parts: Vec<&str> = k.split('.').collect();
+        (1..=parts.len())
+            .rev()
+            .find_map(|n| locate_json_key(text, parts.get(..n).unwrap_or_default()))
+    });
+    match offset {
+        Some(off) => Diagnostic::at_offset(file, text, off, message),
+        None => Diagnostic::new(file, message),
+    }
+}
+
+/// Keys that appear twice in one JSON object of `text` (serde keeps the last
+/// one silently): each with the offset of its second occurrence and the path
+/// of the object holding it. `text` should be valid JSON; anything the scan
+/// does not understand ends it early.
+pub fn duplicate_json_keys(text: &str) -> Vec<(usize, Vec<String>, String)> {
+    let mut scan = JsonScan {
+        b: text.as_bytes(),
+        text,
+        i: 0,
+        out: Vec::new(),
+    };
+    let mut path = Vec::new();
+    scan.value(&mut path, 0);
+    scan.out
+}
+
+struct JsonScan<'a> {
+    b: &'a [u8],
+    text: &'a str,
+    i: usize,
+    out: Vec<(usize, Vec<String>, String)>,
+}
+
+impl JsonScan<'_> {
+    fn ws(&mut self) {
+        while self.b.get(self.i).is_some_and(u8::is_ascii_whitespace) {
+            self.i += 1;
+        }
+    }
+
+    /// A string starting at `self.i` (a `"`): its decoded value.
+    fn string(&mut self) -> Option<String> {
+        let start = self.i;
+        self.i += 1;
+        while let Some(&c) = self.b.get(self.i) {
+            self.i += 1;
+            match c {
+                b'\\' => self.i += 1,
+                b'"' => {
+                    let raw = self.text.get(start..self.i)?;
+                    return serde_json::from_str(raw).ok();
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    fn value(&mut self, path: &mut Vec<String>, depth: usize) -> Option<()> {
+        if depth > 128 {
+            return None;
+        }
+        self.ws();
+        match self.b.get(self.i)? {
+            b'{' => {
+                self.i += 1;
+                let mut seen = std::collections::HashSet::new();
+                loop {
+                    self.ws();
+                    match self.b.get(self.i)? {
+                        b'}' => {
+                            self.i += 1;
+                            return Some(());
+                        }
+                        b',' => self.i += 1,
+                        b'"' => {
+                            let at = self.i;
+                            let key = self.string()?;
+                            if !seen.insert(key.clone()) {
+                                self.out.push((at, path.clone(), key.clone()));
+                            }
+                            self.ws();
+                            if self.b.get(self.i) != Some(&b':') {
+                                return None;
+                            }
+                            self.i += 1;
+                            path.push(key);
+                            let r = self.value(path, depth + 1);
+                            path.pop();
+                            r?;
+                        }
+                        _ => return None,
+                    }
+                }
+            }
+            b'[' => {
+                self.i += 1;
+                loop {
+                    self.ws();
+                    match self.b.get(self.i)? {
+                        b']' => {
+                            self.i += 1;
+                            return Some(());
+                        }
+                        b',' => self.i += 1,
+                        _ => self.value(path, depth + 1)?,
+                    }
+                }
+            }
+            b'"' => self.string().map(|_| ()),
+            _ => {
+                while self
+                    .b
+                    .get(self.i)
+                    .is_some_and(|c| !matches!(c, b',' | b'}' | b']') && !c.is_ascii_whitespace())
+                {
+                    self.i += 1;
+                }
+                Some(())
+            }
+        }
+    }
+}

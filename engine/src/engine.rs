@@ -348,7 +348,10 @@ fn tenant_configs<'a>(
         }
         let config = match &t.config {
             Some(src) => match serde_json::from_str::<TenantConfig>(&src.text) {
-                Ok(c) => c,
+                Ok(c) => {
+                    errors.extend(crate::diag::duplicate_key_errors(&src.file, &src.text));
+                    c
+                }
                 Err(e) => {
                     errors.push(json_error(&src.file, &e));
                     TenantConfig::default()
@@ -578,6 +581,46 @@ fn tenant_file_name(path: &TenantPath) -> String {
     }
 }
 
+/// Offsets of the first slot (`?principal`, `?resource`) of each statement
+/// that has one, outside comments and strings.
+fn slot_offsets(text: &str) -> Vec<usize> {
+    let b = text.as_bytes();
+    let mut out = Vec::new();
+    let (mut i, mut in_statement_slot) = (0, false);
+    while let Some(&c) = b.get(i) {
+        match c {
+            b'/' if b.get(i + 1) == Some(&b'/') => {
+                while b.get(i).is_some_and(|&c| c != b'\n') {
+                    i += 1;
+                }
+            }
+            b'"' => {
+                i += 1;
+                while let Some(&c) = b.get(i) {
+                    match c {
+                        b'\\' => i += 1,
+                        b'"' => break,
+                        _ => {}
+                    }
+                    i += 1;
+                }
+            }
+            b';' => in_statement_slot = false,
+            b'?' if !in_statement_slot
+                && (text
+                    .get(i + 1..)
+                    .is_some_and(|r| r.starts_with("principal") || r.starts_with("resource"))) =>
+            {
+                out.push(i);
+                in_statement_slot = true;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    out
+}
+
 /// Parses one `.cedar` file, locates each policy and validates it against the
 /// schema. Returns the policies it could read and the errors found.
 fn compile_file(
@@ -590,11 +633,17 @@ fn compile_file(
         Err(e) => return (Vec::new(), miette_diagnostics(&src.file, &src.text, &e)),
     };
     let mut errors = Vec::new();
+    // Each template is located at a slot of its own, in file order.
+    let mut slots = slot_offsets(&src.text).into_iter();
     for template in set.templates() {
-        errors.push(Diagnostic::new(
-            &src.file,
-            format!("templates (policies with `?principal` or `?resource` slots) are not supported: `{}`", template.id()),
-        ));
+        let msg = format!(
+            "templates (policies with `?principal` or `?resource` slots) are not supported: `{}`",
+            template.id()
+        );
+        errors.push(match slots.next() {
+            Some(off) => Diagnostic::at_offset(&src.file, &src.text, off, msg),
+            None => Diagnostic::new(&src.file, msg),
+        });
     }
     errors.extend(validate_file(validator, src, &set));
     // Locate each policy: its original text appears verbatim in the file, in order.

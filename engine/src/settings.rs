@@ -316,9 +316,9 @@ impl Settings {
             }
         }
         for (method, cost) in &self.costs {
-            if !is_method(method) {
+            if !crate::entities::is_known_method(method) {
                 errors.push(format!(
-                    "`costs`: `{method}` is not an HTTP method (use upper case, e.g. `POST`)"
+                    "`costs.{method}`: `{method}` is not a method tenantgate judges (GET, HEAD, OPTIONS, POST, PUT, PATCH, DELETE; upper case)"
                 ));
             }
             if *cost > 1_000_000 {
