@@ -159,36 +159,6 @@ pub fn locate_json_key(text: &str, keys: &[&str]) -> Option<usize> {
     found
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn line_col_counts_characters() {
-        let t = "ab\ncé d\n";
-        assert_eq!(line_col(t, 0), (1, 1));
-        assert_eq!(line_col(t, 3), (2, 1));
-        assert_eq!(line_col(t, 6), (2, 3));
-        assert_eq!(offset_of(t, 2, 3), 6);
-    }
-
-    #[test]
-    fn finds_json_keys() {
-        let t = "{\n  \"limits\": {\n    \"rps\": { \"rate\": 0 }\n  }\n}";
-        let off = locate_json_key(t, &["limits", "rps", "rate"]).unwrap();
-        assert_eq!(line_col(t, off), (3, 14));
-    }
-
-    #[test]
-    fn display_has_location() {
-        let d = Diagnostic::at("tenants/a.cedar", 3, 7, "unexpected token");
-        assert_eq!(
-            d.to_string(),
-            "tenants/a.cedar:3:7: error: unexpected token"
-        );
-    }
-}
-
 /// A located error for every key that appears twice in one object of a JSON
 /// file: serde keeps the last value and drops the first without a word.
 pub fn duplicate_key_errors(file: &str, text: &str) -> Vec<Diagnostic> {
@@ -340,5 +310,56 @@ impl JsonScan<'_> {
                 Some(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_col_counts_characters() {
+        let t = "ab\ncé d\n";
+        assert_eq!(line_col(t, 0), (1, 1));
+        assert_eq!(line_col(t, 3), (2, 1));
+        assert_eq!(line_col(t, 6), (2, 3));
+        assert_eq!(offset_of(t, 2, 3), 6);
+    }
+
+    #[test]
+    fn finds_json_keys() {
+        let t = "{\n  \"limits\": {\n    \"rps\": { \"rate\": 0 }\n  }\n}";
+        let off = locate_json_key(t, &["limits", "rps", "rate"]).unwrap();
+        assert_eq!(line_col(t, off), (3, 14));
+    }
+
+    #[test]
+    fn display_has_location() {
+        let d = Diagnostic::at("tenants/a.cedar", 3, 7, "unexpected token");
+        assert_eq!(
+            d.to_string(),
+            "tenants/a.cedar:3:7: error: unexpected token"
+        );
+    }
+
+    #[test]
+    fn keys_written_twice_are_found_with_their_object() {
+        let text = "{\"a\": 1, \"l\": {\"x\": {}, \"y\": [1, {\"k\": 1, \"k\": 2}], \"x\": 2}, \"a\": \"}\"}";
+        let found = duplicate_json_keys(text);
+        let keys: Vec<(Vec<String>, String)> = found
+            .iter()
+            .map(|(_, p, k)| (p.clone(), k.clone()))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                (vec!["l".to_string(), "y".to_string()], "k".to_string()),
+                (vec!["l".to_string()], "x".to_string()),
+                (vec![], "a".to_string()),
+            ]
+        );
+        assert_eq!(&text[found[2].0..found[2].0 + 3], "\"a\"");
+        assert!(duplicate_json_keys("{\"a\\\"b\": 1, \"a\\\"b\": 2}").len() == 1);
+        assert!(duplicate_json_keys("{\"a\": 1, \"b\": 2}").is_empty());
     }
 }
