@@ -181,6 +181,7 @@ impl HostBuilder {
             logs: Logs::with_capacity(self.log_capacity),
             clock: self.clock,
             unimplemented: Mutex::new(BTreeMap::new()),
+            calls: Mutex::new(BTreeMap::new()),
             traps: AtomicU64::new(0),
             log_level: AtomicU32::new(self.log_level as u32),
             vm_config: self.vm_config,
@@ -286,6 +287,24 @@ impl Host {
     }
 
     /// Calls to imports the host does not implement, by `module.name`.
+    /// How many times each host function was called (every VM), since the
+    /// host started or [`Host::reset_calls`].
+    pub fn calls(&self) -> BTreeMap<&'static str, u64> {
+        self.inner
+            .shared
+            .calls
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_default()
+    }
+
+    /// Starts counting host calls from zero.
+    pub fn reset_calls(&self) {
+        if let Ok(mut c) = self.inner.shared.calls.lock() {
+            c.clear();
+        }
+    }
+
     pub fn unimplemented_calls(&self) -> BTreeMap<String, u64> {
         self.inner
             .shared

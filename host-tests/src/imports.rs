@@ -74,6 +74,7 @@ fn copy_out(c: &mut C<'_>, bytes: &[u8], ptr_ptr: u32, size_ptr: u32) -> Result<
         let Some(malloc) = c.data().malloc.clone() else {
             return Ok(Status::InternalFailure.code());
         };
+        tally(c, "proxy_on_memory_allocate");
         ptr = malloc.call(&mut *c, len)?;
         if ptr == 0 {
             return Ok(Status::InternalFailure.code());
@@ -177,11 +178,19 @@ fn get_property(state: &VmState, path: &[u8]) -> Result<Vec<u8>, Status> {
         .ok_or(Status::NotFound)
 }
 
+/// Counts one call of a host function (see [`crate::Host::calls`]).
+fn tally(c: &C<'_>, name: &'static str) {
+    if let Ok(mut calls) = c.data().host.calls.lock() {
+        *calls.entry(name).or_default() += 1;
+    }
+}
+
 /// Defines the `env` import `name` if the host implements it.
 fn define_env(linker: &mut Linker<VmState>, name: &str) -> Result<bool> {
     const M: &str = "env";
     match name {
         "proxy_log" => linker.func_wrap(M, name, |c: C<'_>, level: u32, ptr: u32, len: u32| {
+            tally(&c, "proxy_log");
             let Some(level) = LogLevel::from_code(level) else {
                 return Status::BadArgument.code();
             };
@@ -194,6 +203,7 @@ fn define_env(linker: &mut Linker<VmState>, name: &str) -> Result<bool> {
             }
         })?,
         "proxy_get_log_level" => linker.func_wrap(M, name, |mut c: C<'_>, ret: u32| {
+            tally(&c, "proxy_get_log_level");
             let level = c
                 .data()
                 .host
@@ -203,12 +213,14 @@ fn define_env(linker: &mut Linker<VmState>, name: &str) -> Result<bool> {
         })?,
         "proxy_get_current_time_nanoseconds" => {
             linker.func_wrap(M, name, |mut c: C<'_>, ret: u32| {
+                tally(&c, "proxy_get_current_time_nanoseconds");
                 let now = c.data().host.clock.now_ns();
                 code(write_u64(&mut c, ret, now))
             })?
         }
         "proxy_set_tick_period_milliseconds" => {
             linker.func_wrap(M, name, |mut c: C<'_>, period: u32| {
+                tally(&c, "proxy_set_tick_period_milliseconds");
                 c.data_mut().tick_period_ms = period;
                 OK
             })?
@@ -217,6 +229,7 @@ fn define_env(linker: &mut Linker<VmState>, name: &str) -> Result<bool> {
             M,
             name,
             |mut c: C<'_>, kind: u32, start: u32, max: u32, ptr_ptr: u32, size_ptr: u32| {
+                tally(&c, "proxy_get_buffer_bytes");
                 let buffer = match kind {
                     abi::BUFFER_PLUGIN_CONFIGURATION => c.data().plugin_config.clone(),
                     abi::BUFFER_VM_CONFIGURATION => c.data().host.vm_config.clone(),
@@ -236,6 +249,7 @@ fn define_env(linker: &mut Linker<VmState>, name: &str) -> Result<bool> {
             M,
             name,
             |mut c: C<'_>, kind: u32, size_ptr: u32, flags_ptr: u32| {
+                tally(&c, "proxy_get_buffer_status");
                 let len = match kind {
                     abi::BUFFER_PLUGIN_CONFIGURATION => c.data().plugin_config.len(),
                     abi::BUFFER_VM_CONFIGURATION => c.data().host.vm_config.len(),
@@ -252,6 +266,7 @@ fn define_env(linker: &mut Linker<VmState>, name: &str) -> Result<bool> {
             M,
             name,
             |mut c: C<'_>, map: u32, ptr_ptr: u32, size_ptr: u32| {
+                tally(&c, "proxy_get_header_map_pairs");
                 let bytes = match map_for_read(&c, map) {
                     Ok(h) => abi::serialize_pairs(&h.0),
                     Err(s) => return Ok(s.code()),
@@ -259,23 +274,27 @@ fn define_env(linker: &mut Linker<VmState>, name: &str) -> Result<bool> {
                 copy_out(&mut c, &bytes, ptr_ptr, size_ptr)
             },
         )?,
-        "proxy_get_header_map_size" => linker.func_wrap(
-            M,
-            name,
-            |mut c: C<'_>, map: u32, size_ptr: u32| match map_for_read(&c, map) {
-                Ok(h) => {
-                    let len = abi::serialize_pairs(&h.0).len();
-                    code(write_u32(
-                        &mut c,
-                        size_ptr,
-                        u32::try_from(len).unwrap_or(u32::MAX),
-                    ))
+        "proxy_get_header_map_size" => {
+            linker.func_wrap(M, name, |mut c: C<'_>, map: u32, size_ptr: u32| {
+                match {
+                    tally(&c, "proxy_get_header_map_size");
+                    map_for_read(&c, map)
+                } {
+                    Ok(h) => {
+                        let len = abi::serialize_pairs(&h.0).len();
+                        code(write_u32(
+                            &mut c,
+                            size_ptr,
+                            u32::try_from(len).unwrap_or(u32::MAX),
+                        ))
+                    }
+                    Err(s) => s.code(),
                 }
-                Err(s) => s.code(),
-            },
-        )?,
+            })?
+        }
         "proxy_set_header_map_pairs" => {
             linker.func_wrap(M, name, |mut c: C<'_>, map: u32, ptr: u32, len: u32| {
+                tally(&c, "proxy_set_header_map_pairs");
                 let bytes = match read(&c, ptr, len) {
                     Ok(b) => b,
                     Err(s) => return s.code(),
@@ -300,6 +319,7 @@ fn define_env(linker: &mut Linker<VmState>, name: &str) -> Result<bool> {
             M,
             name,
             |mut c: C<'_>, map: u32, kp: u32, kl: u32, ptr_ptr: u32, size_ptr: u32| {
+                tally(&c, "proxy_get_header_map_value");
                 let key = match read_string(&c, kp, kl) {
                     Ok(k) => k,
                     Err(s) => return Ok(s.code()),
@@ -320,6 +340,14 @@ fn define_env(linker: &mut Linker<VmState>, name: &str) -> Result<bool> {
                 M,
                 name,
                 move |mut c: C<'_>, map: u32, kp: u32, kl: u32, vp: u32, vl: u32| {
+                    tally(
+                        &c,
+                        if add {
+                            "proxy_add_header_map_value"
+                        } else {
+                            "proxy_replace_header_map_value"
+                        },
+                    );
                     let (key, value) = match (read_string(&c, kp, kl), read(&c, vp, vl)) {
                         (Ok(k), Ok(v)) => (k, v),
                         (Err(s), _) | (_, Err(s)) => return s.code(),
@@ -340,6 +368,7 @@ fn define_env(linker: &mut Linker<VmState>, name: &str) -> Result<bool> {
         }
         "proxy_remove_header_map_value" => {
             linker.func_wrap(M, name, |mut c: C<'_>, map: u32, kp: u32, kl: u32| {
+                tally(&c, "proxy_remove_header_map_value");
                 let key = match read_string(&c, kp, kl) {
                     Ok(k) => k,
                     Err(s) => return s.code(),
@@ -357,6 +386,7 @@ fn define_env(linker: &mut Linker<VmState>, name: &str) -> Result<bool> {
             M,
             name,
             |mut c: C<'_>, pp: u32, pl: u32, ptr_ptr: u32, size_ptr: u32| {
+                tally(&c, "proxy_get_property");
                 let path = match read(&c, pp, pl) {
                     Ok(p) => p,
                     Err(s) => return Ok(s.code()),
@@ -371,6 +401,7 @@ fn define_env(linker: &mut Linker<VmState>, name: &str) -> Result<bool> {
             M,
             name,
             |mut c: C<'_>, pp: u32, pl: u32, vp: u32, vl: u32| {
+                tally(&c, "proxy_set_property");
                 let (path, value) = match (read(&c, pp, pl), read(&c, vp, vl)) {
                     (Ok(p), Ok(v)) => (p, v),
                     (Err(s), _) | (_, Err(s)) => return s.code(),
@@ -394,6 +425,7 @@ fn define_env(linker: &mut Linker<VmState>, name: &str) -> Result<bool> {
             M,
             name,
             |mut c: C<'_>, kp: u32, kl: u32, ptr_ptr: u32, size_ptr: u32, cas_ptr: u32| {
+                tally(&c, "proxy_get_shared_data");
                 let key = match read(&c, kp, kl) {
                     Ok(k) => k,
                     Err(s) => return Ok(s.code()),
@@ -414,6 +446,7 @@ fn define_env(linker: &mut Linker<VmState>, name: &str) -> Result<bool> {
             M,
             name,
             |c: C<'_>, kp: u32, kl: u32, vp: u32, vl: u32, cas: u32| {
+                tally(&c, "proxy_set_shared_data");
                 let (key, value) = match (read(&c, kp, kl), read(&c, vp, vl)) {
                     (Ok(k), Ok(v)) => (k, v),
                     (Err(s), _) | (_, Err(s)) => return s.code(),
@@ -422,7 +455,16 @@ fn define_env(linker: &mut Linker<VmState>, name: &str) -> Result<bool> {
             },
         )?,
         "proxy_continue_stream" | "proxy_close_stream" => {
-            linker.func_wrap(M, name, |c: C<'_>, stream: u32| {
+            let close = name == "proxy_close_stream";
+            linker.func_wrap(M, name, move |c: C<'_>, stream: u32| {
+                tally(
+                    &c,
+                    if close {
+                        "proxy_close_stream"
+                    } else {
+                        "proxy_continue_stream"
+                    },
+                );
                 if stream > 3 {
                     return Status::BadArgument.code();
                 }
@@ -444,6 +486,7 @@ fn define_env(linker: &mut Linker<VmState>, name: &str) -> Result<bool> {
              hp: u32,
              hl: u32,
              grpc: i32| {
+                tally(&c, "proxy_send_local_response");
                 let parts = (read_string(&c, dp, dl), read(&c, bp, bl), read(&c, hp, hl));
                 let (details, body, headers) = match parts {
                     (Ok(d), Ok(b), Ok(h)) => (d, b, h),
@@ -473,6 +516,7 @@ fn define_env(linker: &mut Linker<VmState>, name: &str) -> Result<bool> {
             },
         )?,
         "proxy_set_effective_context" => linker.func_wrap(M, name, |mut c: C<'_>, id: u32| {
+            tally(&c, "proxy_set_effective_context");
             let st = c.data_mut();
             if st.http.contains_key(&id) {
                 st.active = id;
@@ -486,6 +530,7 @@ fn define_env(linker: &mut Linker<VmState>, name: &str) -> Result<bool> {
             M,
             name,
             |mut c: C<'_>, kind: u32, np: u32, nl: u32, ret: u32| {
+                tally(&c, "proxy_define_metric");
                 let Some(kind) = MetricType::from_code(kind) else {
                     return Status::BadArgument.code();
                 };
@@ -499,20 +544,21 @@ fn define_env(linker: &mut Linker<VmState>, name: &str) -> Result<bool> {
         )?,
         "proxy_increment_metric" => {
             linker.func_wrap(M, name, |c: C<'_>, id: u32, delta: i64| {
+                tally(&c, "proxy_increment_metric");
                 code(c.data().host.metrics.increment(id, delta))
             })?
         }
         "proxy_record_metric" => linker.func_wrap(M, name, |c: C<'_>, id: u32, value: u64| {
+            tally(&c, "proxy_record_metric");
             code(c.data().host.metrics.record(id, value))
         })?,
-        "proxy_get_metric" => {
-            linker.func_wrap(M, name, |mut c: C<'_>, id: u32, ret: u32| {
-                match c.data().host.metrics.get(id) {
-                    Ok(v) => code(write_u64(&mut c, ret, v)),
-                    Err(s) => s.code(),
-                }
-            })?
-        }
+        "proxy_get_metric" => linker.func_wrap(M, name, |mut c: C<'_>, id: u32, ret: u32| {
+            tally(&c, "proxy_get_metric");
+            match c.data().host.metrics.get(id) {
+                Ok(v) => code(write_u64(&mut c, ret, v)),
+                Err(s) => s.code(),
+            }
+        })?,
         _ => return Ok(false),
     };
     Ok(true)
@@ -526,6 +572,7 @@ fn define_wasi(linker: &mut Linker<VmState>, name: &str) -> Result<bool> {
             M,
             name,
             |mut c: C<'_>, fd: u32, iovs: u32, iovs_len: u32, written: u32| {
+                tally(&c, "fd_write");
                 let (level, source) = match fd {
                     1 => (LogLevel::Info, LogSource::Stdout),
                     2 => (LogLevel::Error, LogSource::Stderr),
@@ -564,6 +611,7 @@ fn define_wasi(linker: &mut Linker<VmState>, name: &str) -> Result<bool> {
             M,
             name,
             |mut c: C<'_>, id: u32, _precision: u64, ret: u32| {
+                tally(&c, "clock_time_get");
                 if id > 3 {
                     return errno::INVAL;
                 }
@@ -575,6 +623,7 @@ fn define_wasi(linker: &mut Linker<VmState>, name: &str) -> Result<bool> {
             },
         )?,
         "clock_res_get" => linker.func_wrap(M, name, |mut c: C<'_>, id: u32, ret: u32| {
+            tally(&c, "clock_res_get");
             if id > 3 {
                 return errno::INVAL;
             }
@@ -584,6 +633,7 @@ fn define_wasi(linker: &mut Linker<VmState>, name: &str) -> Result<bool> {
             }
         })?,
         "random_get" => linker.func_wrap(M, name, |mut c: C<'_>, buf: u32, len: u32| {
+            tally(&c, "random_get");
             if len > 1 << 20 {
                 return errno::INVAL;
             }

@@ -25,6 +25,8 @@ pub(crate) struct HostShared {
     pub clock: Clock,
     /// Calls to imports the host does not implement, by `module.name`.
     pub unimplemented: Mutex<BTreeMap<String, u64>>,
+    /// Calls of each host function, by name.
+    pub calls: Mutex<BTreeMap<&'static str, u64>>,
     pub traps: AtomicU64,
     /// What `proxy_get_log_level` answers; lines below it are still captured.
     pub log_level: AtomicU32,
