@@ -67,6 +67,8 @@ pub struct Engine {
     /// True if some policy mentions `source_ip`: only then does the filter
     /// ask the host for the downstream address.
     uses_source_ip: bool,
+    /// This worker's quota leases (see `quota::Leases`).
+    leases: crate::quota::Leases,
 }
 
 impl Engine {
@@ -114,7 +116,31 @@ impl Engine {
                 policy_texts(),
             )),
             uses_source_ip: policy_texts().any(|t| t.contains("source_ip")),
+            leases: crate::quota::Leases::default(),
         })
+    }
+
+    /// This worker's quota leases.
+    pub fn leases(&self) -> &crate::quota::Leases {
+        &self.leases
+    }
+
+    /// Gives back the unspent tokens of expired leases (on a tick).
+    pub fn return_expired_leases(
+        &self,
+        now_ns: u64,
+        store: &dyn BucketStore,
+    ) -> Result<u64, crate::quota::StoreError> {
+        self.leases.return_expired(&self.quotas, now_ns, store)
+    }
+
+    /// Gives back the unspent tokens of every lease (before this engine is
+    /// replaced by a new bundle's).
+    pub fn return_all_leases(
+        &self,
+        store: &dyn BucketStore,
+    ) -> Result<u64, crate::quota::StoreError> {
+        self.leases.return_all(&self.quotas, store)
     }
 
     pub fn settings(&self) -> &Settings {
@@ -169,7 +195,10 @@ impl Engine {
             return decision;
         }
         let cost = self.settings.cost_of(&req.method, req.action);
-        match self.quotas.admit(&req.tenant, cost, req.time_ns, store) {
+        match self
+            .quotas
+            .admit_leased(&self.leases, &req.tenant, cost, req.time_ns, store)
+        {
             Ok(q) if q.admitted => Decision {
                 quota: Some(q),
                 ..decision

@@ -83,6 +83,7 @@ extern "C" {
         return_id: *mut u32,
     ) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
     fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
     fn proxy_get_shared_data(
         key_data: *const u8,
@@ -294,6 +295,11 @@ pub fn define_metric(kind: u32, name: &str) -> Result<u32, HostError> {
     // SAFETY: pointers describe live memory for the whole call.
     check(unsafe { proxy_define_metric(kind, name.as_ptr(), name.len(), &mut id) })?;
     Ok(id)
+}
+
+pub fn set_tick_period_ms(period: u32) -> Result<(), HostError> {
+    // SAFETY: no pointers.
+    check(unsafe { proxy_set_tick_period_milliseconds(period) })
 }
 
 pub fn increment_metric(id: u32, by: i64) {

@@ -89,9 +89,15 @@ impl Metrics {
     }
 }
 
+/// The tick period: expired quota leases go back to shared data on it.
+const LEASE_TICK_MS: u32 = (tenantgate_engine::quota::LEASE_TTL_NS / 1_000_000) as u32;
+
 thread_local! {
     /// The bundle version this VM loaded last.
     static LAST_VERSION: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+    /// The engine this VM loaded last (a reload may come in a new root
+    /// context): its leases go back to shared data when it is replaced.
+    static CURRENT: std::cell::RefCell<Option<Rc<Loaded>>> = const { std::cell::RefCell::new(None) };
 }
 
 #[derive(Default)]
@@ -206,13 +212,36 @@ impl RootContext for Root {
                 engine.settings().mode
             ),
         );
-        self.loaded = Some(Rc::new(Loaded {
+        let loaded = Rc::new(Loaded {
             engine,
             metrics,
             requests: std::cell::Cell::new(0),
             ids: DecisionIds::new(id_seed(self.context_id)),
-        }));
+        });
+        let previous = CURRENT.with(|c| c.replace(Some(Rc::clone(&loaded))));
+        if let Some(previous) = previous {
+            if let Err(e) = previous.engine.return_all_leases(&SharedData) {
+                ffi::log(
+                    ffi::LOG_ERROR,
+                    &format!("tenantgate: cannot return the previous bundle's quota leases: {e}"),
+                );
+            }
+        }
+        self.loaded = Some(loaded);
+        // Expired leases go back on a tick (not on the request path).
+        let _ = ffi::set_tick_period_ms(LEASE_TICK_MS);
         true
+    }
+
+    fn on_tick(&mut self) {
+        if let (Some(loaded), Ok(now)) = (&self.loaded, ffi::now_ns()) {
+            if let Err(e) = loaded.engine.return_expired_leases(now, &SharedData) {
+                ffi::log(
+                    ffi::LOG_ERROR,
+                    &format!("tenantgate: cannot return expired quota leases: {e}"),
+                );
+            }
+        }
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {

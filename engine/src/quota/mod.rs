@@ -116,6 +116,7 @@
 mod bucket;
 mod clock;
 pub mod fleet;
+mod lease;
 mod spec;
 mod store;
 
@@ -136,6 +137,7 @@ use bucket::{ceil_seconds, Bucket, FLOOR};
 use spec::Limit;
 
 pub use clock::{Clock, FakeClock, SystemClock};
+pub use lease::{Leases, LEASE_DIVISOR, LEASE_TTL_NS, MAX_BATCH};
 pub use store::{BucketStore, MemoryStore, StoreError};
 
 /// Nanoseconds since the Unix epoch.
@@ -179,6 +181,9 @@ struct Plan {
     chains: Vec<Chain>,
     /// `RateLimit-Policy` value.
     policy: String,
+    /// The most tokens a worker lease may take beyond a request's cost (0:
+    /// never leased; see the `lease` module).
+    lease_cap: u64,
 }
 
 #[derive(Debug)]
@@ -255,6 +260,10 @@ pub struct QuotaDecision {
     /// Whole seconds until this request would be admitted (at least 1 when
     /// refused), for `Retry-After`; 0 when admitted.
     pub retry_after_s: u64,
+    /// When refused: the instant a request of this cost could pass with no
+    /// other traffic (`None`: never, or admitted).
+    #[serde(skip)]
+    pub admissible_at: Option<Nanos>,
     /// What this request costs in tokens.
     pub cost: u64,
     /// Every limit name that applies, sorted by name.
@@ -270,6 +279,7 @@ impl QuotaDecision {
             tenant: None,
             remaining: 0,
             retry_after_s: 0,
+            admissible_at: None,
             cost: 0,
             limits: Vec::new(),
         }
@@ -378,10 +388,13 @@ impl QuotaModel {
                     })
                 })
                 .collect();
+            let min_burst = flat.iter().map(|l| l.params.burst).min().unwrap_or(0);
+            let cap = (min_burst / LEASE_DIVISOR).min(MAX_BATCH);
             let plan = Plan {
                 nodes: flat,
                 chains,
                 policy: policy.join(", "),
+                lease_cap: if cap >= 2 { cap } else { 0 },
             };
             plans.insert(Box::from(node.as_str()), Arc::new(plan));
         }
@@ -450,10 +463,15 @@ impl QuotaModel {
     /// The chains for a request to `tenant`: those of its deepest ancestor (or
     /// itself) that declares limits.
     fn plan_for(&self, tenant: &TenantPath) -> Option<&Plan> {
+        self.plan_entry(tenant).map(|(_, p)| p)
+    }
+
+    /// [`QuotaModel::plan_for`] with the tenant that declares the plan.
+    fn plan_entry(&self, tenant: &TenantPath) -> Option<(&str, &Plan)> {
         let mut s = tenant.as_str();
         loop {
-            if let Some(p) = self.plans.get(s) {
-                return Some(p);
+            if let Some((k, p)) = self.plans.get_key_value(s) {
+                return Some((k, p));
             }
             s = match s.rfind('/') {
                 _ if s == "/" => return None,
@@ -506,6 +524,19 @@ impl QuotaModel {
         let Some(plan) = self.plan_for(tenant) else {
             return Ok(QuotaDecision::unlimited());
         };
+        self.admit_with_charges(plan, cost, now, store)
+            .map(|(d, _)| d)
+    }
+
+    /// The admission loop of one plan; also returns what it charged each
+    /// node (empty when nothing was charged).
+    fn admit_with_charges(
+        &self,
+        plan: &Plan,
+        cost: u64,
+        now: Nanos,
+        store: &dyn BucketStore,
+    ) -> Result<(QuotaDecision, Vec<Charge>), StoreError> {
         let mut old = Vec::with_capacity(plan.nodes.len());
         let mut cas = Vec::with_capacity(plan.nodes.len());
         for _ in 0..MAX_ATTEMPTS {
@@ -524,10 +555,10 @@ impl QuotaModel {
             }
             let step = decide(plan, &old, cost, now);
             let Some(new) = step.new else {
-                return Ok(step.decision);
+                return Ok((step.decision, Vec::new()));
             };
             match write(plan, &cas, &new, &step.charges, store) {
-                Ok(()) => return Ok(step.decision),
+                Ok(()) => return Ok((step.decision, step.charges)),
                 Err(StoreError::CasMismatch) => continue,
                 Err(e) => return Err(e),
             }
@@ -757,6 +788,10 @@ fn decide(plan: &Plan, old: &[Bucket], cost: u64, now: Nanos) -> Step {
         tenant,
         remaining: if remaining == u64::MAX { 0 } else { remaining },
         retry_after_s: if admitted { 0 } else { retry_s },
+        admissible_at: match worst {
+            Some((Some(wait), _)) if !admitted => Some(now.saturating_add(wait)),
+            _ => None,
+        },
         cost,
         limits,
     };

@@ -221,6 +221,7 @@ fn admits_up_to_the_burst_then_refuses_with_retry_after() {
             tenant: Some(t("/")),
             remaining: 0,
             retry_after_s: 1,
+            admissible_at: Some(T0 + S / 10),
             cost: 1,
             limits: vec![LimitStatus {
                 name: "rps".into(),

@@ -13,6 +13,7 @@
 mod support;
 
 mod bad_input;
+mod budget;
 mod config;
 mod differential;
 mod faults;

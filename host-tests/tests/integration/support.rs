@@ -132,6 +132,37 @@ pub fn example_bundle() -> String {
     bundle_of(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies"))
 }
 
+/// The example tree with `settings` merged over its `tenantgate.json` and the
+/// `tenant.json` of some tenants replaced (in memory; the version recomputed).
+pub fn example_variant_with(settings: Value, tenants: &[(&str, Value)]) -> String {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let mut b = tenantgate_engine::Bundle::from_dir(&dir).unwrap();
+    let mut s = serde_json::to_value(&b.settings).unwrap();
+    for (k, v) in settings.as_object().unwrap() {
+        s[k] = v.clone();
+    }
+    b.settings = serde_json::from_value(s).unwrap();
+    for (path, config) in tenants {
+        let t = b
+            .tenants
+            .iter_mut()
+            .find(|t| t.path.as_str() == *path)
+            .unwrap_or_else(|| panic!("no tenant {path} in the example tree"));
+        let text = serde_json::to_string_pretty(config).unwrap();
+        match &mut t.config {
+            Some(src) => src.text = text,
+            None => {
+                t.config = Some(tenantgate_engine::bundle::SourceFile {
+                    file: format!("tenants{path}/tenant.json"),
+                    text,
+                })
+            }
+        }
+    }
+    b.version = b.compute_version();
+    b.to_json()
+}
+
 /// A host and one configured VM.
 pub fn gate(tree: &Tree) -> (Host, Vm) {
     let host = host();
