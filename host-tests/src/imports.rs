@@ -276,18 +276,14 @@ fn define_env(linker: &mut Linker<VmState>, name: &str) -> Result<bool> {
         )?,
         "proxy_get_header_map_size" => {
             linker.func_wrap(M, name, |mut c: C<'_>, map: u32, size_ptr: u32| {
-                match {
-                    tally(&c, "proxy_get_header_map_size");
-                    map_for_read(&c, map)
-                } {
-                    Ok(h) => {
-                        let len = abi::serialize_pairs(&h.0).len();
-                        code(write_u32(
-                            &mut c,
-                            size_ptr,
-                            u32::try_from(len).unwrap_or(u32::MAX),
-                        ))
-                    }
+                tally(&c, "proxy_get_header_map_size");
+                let size = map_for_read(&c, map).map(|h| abi::serialize_pairs(&h.0).len());
+                match size {
+                    Ok(len) => code(write_u32(
+                        &mut c,
+                        size_ptr,
+                        u32::try_from(len).unwrap_or(u32::MAX),
+                    )),
                     Err(s) => s.code(),
                 }
             })?
