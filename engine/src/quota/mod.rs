@@ -121,6 +121,8 @@ mod spec;
 mod store;
 
 #[cfg(test)]
+mod lease_tests;
+#[cfg(test)]
 mod proptests;
 #[cfg(test)]
 mod tests;

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use super::*;
 use crate::diag::Diagnostics;
 
-const S: u64 = 1_000_000_000;
+pub(super) const S: u64 = 1_000_000_000;
 /// An arbitrary start of time for the tests.
-const T0: Nanos = 1_700_000_000 * S;
+pub(super) const T0: Nanos = 1_700_000_000 * S;
 
-fn t(p: &str) -> TenantPath {
+pub(super) fn t(p: &str) -> TenantPath {
     TenantPath::parse(p).unwrap()
 }
 
@@ -25,7 +25,7 @@ fn file_of(path: &str) -> String {
 }
 
 /// Builds a model from `(tenant, tenant.json text)` pairs.
-fn build(tree: &[(&str, &str)]) -> Result<QuotaModel, Vec<Diagnostic>> {
+pub(super) fn build(tree: &[(&str, &str)]) -> Result<QuotaModel, Vec<Diagnostic>> {
     let owned: Vec<(
         TenantPath,
         String,
@@ -51,12 +51,12 @@ fn build(tree: &[(&str, &str)]) -> Result<QuotaModel, Vec<Diagnostic>> {
     QuotaModel::build(&inputs)
 }
 
-fn model(tree: &[(&str, &str)]) -> QuotaModel {
+pub(super) fn model(tree: &[(&str, &str)]) -> QuotaModel {
     build(tree).unwrap_or_else(|e| panic!("{}", Diagnostics(e)))
 }
 
 /// The model's store, pre-created as the filter does at configure time.
-fn store_for(m: &QuotaModel) -> MemoryStore {
+pub(super) fn store_for(m: &QuotaModel) -> MemoryStore {
     let s = MemoryStore::new();
     for (k, v) in m.initial_buckets(T0) {
         s.set(&k, &v, 0).unwrap();
