@@ -26,8 +26,15 @@ raised (the root's `rps` to 100 million per second, /acme's `daily` to 10^12)
 so that no request is refused, and `audit` is "deny" (no audit line for an
 allowed request). BENCH_AUDIT=all keeps an audit line per request.
 
+Calibration (configs k_<kind>): the no-op filter making K more host calls of
+one kind per request (`time`, `metric`, `add_header`, `set_shared`,
+`get_header`, `get_shared`, `property`, `header_map`, the kinds tenantgate
+makes). The cost of one call is (1/rps(k_kind) - 1/rps(wasm_floor)) / K,
+reported as `call_us_<kind>` beside the ratios.
+
 Environment: BENCH_ROUNDS (3), BENCH_DURATION seconds (10), BENCH_WARMUP (2),
-BENCH_CONNECTIONS (32), BENCH_ONLY (e.g. "a,d").
+BENCH_CONNECTIONS (32), BENCH_ONLY (e.g. "a,d" or "c,d,k_time"),
+BENCH_CALIBRATE (1: add the k_ configs; 0: leave them out), BENCH_CALLS (K, 8).
 """
 
 import json
@@ -51,6 +58,11 @@ ENVOY_CPU, WRK_CPU = "0", "1"
 
 NAMES = {"a": "baseline", "b": "native", "c": "wasm_floor", "d": "tenantgate", "e": "tenantgate_large",
          "f": "tenantgate_nolimits"}
+CALL_KINDS = ["time", "metric", "add_header", "set_shared", "get_header", "get_shared", "property", "header_map"]
+CALIBRATE = os.environ.get("BENCH_CALIBRATE", "1") != "0"
+CALLS = int(os.environ.get("BENCH_CALLS", "8"))
+for _kind in CALL_KINDS:
+    NAMES[f"k_{_kind}"] = f"calls_{_kind}"
 
 ACME = {"x-tenant": "/acme/eu", "x-user": "alice", "x-user-tenant": "/acme/eu"}
 LARGE = {"x-tenant": "/o07/u4/t3", "x-user": "dev-o07-u4-t3", "x-user-tenant": "/o07/u4/t3"}
@@ -229,6 +241,9 @@ def main():
         "e": ([wasm_filter("tenantgate", wasm, large)], "/api/v1/items/42", LARGE),
         "f": ([wasm_filter("tenantgate", wasm, nolimits)], "/orders/1", ACME),
     }
+    if CALIBRATE:
+        for kind in CALL_KINDS:
+            setups[f"k_{kind}"] = ([wasm_filter("noop", noop, f"{kind}:{CALLS}")], "/orders/1", ACME)
     load = os.getloadavg()[0]
     if load > 0.5:
         print(f"bench: WARNING: load average {load:.2f} before the run: other processes share the 2 CPUs, "
@@ -280,6 +295,14 @@ def main():
     for name, value in ratios.items():
         if value is not None:
             print(f"  {name}: {value}")
+    if "wasm_floor_rps" in summary:
+        floor_us = 1e6 / summary["wasm_floor_rps"]
+        for kind in CALL_KINDS:
+            rps = summary.get(f"calls_{kind}_rps")
+            if rps:
+                cost = (1e6 / rps - floor_us) / CALLS
+                summary[f"call_us_{kind}"] = round(cost, 3)
+                print(f"  one `{kind}` call: {cost:.3f} us", file=sys.stderr)
     summary["ratio_tenantgate_over_wasm_floor"] = ratios["tenantgate/wasm_floor (target >= 0.90)"]
     summary["ratio_large_over_tenantgate"] = ratios["tenantgate_large/tenantgate (target >= 0.95)"]
     summary.update({"rounds": ROUNDS, "duration_s": DURATION, "connections": CONNECTIONS, "audit": AUDIT,
