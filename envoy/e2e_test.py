@@ -62,6 +62,7 @@ class EnvoyCase(unittest.TestCase):
     template = "envoy.yaml"
     bundle_name = "main"
     extra_values = {}
+    concurrency = 2
 
     @classmethod
     def bundle_edit(cls, policy_dir):  # overridden by variants
@@ -87,7 +88,7 @@ class EnvoyCase(unittest.TestCase):
         }
         values.update(cls.config_values())
         config = h.render(h.ENVOY_DIR / cls.template, values)
-        cls.envoy = h.Envoy(config, WORK / cls.__name__, name="envoy", concurrency=2,
+        cls.envoy = h.Envoy(config, WORK / cls.__name__, name="envoy", concurrency=cls.concurrency,
                             admin_port=admin, listen_port=listen)
         try:
             cls.envoy.start()
@@ -624,6 +625,90 @@ class EcdsReload(unittest.TestCase):
         h.write_ecds(self.ecds, bundle_of("shadow", Shadow.bundle_edit), "v3-shadow")
         self.assertTrue(wait_for(lambda: self.stat("update_success") > success, 15), "v3 was not applied")
         self.assertTrue(wait_for(lambda: self.carol() == 200, 10), "shadow bundle not in effect")
+
+
+# ---------------------------------------------------------------------------
+# Accuracy with worker leases: four workers, 64 connections, a small limit
+# (never leased: exact) and a larger one (leased).
+
+ACC_SMALL = (100, 100)    # rate per second, burst: never leased (burst < 128)
+ACC_LEASED = (1000, 1000)  # rate per second, burst: leased, at most 15 tokens per worker
+
+
+def hammer(port, tenant, conns, seconds):
+    """`conns` keep-alive connections sending GETs to `tenant` for `seconds`;
+    returns the statuses and the time from the first request to the last answer."""
+    import http.client
+    counts, lock = {}, threading.Lock()
+    gate = threading.Barrier(conns + 1)
+    stop = [None]
+
+    def worker(i):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        local = {}
+        gate.wait()
+        while time.monotonic() < stop[0]:
+            try:
+                r = h.request(None, "GET", "/load", who(f"u{i}", tenant, tenant), conn=conn)
+                local[r.status] = local.get(r.status, 0) + 1
+            except OSError:
+                local["error"] = local.get("error", 0) + 1
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.close()
+        with lock:
+            for k, v in local.items():
+                counts[k] = counts.get(k, 0) + v
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(conns)]
+    for t in threads:
+        t.start()
+    t0 = time.monotonic()
+    stop[0] = t0 + seconds
+    gate.wait()
+    for t in threads:
+        t.join(timeout=seconds + 30)
+    return counts, time.monotonic() - t0
+
+
+class LeasedAccuracy(EnvoyCase):
+    """Envoy --concurrency 4; admitted within 1% of burst + rate x T (plus the
+    documented slack) and never below burst + rate x T - W x B."""
+
+    bundle_name = "accuracy"
+    concurrency = 4
+
+    @classmethod
+    def bundle_edit(cls, d):
+        for name, (rate, burst) in (("small", ACC_SMALL), ("leased", ACC_LEASED)):
+            t = Path(d) / "tenants" / name
+            t.mkdir()
+            (t / "tenant.json").write_text(json.dumps(
+                {"limits": {"acc": {"rate": rate, "per": "1s", "burst": burst}}}))
+            (t / "all.cedar").write_text(
+                f'@id("{name}-all")\npermit (principal, action, resource in Tenant::"/{name}");\n')
+
+    def check(self, tenant, rate, burst, lease):
+        counts, elapsed = hammer(self.envoy.listen_port, tenant, 64, 3.0)
+        admitted = counts.get(200, 0)
+        ideal = burst + rate * elapsed
+        upper = ideal * 1.01 + 2
+        lower = burst + rate * elapsed - self.concurrency * lease - rate * 0.05  # 50 ms of client timing
+        print(f"\n  {tenant}: {sum(counts.values())} requests on 64 connections in {elapsed:.2f}s, "
+              f"admitted {admitted}, burst + rate x T = {ideal:.0f}, bounds [{lower:.0f}, {upper:.0f}]",
+              file=sys.stderr)
+        self.assertEqual(set(counts) - {200, 429}, set(), counts)
+        self.assertGreater(sum(counts.values()), 1.3 * ideal, "the load must exceed the limit")
+        self.assertLessEqual(admitted, upper, counts)
+        self.assertGreaterEqual(admitted, lower, counts)
+        return admitted / ideal
+
+    def test_a_small_limit_is_exact_across_four_workers(self):
+        self.check("/small", *ACC_SMALL, lease=1)
+
+    def test_a_leased_limit_stays_within_its_bounds(self):
+        time.sleep(1.1)  # any earlier traffic refilled
+        self.check("/leased", *ACC_LEASED, lease=15)
 
 
 # ---------------------------------------------------------------------------
