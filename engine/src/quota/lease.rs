@@ -95,10 +95,19 @@ impl QuotaModel {
         let Ok(mut all) = leases.state.lock() else {
             return self.admit(tenant, cost, now, store);
         };
-        let st = all.entry(Box::from(key)).or_insert_with(|| PlanState {
-            batch: u64::from(plan.lease_cap > 0),
-            ..PlanState::default()
-        });
+        // Look up first: `entry` would allocate the key on every request.
+        if !all.contains_key(key) {
+            all.insert(
+                Box::from(key),
+                PlanState {
+                    batch: u64::from(plan.lease_cap > 0),
+                    ..PlanState::default()
+                },
+            );
+        }
+        let Some(st) = all.get_mut(key) else {
+            return self.admit(tenant, cost, now, store);
+        };
         // A refusal remembered: still refused until it could pass.
         if let Some((c, until, d)) = &st.refused {
             if *c == cost && now < *until {
