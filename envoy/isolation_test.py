@@ -113,6 +113,8 @@ class Row:
         unknown = set(d) - ROW_KEYS
         if unknown or not set(d.get("envoy", {})) <= WANT_KEYS:
             raise ValueError(f"{d.get('id')}: unknown keys {sorted(unknown)} {d.get('envoy')}")
+        if d.get("only") not in (None, "envoy", "host"):
+            raise ValueError(f"{d['id']}: only {d['only']!r}")
         if d.get("trailers"):
             raise ValueError(f"{d['id']}: trailers cannot be sent over HTTP/1.1 here; mark the row \"only\": \"host\"")
         self.id = d["id"]

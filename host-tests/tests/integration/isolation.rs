@@ -139,6 +139,11 @@ fn parse_row(v: &Value) -> Row {
     if let Some(k) = o.keys().find(|k| !ROW_KEYS.contains(&k.as_str())) {
         panic!("{id}: unknown key {k:?}");
     }
+    let only = o.get("only").map(|v| v.as_str().unwrap_or_default());
+    assert!(
+        only.is_none_or(|w| w == "envoy" || w == "host"),
+        "{id}: only {only:?}"
+    );
     let status = o["status"].as_u64().unwrap() as u16;
     let by = o.get("by").and_then(Value::as_str);
     let default_by = if status == 200 {
@@ -431,4 +436,22 @@ fn isolation_matrix_with_the_tenant_from_the_path() {
 #[test]
 fn isolation_matrix_with_the_tenant_from_jwt_metadata() {
     run_matrix("jwt");
+}
+
+#[test]
+fn isolation_values_stand_for_exact_bytes() {
+    assert_eq!(bytes_of(&json!("/\u{430}cme")), "/\u{430}cme".as_bytes());
+    assert_eq!(
+        bytes_of(&json!({"latin1": "/acme/\u{ff}\u{fe}"})),
+        b"/acme/\xff\xfe"
+    );
+    assert_eq!(bytes_of(&json!({"latin1": "al\u{1}ice"})), b"al\x01ice");
+    assert_eq!(
+        bytes_of(&json!({"prefix": "/t/", "repeat": "a/", "times": 3, "suffix": "x"})),
+        b"/t/a/a/a/x"
+    );
+    assert_eq!(
+        bytes_of(&json!({"repeat": "j", "times": 51200})).len(),
+        51200
+    );
 }
