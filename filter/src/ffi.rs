@@ -84,6 +84,7 @@ extern "C" {
     ) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+    fn proxy_get_log_level(return_level: *mut u32) -> u32;
     fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
     fn proxy_get_shared_data(
         key_data: *const u8,
@@ -295,6 +296,14 @@ pub fn define_metric(kind: u32, name: &str) -> Result<u32, HostError> {
     // SAFETY: pointers describe live memory for the whole call.
     check(unsafe { proxy_define_metric(kind, name.as_ptr(), name.len(), &mut id) })?;
     Ok(id)
+}
+
+/// The host's log level for this plugin (0 trace .. 5 critical).
+pub fn log_level() -> Result<u32, HostError> {
+    let mut level = 0u32;
+    // SAFETY: `level` is a live u32 for the whole call.
+    check(unsafe { proxy_get_log_level(&mut level) })?;
+    Ok(level)
 }
 
 pub fn set_tick_period_ms(period: u32) -> Result<(), HostError> {

@@ -89,6 +89,13 @@ impl Metrics {
     }
 }
 
+/// Reads the host's log level: audit lines are only built when `info` lines are kept.
+fn refresh_log_level() {
+    if let Ok(level) = ffi::log_level() {
+        LOGS_INFO.with(|l| l.set(level <= ffi::LOG_INFO));
+    }
+}
+
 /// The tick period: expired quota leases go back to shared data on it.
 const LEASE_TICK_MS: u32 = (tenantgate_engine::quota::LEASE_TTL_NS / 1_000_000) as u32;
 
@@ -98,6 +105,9 @@ thread_local! {
     /// The engine this VM loaded last (a reload may come in a new root
     /// context): its leases go back to shared data when it is replaced.
     static CURRENT: std::cell::RefCell<Option<Rc<Loaded>>> = const { std::cell::RefCell::new(None) };
+    /// Whether the host keeps `info` lines (audit lines): read at configure
+    /// time and on every tick, so a request never asks.
+    static LOGS_INFO: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
 }
 
 #[derive(Default)]
@@ -228,12 +238,14 @@ impl RootContext for Root {
             }
         }
         self.loaded = Some(loaded);
+        refresh_log_level();
         // Expired leases go back on a tick (not on the request path).
         let _ = ffi::set_tick_period_ms(LEASE_TICK_MS);
         true
     }
 
     fn on_tick(&mut self) {
+        refresh_log_level();
         if let (Some(loaded), Ok(now)) = (&self.loaded, ffi::now_ns()) {
             if let Err(e) = loaded.engine.return_expired_leases(now, &SharedData) {
                 ffi::log(
@@ -384,7 +396,7 @@ impl Http {
             .metrics
             .count(&decision, tenant.as_ref(), engine.settings().mode);
         let blocks = decision.blocks(engine.settings().mode);
-        let audits = engine.audits(&decision);
+        let audits = engine.audits(&decision) && LOGS_INFO.with(std::cell::Cell::get);
         let decision_id = (blocks || audits).then(|| loaded.ids.next_id());
         if audits {
             let line = engine.audit_line_at(

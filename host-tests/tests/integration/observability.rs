@@ -141,3 +141,32 @@ fn shadow_mode_still_counts_store_errors() {
     expect_continue(&get(&mut vm, "/acme", "alice", "/acme", "/orders"));
     assert_eq!(metric(&host, names::ERRORS), 1);
 }
+
+#[test]
+fn audit_lines_are_not_built_when_the_host_drops_info_lines() {
+    let host = tenantgate_host_tests::Host::builder(wasm())
+        .log_level(tenantgate_host_tests::LogLevel::Warn)
+        .build()
+        .unwrap();
+    let bundle = Tree::standard_with(
+        r#"{ "principal_tenant": { "header": "x-user-tenant" }, "audit": "all" }"#,
+    )
+    .bundle();
+    let mut vm = configured_vm(&host, &bundle);
+    host.reset_calls();
+    get(&mut vm, "/acme", "alice", "/acme", "/orders");
+    get(&mut vm, "/acme", "alice", "/acme", "/admin");
+    assert!(audit_lines(&host).is_empty(), "{}", dump_logs(&host));
+    let calls = host.calls();
+    assert_eq!(calls.get("proxy_log"), None, "{calls:?}");
+    assert_eq!(
+        calls.get("proxy_get_log_level"),
+        None,
+        "read on ticks, not per request"
+    );
+    // Back to info: the next tick notices, and lines come back.
+    host.set_log_level(tenantgate_host_tests::LogLevel::Info);
+    vm.tick().unwrap();
+    get(&mut vm, "/acme", "alice", "/acme", "/admin");
+    assert_eq!(audit_lines(&host).len(), 1);
+}
