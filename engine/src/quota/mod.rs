@@ -105,6 +105,14 @@
 //!   leaves a charge behind, and a VM whose clock lags another's refills
 //!   nothing until it catches up.
 //!
+//! *Worker leases* (the `lease` module) change none of this: a worker charges
+//! a batch through this same admission and spends it locally, so tokens are
+//! always charged before they are spent (no over-admission). The price is
+//! under-admission: at most `W x B` tokens per bucket wait in the leases of
+//! `W` workers (`B` at most a plan's smallest burst / 64, and at most 64;
+//! limits with a burst under 128 are never leased and stay exact), returned
+//! within the lease TTL (100 ms) or on a tick or reload.
+//!
 //! So a subtree admits at most `ceil * window + ceil bucket + the bursts of
 //! its descendants` over any window (`rate * window + burst + ...` at the top
 //! of a chain, which cannot borrow): the *cap* invariant the property tests
