@@ -38,8 +38,12 @@ fn bench(c: &mut Criterion) {
     .iter()
     .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
     .collect();
+    let pairs: Vec<(&str, &[u8])> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_slice()))
+        .collect();
     let input = HttpInput {
-        headers: &headers,
+        headers: &pairs,
         source_address: Some("10.0.0.7:40000"),
         now_ns: NOW,
     };

@@ -169,19 +169,30 @@ pub fn plugin_configuration() -> Result<Vec<u8>, HostError> {
     }
 }
 
-/// All pairs of a header map. Names are lowercase in Envoy; a name that is not
-/// UTF-8 is replaced lossily (names are tokens, so this does not happen).
-pub fn header_pairs(map: u32) -> Result<Vec<(String, Vec<u8>)>, HostError> {
+/// A header map as the host serialized it, kept in one buffer: the pairs
+/// borrow from it (no allocation per header).
+pub struct HeaderMap(Vec<u8>);
+
+/// The serialized pairs of a header map.
+pub fn header_map(map: u32) -> Result<HeaderMap, HostError> {
     let mut data: *mut u8 = null_mut();
     let mut size: usize = 0;
     // SAFETY: out-pointers outlive the call.
     check(unsafe { proxy_get_header_map_pairs(map, &mut data, &mut size) })?;
-    decode_map(&take(data, size)).ok_or(HostError::Status(u32::MAX))
+    Ok(HeaderMap(take(data, size)))
+}
+
+impl HeaderMap {
+    /// The pairs, borrowed; `None` if the serialization is malformed.
+    pub fn pairs(&self) -> Option<Vec<(&str, &[u8])>> {
+        decode_map(&self.0)
+    }
 }
 
 /// Decodes the proxy-wasm map serialization: count, (key len, value len)*,
-/// then each key and value followed by a NUL. `None` if it is malformed.
-pub fn decode_map(bytes: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
+/// then each key and value followed by a NUL. `None` if it is malformed or a
+/// name is not UTF-8 (names are tokens in Envoy).
+pub fn decode_map(bytes: &[u8]) -> Option<Vec<(&str, &[u8])>> {
     if bytes.is_empty() {
         return Some(Vec::new());
     }
@@ -198,11 +209,11 @@ pub fn decode_map(bytes: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
     for n in 0..count {
         let ks = u32_at(4 + n * 8)?;
         let vs = u32_at(8 + n * 8)?;
-        let key = bytes.get(p..p + ks)?;
+        let key = std::str::from_utf8(bytes.get(p..p + ks)?).ok()?;
         p += ks + 1;
         let value = bytes.get(p..p + vs)?;
         p += vs + 1;
-        out.push((String::from_utf8_lossy(key).into_owned(), value.to_vec()));
+        out.push((key, value));
     }
     Some(out)
 }

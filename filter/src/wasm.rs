@@ -316,8 +316,16 @@ impl HttpContext for Http {
         };
         let engine = &loaded.engine;
         let start = ffi::now_ns().unwrap_or(0);
-        let headers = match ffi::header_pairs(ffi::MAP_REQUEST_HEADERS) {
-            Ok(h) => h,
+        let map = ffi::header_map(ffi::MAP_REQUEST_HEADERS);
+        let headers = match map.as_ref().map(ffi::HeaderMap::pairs) {
+            Ok(Some(h)) => h,
+            Ok(None) => {
+                let d = Decision::error(
+                    engine.settings().on_error,
+                    "cannot read request headers: malformed header map",
+                );
+                return self.finish(&loaded, d, None, None, None, start);
+            }
             Err(e) => {
                 let d = Decision::error(
                     engine.settings().on_error,
@@ -363,8 +371,8 @@ impl HttpContext for Http {
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
         // A client may send our headers as trailers (HTTP/2, chunked HTTP/1.1);
         // the upstream must never receive them.
-        if let Ok(trailers) = ffi::header_pairs(ffi::MAP_REQUEST_TRAILERS) {
-            for name in own_headers(&trailers) {
+        if let Ok(map) = ffi::header_map(ffi::MAP_REQUEST_TRAILERS) {
+            for name in own_headers(&map.pairs().unwrap_or_default()) {
                 let _ = ffi::remove_header(ffi::MAP_REQUEST_TRAILERS, name);
             }
         }

@@ -120,8 +120,13 @@ impl Native {
     /// What the filter does per request, minus the host calls.
     fn decide(&mut self) -> bool {
         self.now += self.step_ns;
+        let pairs: Vec<(&str, &[u8])> = self
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .collect();
         let input = HttpInput {
-            headers: &self.headers,
+            headers: &pairs,
             source_address: Some("10.0.0.7:40000"),
             now_ns: self.now,
         };

@@ -39,11 +39,8 @@ pub fn is_own_header(name: &str) -> bool {
 
 /// The names of the client-sent headers (or trailers) the filter removes
 /// before the request goes upstream.
-pub fn own_headers(pairs: &[(String, Vec<u8>)]) -> impl Iterator<Item = &str> {
-    pairs
-        .iter()
-        .map(|(n, _)| n.as_str())
-        .filter(|n| is_own_header(n))
+pub fn own_headers<'a>(pairs: &'a [HeaderPair<'a>]) -> impl Iterator<Item = &'a str> {
+    pairs.iter().map(|(n, _)| *n).filter(|n| is_own_header(n))
 }
 pub const TENANT_HEADER: &str = "x-tenantgate-tenant";
 pub const PRINCIPAL_HEADER: &str = "x-tenantgate-principal";
@@ -52,11 +49,15 @@ pub const MAX_PRINCIPAL_LEN: usize = 512;
 /// The longest tenant value accepted (16 segments of 63 bytes and slashes).
 pub const MAX_TENANT_LEN: usize = 16 * 64;
 
+/// One header as the host gives it: the name (lowercase in Envoy) and the
+/// value's bytes, both borrowed from the host's buffer.
+pub type HeaderPair<'a> = (&'a str, &'a [u8]);
+
 /// What the host gives us about one request.
 pub struct HttpInput<'a> {
     /// Request headers as Envoy holds them (lowercase names, pseudo-headers
     /// `:method`, `:path`, `:authority` included), values as raw bytes.
-    pub headers: &'a [(String, Vec<u8>)],
+    pub headers: &'a [HeaderPair<'a>],
     /// Downstream address (`10.0.0.1:5555`), if known.
     pub source_address: Option<&'a str>,
     pub now_ns: u64,

@@ -72,6 +72,16 @@ pub struct RawRequest {
     pub source_address: Option<String>,
 }
 
+impl RawRequest {
+    /// The headers as the host would hand them over.
+    pub fn pairs(&self) -> Vec<super::HeaderPair<'_>> {
+        self.headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .collect()
+    }
+}
+
 impl MetadataSource for RawRequest {
     /// A string value as its bytes; anything else as JSON text (Envoy hands
     /// non-string values over in an encoding that is no tenant or id either).
@@ -161,8 +171,9 @@ impl Engine {
         now_ns: u64,
     ) -> Result<Result<Mapped, BadRequest>, String> {
         let raw = self.raw_request(spec)?;
+        let pairs = raw.pairs();
         let input = HttpInput {
-            headers: &raw.headers,
+            headers: &pairs,
             source_address: raw.source_address.as_deref(),
             now_ns,
         };

@@ -58,11 +58,17 @@ fn headers(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// Owned pairs as the borrowed view the host hands over.
+fn borrowed(h: &[(String, Vec<u8>)]) -> Vec<HeaderPair<'_>> {
+    h.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect()
+}
+
 fn map(e: &Engine, pairs: &[(&str, &str)]) -> Result<Mapped, BadRequest> {
     let h = headers(pairs);
+    let pairs = borrowed(&h);
     e.map_request(
         &HttpInput {
-            headers: &h,
+            headers: &pairs,
             source_address: Some("10.1.2.3:4567"),
             now_ns: 7_000_000_000,
         },
@@ -76,9 +82,10 @@ fn map_raw(
     h: &[(String, Vec<u8>)],
     meta: &dyn MetadataSource,
 ) -> Result<Mapped, BadRequest> {
+    let pairs = borrowed(h);
     e.map_request(
         &HttpInput {
-            headers: h,
+            headers: &pairs,
             source_address: None,
             now_ns: 0,
         },
@@ -499,7 +506,7 @@ fn own_headers_in_every_spelling_an_upstream_could_fold() {
         ("X-TENANTGATE-TENANT", "/"),
     ]);
     assert_eq!(
-        own_headers(&h).collect::<Vec<_>>(),
+        own_headers(&borrowed(&h)).collect::<Vec<_>>(),
         ["x_tenantgate_principal", "X-TENANTGATE-TENANT"]
     );
 }
