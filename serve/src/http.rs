@@ -65,6 +65,15 @@ async fn decide(
         }
         Err(r) => return error(r.status(), "bad_request", r.body_text()),
     };
+    // Only an object can be a request (and serde's message for anything
+    // else would name a Rust type).
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the body is not a JSON object",
+        );
+    }
     let spec: RequestSpec = match serde_json::from_slice(&body) {
         Ok(s) => s,
         Err(e) => {
