@@ -20,4 +20,5 @@ export TENANTGATE_CLI="$PWD/target/debug/tenantgate"
 [ $# -gt 0 ] || python3 envoy/isolation_test.py  # isolation matrix (envoy/isolation_test.py), full runs only
 [ $# -gt 0 ] || .venv/bin/python envoy/upstream_trust_test.py  # what upstreams may trust, full runs only
 [ $# -gt 0 ] || python3 envoy/differential_test.py  # check vs Envoy on one table of raw requests, full runs only
+[ $# -gt 0 ] || python3 envoy/ext_authz_test.py  # tenantgate serve behind ext_authz vs the filter, full runs only
 exec python3 envoy/e2e_test.py "$@"

@@ -1,6 +1,5 @@
 //! `tenantgate`: the command policy authors and operators use (verbs, flags and exit statuses: docs/reference.md).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -127,6 +126,20 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Serve policy decisions: an HTTP JSON API and, with `--grpc`, Envoy's ext_authz (policies only; SIGHUP reloads).
+    #[command(
+        after_help = "Exit status: 0 after a graceful shutdown (SIGTERM or SIGINT), 1 when it cannot start (the bundle, a listen address)."
+    )]
+    Serve {
+        /// A policy folder or a bundle file; SIGHUP reads it again.
+        source: PathBuf,
+        /// Address of the HTTP JSON API, e.g. `127.0.0.1:8181` (port 0: any free port, logged).
+        #[arg(long, value_name = "IP:PORT")]
+        http: std::net::SocketAddr,
+        /// Address of Envoy's ext_authz gRPC service, e.g. `127.0.0.1:9191`.
+        #[arg(long, value_name = "IP:PORT")]
+        grpc: Option<std::net::SocketAddr>,
+    },
 }
 
 /// A request as `check` and the policy tests describe it: the engine's
@@ -195,6 +208,11 @@ fn run(command: Command) -> Result<ExitCode, String> {
             domain,
         } => limits::run(&source, format, &domain),
         Command::Fmt { dir, check } => fmt::run(&dir, check),
+        Command::Serve { source, http, grpc } => {
+            tenantgate_serve::run_blocking(tenantgate_serve::Config { source, http, grpc })
+                .map(|()| ExitCode::SUCCESS)
+                .map_err(|e| format!("tenantgate serve: error: {e}"))
+        }
     }
 }
 
@@ -428,44 +446,17 @@ fn decide_mapped(
     now: u64,
 ) -> Result<(Decision, Option<Mapped>), String> {
     let store = tenantgate_engine::quota::MemoryStore::new();
-    Ok(match engine.map_spec(spec, now)? {
-        Ok(m) => (engine.decide(&m.request, &store), Some(m)),
-        Err(bad) => (Decision::bad_request(bad.message), None),
-    })
+    engine.check_decision(spec, now, Some(&store))
 }
 
 /// What `check` prints: the decision, and what Envoy would do with the
-/// request: the headers and path the upstream gets, or the reply.
+/// request: the headers and path the upstream gets, or the reply. Quotas are
+/// charged in a fresh in-memory store (a first request).
 pub fn check_output(
     engine: &Engine,
     spec: &RequestSpec,
     now: u64,
 ) -> Result<serde_json::Value, String> {
-    let (decision, mapped) = decide_mapped(engine, spec, now)?;
-    let mut out = serde_json::to_value(&decision).map_err(|e| e.to_string())?;
-    let Some(obj) = out.as_object_mut() else {
-        return Ok(out);
-    };
-    if decision.blocks(engine.settings().mode) {
-        let tenant = mapped.as_ref().map(|m| &m.request.tenant);
-        let request_id = mapped.as_ref().and_then(|m| m.request_id.as_deref());
-        if let Some(r) = engine.reply(&decision, tenant, request_id, None) {
-            obj.insert(
-                "reply".into(),
-                serde_json::json!({
-                    "status": r.status,
-                    "grpc_status": r.grpc_status,
-                    "headers": r.headers.iter().cloned().collect::<BTreeMap<_, _>>(),
-                    "body": serde_json::from_str::<serde_json::Value>(&r.body).unwrap_or_default(),
-                }),
-            );
-        }
-    } else if let Some(m) = &mapped {
-        let headers: BTreeMap<&str, &str> = m.upstream_headers().collect();
-        obj.insert(
-            "upstream".into(),
-            serde_json::json!({ "path": m.forward_path, "headers": headers }),
-        );
-    }
-    Ok(out)
+    let store = tenantgate_engine::quota::MemoryStore::new();
+    engine.check_output(spec, now, Some(&store))
 }

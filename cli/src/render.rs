@@ -8,7 +8,9 @@
 //! - `--ecds FILE`: the same bootstrap with the filter's config discovered
 //!   from FILE (extension config discovery), for reloads without a restart;
 //! - `--discovery-response`: the content of that FILE for this bundle;
-//! - `--istio`: an Istio `WasmPlugin` (`extensions.istio.io/v1alpha1`).
+//! - `--istio`: an Istio `WasmPlugin` (`extensions.istio.io/v1alpha1`);
+//! - `--ext-authz HOST:PORT`: no Wasm filter; Envoy's `ext_authz` filter asks
+//!   `tenantgate serve --grpc` at HOST:PORT (policies only).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -28,6 +30,11 @@ const HTTP_PROTOCOL_OPTIONS_TYPE: &str =
 const STRING_VALUE_TYPE: &str = "type.googleapis.com/google.protobuf.StringValue";
 const TYPED_EXTENSION_CONFIG_TYPE: &str =
     "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
+pub const EXT_AUTHZ_FILTER: &str = "envoy.filters.http.ext_authz";
+const EXT_AUTHZ_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz";
+/// The cluster of `tenantgate serve` with `--ext-authz`.
+pub const AUTHZ_CLUSTER: &str = "tenantgate_authz";
 /// The filter's name in the HTTP filter chain, its plugin name and VM id; the
 /// ECDS resource name.
 pub const FILTER_NAME: &str = "tenantgate";
@@ -68,8 +75,18 @@ pub enum UpstreamProtocol {
 #[derive(Debug, Clone, clap::Args)]
 pub struct Options {
     /// The filter module, as the proxy sees it (`dist/tenantgate.wasm`).
-    #[arg(long, value_name = "PATH")]
-    pub wasm: PathBuf,
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "ext_authz",
+        conflicts_with = "ext_authz"
+    )]
+    pub wasm: Option<PathBuf>,
+    /// Decide with `tenantgate serve --grpc` at HOST:PORT through Envoy's
+    /// `ext_authz` filter instead of loading the Wasm filter (policies only:
+    /// no quotas).
+    #[arg(long = "ext-authz", value_name = "HOST:PORT")]
+    pub ext_authz: Option<String>,
     /// Render an Istio `WasmPlugin` instead of an Envoy bootstrap.
     #[arg(long)]
     pub istio: bool,
@@ -123,8 +140,29 @@ pub struct Options {
     pub discovery_response: bool,
 }
 
+impl Options {
+    /// The module path (`--wasm`; required by clap unless `--ext-authz`).
+    fn wasm_path(&self) -> &Path {
+        self.wasm.as_deref().unwrap_or(Path::new(""))
+    }
+}
+
 /// The rendered document.
 pub fn render(bundle: &Bundle, o: &Options) -> Result<Value, String> {
+    if o.ext_authz.is_some() {
+        for (flag, set) in [
+            ("--istio", o.istio),
+            ("--ecds", o.ecds.is_some()),
+            ("--discovery-response", o.discovery_response),
+            ("--sha256", o.sha256.is_some()),
+        ] {
+            if set {
+                return Err(format!(
+                    "error: `{flag}` configures the Wasm filter; it does not apply with `--ext-authz`"
+                ));
+            }
+        }
+    }
     if o.istio {
         if o.ecds.is_some() || o.discovery_response {
             return Err("error: `--ecds` and `--discovery-response` render Envoy configs; they do not apply with `--istio`".into());
@@ -143,8 +181,9 @@ pub fn render(bundle: &Bundle, o: &Options) -> Result<Value, String> {
     }
     if let Some(want) = &o.sha256 {
         // Envoy loads a local module without a checksum; check it here.
-        let got = file_sha256(&o.wasm)?;
-        check_sha256(want, &got, &o.wasm)?;
+        let wasm = o.wasm_path();
+        let got = file_sha256(wasm)?;
+        check_sha256(want, &got, wasm)?;
     }
     if o.discovery_response {
         return Ok(discovery_response(bundle, o));
@@ -165,7 +204,7 @@ pub fn wasm_filter(bundle: &Bundle, o: &Options) -> Value {
                 // buckets through shared data.
                 "vm_id": FILTER_NAME,
                 "runtime": "envoy.wasm.runtime.v8",
-                "code": { "local": { "filename": o.wasm.display().to_string() } }
+                "code": { "local": { "filename": o.wasm_path().display().to_string() } }
             },
             "configuration": {
                 "@type": STRING_VALUE_TYPE,
@@ -201,9 +240,27 @@ fn bootstrap(bundle: &Bundle, o: &Options) -> Result<Value, String> {
     let admin = socket_address(&o.admin, "--admin")?;
     let (up_host, up_port) = host_port(&o.upstream, "--upstream")?;
     let internal = internal_address_config(&o.internal_cidrs)?;
-    let tenantgate = match &o.ecds {
-        None => json!({ "name": WASM_FILTER, "typed_config": wasm_filter(bundle, o) }),
-        Some(path) => json!({
+    let mut clusters = vec![upstream_cluster(
+        "upstream",
+        cluster_type(&up_host),
+        &up_host,
+        up_port,
+        o.upstream_protocol,
+    )];
+    let tenantgate = match (&o.ext_authz, &o.ecds) {
+        (Some(service), _) => {
+            let (host, port) = host_port(service, "--ext-authz")?;
+            clusters.push(upstream_cluster(
+                AUTHZ_CLUSTER,
+                cluster_type(&host),
+                &host,
+                port,
+                UpstreamProtocol::Http2,
+            ));
+            ext_authz_filter(bundle, o.fail_open)
+        }
+        (None, None) => json!({ "name": WASM_FILTER, "typed_config": wasm_filter(bundle, o) }),
+        (None, Some(path)) => json!({
             "name": FILTER_NAME,
             "config_discovery": {
                 "config_source": {
@@ -213,12 +270,6 @@ fn bootstrap(bundle: &Bundle, o: &Options) -> Result<Value, String> {
                 "type_urls": [WASM_TYPE]
             }
         }),
-    };
-    // A hostname upstream is resolved by DNS; an IP address is used as is.
-    let cluster_type = if up_host.parse::<IpAddr>().is_ok() {
-        "STATIC"
-    } else {
-        "STRICT_DNS"
     };
     Ok(json!({
         // ECDS needs a node id and cluster; harmless otherwise.
@@ -273,19 +324,75 @@ fn bootstrap(bundle: &Bundle, o: &Options) -> Result<Value, String> {
                     }]
                 }]
             }],
-            "clusters": [upstream_cluster(cluster_type, &up_host, up_port, o.upstream_protocol)]
+            "clusters": clusters
         }
     }))
 }
 
-/// The upstream cluster, with the protocol options `--upstream-protocol` asks for.
-fn upstream_cluster(kind: &str, host: &str, port: u16, protocol: UpstreamProtocol) -> Value {
+/// A hostname is resolved by DNS; an IP address is used as is.
+fn cluster_type(host: &str) -> &'static str {
+    if host.parse::<IpAddr>().is_ok() {
+        "STATIC"
+    } else {
+        "STRICT_DNS"
+    }
+}
+
+/// The `ext_authz` HTTP filter asking `tenantgate serve` over gRPC. What
+/// the mapping needs goes along: the raw header bytes (repeated names kept
+/// apart, as the filter sees them) and the dynamic metadata of the filters
+/// the bundle reads identities from. No body, no peer certificate. When the
+/// service cannot answer, the request is refused with 503 (as the filter's
+/// `on_error: deny`), unless `--fail-open`.
+pub fn ext_authz_filter(bundle: &Bundle, fail_open: bool) -> Value {
+    use tenantgate_engine::settings::Source;
+    let s = &bundle.settings;
+    let mut namespaces: Vec<&str> = [
+        Some(&s.tenant),
+        Some(&s.principal),
+        s.principal_tenant.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .filter_map(|src| match src {
+        Source::Metadata(path) => path.first().map(String::as_str),
+        _ => None,
+    })
+    .collect();
+    namespaces.sort_unstable();
+    namespaces.dedup();
+    let mut config = json!({
+        "@type": EXT_AUTHZ_TYPE,
+        "transport_api_version": "V3",
+        "grpc_service": {
+            "envoy_grpc": { "cluster_name": AUTHZ_CLUSTER },
+            "timeout": "0.5s"
+        },
+        "failure_mode_allow": fail_open,
+        "status_on_error": { "code": "ServiceUnavailable" },
+        "encode_raw_headers": true,
+        "include_peer_certificate": false
+    });
+    if let (false, Some(obj)) = (namespaces.is_empty(), config.as_object_mut()) {
+        obj.insert("metadata_context_namespaces".into(), json!(namespaces));
+    }
+    json!({ "name": EXT_AUTHZ_FILTER, "typed_config": config })
+}
+
+/// A cluster to `host:port`, with the protocol options `--upstream-protocol` asks for.
+fn upstream_cluster(
+    name: &str,
+    kind: &str,
+    host: &str,
+    port: u16,
+    protocol: UpstreamProtocol,
+) -> Value {
     let mut cluster = json!({
-                "name": "upstream",
+                "name": name,
                 "type": kind,
                 "connect_timeout": "1s",
                 "load_assignment": {
-                    "cluster_name": "upstream",
+                    "cluster_name": name,
                     "endpoints": [{
                         "lb_endpoints": [{
                             "endpoint": {
@@ -373,14 +480,14 @@ fn host_port(s: &str, flag: &str) -> Result<(String, u16), String> {
 
 /// The Istio `WasmPlugin` (field names of `extensions.istio.io/v1alpha1`).
 fn wasm_plugin(bundle: &Bundle, o: &Options) -> Result<Value, String> {
-    let sha256 = match (&o.sha256, file_sha256(&o.wasm)) {
+    let sha256 = match (&o.sha256, file_sha256(o.wasm_path())) {
         (Some(want), Ok(got)) => {
-            check_sha256(want, &got, &o.wasm)?;
+            check_sha256(want, &got, o.wasm_path())?;
             got
         }
         // The module may only exist where it is served from (`--url`).
         (Some(want), Err(_)) if o.url.is_some() => {
-            check_sha256(want, want, &o.wasm)?;
+            check_sha256(want, want, o.wasm_path())?;
             want.clone()
         }
         (_, Err(e)) => return Err(e),
@@ -388,7 +495,7 @@ fn wasm_plugin(bundle: &Bundle, o: &Options) -> Result<Value, String> {
     };
     let url = match &o.url {
         Some(u) => u.clone(),
-        None => format!("file://{}", absolute(&o.wasm).display()),
+        None => format!("file://{}", absolute(o.wasm_path()).display()),
     };
     let mut labels = BTreeMap::new();
     for kv in &o.selector {
@@ -558,12 +665,61 @@ mod tests {
 
     #[test]
     fn upstream_protocols() {
-        let c = upstream_cluster("STATIC", "127.0.0.1", 80, UpstreamProtocol::Http1);
+        let c = upstream_cluster(
+            "upstream",
+            "STATIC",
+            "127.0.0.1",
+            80,
+            UpstreamProtocol::Http1,
+        );
         assert!(c.get("typed_extension_protocol_options").is_none());
-        let c = upstream_cluster("STATIC", "127.0.0.1", 80, UpstreamProtocol::Http2);
+        let c = upstream_cluster(
+            "upstream",
+            "STATIC",
+            "127.0.0.1",
+            80,
+            UpstreamProtocol::Http2,
+        );
         let o = &c["typed_extension_protocol_options"]
             ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"];
         assert_eq!(o["@type"], HTTP_PROTOCOL_OPTIONS_TYPE);
         assert!(o["explicit_http_config"]["http2_protocol_options"].is_object());
+    }
+
+    #[test]
+    fn ext_authz_passes_raw_headers_and_the_metadata_namespaces() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        let mut bundle = Bundle::from_dir(&dir).unwrap();
+        let f = ext_authz_filter(&bundle, false);
+        assert_eq!(f["name"], EXT_AUTHZ_FILTER);
+        let c = &f["typed_config"];
+        assert_eq!(
+            c["grpc_service"]["envoy_grpc"]["cluster_name"],
+            AUTHZ_CLUSTER
+        );
+        assert_eq!(c["transport_api_version"], "V3");
+        assert_eq!(c["encode_raw_headers"], true);
+        assert_eq!(c["failure_mode_allow"], false);
+        assert_eq!(c["include_peer_certificate"], false);
+        assert!(c.get("with_request_body").is_none());
+        assert!(
+            c.get("metadata_context_namespaces").is_none(),
+            "headers only"
+        );
+        let jwt = |k: &str| {
+            tenantgate_engine::settings::Source::Metadata(vec![
+                "envoy.filters.http.jwt_authn".into(),
+                "payload".into(),
+                k.into(),
+            ])
+        };
+        bundle.settings.tenant = jwt("tenant");
+        bundle.settings.principal = jwt("sub");
+        let f = ext_authz_filter(&bundle, true);
+        assert_eq!(
+            f["typed_config"]["metadata_context_namespaces"],
+            json!(["envoy.filters.http.jwt_authn"])
+        );
+        assert_eq!(f["typed_config"]["failure_mode_allow"], true);
     }
 }

@@ -6,6 +6,7 @@
 //! Envoy and these functions; the rules are in `docs/reference.md`.
 
 mod audit;
+mod check;
 mod claims;
 mod map;
 mod reply;

@@ -1,0 +1,134 @@
+//! The HTTP JSON API:
+//!
+//! - `POST /v1/decide`: a request by its parts (the engine's `RequestSpec`,
+//!   what `tenantgate check` takes), answered 200 with `check`'s JSON
+//!   whatever the decision; 400 for a body that is no such request or a
+//!   request the bundle's settings cannot express; 413 above
+//!   [`MAX_BODY_BYTES`](crate::MAX_BODY_BYTES);
+//! - `GET /v1/bundle`: `{"version", "tenants", "policies"}`;
+//! - `GET /healthz`: `{"status": "ok", "version"}`.
+//!
+//! Every error body is `{"error": ..., "message": ...}`.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State as Extract};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use tenantgate_engine::http::RequestSpec;
+
+use crate::{now_ns, State, MAX_BODY_BYTES};
+
+/// The API's routes over the shared state.
+pub fn router(state: Arc<State>) -> Router {
+    Router::new()
+        .route("/v1/decide", post(decide))
+        .route("/v1/bundle", get(bundle))
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        value.to_string(),
+    )
+        .into_response()
+}
+
+fn error(status: StatusCode, error: &str, message: impl Into<String>) -> Response {
+    json(
+        status,
+        &serde_json::json!({ "error": error, "message": message.into() }),
+    )
+}
+
+async fn decide(
+    Extract(state): Extract<Arc<State>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the body is larger than {MAX_BODY_BYTES} bytes"),
+            )
+        }
+        Err(r) => return error(r.status(), "bad_request", r.body_text()),
+    };
+    // Only an object can be a request (and serde's message for anything
+    // else would name a Rust type).
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the body is not a JSON object",
+        );
+    }
+    let spec: RequestSpec = match serde_json::from_slice(&body) {
+        Ok(s) => s,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("the body is not a request: {e}"),
+            )
+        }
+    };
+    let engine = state.engine();
+    let now = now_ns();
+    let (decision, mapped) = match engine.check_decision(&spec, now, None) {
+        Ok(x) => x,
+        Err(m) => return error(StatusCode::BAD_REQUEST, "bad_request", m),
+    };
+    if engine.audits(&decision) {
+        let tenant = mapped.as_ref().map(|m| &m.request.tenant);
+        let request_id = mapped.as_ref().and_then(|m| m.request_id.as_deref());
+        let id = state.next_id();
+        state.audit(engine.audit_line_at(
+            &decision,
+            mapped.as_ref(),
+            tenant,
+            request_id,
+            Some(&id),
+            now,
+        ));
+    }
+    match engine.outcome_json(&decision, mapped.as_ref()) {
+        Ok(v) => json(StatusCode::OK, &v),
+        Err(m) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", m),
+    }
+}
+
+async fn bundle(Extract(state): Extract<Arc<State>>) -> Response {
+    let engine = state.engine();
+    let tenants: Vec<String> = engine.tenants().iter().map(|t| t.to_string()).collect();
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "version": engine.version(),
+            "tenants": tenants,
+            "policies": engine.policy_count(),
+        }),
+    )
+}
+
+async fn healthz(Extract(state): Extract<Arc<State>>) -> Response {
+    json(
+        StatusCode::OK,
+        &serde_json::json!({ "status": "ok", "version": state.engine().version() }),
+    )
+}
+
+async fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
