@@ -23,10 +23,10 @@ const NAMES: [&str; 8] = [":method", ":path", "x-tenant", "x-user", "x-user-tena
 fuzz_target!(|data: &[u8]| {
     let (engine, store) = engine();
     // Split the input on 0xff into header values, cycling through the names.
-    let headers: Vec<(String, Vec<u8>)> = data
+    let headers: Vec<(&str, &[u8])> = data
         .split(|b| *b == 0xff)
         .enumerate()
-        .map(|(i, v)| (NAMES[i % NAMES.len()].to_string(), v.to_vec()))
+        .map(|(i, v)| (NAMES[i % NAMES.len()], v))
         .collect();
     let input = HttpInput { headers: &headers, source_address: Some("10.0.0.1:1234"), now_ns: 1_795_707_000_000_000_000 };
     let (decision, tenant, rid) = match engine.map_request(&input, &NoMetadata) {
