@@ -25,7 +25,9 @@ promtool check rules "$obs/tenantgate.rules.yml"
 [ -f dist/tenantgate.wasm ] || scripts/build-wasm.sh >&2
 if [ -z "${TENANTGATE_CLI:-}" ]; then
   cargo build -q -p tenantgate-cli
-  export TENANTGATE_CLI="$PWD/target/debug/tenantgate"
+  target="${CARGO_TARGET_DIR:-target}"
+  case "$target" in /*) ;; *) target="$PWD/$target" ;; esac
+  export TENANTGATE_CLI="$target/debug/tenantgate"
 fi
 scripts/install-envoy.sh
 exec python3 envoy/observability_test.py "$@"
