@@ -279,27 +279,33 @@ class Responses(EnvoyCase):
         self.assertTrue(wait_for(lambda: version in self.envoy.log(), 5), "bundle version not in Envoy's log")
 
     def test_metrics_at_admin_stats_and_prometheus(self):
-        names = ["allowed", "denied_policy", "bad_request", "tenant.acme.eu.allowed", "tenant.acme.eu.denied"]
-        before = {n: self.envoy.counter(f"wasmcustom.tenantgate.{n}") for n in names}
+        eu = "tenant=.=/acme/eu;.;parent=.=/acme;.;"
+        names = ["allowed", "denied_policy", "bad_request", f"{eu}tenantgate.tenant.allowed",
+                 f"{eu}reason=.=policy;.;tenantgate.tenant.refused"]
+        names = [n if n.startswith("tenant=") else f"tenantgate.{n}" for n in names]
+        before = {n: self.envoy.counter(f"wasmcustom.{n}") for n in names}
         self.assertEqual(self.req("GET", "/orders/1", who("alice", "/acme/eu", "/acme/eu")).status, 200)
         self.assertEqual(self.req("GET", "/orders/2", who("alice", "/acme/eu", "/acme/eu")).status, 200)
         self.assertEqual(self.req("GET", "/orders/1", who("carol", "/acme", "/acme/eu")).status, 403)
         self.assertEqual(self.req("GET", "/orders%2F1", who("alice", "/acme/eu", "/acme/eu")).status, 400)
-        after = {n: self.envoy.counter(f"wasmcustom.tenantgate.{n}") for n in names}
+        after = {n: self.envoy.counter(f"wasmcustom.{n}") for n in names}
         delta = {n: after[n] - before[n] for n in names}
-        self.assertEqual(delta["allowed"], 2, delta)
-        self.assertEqual(delta["denied_policy"], 1, delta)
-        self.assertEqual(delta["bad_request"], 1, delta)
-        self.assertEqual(delta["tenant.acme.eu.allowed"], 2, delta)
-        self.assertGreaterEqual(delta["tenant.acme.eu.denied"], 1, delta)
-        stats = self.envoy.stats("wasmcustom.tenantgate")
-        for n in ("denied_quota", "shadow_denied", "errors", "tenant._root.allowed", "tenant.globex.labs.denied"):
-            self.assertIn(f"wasmcustom.tenantgate.{n}", stats)
+        self.assertEqual(delta["tenantgate.allowed"], 2, delta)
+        self.assertEqual(delta["tenantgate.denied_policy"], 1, delta)
+        self.assertEqual(delta["tenantgate.bad_request"], 1, delta)
+        self.assertEqual(delta[names[3]], 2, delta)
+        self.assertEqual(delta[names[4]], 1, delta)
+        stats = self.envoy.stats("wasmcustom")
+        for n in ("tenantgate.denied_quota", "tenantgate.shadow_denied", "tenantgate.errors",
+                  "tenant=.=/;.;tenantgate.tenant.allowed",
+                  "tenant=.=/globex/labs;.;parent=.=/globex;.;reason=.=quota;.;tenantgate.tenant.refused",
+                  "tenant=.=/globex/labs;.;parent=.=/globex;.;limit=.=rps;.;tenantgate.limit.rate"):
+            self.assertIn(f"wasmcustom.{n}", stats)
         prom = self.envoy.prometheus()
         m = re.search(r"^tenantgate_allowed(?:\{[^}]*\})? (\d+)", prom, re.M)
         self.assertIsNotNone(m, "tenantgate_allowed not at /stats/prometheus")
         self.assertGreaterEqual(int(m.group(1)), 2)
-        self.assertRegex(prom, r"(?m)^tenantgate_tenant_acme_eu_allowed(\{[^}]*\})? \d+")
+        self.assertRegex(prom, r'(?m)^tenantgate_tenant_allowed\{tenant="/acme/eu",parent="/acme"\} [1-9]')
         # histograms reach the admin output at the stats flush (5 s by default)
         hist = wait_for(lambda: re.search(r"(?m)^tenantgate_decision_us_count(\{[^}]*\})? [1-9]",
                                           self.envoy.prometheus()), timeout=12, interval=0.5)
@@ -427,13 +433,14 @@ class JwtIdentity(EnvoyCase):
         self.assertEqual(self.envoy.counter("wasmcustom.tenantgate.allowed"), allowed)
 
     def test_prometheus_tenant_label(self):
-        # envoy-jwt.yaml's stats_tags turn the tenant segments into a label
+        # envoy-jwt.yaml's stats_tags turn the tenant tags into labels
         self.upstream_saw(self.req("GET", "/orders/1", self.bearer({"sub": "dave", "tenant": "/acme/us"})))
         prom = self.envoy.prometheus()
-        m = re.search(r'(?m)^tenantgate_tenant_allowed\{tenant="acme\.us"\} (\d+)', prom)
+        m = re.search(r'(?m)^tenantgate_tenant_allowed\{tenant="/acme/us",parent="/acme"\} (\d+)', prom)
         self.assertIsNotNone(m, [ln for ln in prom.splitlines() if "tenantgate_tenant" in ln][:10])
         self.assertGreaterEqual(int(m.group(1)), 1)
-        self.assertGreaterEqual(self.envoy.counter("wasmcustom.tenantgate.tenant.acme.us.allowed"), 1)
+        self.assertGreaterEqual(
+            self.envoy.counter("wasmcustom.tenant=.=/acme/us;.;parent=.=/acme;.;tenantgate.tenant.allowed"), 1)
 
     def test_token_without_tenant_claim_is_400(self):
         r = self.req("GET", "/orders/1", dict(self.bearer({"sub": "carol"}), **{"x-tenant": "/acme"}))

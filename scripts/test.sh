@@ -23,4 +23,7 @@ if [ -x scripts/test-envoy.sh ]; then
   echo "== end-to-end tests in real Envoy"
   ./scripts/test-envoy.sh
 fi
+
+echo "== observability: promtool checks and rule tests, Envoy + Prometheus live test"
+./scripts/test-observability.sh
 echo "== all tests passed"

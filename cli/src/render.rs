@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
+use tenantgate_engine::metrics::names;
 use tenantgate_engine::Bundle;
 
 pub const WASM_FILTER: &str = "envoy.filters.http.wasm";
@@ -275,6 +276,7 @@ fn bootstrap(bundle: &Bundle, o: &Options) -> Result<Value, String> {
         // ECDS needs a node id and cluster; harmless otherwise.
         "node": { "id": FILTER_NAME, "cluster": FILTER_NAME },
         "admin": { "address": admin },
+        "stats_config": stats_config(),
         "static_resources": {
             "listeners": [{
                 "name": "ingress",
@@ -327,6 +329,33 @@ fn bootstrap(bundle: &Bundle, o: &Options) -> Result<Value, String> {
             "clusters": clusters
         }
     }))
+}
+
+/// The filter's per-tenant and per-limit series carry their labels in the
+/// stat name (`tenant=.=/acme/eu;.;limit=.=rps;.;tenantgate.limit.admitted`);
+/// these tags make them Prometheus labels at `/stats/prometheus`
+/// (`tenantgate_limit_admitted{tenant="/acme/eu",limit="rps"}`). Envoy's
+/// default tags stay on.
+pub fn stats_config() -> Value {
+    let tags: Vec<Value> = names::TAGS
+        .iter()
+        .map(|t| json!({ "tag_name": t, "regex": names::tag_regex(t) }))
+        .collect();
+    json!({ "stats_tags": tags })
+}
+
+/// What the workload's proxy needs for the filter's labelled series in
+/// Istio: the value of the pod annotation `proxy.istio.io/config` (or the
+/// mesh's `defaultConfig`). Both are read when the proxy starts (its
+/// bootstrap), so pods restart to pick them up; a `WasmPlugin` cannot set
+/// them. `extraStatTags` makes Istio render the same regexes as
+/// [`stats_config`]; the inclusion regex keeps the filter's series, which
+/// Istio's default stats matcher would drop.
+pub fn istio_proxy_config() -> Value {
+    json!({
+        "proxyStatsMatcher": { "inclusionRegexps": [r".*tenantgate\..*"] },
+        "extraStatTags": names::TAGS,
+    })
 }
 
 /// A hostname is resolved by DNS; an IP address is used as is.
@@ -520,7 +549,12 @@ fn wasm_plugin(bundle: &Bundle, o: &Options) -> Result<Value, String> {
     }
     metadata.insert(
         "annotations".into(),
-        json!({ "tenantgate/bundle-version": bundle.version }),
+        json!({
+            "tenantgate/bundle-version": bundle.version,
+            // To copy into the workload's pod template as
+            // `proxy.istio.io/config`: see `istio_proxy_config`.
+            "tenantgate/proxy-config": istio_proxy_config().to_string(),
+        }),
     );
     let mut spec = Map::new();
     if !labels.is_empty() {
@@ -640,6 +674,26 @@ mod tests {
         assert!(host_port("10000", "x").is_err());
         assert!(host_port("a:0", "x").is_err());
         assert!(socket_address("backend:8080", "--listen").is_err());
+    }
+
+    #[test]
+    fn stats_tags_match_the_filter_names() {
+        let tags = stats_config()["stats_tags"].clone();
+        assert_eq!(
+            tags[0],
+            json!({ "tag_name": "tenant", "regex": "(tenant=\\.=(.*?);\\.;)" })
+        );
+        let names: Vec<&str> = tags
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["tag_name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["tenant", "parent", "limit", "reason", "bundle"]);
+        assert_eq!(
+            istio_proxy_config()["extraStatTags"],
+            json!(["tenant", "parent", "limit", "reason", "bundle"])
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod diag;
 mod engine;
 mod entities;
 pub mod http;
+pub mod metrics;
 pub mod path;
 pub mod quota;
 pub mod request;

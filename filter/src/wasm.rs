@@ -1,14 +1,14 @@
 //! Root and HTTP contexts: bytes in from Envoy, engine calls, bytes out.
 
-use std::collections::HashMap;
 use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
-use tenantgate_engine::decision::{Counter, TenantCounter};
+use tenantgate_engine::decision::Counter;
 use tenantgate_engine::http::{
     own_headers, DecisionIds, HttpInput, LocalReply, Mapped, MetadataSource,
 };
+use tenantgate_engine::metrics::{Layout, MetricKind, MetricRef, Tally, Update};
 use tenantgate_engine::quota::{BucketStore, StoreError};
 use tenantgate_engine::settings::Mode;
 use tenantgate_engine::{Bundle, Decision, Engine, TenantPath};
@@ -28,8 +28,8 @@ proxy_wasm::main! {{
     });
 }}
 
-/// Counters and the decision-time histogram, defined at configure time.
-#[derive(Default)]
+/// Counters and the decision-time histogram, defined at configure time;
+/// the per-tenant and per-limit series of the engine's metrics layout.
 struct Metrics {
     allowed: u32,
     denied_policy: u32,
@@ -38,15 +38,32 @@ struct Metrics {
     shadow_denied: u32,
     errors: u32,
     decision_us: u32,
-    /// Per tenant: (allowed, denied).
-    tenants: HashMap<TenantPath, (u32, u32)>,
+    layout: Layout,
+    /// Host ids of `layout.defs`, aligned with it.
+    ids: Vec<u32>,
 }
 
 impl Metrics {
     fn define(engine: &Engine) -> Metrics {
         let counter =
             |name: &str| ffi::define_metric(ffi::METRIC_COUNTER, name).unwrap_or(u32::MAX);
-        let mut m = Metrics {
+        let layout = Layout::new(engine);
+        let ids = layout
+            .defs
+            .iter()
+            .map(|d| {
+                let kind = match d.kind {
+                    MetricKind::Counter => ffi::METRIC_COUNTER,
+                    MetricKind::Gauge => ffi::METRIC_GAUGE,
+                };
+                let id = ffi::define_metric(kind, &d.name).unwrap_or(u32::MAX);
+                if let Some(v) = d.initial {
+                    ffi::record_metric(id, v);
+                }
+                id
+            })
+            .collect();
+        Metrics {
             allowed: counter(names::ALLOWED),
             denied_policy: counter(names::DENIED_POLICY),
             denied_quota: counter(names::DENIED_QUOTA),
@@ -55,27 +72,28 @@ impl Metrics {
             errors: counter(names::ERRORS),
             decision_us: ffi::define_metric(ffi::METRIC_HISTOGRAM, names::DECISION_US)
                 .unwrap_or(u32::MAX),
-            tenants: HashMap::new(),
-        };
-        for t in engine.tenants() {
-            let ids = (
-                counter(&names::tenant(t, "allowed")),
-                counter(&names::tenant(t, "denied")),
-            );
-            m.tenants.insert(t.clone(), ids);
+            layout,
+            ids,
         }
-        m
     }
 
-    /// One decision's counters. In shadow mode a would-be denial counts only
-    /// in `shadow_denied` (and the tenant's `denied`), since nothing was denied.
-    fn count(&self, decision: &Decision, tenant: Option<&TenantPath>, mode: Mode) {
-        if let Some((allowed, denied)) = tenant.and_then(|t| self.tenants.get(t)) {
-            let id = match decision.tenant_counter() {
-                TenantCounter::Allowed => *allowed,
-                TenantCounter::Denied => *denied,
-            };
-            ffi::increment_metric(id, 1);
+    fn id(&self, r: MetricRef) -> u32 {
+        self.ids.get(r).copied().unwrap_or(u32::MAX)
+    }
+
+    /// One decision's counters: two host calls (the outcome and the
+    /// tenant's); the per-limit counts wait in `tally` for the tick. In
+    /// shadow mode a would-be denial counts only in `shadow_denied` (and
+    /// the tenant's refusals), since nothing was denied.
+    fn count(
+        &self,
+        tally: &mut Tally,
+        decision: &Decision,
+        tenant: Option<&TenantPath>,
+        mode: Mode,
+    ) {
+        if let Some(r) = self.layout.record(tally, tenant, decision) {
+            ffi::increment_metric(self.id(r), 1);
         }
         let id = match decision.counter(mode) {
             Counter::Allowed => self.allowed,
@@ -86,6 +104,19 @@ impl Metrics {
             Counter::Error => self.errors,
         };
         ffi::increment_metric(id, 1);
+    }
+
+    /// Sends what `tally` holds (on the tick, and before a reload).
+    fn flush(&self, tally: &mut Tally, engine: &Engine) {
+        let now = ffi::now_ns().unwrap_or(0);
+        for u in self.layout.flush(tally, engine, now, &SharedData) {
+            match u {
+                Update::Add(r, n) => {
+                    ffi::increment_metric(self.id(r), i64::try_from(n).unwrap_or(i64::MAX))
+                }
+                Update::Set(r, v) => ffi::record_metric(self.id(r), v),
+            }
+        }
     }
 }
 
@@ -119,6 +150,8 @@ struct Root {
 struct Loaded {
     engine: Engine,
     metrics: Metrics,
+    /// This VM's per-limit counts since the last tick.
+    tally: std::cell::RefCell<Tally>,
     /// Requests seen by this VM with this bundle (for sampling the histogram).
     requests: std::cell::Cell<u64>,
     /// Ids of this VM's decisions (in replies and audit lines).
@@ -197,6 +230,8 @@ impl RootContext for Root {
         if let Ok(id) = ffi::define_metric(ffi::METRIC_COUNTER, names::CONFIG_LOADED) {
             ffi::increment_metric(id, 1);
         }
+        // Defined before any rejection, so an alert sees it go from 0 to 1.
+        let _ = ffi::define_metric(ffi::METRIC_COUNTER, names::CONFIG_REJECTED);
         if let Ok(id) = ffi::define_metric(ffi::METRIC_GAUGE, names::BUNDLE_VERSION) {
             ffi::record_metric(id, names::bundle_version_value(engine.version()));
         }
@@ -205,12 +240,19 @@ impl RootContext for Root {
         // in force here.
         let previous = LAST_VERSION.with(|v| v.replace(Some(engine.version().to_string())));
         if let Some(previous) = previous.filter(|p| p != engine.version()) {
-            if let Ok(id) = ffi::define_metric(ffi::METRIC_GAUGE, &names::bundle(&previous)) {
-                ffi::record_metric(id, 0);
+            for name in [names::bundle(&previous), names::bundle_active(&previous)] {
+                if let Ok(id) = ffi::define_metric(ffi::METRIC_GAUGE, &name) {
+                    ffi::record_metric(id, 0);
+                }
             }
         }
-        if let Ok(id) = ffi::define_metric(ffi::METRIC_GAUGE, &names::bundle(engine.version())) {
-            ffi::record_metric(id, 1);
+        for name in [
+            names::bundle(engine.version()),
+            names::bundle_active(engine.version()),
+        ] {
+            if let Ok(id) = ffi::define_metric(ffi::METRIC_GAUGE, &name) {
+                ffi::record_metric(id, 1);
+            }
         }
         ffi::log(
             ffi::LOG_INFO,
@@ -222,14 +264,30 @@ impl RootContext for Root {
                 engine.settings().mode
             ),
         );
+        let tally = std::cell::RefCell::new(metrics.layout.tally());
         let loaded = Rc::new(Loaded {
             engine,
             metrics,
+            tally,
             requests: std::cell::Cell::new(0),
             ids: DecisionIds::new(id_seed(self.context_id)),
         });
         let previous = CURRENT.with(|c| c.replace(Some(Rc::clone(&loaded))));
         if let Some(previous) = previous {
+            // Its last counts, then zero the gauges of series it had and
+            // this bundle has not (removed tenants and limits).
+            if let Ok(mut tally) = previous.tally.try_borrow_mut() {
+                previous.metrics.flush(&mut tally, &previous.engine);
+            }
+            for name in loaded
+                .metrics
+                .layout
+                .removed_gauges(&previous.metrics.layout)
+            {
+                if let Ok(id) = ffi::define_metric(ffi::METRIC_GAUGE, name) {
+                    ffi::record_metric(id, 0);
+                }
+            }
             if let Err(e) = previous.engine.return_all_leases(&SharedData) {
                 ffi::log(
                     ffi::LOG_ERROR,
@@ -252,6 +310,11 @@ impl RootContext for Root {
                     ffi::LOG_ERROR,
                     &format!("tenantgate: cannot return expired quota leases: {e}"),
                 );
+            }
+        }
+        if let Some(loaded) = &self.loaded {
+            if let Ok(mut tally) = loaded.tally.try_borrow_mut() {
+                loaded.metrics.flush(&mut tally, &loaded.engine);
             }
         }
     }
@@ -400,9 +463,14 @@ impl Http {
         start: u64,
     ) -> Action {
         let engine = &loaded.engine;
-        loaded
-            .metrics
-            .count(&decision, tenant.as_ref(), engine.settings().mode);
+        if let Ok(mut tally) = loaded.tally.try_borrow_mut() {
+            loaded.metrics.count(
+                &mut tally,
+                &decision,
+                tenant.as_ref(),
+                engine.settings().mode,
+            );
+        }
         let blocks = decision.blocks(engine.settings().mode);
         let audits = engine.audits(&decision) && LOGS_INFO.with(std::cell::Cell::get);
         let decision_id = (blocks || audits).then(|| loaded.ids.next_id());

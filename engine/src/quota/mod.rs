@@ -125,6 +125,7 @@ mod bucket;
 mod clock;
 pub mod fleet;
 mod lease;
+mod series;
 mod spec;
 mod store;
 

@@ -81,6 +81,12 @@ fn calls_per_request_stay_within_the_budget() {
     let mut results = Vec::new();
     // Allowed, tokens already leased by this worker.
     let c = calls_of(&host, || expect_continue(&alice(&mut vm)));
+    // The per-tenant and per-limit series cost no more than the two counters
+    // of before (the outcome and the tenant's): the per-limit counts and the
+    // remaining tokens wait in the VM for the tick.
+    assert_eq!(c.get("proxy_increment_metric"), Some(&2), "{c:?}");
+    assert_eq!(c.get("proxy_record_metric"), None, "{c:?}");
+    assert_eq!(c.get("proxy_define_metric"), None, "{c:?}");
     results.push(scenario(
         "allowed, warm lease",
         c,

@@ -16,13 +16,15 @@ fn shadow_mode_decides_logs_and_counts_but_never_blocks() {
     let resp = vm.request().header("x-user", "alice").send().unwrap();
     expect_continue(&resp);
     // Nothing was denied: would-be denials count in `shadow_denied` only
-    // (and in the tenant's `denied`).
+    // (and in the tenant's refusals, by reason).
     assert_eq!(metric(&host, names::SHADOW_DENIED), 4);
     assert_eq!(metric(&host, names::ALLOWED), 10);
     assert_eq!(metric(&host, names::DENIED_POLICY), 0);
     assert_eq!(metric(&host, names::DENIED_QUOTA), 0);
     assert_eq!(metric(&host, names::BAD_REQUEST), 0);
-    assert_eq!(tenant_metric(&host, "/acme", "denied"), 3);
+    assert_eq!(tenant_refused_all(&host, "/acme"), 3);
+    assert_eq!(tenant_refused(&host, "/acme", "policy"), 1);
+    assert_eq!(tenant_refused(&host, "/acme", "quota"), 2);
     let audit = audit_lines(&host);
     let denies: Vec<_> = audit.iter().filter(|a| a["decision"] == "deny").collect();
     assert_eq!(denies.len(), 4, "{audit:?}");
@@ -103,8 +105,10 @@ fn metrics_count_every_outcome_and_tenant() {
     assert_eq!(metric(&host, names::BAD_REQUEST), 1);
     assert_eq!(metric(&host, names::ERRORS), 0);
     assert_eq!(tenant_metric(&host, "/acme", "allowed"), 10);
-    assert_eq!(tenant_metric(&host, "/acme", "denied"), 1);
-    assert_eq!(tenant_metric(&host, "/acme/eu", "denied"), 1);
+    assert_eq!(tenant_refused(&host, "/acme", "quota"), 1);
+    assert_eq!(tenant_refused_all(&host, "/acme"), 1);
+    assert_eq!(tenant_refused(&host, "/acme/eu", "policy"), 1);
+    assert_eq!(tenant_refused_all(&host, "/acme/eu"), 1);
     // Per-tenant counters exist for every tenant of the bundle, from the start.
     for t in ["/", "/globex/a", "/t8"] {
         let t = tenantgate_engine::TenantPath::parse(t).unwrap();
@@ -169,4 +173,117 @@ fn audit_lines_are_not_built_when_the_host_drops_info_lines() {
     vm.tick().unwrap();
     get(&mut vm, "/acme", "alice", "/acme", "/admin");
     assert_eq!(audit_lines(&host).len(), 1);
+}
+
+/// Per-limit series: the configured limits as gauges from the start; the
+/// counts added up in the VM and sent on the tick; the remaining tokens read
+/// back from the buckets.
+#[test]
+fn limit_metrics_are_flushed_on_the_tick() {
+    let (host, mut vm) = gate(&Tree::standard());
+    // Configured values, labelled by the node that declares the limit.
+    assert_eq!(limit_metric(&host, "/acme", "rps", "rate"), 10);
+    assert_eq!(limit_metric(&host, "/acme", "rps", "ceil"), 10);
+    assert_eq!(limit_metric(&host, "/acme", "rps", "burst"), 10);
+    assert_eq!(limit_metric(&host, "/acme", "rps", "window_seconds"), 1);
+    assert_eq!(limit_metric(&host, "/globex/a", "rps", "ceil"), 40);
+    assert_eq!(limit_metric(&host, "/", "rps", "rate"), 1000);
+    // 14 buckets: /, /acme, /globex, /globex/a, /globex/b, /hammer, /t1../t8.
+    assert_eq!(metric(&host, names::SHARED_DATA_KEYS), 14);
+    // /acme admits 10 (burst 10, no borrowing: ceil = rate); the 11th is refused.
+    for _ in 0..10 {
+        expect_continue(&get(&mut vm, "/acme", "alice", "/acme", "/orders"));
+    }
+    expect_reply(&get(&mut vm, "/acme", "alice", "/acme", "/orders"), 429);
+    // /acme/eu declares no limit: its requests count in /acme's series.
+    expect_reply(&get(&mut vm, "/acme/eu", "alice", "/acme", "/orders"), 429);
+    // Nothing per limit before the tick: no host call was spent on it.
+    assert_eq!(limit_metric(&host, "/acme", "rps", "admitted"), 0);
+    assert_eq!(tenant_metric(&host, "/acme", "allowed"), 10);
+    vm.tick().unwrap();
+    assert_eq!(limit_metric(&host, "/acme", "rps", "admitted"), 10);
+    assert_eq!(limit_metric(&host, "/acme", "rps", "charged"), 10);
+    assert_eq!(limit_metric(&host, "/acme", "rps", "refused"), 2);
+    assert_eq!(limit_metric(&host, "/acme", "rps", "borrowed"), 0);
+    // Below 0.2 of the burst (2 tokens) after the charge: remaining 1 and 0.
+    assert_eq!(limit_metric(&host, "/acme", "rps", "near_limit"), 2);
+    assert_eq!(limit_metric(&host, "/acme", "rps", "remaining"), 0);
+    assert_eq!(tenant_refused(&host, "/acme/eu", "quota"), 1);
+    // A second tick sends nothing twice.
+    vm.tick().unwrap();
+    assert_eq!(limit_metric(&host, "/acme", "rps", "admitted"), 10);
+    // After a second the bucket is full again, and the gauge says so.
+    host.clock().advance(std::time::Duration::from_secs(1));
+    vm.tick().unwrap();
+    assert_eq!(limit_metric(&host, "/acme", "rps", "remaining"), 10);
+    // /globex/a (rate 10, ceil 40) borrows from /globex beyond its 10;
+    // POST costs 2 tokens.
+    for _ in 0..15 {
+        expect_continue(&get(&mut vm, "/globex/a", "gus", "/globex/a", "/x"));
+    }
+    let post = vm
+        .request()
+        .method("POST")
+        .header("x-tenant", "/globex/a")
+        .header("x-user", "gus")
+        .header("x-user-tenant", "/globex/a")
+        .path("/x")
+        .send()
+        .unwrap();
+    expect_continue(&post);
+    vm.tick().unwrap();
+    assert_eq!(limit_metric(&host, "/globex/a", "rps", "admitted"), 16);
+    assert_eq!(limit_metric(&host, "/globex/a", "rps", "charged"), 17);
+    assert_eq!(limit_metric(&host, "/globex/a", "rps", "borrowed"), 6);
+    assert_eq!(limit_metric(&host, "/globex", "rps", "admitted"), 0);
+    // The root lends too: 1000 - 17 left under /globex/a's ceil of 40.
+    assert_eq!(
+        limit_metric(&host, "/globex/a", "rps", "remaining"),
+        40 - 17
+    );
+}
+
+/// A reload zeroes the gauges of the limits and tenants it removed, and
+/// sets the changed ones.
+#[test]
+fn a_reload_zeroes_the_gauges_of_removed_limits() {
+    let (host, mut vm) = gate(&Tree::standard());
+    assert_eq!(limit_metric(&host, "/t8", "rps", "rate"), 50);
+    let changed = Tree::standard().tenant("/t8", "{}").tenant(
+        "/acme",
+        r#"{ "limits": { "rps": { "rate": 5, "burst": 6, "ceil": 8 } } }"#,
+    );
+    assert!(vm.reload(changed.bundle()).unwrap(), "{}", dump_logs(&host));
+    for what in ["rate", "ceil", "burst", "window_seconds", "remaining"] {
+        assert_eq!(limit_metric(&host, "/t8", "rps", what), 0, "{what}");
+    }
+    assert_eq!(limit_metric(&host, "/acme", "rps", "rate"), 5);
+    assert_eq!(limit_metric(&host, "/acme", "rps", "ceil"), 8);
+    assert_eq!(limit_metric(&host, "/acme", "rps", "burst"), 6);
+    assert_eq!(limit_metric(&host, "/acme", "rps", "window_seconds"), 1);
+    assert_eq!(metric(&host, names::SHARED_DATA_KEYS), 13);
+}
+
+/// Lease refills are counted per process, on the tick.
+#[test]
+fn lease_refills_are_counted() {
+    let (host, mut vm) = gate(&Tree::standard());
+    assert_eq!(metric(&host, names::LEASE_REFILLS), 0);
+    // A root limit with a burst of 100000 is leased (batches up to 64).
+    let tree = Tree::empty()
+        .settings(r#"{ "principal_tenant": { "header": "x-user-tenant" } }"#)
+        .tenant(
+            "/",
+            r#"{ "limits": { "rps": { "rate": 100000, "burst": 100000 } } }"#,
+        )
+        .policy("/", "p.cedar", "permit (principal, action, resource);");
+    assert!(vm.reload(tree.bundle()).unwrap(), "{}", dump_logs(&host));
+    for _ in 0..10 {
+        expect_continue(&get(&mut vm, "/", "u", "/", "/x"));
+    }
+    vm.tick().unwrap();
+    // Batches of 1, then 2, then 4 (each doubles when used up before it
+    // expires; the clock stands still): request 1 charges 1 + 1, request 3
+    // charges 1 + 2, request 6 charges 1 + 4, which last to request 10.
+    assert_eq!(metric(&host, names::LEASE_REFILLS), 3);
 }

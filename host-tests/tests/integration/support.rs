@@ -244,3 +244,23 @@ pub fn tenant_metric(host: &Host, tenant: &str, what: &str) -> u64 {
     let t = tenantgate_engine::TenantPath::parse(tenant).unwrap();
     metric(host, &names::tenant(&t, what))
 }
+
+/// A tenant's refusals for one reason (`policy`, `quota`, `bad_request`, `error`).
+pub fn tenant_refused(host: &Host, tenant: &str, reason: &str) -> u64 {
+    let t = tenantgate_engine::TenantPath::parse(tenant).unwrap();
+    metric(host, &names::tenant_refused(&t, reason))
+}
+
+/// A tenant's refusals, all reasons.
+pub fn tenant_refused_all(host: &Host, tenant: &str) -> u64 {
+    names::REASONS
+        .iter()
+        .map(|r| tenant_refused(host, tenant, r))
+        .sum()
+}
+
+/// A per-limit series of the node that declares the limit.
+pub fn limit_metric(host: &Host, tenant: &str, limit: &str, what: &str) -> u64 {
+    let t = tenantgate_engine::TenantPath::parse(tenant).unwrap();
+    metric(host, &names::limit(&t, limit, what))
+}
