@@ -136,6 +136,7 @@ fn the_operators_guide_runs_as_written() {
         "bundle refused",
         "-> allow 200 [globex-write] (test expects allow: passes under new)",
         "tenantgate_bundle_version{}",
+        "tenantgate_tenant_refused{tenant=\"/acme\",",
         "\"kind\": \"WasmPlugin\"",
         "\"phase\": \"AUTHZ\"",
     ] {
