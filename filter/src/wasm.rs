@@ -401,34 +401,38 @@ impl HttpContext for Http {
             let _ = ffi::remove_header(ffi::MAP_REQUEST_HEADERS, name);
         }
         let source = if engine.uses_source_ip() {
-            ffi::property(&["source", "address"])
-                .ok()
-                .flatten()
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
+            ffi::property(&["source", "address"]).ok().flatten()
         } else {
             None
         };
         let input = HttpInput {
             headers: &headers,
-            source_address: source.as_deref(),
+            source_address: source.as_deref().and_then(|b| std::str::from_utf8(b).ok()),
             now_ns: start,
         };
-        let (decision, mapped, tenant, request_id) = match engine.map_request(&input, &HostMetadata)
-        {
+        match engine.map_request(&input, &HostMetadata) {
             Ok(m) => {
                 let decision = engine.decide(&m.request, &SharedData);
-                let tenant = Some(m.request.tenant.clone());
-                let request_id = m.request_id.clone();
-                (decision, Some(m), tenant, request_id)
+                let (tenant, request_id) = (Some(&m.request.tenant), m.request_id.as_deref());
+                self.finish(&loaded, decision, Some(&m), tenant, request_id, start)
             }
-            Err(bad) => (
-                Decision::bad_request(bad.message),
-                None,
-                bad.tenant,
-                bad.request_id,
-            ),
-        };
-        self.finish(&loaded, decision, mapped, tenant, request_id, start)
+            Err(bad) => {
+                let tenantgate_engine::http::BadRequest {
+                    tenant,
+                    message,
+                    request_id,
+                } = bad;
+                let decision = Decision::bad_request(message);
+                self.finish(
+                    &loaded,
+                    decision,
+                    None,
+                    tenant.as_ref(),
+                    request_id.as_deref(),
+                    start,
+                )
+            }
+        }
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
@@ -457,19 +461,16 @@ impl Http {
         &mut self,
         loaded: &Loaded,
         decision: Decision,
-        mapped: Option<Mapped>,
-        tenant: Option<TenantPath>,
-        request_id: Option<String>,
+        mapped: Option<&Mapped>,
+        tenant: Option<&TenantPath>,
+        request_id: Option<&str>,
         start: u64,
     ) -> Action {
         let engine = &loaded.engine;
         if let Ok(mut tally) = loaded.tally.try_borrow_mut() {
-            loaded.metrics.count(
-                &mut tally,
-                &decision,
-                tenant.as_ref(),
-                engine.settings().mode,
-            );
+            loaded
+                .metrics
+                .count(&mut tally, &decision, tenant, engine.settings().mode);
         }
         let blocks = decision.blocks(engine.settings().mode);
         let audits = engine.audits(&decision) && LOGS_INFO.with(std::cell::Cell::get);
@@ -477,9 +478,9 @@ impl Http {
         if audits {
             let line = engine.audit_line_at(
                 &decision,
-                mapped.as_ref(),
-                tenant.as_ref(),
-                request_id.as_deref(),
+                mapped,
+                tenant,
+                request_id,
                 decision_id.as_deref(),
                 start,
             );
@@ -489,7 +490,7 @@ impl Http {
         }
         self.record_time(loaded, start);
         if !blocks {
-            if let Some(m) = &mapped {
+            if let Some(m) = mapped {
                 // The upstream sees the path that was judged.
                 if let Some(p) = &m.forward_path {
                     let _ = ffi::replace_header(ffi::MAP_REQUEST_HEADERS, ":path", p);
@@ -504,8 +505,8 @@ impl Http {
         self.deny(
             Some(engine),
             &decision,
-            tenant.as_ref(),
-            request_id.as_deref(),
+            tenant,
+            request_id,
             decision_id.as_deref(),
         )
     }
