@@ -163,8 +163,11 @@ def parse_duration_ms(text):
     return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
 
-def wrk(port, path, headers, duration):
+def wrk(port, path, headers, duration, script=None):
+    """One wrk run (pinned to WRK_CPU); `script` is a wrk Lua script (e.g. a POST body)."""
     cmd = ["taskset", "-c", WRK_CPU, "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{duration}s", "--latency", "--timeout", "5s"]
+    if script:
+        cmd += ["-s", str(script)]
     for k, v in headers.items():
         cmd += ["-H", f"{k}: {v}"]
     cmd.append(f"http://127.0.0.1:{port}{path}")

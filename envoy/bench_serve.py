@@ -21,7 +21,6 @@ BENCH_DURATION, BENCH_WARMUP, BENCH_CONNECTIONS (32), BENCH_ONLY (e.g. "http").
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -45,24 +44,11 @@ wrk.headers["Content-Type"] = "application/json"
 
 
 def wrk(port, path, headers, duration, script=None):
-    cmd = ["taskset", "-c", WRK_CPU, "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{duration}s", "--latency",
-           "--timeout", "5s"]
-    if script:
-        cmd += ["-s", str(script)]
-    for k, v in headers.items():
-        cmd += ["-H", f"{k}: {v}"]
-    cmd.append(f"http://127.0.0.1:{port}{path}")
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60).stdout
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
-    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if not (rps and p50 and p99):
-        raise RuntimeError(f"cannot read wrk's output:\n{out}")
-    if non2xx:
-        raise RuntimeError(f"{non2xx.group(1)} answers were not 2xx:\n{out}")
-    return {"rps": float(rps.group(1)), "p50_ms": bench.parse_duration_ms(p50.group(1)),
-            "p99_ms": bench.parse_duration_ms(p99.group(1))}
+    """bench.wrk, refusing a run with answers that were not 2xx."""
+    result = bench.wrk(port, path, headers, duration, script)
+    if result["non2xx"]:
+        raise RuntimeError(f"{result['non2xx']} answers were not 2xx")
+    return result
 
 
 def serve(bundle, work):

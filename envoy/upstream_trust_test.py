@@ -115,15 +115,19 @@ def alice_headers():
     return {"x-tenant": "/acme/eu", "x-user": "alice", "x-user-tenant": "/acme/eu"}
 
 
-class RenderedConfigHttp1(unittest.TestCase):
-    """`tenantgate envoy` defaults, a WSGI upstream behind them."""
+class RenderedConfigCase(unittest.TestCase):
+    """One upstream script and one Envoy rendered by `tenantgate envoy` per class."""
+
+    upstream_script = None
+    name = None
+    render_args = ()
 
     @classmethod
     def setUpClass(cls):
         cls.bundle_path = e2e.WORK / "bundle-trust.json"
         cls.bundle_path.write_text(e2e.bundle_of("trust", edit_bundle))
-        cls.upstream = Proc("wsgi_upstream.py").__enter__()
-        cls.envoy = rendered_envoy(cls.bundle_path, cls.upstream.port, "trust-http1")
+        cls.upstream = Proc(cls.upstream_script).__enter__()
+        cls.envoy = rendered_envoy(cls.bundle_path, cls.upstream.port, cls.name, *cls.render_args)
         try:
             cls.envoy.start()
         except Exception:
@@ -134,6 +138,13 @@ class RenderedConfigHttp1(unittest.TestCase):
     def tearDownClass(cls):
         cls.envoy.stop()
         cls.upstream.__exit__()
+
+
+class RenderedConfigHttp1(RenderedConfigCase):
+    """`tenantgate envoy` defaults, a WSGI upstream behind them."""
+
+    upstream_script = "wsgi_upstream.py"
+    name = "trust-http1"
 
     def environ(self, resp):
         self.assertEqual(resp.status, 200, resp)
@@ -221,26 +232,12 @@ class RenderedConfigHttp1(unittest.TestCase):
         self.assertEqual(pol[0].params["tenantgate-cost"], 2)
 
 
-class RenderedConfigHttp2(unittest.TestCase):
+class RenderedConfigHttp2(RenderedConfigCase):
     """`tenantgate envoy --upstream-protocol http2` in front of an HTTP/2 upstream."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.bundle_path = e2e.WORK / "bundle-trust.json"
-        cls.bundle_path.write_text(e2e.bundle_of("trust", edit_bundle))
-        cls.upstream = Proc("h2_upstream.py").__enter__()
-        cls.envoy = rendered_envoy(cls.bundle_path, cls.upstream.port, "trust-http2",
-                                   "--upstream-protocol", "http2")
-        try:
-            cls.envoy.start()
-        except Exception:
-            cls.upstream.__exit__()
-            raise
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.envoy.stop()
-        cls.upstream.__exit__()
+    upstream_script = "h2_upstream.py"
+    name = "trust-http2"
+    render_args = ("--upstream-protocol", "http2")
 
     def test_request_trailers_never_carry_our_headers(self):
         headers = [(":method", "POST"), (":path", "/orders"), (":scheme", "http"), (":authority", "t.test"),
