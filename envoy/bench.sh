@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# tenantgate's benchmark in real Envoy. One run takes about 5 minutes.
+# tenantgate's benchmark in real Envoy. One run takes about 5 minutes (15 with the calibration configs).
 #
 #   envoy/bench.sh
 #   BENCH_ROUNDS=5 BENCH_DURATION=15 envoy/bench.sh
