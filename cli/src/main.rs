@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tenantgate_engine::http::{Mapped, RequestSpec};
+use tenantgate_engine::http::RequestSpec;
 use tenantgate_engine::{Bundle, Decision, Diagnostics, Engine};
 
 mod diff;
@@ -272,7 +272,9 @@ fn json_arg(
 
 fn run_check(source: &Path, spec: &RequestSpec) -> Result<ExitCode, String> {
     let (_, engine) = load(source)?;
-    let out = check_output(&engine, spec, now_ns())?;
+    // Quotas charged in a fresh in-memory store: what a first request gets.
+    let store = tenantgate_engine::quota::MemoryStore::new();
+    let out = engine.check_output(spec, now_ns(), Some(&store))?;
     println!(
         "{}",
         serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?
@@ -434,29 +436,9 @@ pub fn decide(engine: &Engine, args: &RequestSpec) -> Result<Decision, String> {
     decide_at(engine, args, now_ns())
 }
 
-/// [`decide`] at a given time (nanoseconds since the Unix epoch).
-pub fn decide_at(engine: &Engine, args: &RequestSpec, now: u64) -> Result<Decision, String> {
-    Ok(decide_mapped(engine, args, now)?.0)
-}
-
-/// The decision and, when the request could be mapped, the mapping.
-fn decide_mapped(
-    engine: &Engine,
-    spec: &RequestSpec,
-    now: u64,
-) -> Result<(Decision, Option<Mapped>), String> {
-    let store = tenantgate_engine::quota::MemoryStore::new();
-    engine.check_decision(spec, now, Some(&store))
-}
-
-/// What `check` prints: the decision, and what Envoy would do with the
-/// request: the headers and path the upstream gets, or the reply. Quotas are
+/// [`decide`] at a given time (nanoseconds since the Unix epoch). Quotas are
 /// charged in a fresh in-memory store (a first request).
-pub fn check_output(
-    engine: &Engine,
-    spec: &RequestSpec,
-    now: u64,
-) -> Result<serde_json::Value, String> {
+pub fn decide_at(engine: &Engine, args: &RequestSpec, now: u64) -> Result<Decision, String> {
     let store = tenantgate_engine::quota::MemoryStore::new();
-    engine.check_output(spec, now, Some(&store))
+    Ok(engine.check_decision(args, now, Some(&store))?.0)
 }
