@@ -23,7 +23,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 use tenantgate_engine::http::RequestSpec;
-use tenantgate_engine::quota::{BucketStore, Clock, FakeClock, MemoryStore, Nanos};
+use tenantgate_engine::quota::{Clock, FakeClock, MemoryStore, Nanos};
 use tenantgate_engine::{Bundle, Engine, TenantPath};
 
 /// Start of the virtual clock: 2023-11-14T22:13:20Z, any fixed instant does.
@@ -131,11 +131,10 @@ pub fn run(
 
     let clock = FakeClock::new(START);
     let store = MemoryStore::new();
-    for (key, value) in model.initial_buckets(START) {
-        store
-            .set(&key, &value, 0)
-            .map_err(|e| format!("quota store: {e}"))?;
-    }
+    // Every bucket full at the start, as the filter creates them at configure time.
+    model
+        .create_buckets(&store, START)
+        .map_err(|e| format!("quota store: {e}"))?;
     for (at, i) in events {
         let Some(flow) = flows.get(i) else { continue };
         clock.set(START + at);

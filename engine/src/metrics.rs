@@ -336,7 +336,7 @@ impl Layout {
                     if status.borrowed {
                         add(c, BORROWED, 1);
                     }
-                    if (status.remaining as f64) < self.near_limit_ratio * (status.burst as f64) {
+                    if status.near_limit(self.near_limit_ratio) {
                         add(c, NEAR, 1);
                     }
                 } else if q.limit.as_deref() == Some(&*status.name) {

@@ -343,9 +343,14 @@ impl QuotaDecision {
     /// True when some limit has fewer tokens left than `ratio` of its burst
     /// (after this request's charge).
     pub fn near_limit(&self, ratio: f64) -> bool {
-        self.limits
-            .iter()
-            .any(|l| (l.remaining as f64) < ratio * (l.burst as f64))
+        self.limits.iter().any(|l| l.near_limit(ratio))
+    }
+}
+
+impl LimitStatus {
+    /// Fewer tokens left than `ratio` of the burst (`near_limit_ratio`).
+    pub fn near_limit(&self, ratio: f64) -> bool {
+        (self.remaining as f64) < ratio * (self.burst as f64)
     }
 }
 

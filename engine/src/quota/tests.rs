@@ -58,9 +58,7 @@ pub(super) fn model(tree: &[(&str, &str)]) -> QuotaModel {
 /// The model's store, pre-created as the filter does at configure time.
 pub(super) fn store_for(m: &QuotaModel) -> MemoryStore {
     let s = MemoryStore::new();
-    for (k, v) in m.initial_buckets(T0) {
-        s.set(&k, &v, 0).unwrap();
-    }
+    m.create_buckets(&s, T0).unwrap();
     s
 }
 
