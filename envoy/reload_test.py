@@ -198,6 +198,22 @@ class EcdsCase(unittest.TestCase):
         return self.envoy.stats(f"^extension_config_discovery\\.http_filter\\.{FILTER}\\.").get(
             f"extension_config_discovery.http_filter.{FILTER}.{what}", 0)
 
+    def loaded_by_all(self, version):
+        """Waits until the main thread and both workers logged `loaded bundle
+        <version>`; returns those threads."""
+        envoy = self.envoy
+        threads = wait_for(lambda: len(loaded_threads(envoy, version)) >= 3 and loaded_threads(envoy, version), 10)
+        self.assertTrue(threads, f"{version} loaded by threads {loaded_threads(envoy, version)}; "
+                                 "expected main + 2 workers")
+        return threads
+
+    def roll_out(self, bundle_text, version_info, version, threads):
+        """Publishes a bundle and waits until Envoy applied it on `threads`;
+        returns seconds waited."""
+        success = self.ecds_stat("update_success")
+        self.publish(bundle_text, version_info)
+        return self.wait_applied(version, threads, success)
+
     def wait_applied(self, version, threads, success_before):
         """Waits until Envoy accepted the update and every thread that ran the
         previous bundle logged `loaded bundle <version>`; returns seconds waited."""
@@ -329,17 +345,21 @@ class Load:
             return list(self.records)
 
 
-class ReloadUnderLoad(EcdsCase):
+class V1ThenV2(EcdsCase):
+    """An Envoy started on v1, with v2 (a policy change) ready to roll out."""
+
     @classmethod
     def setUpClass(cls):
         cls.v1_text, cls.v1 = bundle_of("v1", edit_base)
         cls.v2_text, cls.v2 = bundle_of("v2", edit_forbid_reports)
         cls.start_envoy(cls.v1_text, "v1")
 
+
+class ReloadUnderLoad(V1ThenV2):
+
     def test_1_swap_under_load_then_bad_bundle(self):
         envoy = self.envoy
-        v1_threads = wait_for(lambda: len(loaded_threads(envoy, self.v1)) >= 3 and loaded_threads(envoy, self.v1), 10)
-        self.assertTrue(v1_threads, f"v1 loaded by threads {loaded_threads(envoy, self.v1)}; expected main + 2 workers")
+        v1_threads = self.loaded_by_all(self.v1)
         self.assertEqual(envoy.stats().get("wasmcustom.tenantgate.bundle_version"), gauge_value(self.v1))
         # the mix, once, before the load: v1 allows /reports
         self.assertEqual(Load.classify("reports", *self._get("/reports/q1", ALICE)), "old")
@@ -464,27 +484,16 @@ class ReloadUnderLoad(EcdsCase):
         return r.status, r.body
 
 
-class VersionGaugeAfterReload(EcdsCase):
+class VersionGaugeAfterReload(V1ThenV2):
     """The bundle gauges after a reload, on its own Envoy (no other test's
     state): the new version reads 1, the previous one 0."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.v1_text, cls.v1 = bundle_of("v1", edit_base)
-        cls.v2_text, cls.v2 = bundle_of("v2", edit_forbid_reports)
-        cls.start_envoy(cls.v1_text, "v1")
 
     # Envoy configures each new plugin config (ECDS or listener update) in a
     # NEW root context of the same VM, so the filter remembers the VM's last
     # version outside the root context to clear its gauge; without that both
     # versions would read 1 after a reload.
     def test_previous_version_gauge_drops_to_zero(self):
-        envoy = self.envoy
-        threads = wait_for(lambda: len(loaded_threads(envoy, self.v1)) >= 3 and loaded_threads(envoy, self.v1), 10)
-        self.assertTrue(threads, f"v1 loaded by threads {loaded_threads(envoy, self.v1)}")
-        before = self.ecds_stat("update_success")
-        self.publish(self.v2_text, "v2")
-        self.wait_applied(self.v2, threads, before)
+        self.roll_out(self.v2_text, "v2", self.v2, self.loaded_by_all(self.v1))
         stats = self.envoy.stats("wasmcustom.tenantgate.bundle")
         self.assertEqual(stats.get(version_gauge(self.v2)), 1, stats)
         self.assertEqual(stats.get(version_gauge(self.v1)), 0, stats)
@@ -520,8 +529,7 @@ class QuotaAcrossReload(EcdsCase):
 
     def test_unchanged_limit_keeps_state_changed_limit_starts_fresh(self):
         envoy = self.envoy
-        threads = wait_for(lambda: len(loaded_threads(envoy, self.q1)) >= 3 and loaded_threads(envoy, self.q1), 10)
-        self.assertTrue(threads, f"q1 loaded by threads {loaded_threads(envoy, self.q1)}")
+        threads = self.loaded_by_all(self.q1)
 
         # exhaust the 5-per-hour limit under q1
         seen = [self.lena("q1")[0] for _ in range(6)]
@@ -530,9 +538,7 @@ class QuotaAcrossReload(EcdsCase):
 
         # q2: a policy change, identical limits -> same key, still exhausted
         t0 = time.monotonic()
-        success = self.ecds_stat("update_success")
-        self.publish(self.q2_text, "q2")
-        applied_q2 = self.wait_applied(self.q2, threads, success)
+        applied_q2 = self.roll_out(self.q2_text, "q2", self.q2, threads)
         self.assertTrue(wait_for(lambda: envoy.request("GET", "/reports/q1", ALICE).status == 403, APPLY_TIMEOUT))
         after_q2 = [self.lena("q2") for _ in range(4)]
         self.assertEqual([r.status for r, _ in after_q2], [429] * 4, [r for r, _ in after_q2])
@@ -541,9 +547,7 @@ class QuotaAcrossReload(EcdsCase):
         self.assertEqual({a.get("limit") for a in audit.values()}, {"window"}, audit)
 
         # q3: the limit changes (rate 6) -> new key, full buckets: 6 pass, then 429
-        success = self.ecds_stat("update_success")
-        self.publish(self.q3_text, "q3")
-        applied_q3 = self.wait_applied(self.q3, threads, success)
+        applied_q3 = self.roll_out(self.q3_text, "q3", self.q3, threads)
         after_q3 = [self.lena("q3") for _ in range(7)]
         self.assertEqual([r.status for r, _ in after_q3], [200] * 6 + [429], [r for r, _ in after_q3])
         audit = self.audit_for([rid for _, rid in after_q3])
