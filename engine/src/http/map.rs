@@ -93,10 +93,10 @@ impl Engine {
                     Some(v) if !v.is_empty() => Ok((parse_tenant(v)?, path)),
                     empty => match default() {
                         Some(t) => Ok((t, path)),
-                        None if empty.is_some() => {
-                            Err(format!("no tenant: {}", describe_empty(source)))
-                        }
-                        None => Err(format!("no tenant: {}", describe(source))),
+                        None => Err(format!(
+                            "no tenant: {}",
+                            describe(source, if empty.is_some() { "empty" } else { "missing" })
+                        )),
                     },
                 }
             }
@@ -275,18 +275,11 @@ fn is_grpc(input: &HttpInput<'_>) -> bool {
     }
 }
 
-fn describe_empty(source: &Source) -> String {
+/// Why a source gave no tenant: its value is `missing` or `empty`.
+fn describe(source: &Source, why: &str) -> String {
     match source {
-        Source::Header(h) => format!("the `{h}` header is empty"),
-        Source::Metadata(p) => format!("metadata `{}` is empty", p.join(".")),
-        Source::PathPrefix(p) => format!("the path has no tenant after `{p}`"),
-    }
-}
-
-fn describe(source: &Source) -> String {
-    match source {
-        Source::Header(h) => format!("the `{h}` header is missing"),
-        Source::Metadata(p) => format!("metadata `{}` is missing", p.join(".")),
+        Source::Header(h) => format!("the `{h}` header is {why}"),
+        Source::Metadata(p) => format!("metadata `{}` is {why}", p.join(".")),
         Source::PathPrefix(p) => format!("the path has no tenant after `{p}`"),
     }
 }
