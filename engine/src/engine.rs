@@ -17,7 +17,7 @@ use crate::diag::{locate_json_key, Diagnostic, Diagnostics};
 use crate::entities::{json_to_expr, Types};
 use crate::quota::{BucketStore, LimitsInput, QuotaModel};
 use crate::request::Request;
-use crate::settings::{OnPolicyError, Settings};
+use crate::settings::{FleetMode, OnPolicyError, Settings};
 use crate::tenant::TenantPath;
 
 /// Where a policy came from.
@@ -69,6 +69,8 @@ pub struct Engine {
     uses_source_ip: bool,
     /// This worker's quota leases (see `quota::Leases`).
     leases: crate::quota::Leases,
+    /// This worker's batched fleet-limit state (see `quota::FleetState`).
+    fleet: crate::quota::FleetState,
 }
 
 impl Engine {
@@ -117,6 +119,7 @@ impl Engine {
             )),
             uses_source_ip: policy_texts().any(|t| t.contains("source_ip")),
             leases: crate::quota::Leases::default(),
+            fleet: crate::quota::FleetState::default(),
         })
     }
 
@@ -188,31 +191,90 @@ impl Engine {
 
     /// The whole decision: policies first; only a request they allow is
     /// charged against the quotas (a request denied by policy costs nothing).
-    /// A store failure gives the `on_error` decision.
+    /// A store failure gives the `on_error` decision. Fleet limits in
+    /// `batched` mode refuse here when the service said they are over, and
+    /// count what is admitted; in `per_request` mode see
+    /// [`Engine::decide_refundable`].
     pub fn decide(&self, req: &Request, store: &dyn BucketStore) -> Decision {
+        self.decide_refundable(req, store).0
+    }
+
+    /// [`Engine::decide`], and, when a `per_request` fleet check is still to
+    /// come for this request ([`Engine::fleet_check`]), what its local
+    /// admission charged, so a fleet refusal can give it back
+    /// ([`Engine::refund`]). Such requests are admitted exactly, without a
+    /// worker lease.
+    pub fn decide_refundable(
+        &self,
+        req: &Request,
+        store: &dyn BucketStore,
+    ) -> (Decision, Option<crate::quota::Refund>) {
         let decision = self.decide_policy_cached(req);
-        if !decision.is_allowed() || self.quotas.is_empty() {
-            return decision;
+        if !decision.is_allowed() {
+            return (decision, None);
         }
         let cost = self.settings.cost_of(&req.method, req.action);
-        match self
-            .quotas
-            .admit_leased(&self.leases, &req.tenant, cost, req.time_ns, store)
-        {
-            Ok(q) if q.admitted => Decision {
-                quota: Some(q),
-                ..decision
-            },
-            Ok(q) => Decision {
-                decision: crate::decision::Outcome::Deny,
-                status: 429,
-                kind: crate::decision::Kind::QuotaExceeded,
-                reasons: Vec::new(),
-                errors: Vec::new(),
-                quota: Some(q),
-            },
-            Err(e) => Decision::error(self.settings.on_error, format!("quota store: {e}")),
+        let fleet = self.rate_limit_service().filter(|_| {
+            self.fleet_limits()
+                .indices_for(&req.tenant)
+                .next()
+                .is_some()
+        });
+        let per_request = fleet.is_some_and(|r| r.mode == FleetMode::PerRequest);
+        let batched = fleet.is_some_and(|r| r.mode == FleetMode::Batched);
+        if batched {
+            if let Some(q) = self.fleet_refusal(&req.tenant, cost, req.time_ns) {
+                return (quota_refusal(q), None);
+            }
         }
+        if self.quotas.is_empty() {
+            if batched {
+                self.fleet_count(&req.tenant, cost);
+            }
+            return (decision, None);
+        }
+        let admitted = if per_request && cost > 0 {
+            self.quotas
+                .admit_refundable(&req.tenant, cost, req.time_ns, store)
+        } else {
+            self.quotas
+                .admit_leased(&self.leases, &req.tenant, cost, req.time_ns, store)
+                .map(|q| (q, None))
+        };
+        match admitted {
+            Ok((q, refund)) if q.admitted => {
+                if batched {
+                    self.fleet_count(&req.tenant, cost);
+                }
+                (
+                    Decision {
+                        quota: Some(q),
+                        ..decision
+                    },
+                    refund,
+                )
+            }
+            Ok((q, _)) => (quota_refusal(q), None),
+            Err(e) => (
+                Decision::error(self.settings.on_error, format!("quota store: {e}")),
+                None,
+            ),
+        }
+    }
+
+    /// Gives back what a local admission charged (a fleet refusal, or a
+    /// request that ended while its fleet check was pending).
+    pub fn refund(
+        &self,
+        refund: &crate::quota::Refund,
+        store: &dyn BucketStore,
+    ) -> Result<(), crate::quota::StoreError> {
+        self.quotas.refund(refund, store)
+    }
+
+    /// This worker's batched fleet-limit state.
+    pub(crate) fn fleet_state(&self) -> &crate::quota::FleetState {
+        &self.fleet
     }
 
     /// [`Engine::decide_policy`] through the bounded decision cache.
@@ -845,4 +907,16 @@ fn validate_file(
     _set: &PolicySet,
 ) -> Vec<Diagnostic> {
     Vec::new()
+}
+
+/// A request refused by a quota (local or fleet): 429 with its fields.
+pub fn quota_refusal(q: crate::quota::QuotaDecision) -> Decision {
+    Decision {
+        decision: crate::decision::Outcome::Deny,
+        status: 429,
+        kind: crate::decision::Kind::QuotaExceeded,
+        reasons: Vec::new(),
+        errors: Vec::new(),
+        quota: Some(q),
+    }
 }

@@ -158,6 +158,55 @@ impl GrpcSettings {
     }
 }
 
+/// How fleet limits (`"scope": "fleet"`) are enforced: through a rate limit
+/// service speaking Envoy's RLS v3 API, reached over an HTTP/2 cluster of
+/// Envoy's config. See docs/fleet.md.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitService {
+    /// The Envoy cluster of the service (HTTP/2).
+    pub cluster: String,
+    /// The rate limit domain of every call.
+    pub domain: String,
+    pub mode: FleetMode,
+    /// How long a call may take before `on_error` decides (1 to 10000).
+    pub timeout_ms: u32,
+    /// `batched`: how often each worker reports its admissions (10 to 60000).
+    pub report_interval_ms: u32,
+    /// The service unreachable, slow or answering garbage: `allow` (the
+    /// default, as Envoy's own rate limit filter) or `deny` (503).
+    pub on_error: OnError,
+}
+
+impl Default for RateLimitService {
+    fn default() -> Self {
+        RateLimitService {
+            cluster: DEFAULT_RLS_CLUSTER.into(),
+            domain: crate::quota::fleet::DEFAULT_DOMAIN.into(),
+            mode: FleetMode::PerRequest,
+            timeout_ms: 50,
+            report_interval_ms: 100,
+            on_error: OnError::Allow,
+        }
+    }
+}
+
+/// The cluster name `rate_limit_service.cluster` defaults to (and the one
+/// `tenantgate envoy --rls` renders).
+pub const DEFAULT_RLS_CLUSTER: &str = "tenantgate_rls";
+
+/// When a fleet limit is counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FleetMode {
+    /// One call per request, before it goes upstream: exact, one round trip.
+    #[default]
+    PerRequest,
+    /// No call on the request path: admissions are reported every
+    /// `report_interval_ms`; an over-limit answer refuses until the window resets.
+    Batched,
+}
+
 /// `*` matches any run of characters (including none); everything else matches itself.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
     let (p, t) = (pattern.as_bytes(), text.as_bytes());
@@ -217,6 +266,10 @@ pub struct Settings {
     /// gRPC calls: which methods read. Absent: a gRPC call is a plain `POST`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grpc: Option<GrpcSettings>,
+    /// Where fleet limits are counted. Absent: fleet limits are not enforced
+    /// by the filter (it logs a warning naming them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit_service: Option<RateLimitService>,
 }
 
 impl Default for Settings {
@@ -237,6 +290,7 @@ impl Default for Settings {
             context_headers: Vec::new(),
             costs: BTreeMap::new(),
             grpc: None,
+            rate_limit_service: None,
         }
     }
 }
@@ -312,6 +366,32 @@ impl Settings {
             if !ok {
                 errors.push(format!(
                     "`grpc.read`: `{p}` is not a gRPC method pattern like `/package.Service/Method` (`*` for any characters)"
+                ));
+            }
+        }
+        if let Some(r) = &self.rate_limit_service {
+            if r.cluster.is_empty()
+                || r.cluster.len() > 256
+                || !r.cluster.bytes().all(|b| b.is_ascii_graphic())
+            {
+                errors.push(format!(
+                    "`rate_limit_service.cluster`: `{}` is not an Envoy cluster name (1 to 256 printable characters, no spaces)",
+                    r.cluster
+                ));
+            }
+            if r.domain.is_empty() || r.domain.len() > 256 {
+                errors.push("`rate_limit_service.domain`: must be 1 to 256 characters".into());
+            }
+            if !(1..=10_000).contains(&r.timeout_ms) {
+                errors.push(format!(
+                    "`rate_limit_service.timeout_ms`: {} is not between 1 and 10000",
+                    r.timeout_ms
+                ));
+            }
+            if !(10..=60_000).contains(&r.report_interval_ms) {
+                errors.push(format!(
+                    "`rate_limit_service.report_interval_ms`: {} is not between 10 and 60000",
+                    r.report_interval_ms
                 ));
             }
         }

@@ -35,6 +35,8 @@ use super::spec::Limit;
 use crate::diag::Diagnostic;
 use crate::tenant::TenantPath;
 
+/// The rate limit domain when none is configured.
+pub const DEFAULT_DOMAIN: &str = "tenantgate";
 /// Descriptor entry key naming the tenant that declares the limit.
 pub const TENANT_KEY: &str = "tenant";
 /// Descriptor entry key naming the limit.
@@ -197,6 +199,25 @@ impl FleetLimits {
             }
         }
         out
+    }
+
+    /// [`FleetLimits::applying_to`] as indices into [`FleetLimits::all`],
+    /// without allocating.
+    pub fn indices_for<'a>(&'a self, tenant: &'a TenantPath) -> impl Iterator<Item = usize> + 'a {
+        // The tenant, then each ancestor up to the root.
+        let mut next = (!self.limits.is_empty()).then_some(tenant.as_str());
+        std::iter::from_fn(move || {
+            let s = next?;
+            next = match s.rfind('/') {
+                _ if s == "/" => None,
+                Some(0) => Some("/"),
+                Some(i) => s.get(..i),
+                None => None,
+            };
+            Some(s)
+        })
+        .filter_map(|node| self.index.get(node))
+        .flat_map(|names| names.values().copied())
     }
 
     /// The descriptors of a request to `tenant` (a check): one

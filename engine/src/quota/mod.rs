@@ -124,7 +124,9 @@
 mod bucket;
 mod clock;
 pub mod fleet;
+mod fleet_client;
 mod lease;
+pub mod rls_wire;
 mod series;
 mod spec;
 mod store;
@@ -148,6 +150,7 @@ use bucket::{ceil_seconds, Bucket, FLOOR};
 use spec::Limit;
 
 pub use clock::{Clock, FakeClock, SystemClock};
+pub use fleet_client::{FleetCall, FleetOutcome, FleetState, RLS_METHOD, RLS_SERVICE};
 pub use lease::{Leases, LEASE_DIVISOR, LEASE_TTL_NS, MAX_BATCH};
 pub use store::{BucketStore, MemoryStore, StoreError};
 
@@ -544,6 +547,38 @@ impl QuotaModel {
             .map(|(d, _)| d)
     }
 
+    /// Exact admission (no lease) that can be undone: what it charged, to
+    /// give back with [`QuotaModel::refund`] (fleet limits refuse after the
+    /// local ones admitted).
+    pub fn admit_refundable(
+        &self,
+        tenant: &TenantPath,
+        cost: u64,
+        now: Nanos,
+        store: &dyn BucketStore,
+    ) -> Result<(QuotaDecision, Option<Refund>), StoreError> {
+        let Some(plan) = self
+            .plan_entry(tenant)
+            .and_then(|(key, _)| self.plans.get(key))
+            .cloned()
+        else {
+            return Ok((QuotaDecision::unlimited(), None));
+        };
+        let (d, charges) = self.admit_with_charges(&plan, cost, now, store)?;
+        let refund = (d.admitted && !charges.is_empty()).then_some(Refund { plan, charges });
+        Ok((d, refund))
+    }
+
+    /// Gives back what an admission charged (each node exactly its charge).
+    pub fn refund(&self, r: &Refund, store: &dyn BucketStore) -> Result<(), StoreError> {
+        for (l, c) in r.plan.nodes.iter().zip(&r.charges) {
+            if *c != Charge::default() {
+                refund(l, *c, store)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The admission loop of one plan; also returns what it charged each
     /// node (empty when nothing was charged).
     fn admit_with_charges(
@@ -605,6 +640,13 @@ fn create_missing(plan: &Plan, store: &dyn BucketStore, now: Nanos) -> Result<()
         }
     }
     Ok(())
+}
+
+/// What an admission charged, to undo it ([`QuotaModel::refund`]).
+#[derive(Debug)]
+pub struct Refund {
+    plan: Arc<Plan>,
+    charges: Vec<Charge>,
 }
 
 /// What one admission charged a bucket, to refund it exactly.
