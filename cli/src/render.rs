@@ -9,6 +9,8 @@
 //!   from FILE (extension config discovery), for reloads without a restart;
 //! - `--discovery-response`: the content of that FILE for this bundle;
 //! - `--istio`: an Istio `WasmPlugin` (`extensions.istio.io/v1alpha1`);
+//! - `--rls HOST:PORT`: adds the HTTP/2 cluster the filter calls for fleet
+//!   limits (named by the bundle's `rate_limit_service.cluster`);
 //! - `--ext-authz HOST:PORT`: no Wasm filter; Envoy's `ext_authz` filter asks
 //!   `tenantgate serve --grpc` at HOST:PORT (policies only).
 
@@ -88,6 +90,11 @@ pub struct Options {
     /// no quotas).
     #[arg(long = "ext-authz", value_name = "HOST:PORT")]
     pub ext_authz: Option<String>,
+    /// The rate limit service (`tenantgate-rls`, Limitador, envoyproxy/ratelimit)
+    /// at HOST:PORT: adds the HTTP/2 cluster the filter calls for fleet limits,
+    /// named by the bundle's `rate_limit_service.cluster`.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "ext_authz")]
+    pub rls: Option<String>,
     /// Render an Istio `WasmPlugin` instead of an Envoy bootstrap.
     #[arg(long)]
     pub istio: bool,
@@ -165,6 +172,9 @@ pub fn render(bundle: &Bundle, o: &Options) -> Result<Value, String> {
         }
     }
     if o.istio {
+        if o.rls.is_some() {
+            return Err("error: `--rls` adds a cluster to an Envoy bootstrap; with Istio, add the service as a `ServiceEntry` (see docs/fleet.md)".into());
+        }
         if o.ecds.is_some() || o.discovery_response {
             return Err("error: `--ecds` and `--discovery-response` render Envoy configs; they do not apply with `--istio`".into());
         }
@@ -248,6 +258,23 @@ fn bootstrap(bundle: &Bundle, o: &Options) -> Result<Value, String> {
         up_port,
         o.upstream_protocol,
     )];
+    if let Some(service) = &o.rls {
+        let (host, port) = host_port(service, "--rls")?;
+        let name = bundle
+            .settings
+            .rate_limit_service
+            .as_ref()
+            .map_or(tenantgate_engine::settings::DEFAULT_RLS_CLUSTER, |r| {
+                r.cluster.as_str()
+            });
+        clusters.push(upstream_cluster(
+            name,
+            cluster_type(&host),
+            &host,
+            port,
+            UpstreamProtocol::Http2,
+        ));
+    }
     let tenantgate = match (&o.ext_authz, &o.ecds) {
         (Some(service), _) => {
             let (host, port) = host_port(service, "--ext-authz")?;

@@ -307,6 +307,30 @@ fn envoy_variants_pass_envoy_validate() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     let (ok, log) = envoy_validate(&config);
     assert!(ok, "envoy --mode validate refused the ECDS config:\n{log}");
+
+    // `--rls`: the rate limit service's HTTP/2 cluster, named as the
+    // bundle's `rate_limit_service.cluster` (here the default).
+    let config = dir.path().join("rls.json");
+    let r = tenantgate(&[
+        "envoy",
+        "policies",
+        "--wasm",
+        wasm.to_str().unwrap(),
+        "--rls",
+        "127.0.0.1:8081",
+        "-o",
+        config.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    let rls = &doc["static_resources"]["clusters"][1];
+    assert_eq!(rls["name"], "tenantgate_rls");
+    assert!(rls["typed_extension_protocol_options"]
+        ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"]
+        ["http2_protocol_options"]
+        .is_object());
+    let (ok, log) = envoy_validate(&config);
+    assert!(ok, "envoy --mode validate refused the --rls config:\n{log}");
 }
 
 #[test]

@@ -102,6 +102,18 @@ impl Decision {
         }
     }
 
+    /// A request refused by a quota (local or fleet): 429 with its fields.
+    pub fn over_quota(q: crate::quota::QuotaDecision) -> Self {
+        Decision {
+            decision: Outcome::Deny,
+            status: 429,
+            kind: Kind::QuotaExceeded,
+            reasons: Vec::new(),
+            errors: Vec::new(),
+            quota: Some(q),
+        }
+    }
+
     pub fn is_allowed(&self) -> bool {
         self.decision == Outcome::Allow
     }

@@ -224,7 +224,7 @@ impl Engine {
         let batched = fleet.is_some_and(|r| r.mode == FleetMode::Batched);
         if batched {
             if let Some(q) = self.fleet_refusal(&req.tenant, cost, req.time_ns) {
-                return (quota_refusal(q), None);
+                return (Decision::over_quota(q), None);
             }
         }
         if self.quotas.is_empty() {
@@ -254,7 +254,7 @@ impl Engine {
                     refund,
                 )
             }
-            Ok((q, _)) => (quota_refusal(q), None),
+            Ok((q, _)) => (Decision::over_quota(q), None),
             Err(e) => (
                 Decision::error(self.settings.on_error, format!("quota store: {e}")),
                 None,
@@ -907,16 +907,4 @@ fn validate_file(
     _set: &PolicySet,
 ) -> Vec<Diagnostic> {
     Vec::new()
-}
-
-/// A request refused by a quota (local or fleet): 429 with its fields.
-pub fn quota_refusal(q: crate::quota::QuotaDecision) -> Decision {
-    Decision {
-        decision: crate::decision::Outcome::Deny,
-        status: 429,
-        kind: crate::decision::Kind::QuotaExceeded,
-        reasons: Vec::new(),
-        errors: Vec::new(),
-        quota: Some(q),
-    }
 }

@@ -42,6 +42,11 @@ pub mod names {
     pub const BUNDLE_VERSION: &str = "tenantgate.bundle_version";
     /// Counter: worker leases charged to the shared buckets.
     pub const LEASE_REFILLS: &str = "tenantgate.lease_refills";
+    /// Counter: calls to the rate limit service (checks and reports).
+    pub const FLEET_CALLS: &str = "tenantgate.fleet_calls";
+    /// Counter: calls that got no usable answer (unreachable, past the
+    /// timeout, a gRPC error, a message that does not decode).
+    pub const FLEET_ERRORS: &str = "tenantgate.fleet_errors";
     /// Gauge: shared-data keys (quota buckets) the loaded bundle uses.
     pub const SHARED_DATA_KEYS: &str = "tenantgate.shared_data_keys";
 

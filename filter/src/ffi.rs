@@ -16,7 +16,9 @@ pub const CAS_MISMATCH: u32 = 8;
 pub const MAP_REQUEST_HEADERS: u32 = 0;
 pub const MAP_REQUEST_TRAILERS: u32 = 1;
 pub const MAP_RESPONSE_HEADERS: u32 = 2;
+pub const BUFFER_GRPC_RECEIVE: u32 = 5;
 pub const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
+pub const STREAM_REQUEST: u32 = 0;
 pub const METRIC_COUNTER: u32 = 0;
 
 pub const METRIC_GAUGE: u32 = 1;
@@ -85,6 +87,7 @@ extern "C" {
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
     fn proxy_get_log_level(return_level: *mut u32) -> u32;
+    fn proxy_continue_stream(stream_type: u32) -> u32;
     fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
     fn proxy_get_shared_data(
         key_data: *const u8,
@@ -150,18 +153,19 @@ pub fn now_ns() -> Result<u64, HostError> {
 }
 
 pub fn plugin_configuration() -> Result<Vec<u8>, HostError> {
+    buffer(BUFFER_PLUGIN_CONFIGURATION, usize::MAX)
+}
+
+/// The message of a gRPC call's answer (`size` bytes, as the host announced).
+pub fn grpc_response(size: usize) -> Result<Vec<u8>, HostError> {
+    buffer(BUFFER_GRPC_RECEIVE, size)
+}
+
+fn buffer(kind: u32, max: usize) -> Result<Vec<u8>, HostError> {
     let mut data: *mut u8 = null_mut();
     let mut size: usize = 0;
     // SAFETY: out-pointers outlive the call.
-    let status = unsafe {
-        proxy_get_buffer_bytes(
-            BUFFER_PLUGIN_CONFIGURATION,
-            0,
-            usize::MAX,
-            &mut data,
-            &mut size,
-        )
-    };
+    let status = unsafe { proxy_get_buffer_bytes(kind, 0, max, &mut data, &mut size) };
     match status {
         OK => Ok(take(data, size)),
         NOT_FOUND => Ok(Vec::new()),
@@ -320,6 +324,12 @@ pub fn log_level() -> Result<u32, HostError> {
 pub fn set_tick_period_ms(period: u32) -> Result<(), HostError> {
     // SAFETY: no pointers.
     check(unsafe { proxy_set_tick_period_milliseconds(period) })
+}
+
+/// Lets a paused request go on.
+pub fn continue_request() -> Result<(), HostError> {
+    // SAFETY: no pointers.
+    check(unsafe { proxy_continue_stream(STREAM_REQUEST) })
 }
 
 pub fn increment_metric(id: u32, by: i64) {

@@ -9,8 +9,11 @@ use tenantgate_engine::http::{
     own_headers, DecisionIds, HttpInput, LocalReply, Mapped, MetadataSource,
 };
 use tenantgate_engine::metrics::{Layout, MetricKind, MetricRef, Tally, Update};
-use tenantgate_engine::quota::{BucketStore, StoreError};
-use tenantgate_engine::settings::Mode;
+use tenantgate_engine::quota::fleet::REPORT_HEADER;
+use tenantgate_engine::quota::{
+    BucketStore, FleetCall, FleetOutcome, Refund, StoreError, RLS_METHOD, RLS_SERVICE,
+};
+use tenantgate_engine::settings::{Mode, OnError, RateLimitService};
 use tenantgate_engine::{Bundle, Decision, Engine, TenantPath};
 
 use crate::ffi;
@@ -24,7 +27,7 @@ proxy_wasm::main! {{
         ffi::log(ffi::LOG_CRITICAL, &format!("tenantgate: panic (a bug, please report it): {info}"));
     }));
     proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
-        Box::new(Root { loaded: None, context_id })
+        Box::new(Root { loaded: None, context_id, reports: Default::default() })
     });
 }}
 
@@ -38,6 +41,8 @@ struct Metrics {
     shadow_denied: u32,
     errors: u32,
     decision_us: u32,
+    fleet_calls: u32,
+    fleet_errors: u32,
     layout: Layout,
     /// Host ids of `layout.defs`, aligned with it.
     ids: Vec<u32>,
@@ -72,6 +77,8 @@ impl Metrics {
             errors: counter(names::ERRORS),
             decision_us: ffi::define_metric(ffi::METRIC_HISTOGRAM, names::DECISION_US)
                 .unwrap_or(u32::MAX),
+            fleet_calls: counter(names::FLEET_CALLS),
+            fleet_errors: counter(names::FLEET_ERRORS),
             layout,
             ids,
         }
@@ -139,12 +146,105 @@ thread_local! {
     /// Whether the host keeps `info` lines (audit lines): read at configure
     /// time and on every tick, so a request never asks.
     static LOGS_INFO: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+    /// When this VM last logged a failed fleet call.
+    static LAST_FLEET_LOG: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 #[derive(Default)]
 struct Root {
     loaded: Option<Rc<Loaded>>,
     context_id: u32,
+    /// Batched fleet reports in flight, by gRPC token.
+    reports: std::collections::HashMap<u32, (Rc<Loaded>, FleetCall)>,
+}
+
+impl Root {
+    /// Sends a batched fleet report when one is due (`now_anyway`: before
+    /// the bundle is replaced).
+    fn report_fleet(&mut self, loaded: &Rc<Loaded>, now_anyway: bool) {
+        let (Some(rls), Ok(now)) = (loaded.engine.rate_limit_service(), ffi::now_ns()) else {
+            return;
+        };
+        let Some(call) = loaded.engine.fleet_report(now, now_anyway) else {
+            return;
+        };
+        let metadata = vec![(REPORT_HEADER.0, REPORT_HEADER.1.as_bytes())];
+        match dispatch(self, rls, metadata, &call.message) {
+            Ok(token) => {
+                ffi::increment_metric(loaded.metrics.fleet_calls, 1);
+                self.reports.insert(token, (Rc::clone(loaded), call));
+            }
+            Err(why) => {
+                ffi::increment_metric(loaded.metrics.fleet_errors, 1);
+                log_fleet_error(&why);
+            }
+        }
+    }
+}
+
+/// Calls the rate limit service through the SDK, which routes the answer
+/// back to `context`'s `on_grpc_call_response`. The SDK panics on a status
+/// it does not expect from the host; the arguments are checked first
+/// (`rate_limit_service` is validated with the bundle), so only an unknown
+/// cluster (`ParseFailure`) or a host failure comes back, as an error.
+fn dispatch(
+    context: &dyn Context,
+    rls: &RateLimitService,
+    metadata: Vec<(&str, &[u8])>,
+    message: &[u8],
+) -> Result<u32, String> {
+    if rls.cluster.is_empty() || message.is_empty() {
+        return Err("no cluster or empty message".into());
+    }
+    context
+        .dispatch_grpc_call(
+            &rls.cluster,
+            RLS_SERVICE,
+            RLS_METHOD,
+            metadata,
+            Some(message),
+            std::time::Duration::from_millis(u64::from(rls.timeout_ms)),
+        )
+        .map_err(|s| {
+            format!(
+                "cannot call cluster `{}`: {s:?} (is it in Envoy's config, over HTTP/2?)",
+                rls.cluster
+            )
+        })
+}
+
+/// A gRPC answer's message, or why there is none.
+fn grpc_answer(status_code: u32, size: usize) -> Result<Vec<u8>, String> {
+    if status_code != 0 {
+        return Err(format!(
+            "gRPC status {status_code} ({})",
+            match status_code {
+                4 => "deadline exceeded: past timeout_ms",
+                14 => "unavailable",
+                _ => "see the service's log",
+            }
+        ));
+    }
+    ffi::grpc_response(size).map_err(|e| format!("cannot read the answer: {e}"))
+}
+
+/// Logs a failed fleet call, at most once a second per worker (each one is
+/// counted in the fleet error counter).
+fn log_fleet_error(why: &str) {
+    let now = ffi::now_ns().unwrap_or(0);
+    let due = LAST_FLEET_LOG.with(|t| {
+        let due = now.saturating_sub(t.get()) >= 1_000_000_000;
+        if due {
+            t.set(now);
+        }
+        due
+    });
+    if due {
+        ffi::log(
+            ffi::LOG_WARN,
+            &format!("tenantgate: rate limit service call failed: {why}"),
+        );
+    }
 }
 
 struct Loaded {
@@ -169,7 +269,23 @@ fn id_seed(context_id: u32) -> u64 {
     h.finish()
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        let Some((loaded, call)) = self.reports.remove(&token_id) else {
+            return;
+        };
+        let answer = grpc_answer(status_code, response_size);
+        let now = ffi::now_ns().unwrap_or(0);
+        if let FleetOutcome::Failed(why) =
+            loaded
+                .engine
+                .fleet_answer(&call, answer.as_deref().map_err(Clone::clone), now)
+        {
+            ffi::increment_metric(loaded.metrics.fleet_errors, 1);
+            log_fleet_error(&why);
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
@@ -211,7 +327,7 @@ impl RootContext for Root {
                 &format!("tenantgate: cannot create the quota buckets: {e}"),
             );
         }
-        if !engine.fleet_limits().is_empty() {
+        if !engine.fleet_limits().is_empty() && engine.rate_limit_service().is_none() {
             let names: Vec<String> = engine
                 .fleet_limits()
                 .all()
@@ -221,7 +337,7 @@ impl RootContext for Root {
             ffi::log(
                 ffi::LOG_WARN,
                 &format!(
-                    "tenantgate: fleet limits ({}) are not enforced by this filter: it does not call a rate limit service yet (see docs/fleet.md)",
+                    "tenantgate: fleet limits ({}) are not enforced: the bundle has no `rate_limit_service` setting (see docs/fleet.md)",
                     names.join(", ")
                 ),
             );
@@ -288,6 +404,7 @@ impl RootContext for Root {
                     ffi::record_metric(id, 0);
                 }
             }
+            self.report_fleet(&previous, true);
             if let Err(e) = previous.engine.return_all_leases(&SharedData) {
                 ffi::log(
                     ffi::LOG_ERROR,
@@ -297,8 +414,14 @@ impl RootContext for Root {
         }
         self.loaded = Some(loaded);
         refresh_log_level();
-        // Expired leases go back on a tick (not on the request path).
-        let _ = ffi::set_tick_period_ms(LEASE_TICK_MS);
+        // Expired leases go back, and batched fleet reports go out, on a
+        // tick (not on the request path).
+        let report_ms = self
+            .loaded
+            .as_ref()
+            .and_then(|l| l.engine.rate_limit_service())
+            .map_or(LEASE_TICK_MS, |r| r.report_interval_ms);
+        let _ = ffi::set_tick_period_ms(LEASE_TICK_MS.min(report_ms));
         true
     }
 
@@ -312,7 +435,8 @@ impl RootContext for Root {
                 );
             }
         }
-        if let Some(loaded) = &self.loaded {
+        if let Some(loaded) = self.loaded.clone() {
+            self.report_fleet(&loaded, false);
             if let Ok(mut tally) = loaded.tally.try_borrow_mut() {
                 loaded.metrics.flush(&mut tally, &loaded.engine);
             }
@@ -323,6 +447,7 @@ impl RootContext for Root {
         Some(Box::new(Http {
             loaded: self.loaded.clone(),
             response_headers: Vec::new(),
+            pending: None,
         }))
     }
 
@@ -335,9 +460,86 @@ struct Http {
     loaded: Option<Rc<Loaded>>,
     /// Headers to add to the response (RateLimit fields on allowed requests).
     response_headers: Vec<(String, String)>,
+    /// The request waits for the rate limit service.
+    pending: Option<Pending>,
 }
 
-impl Context for Http {}
+/// A request paused for its fleet check: what finishing it needs.
+struct Pending {
+    token: u32,
+    call: FleetCall,
+    decision: Decision,
+    mapped: Mapped,
+    /// What the local limits charged, given back if the fleet refuses.
+    refund: Option<Refund>,
+    start: u64,
+}
+
+impl Context for Http {
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        let (Some(loaded), Some(p)) = (self.loaded.clone(), self.pending.take()) else {
+            return;
+        };
+        if p.token != token_id {
+            self.pending = Some(p);
+            return;
+        }
+        let engine = &loaded.engine;
+        let answer = grpc_answer(status_code, response_size);
+        let now = ffi::now_ns().unwrap_or(0);
+        let decision =
+            match engine.fleet_answer(&p.call, answer.as_deref().map_err(Clone::clone), now) {
+                FleetOutcome::Admitted => p.decision,
+                FleetOutcome::Refused(q) => {
+                    give_back(engine, p.refund.as_ref());
+                    Decision::over_quota(q)
+                }
+                FleetOutcome::Failed(why) => {
+                    ffi::increment_metric(loaded.metrics.fleet_errors, 1);
+                    log_fleet_error(&why);
+                    self.fleet_failed(engine, p.decision, p.refund.as_ref(), why)
+                }
+            };
+        let m = &p.mapped;
+        let action = self.finish(
+            &loaded,
+            decision,
+            Some(m),
+            Some(&m.request.tenant),
+            m.request_id.as_deref(),
+            p.start,
+        );
+        if action == Action::Continue {
+            if let Err(e) = ffi::continue_request() {
+                ffi::log(
+                    ffi::LOG_ERROR,
+                    &format!("tenantgate: cannot resume the request: {e}"),
+                );
+            }
+        }
+    }
+
+    fn on_done(&mut self) -> bool {
+        // The stream ended (a client reset) while its fleet check was
+        // pending: the local tokens it was charged go back.
+        if let (Some(loaded), Some(p)) = (&self.loaded, self.pending.take()) {
+            give_back(&loaded.engine, p.refund.as_ref());
+        }
+        true
+    }
+}
+
+/// Gives back a local charge (the fleet refused, or the stream ended).
+fn give_back(engine: &Engine, refund: Option<&Refund>) {
+    if let Some(r) = refund {
+        if let Err(e) = engine.refund(r, &SharedData) {
+            ffi::log(
+                ffi::LOG_ERROR,
+                &format!("tenantgate: cannot give back local quota tokens: {e}"),
+            );
+        }
+    }
+}
 
 /// Bucket state in proxy-wasm shared data (one VM per worker shares it).
 struct SharedData;
@@ -412,7 +614,12 @@ impl HttpContext for Http {
         };
         match engine.map_request(&input, &HostMetadata) {
             Ok(m) => {
-                let decision = engine.decide(&m.request, &SharedData);
+                let (decision, refund) = engine.decide_refundable(&m.request, &SharedData);
+                if decision.is_allowed() {
+                    if let Some(call) = engine.fleet_check(&m.request) {
+                        return self.check_fleet(&loaded, call, decision, m, refund, start);
+                    }
+                }
                 let (tenant, request_id) = (Some(&m.request.tenant), m.request_id.as_deref());
                 self.finish(&loaded, decision, Some(&m), tenant, request_id, start)
             }
@@ -435,6 +642,16 @@ impl HttpContext for Http {
         }
     }
 
+    fn on_http_request_body(&mut self, _body_size: usize, _end_of_stream: bool) -> Action {
+        // While the fleet check is pending the body waits too, or it would
+        // release the request upstream.
+        if self.pending.is_some() {
+            Action::Pause
+        } else {
+            Action::Continue
+        }
+    }
+
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
         // A client may send our headers as trailers (HTTP/2, chunked HTTP/1.1);
         // the upstream must never receive them.
@@ -443,7 +660,11 @@ impl HttpContext for Http {
                 let _ = ffi::remove_header(ffi::MAP_REQUEST_TRAILERS, name);
             }
         }
-        Action::Continue
+        if self.pending.is_some() {
+            Action::Pause
+        } else {
+            Action::Continue
+        }
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
@@ -455,6 +676,76 @@ impl HttpContext for Http {
 }
 
 impl Http {
+    /// Pauses an admitted request and asks the rate limit service; the
+    /// answer finishes it (`on_grpc_call_response`).
+    fn check_fleet(
+        &mut self,
+        loaded: &Rc<Loaded>,
+        call: FleetCall,
+        decision: Decision,
+        mapped: Mapped,
+        refund: Option<Refund>,
+        start: u64,
+    ) -> Action {
+        let engine = &loaded.engine;
+        let Some(rls) = engine.rate_limit_service() else {
+            let m = &mapped;
+            return self.finish(
+                loaded,
+                decision,
+                Some(m),
+                Some(&m.request.tenant),
+                m.request_id.as_deref(),
+                start,
+            );
+        };
+        match dispatch(self, rls, Vec::new(), &call.message) {
+            Ok(token) => {
+                ffi::increment_metric(loaded.metrics.fleet_calls, 1);
+                self.pending = Some(Pending {
+                    token,
+                    call,
+                    decision,
+                    mapped,
+                    refund,
+                    start,
+                });
+                Action::Pause
+            }
+            Err(why) => {
+                ffi::increment_metric(loaded.metrics.fleet_errors, 1);
+                log_fleet_error(&why);
+                let decision = self.fleet_failed(engine, decision, refund.as_ref(), why);
+                let m = &mapped;
+                self.finish(
+                    loaded,
+                    decision,
+                    Some(m),
+                    Some(&m.request.tenant),
+                    m.request_id.as_deref(),
+                    start,
+                )
+            }
+        }
+    }
+
+    /// The decision when the fleet check failed: `rate_limit_service.on_error`.
+    fn fleet_failed(
+        &self,
+        engine: &Engine,
+        local: Decision,
+        refund: Option<&Refund>,
+        why: String,
+    ) -> Decision {
+        match engine.rate_limit_service().map(|r| r.on_error) {
+            Some(OnError::Allow) => local,
+            _ => {
+                give_back(engine, refund);
+                Decision::error(OnError::Deny, format!("rate limit service: {why}"))
+            }
+        }
+    }
+
     /// Counts, audits and carries out a decision: continue (adding the
     /// identity headers when the request was mapped) or send the reply.
     fn finish(

@@ -85,10 +85,14 @@ impl crate::Engine {
         self.settings().rate_limit_service.as_ref()
     }
 
-    /// `per_request` mode: the call to make before a request to `tenant`
-    /// costing `cost` goes upstream, if a fleet limit applies to it.
-    pub fn fleet_check(&self, tenant: &TenantPath, cost: u64) -> Option<FleetCall> {
+    /// `per_request` mode: the call to make before an admitted request goes
+    /// upstream, if a fleet limit applies to it.
+    pub fn fleet_check(&self, req: &crate::Request) -> Option<FleetCall> {
         let rls = self.rate_limit_service()?;
+        let (tenant, cost) = (
+            &req.tenant,
+            self.settings().cost_of(&req.method, req.action),
+        );
         if rls.mode != FleetMode::PerRequest || cost == 0 {
             return None;
         }
@@ -101,7 +105,10 @@ impl crate::Engine {
             .iter()
             .filter_map(|i| all.get(*i))
             .map(|l| WireDescriptor {
-                entries: vec![(TENANT_KEY, l.tenant.as_str()), (LIMIT_KEY, l.name.as_str())],
+                entries: vec![
+                    (TENANT_KEY, l.tenant.as_str()),
+                    (LIMIT_KEY, l.name.as_str()),
+                ],
                 hits: None,
             })
             .collect();
@@ -122,7 +129,7 @@ impl crate::Engine {
         answer: Result<&[u8], String>,
         now: Nanos,
     ) -> FleetOutcome {
-        let response = match answer.and_then(|b| rls_wire::decode_response(b)) {
+        let response = match answer.and_then(rls_wire::decode_response) {
             Ok(r) => r,
             Err(e) => return FleetOutcome::Failed(e),
         };
@@ -174,7 +181,12 @@ impl crate::Engine {
 
     /// `batched` mode: the refusal in force for a request to `tenant`, if
     /// the service said one of its fleet limits is over.
-    pub fn fleet_refusal(&self, tenant: &TenantPath, cost: u64, now: Nanos) -> Option<QuotaDecision> {
+    pub fn fleet_refusal(
+        &self,
+        tenant: &TenantPath,
+        cost: u64,
+        now: Nanos,
+    ) -> Option<QuotaDecision> {
         let Ok(mut st) = self.fleet_state().inner.lock() else {
             return None;
         };
@@ -203,15 +215,16 @@ impl crate::Engine {
     }
 
     /// `batched` mode: the report to send now, if the interval has passed
-    /// and something was admitted since the last one. Its hits are taken.
-    pub fn fleet_report(&self, now: Nanos) -> Option<FleetCall> {
+    /// and something was admitted since the last one (or `now_anyway`: the
+    /// bundle is being replaced). Its hits are taken.
+    pub fn fleet_report(&self, now: Nanos, now_anyway: bool) -> Option<FleetCall> {
         let rls = self.rate_limit_service()?;
         if rls.mode != FleetMode::Batched {
             return None;
         }
         let mut st = self.fleet_state().inner.lock().ok()?;
         let interval = u64::from(rls.report_interval_ms).saturating_mul(1_000_000);
-        if st.pending.is_empty() || now.saturating_sub(st.last_report) < interval {
+        if st.pending.is_empty() || (!now_anyway && now.saturating_sub(st.last_report) < interval) {
             return None;
         }
         st.last_report = now;
@@ -222,7 +235,10 @@ impl crate::Engine {
             .iter()
             .filter_map(|(i, n)| all.get(*i).map(|l| (l, *n)))
             .map(|(l, n)| WireDescriptor {
-                entries: vec![(TENANT_KEY, l.tenant.as_str()), (LIMIT_KEY, l.name.as_str())],
+                entries: vec![
+                    (TENANT_KEY, l.tenant.as_str()),
+                    (LIMIT_KEY, l.name.as_str()),
+                ],
                 hits: Some(n),
             })
             .collect();
@@ -306,6 +322,7 @@ mod tests {
                 domain: "tg".into(),
                 ..RateLimitService::default()
             }),
+            costs: [("POST".to_string(), 2)].into_iter().collect(),
             ..Settings::default()
         };
         let mut b = Bundle {
@@ -317,7 +334,10 @@ mod tests {
                 t(
                     "/",
                     None,
-                    vec![file("tenants/p.cedar", "permit(principal, action, resource);")],
+                    vec![file(
+                        "tenants/p.cedar",
+                        "permit(principal, action, resource);",
+                    )],
                 ),
                 t(
                     "/acme",
@@ -386,7 +406,9 @@ mod tests {
     #[test]
     fn a_check_names_the_chain_deepest_first_with_the_cost() {
         let e = engine(FleetMode::PerRequest);
-        let call = e.fleet_check(&TenantPath::parse("/acme/eu").unwrap(), 2).unwrap();
+        let mut req = request(&e, "/acme/eu", SEC);
+        req.method = "POST".into();
+        let call = e.fleet_check(&req).unwrap();
         assert!(!call.report);
         let want = rls_wire::encode_request(
             "tg",
@@ -403,25 +425,30 @@ mod tests {
             2,
         );
         assert_eq!(call.message, want);
-        assert!(e.fleet_check(&TenantPath::parse("/globex").unwrap(), 1).is_none());
-        assert!(engine(FleetMode::Batched)
-            .fleet_check(&TenantPath::parse("/acme").unwrap(), 1)
-            .is_none());
+        assert!(e.fleet_check(&request(&e, "/globex", SEC)).is_none());
+        let b = engine(FleetMode::Batched);
+        assert!(b.fleet_check(&request(&b, "/acme", SEC)).is_none());
     }
 
     #[test]
     fn answers_admit_refuse_or_fail() {
         let e = engine(FleetMode::PerRequest);
-        let call = e.fleet_check(&TenantPath::parse("/acme/eu").unwrap(), 1).unwrap();
+        let call = e.fleet_check(&request(&e, "/acme/eu", SEC)).unwrap();
         let now = 100 * SEC;
         assert_eq!(
-            e.fleet_answer(&call, Ok(&answer(1, &[(1, 3, 2, 2, 50), (1, 5, 2, 4, 50)])), now),
+            e.fleet_answer(
+                &call,
+                Ok(&answer(1, &[(1, 3, 2, 2, 50), (1, 5, 2, 4, 50)])),
+                now
+            ),
             FleetOutcome::Admitted
         );
         // The parent refuses: its status gives the fields.
-        let FleetOutcome::Refused(q) =
-            e.fleet_answer(&call, Ok(&answer(2, &[(1, 3, 2, 2, 50), (2, 5, 2, 0, 42)])), now)
-        else {
+        let FleetOutcome::Refused(q) = e.fleet_answer(
+            &call,
+            Ok(&answer(2, &[(1, 3, 2, 2, 50), (2, 5, 2, 0, 42)])),
+            now,
+        ) else {
             panic!("not refused")
         };
         assert_eq!(q.limit.as_deref(), Some("rpm"));
@@ -440,7 +467,10 @@ mod tests {
         assert_eq!((q.retry_after_s, q.limits[0].rate), (60, 3));
         // No code, garbage, transport errors.
         for a in [Ok(&[][..]), Ok(&[0x12, 9][..]), Err("timeout".to_string())] {
-            assert!(matches!(e.fleet_answer(&call, a, now), FleetOutcome::Failed(_)));
+            assert!(matches!(
+                e.fleet_answer(&call, a, now),
+                FleetOutcome::Failed(_)
+            ));
         }
     }
 
@@ -469,7 +499,7 @@ mod tests {
             assert!(e.decide(&request(&e, "/acme/eu", t0), &s).is_allowed());
         }
         assert!(e.decide(&request(&e, "/acme", t0), &s).is_allowed());
-        let call = e.fleet_report(t0).unwrap();
+        let call = e.fleet_report(t0, false).unwrap();
         assert!(call.report);
         let want = rls_wire::encode_request(
             "tg",
@@ -488,7 +518,7 @@ mod tests {
         assert_eq!(call.message, want);
         // Taken: nothing more to report; and not before the interval.
         assert!(e.decide(&request(&e, "/acme", t0), &s).is_allowed());
-        assert!(e.fleet_report(t0 + SEC / 20).is_none());
+        assert!(e.fleet_report(t0 + SEC / 20, false).is_none());
         // `/acme/eu` is over for 2 s.
         let a = answer(2, &[(1, 5, 2, 1, 50), (2, 3, 2, 0, 2)]);
         assert_eq!(e.fleet_answer(&call, Ok(&a), t0), FleetOutcome::Admitted);
@@ -497,9 +527,11 @@ mod tests {
         let q = d.quota.unwrap();
         assert_eq!((q.retry_after_s, q.limit.as_deref()), (1, Some("rpm")));
         assert!(e.decide(&request(&e, "/acme", t0 + SEC), &s).is_allowed());
-        assert!(e.decide(&request(&e, "/acme/eu", t0 + 2 * SEC), &s).is_allowed());
+        assert!(e
+            .decide(&request(&e, "/acme/eu", t0 + 2 * SEC), &s)
+            .is_allowed());
         // The refused request was neither charged locally nor counted.
-        let call = e.fleet_report(t0 + 3 * SEC).unwrap();
+        let call = e.fleet_report(t0 + 3 * SEC, false).unwrap();
         let r: Response = decode_response(&answer(1, &[])).unwrap();
         assert_eq!(r.statuses, Vec::<Status>::new());
         assert_eq!(

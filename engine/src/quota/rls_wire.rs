@@ -37,7 +37,11 @@ pub struct WireDescriptor<'a> {
 /// Encodes a `RateLimitRequest`: `domain` (1), `descriptors` (2: entries (1)
 /// of key (1) and value (2); `hits_addend` (3) as a `UInt64Value`), and the
 /// request-level `hits_addend` (3) when it is not 0.
-pub fn encode_request(domain: &str, descriptors: &[WireDescriptor<'_>], hits_addend: u32) -> Vec<u8> {
+pub fn encode_request(
+    domain: &str,
+    descriptors: &[WireDescriptor<'_>],
+    hits_addend: u32,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
     put_bytes(&mut out, 1, domain.as_bytes());
     let mut d = Vec::with_capacity(48);
