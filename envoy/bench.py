@@ -57,7 +57,7 @@ AUDIT = os.environ.get("BENCH_AUDIT", "deny")
 ENVOY_CPU, WRK_CPU = "0", "1"
 
 NAMES = {"a": "baseline", "b": "native", "c": "wasm_floor", "d": "tenantgate", "e": "tenantgate_large",
-         "f": "tenantgate_nolimits"}
+         "f": "tenantgate_nolimits", "g": "tenantgate_fleet"}
 CALL_KINDS = ["time", "metric", "add_header", "set_shared", "get_header", "get_shared", "property", "header_map"]
 CALIBRATE = os.environ.get("BENCH_CALIBRATE", "1") != "0"
 CALLS = int(os.environ.get("BENCH_CALLS", "8"))
@@ -107,7 +107,7 @@ def native_filters():
     return [rbac, ratelimit]
 
 
-def bootstrap(listen, admin, filters):
+def bootstrap(listen, admin, filters, clusters=()):
     router = {"name": "envoy.filters.http.router",
               "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
     hcm = {
@@ -126,16 +126,20 @@ def bootstrap(listen, admin, filters):
             "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen}},
             "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                             "typed_config": hcm}]}],
-        }]},
+        }], "clusters": list(clusters)},
     }
 
 
-def bench_bundle(src, out, work, limits=True):
+def bench_bundle(src, out, work, limits=True, fleet=False):
     """A bundle of `src` with the benchmark's two setting changes (see the docstring).
     With `limits=False` every limit is removed: the policy part alone, for the
-    profile of where the time goes (config f)."""
+    profile of where the time goes (config f). With `fleet=True` the fleet
+    limit `rpm` of /acme is enforced per request through tenantgate-rls
+    (config g), with a rate no run reaches."""
     tree = h.copy_policies(work / f"tree-{out}", src)
     h.edit_settings(tree, audit=AUDIT)
+    if fleet:
+        h.edit_settings(tree, rate_limit_service={"cluster": "tenantgate_rls", "timeout_ms": 1000})
     if not limits:
         for f in (tree / "tenants").rglob("tenant.json"):
             cfg = json.loads(f.read_text())
@@ -151,6 +155,8 @@ def bench_bundle(src, out, work, limits=True):
         cfg = json.loads(acme.read_text())
         if "daily" in cfg.get("limits", {}):
             cfg["limits"]["daily"] = {"rate": 1_000_000_000_000, "per": "1d"}
+        if "rpm" in cfg.get("limits", {}):
+            cfg["limits"]["rpm"] = {"rate": 1_000_000_000_000, "per": "1m", "scope": "fleet"}
         acme.write_text(json.dumps(cfg))
     return h.make_bundle(tree, work / f"{out}.json")
 
@@ -202,10 +208,55 @@ def decision_quantiles(envoy):
         return None
 
 
+def rls_cluster(port):
+    return {"name": "tenantgate_rls", "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": "tenantgate_rls", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]},
+            "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}}}}}
+
+
+class FleetService:
+    """Redis and tenantgate-rls (release build) on the load generator's CPU, for config g."""
+
+    def __init__(self, bundle, work):
+        self.bundle, self.work = bundle, work
+        self.redis_port, self.port = h.free_port(), h.free_port()
+        self.procs = []
+
+    def __enter__(self):
+        rls = Path(os.environ.get("TENANTGATE_RLS", h.REPO / "target" / "release" / "tenantgate-rls"))
+        self.procs.append(subprocess.Popen(
+            ["taskset", "-c", WRK_CPU, "redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(self.work)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        h.wait_port(self.redis_port, 10, self.procs[-1], "redis-server")
+        self.procs.append(subprocess.Popen(
+            ["taskset", "-c", WRK_CPU, str(rls), "--bundle", str(self.bundle),
+             "--redis", f"redis://127.0.0.1:{self.redis_port}/", "--listen", f"127.0.0.1:{self.port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        h.wait_port(self.port, 20, self.procs[-1], "tenantgate-rls")
+        return self
+
+    def __exit__(self, *exc):
+        for p in reversed(self.procs):
+            h._stop(p)
+
+
 def run_one(key, setup, work, round_no):
+    filters, path, headers = setup[:3]
+    fleet_bundle = setup[3] if len(setup) > 3 else None
+    if fleet_bundle:
+        with FleetService(fleet_bundle, work) as svc:
+            return run_envoy(key, (filters, path, headers), work, round_no, [rls_cluster(svc.port)])
+    return run_envoy(key, (filters, path, headers), work, round_no, [])
+
+
+def run_envoy(key, setup, work, round_no, clusters):
     filters, path, headers = setup
     listen, admin = h.free_port(), h.free_port()
-    config = json.dumps(bootstrap(listen, admin, filters))
+    config = json.dumps(bootstrap(listen, admin, filters, clusters))
     envoy = h.Envoy(config, work, name=f"{key}-r{round_no}", concurrency=1, admin_port=admin,
                     listen_port=listen, cpus=ENVOY_CPU, log_level="warn")
     envoy.start(timeout=180)
@@ -216,7 +267,7 @@ def run_one(key, setup, work, round_no):
         if WARMUP > 0:
             wrk(listen, path, headers, WARMUP)
         result = wrk(listen, path, headers, DURATION)
-        if key in ("d", "e", "f"):
+        if key in ("d", "e", "f", "g"):
             time.sleep(5.5)  # histograms reach the admin output at the stats flush
             result["decision"] = decision_quantiles(envoy)
         return result
@@ -236,6 +287,8 @@ def main():
     small = bench_bundle(h.POLICIES, "bundle-policies", work)
     large = bench_bundle(large_tree, "bundle-large", work)
     nolimits = bench_bundle(h.POLICIES, "bundle-nolimits", work, limits=False)
+    fleet = bench_bundle(h.POLICIES, "bundle-fleet", work, fleet=True)
+    fleet_path = work / "bundle-fleet.json"
     setups = {
         "a": ([], "/orders/1", ACME),
         "b": (native_filters(), "/orders/1", ACME),
@@ -243,6 +296,7 @@ def main():
         "d": ([wasm_filter("tenantgate", wasm, small)], "/orders/1", ACME),
         "e": ([wasm_filter("tenantgate", wasm, large)], "/api/v1/items/42", LARGE),
         "f": ([wasm_filter("tenantgate", wasm, nolimits)], "/orders/1", ACME),
+        "g": ([wasm_filter("tenantgate", wasm, fleet)], "/orders/1", ACME, fleet_path),
     }
     if CALIBRATE:
         for kind in CALL_KINDS:
@@ -294,6 +348,7 @@ def main():
         "tenantgate/wasm_floor (target >= 0.90)": ratio("tenantgate", "wasm_floor"),
         "tenantgate_large/tenantgate (target >= 0.95)": ratio("tenantgate_large", "tenantgate"),
         "tenantgate_nolimits/wasm_floor (policy part only)": ratio("tenantgate_nolimits", "wasm_floor"),
+        "tenantgate_fleet/tenantgate (a per_request fleet check)": ratio("tenantgate_fleet", "tenantgate"),
     }
     for name, value in ratios.items():
         if value is not None:

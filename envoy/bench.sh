@@ -8,7 +8,9 @@
 #   (a) no filter, (b) native RBAC + local_ratelimit, (c) a no-op proxy-wasm
 #   filter (envoy/noop-filter: the Wasm boundary alone), (d) tenantgate with the
 #   bundle of policies/, (e) tenantgate with a generated bundle of 1,000
-#   tenants and 10,000 policies (envoy/gen_large_policies.py).
+#   tenants and 10,000 policies (envoy/gen_large_policies.py), (f) tenantgate
+#   without limits, (g) tenantgate with a per_request fleet limit checked with
+#   tenantgate-rls and Redis (on wrk's CPU).
 # Envoy (1 worker) is pinned to CPU 0 and wrk (from Debian) to CPU 1 with
 # taskset; at least 3 interleaved rounds; medians reported. The last line of
 # output is one JSON object: baseline_rps, native_rps, wasm_floor_rps,
@@ -34,6 +36,8 @@ rustup target add wasm32-wasip1 >/dev/null 2>&1 || true
 cargo build -q --manifest-path envoy/noop-filter/Cargo.toml --target wasm32-wasip1 --release \
   --target-dir target/noop-filter
 cargo build -q -p tenantgate-cli
+cargo build -q --release -p tenantgate-rls
+scripts/install-redis.sh
 export TENANTGATE_CLI="$PWD/target/debug/tenantgate"
 export NOOP_WASM="$PWD/target/noop-filter/wasm32-wasip1/release/tenantgate_noop_filter.wasm"
 exec python3 envoy/bench.py
