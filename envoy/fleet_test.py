@@ -13,8 +13,9 @@ three proxies and check:
   local tokens of refused requests go back (the local limit never refuses);
 - `batched`: no call per request (the calls follow the report interval), the
   fleet total stays within the documented bound;
-- the service stopped: `on_error` decides within the timeout, Envoy keeps
-  serving, the error counter moves; the service back: enforcement resumes.
+- the service (or Redis) stopped: `on_error` decides within the timeout,
+  Envoy keeps serving, the error counter moves; back: enforcement resumes;
+  `on_error: "deny"` answers 503.
 
     python3 envoy/fleet_test.py [-v]
 
@@ -263,6 +264,29 @@ class PerRequest(unittest.TestCase):
             return f.spread(1)[0].status == 200 and f.counter("tenantgate.fleet_errors") == before
 
         self.assertTrue(h.wait_for(answered, 10), "the service did not come back")
+        self.assertGreaterEqual(f.redis.count("/fleet", "rpm"), 1)
+
+    def test_redis_stopped_then_back(self):
+        f = self.fleet
+        errors = f.counter("tenantgate.fleet_errors")
+        f.redis.stop()
+        try:
+            # The service answers UNAVAILABLE, or the call outlives
+            # timeout_ms (200): either way on_error ("allow") decides.
+            start = time.monotonic()
+            rs = f.spread(3)
+            self.assertEqual(statuses(rs), {200: 3})
+            self.assertLess(time.monotonic() - start, 3.0)
+            self.assertEqual(f.counter("tenantgate.fleet_errors") - errors, 3)
+        finally:
+            f.redis.start()
+
+        # The service reconnects on its own: calls succeed and count again.
+        def answered():
+            before = f.counter("tenantgate.fleet_errors")
+            return f.spread(1)[0].status == 200 and f.counter("tenantgate.fleet_errors") == before
+
+        self.assertTrue(h.wait_for(answered, 15), "no answer after Redis came back")
         self.assertGreaterEqual(f.redis.count("/fleet", "rpm"), 1)
 
 
