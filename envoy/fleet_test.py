@@ -290,24 +290,60 @@ class PerRequest(unittest.TestCase):
         self.assertGreaterEqual(f.redis.count("/fleet", "rpm"), 1)
 
 
+class BlackHole:
+    """Accepts connections and never answers: a service past any timeout."""
+
+    def __init__(self):
+        import socket
+        import threading
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.conns = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+
+    def close(self):
+        for c in self.conns:
+            c.close()
+        self.sock.close()
+
+
 class OnErrorDeny(unittest.TestCase):
     def test_deny_refuses_with_503_within_the_timeout(self):
         f = Fleet("on-error-deny", on_error="deny", timeout_ms=100)
-        f.work.mkdir(exist_ok=True)
+        hole = BlackHole()
+        f.rls_port = hole.port
         f.redis.start()
         f.upstream.start()
         try:
-            # No service at all: every check fails at once (connection refused).
             f.envoys = [render(f.bundle, f.work, "envoy0", f.upstream.port, f.rls_port).start()]
+            # A service that never answers: 503 once timeout_ms (100) passed.
+            start = time.monotonic()
             r = f.envoys[0].request("GET", "/items", WHO)
+            took = time.monotonic() - start
             self.assertEqual(r.status, 503, r)
+            self.assertEqual(r.json().get("error"), "unavailable", r)
+            self.assertTrue(0.09 <= took < 1.0, took)
             self.assertEqual(f.counter("tenantgate.fleet_errors"), 1)
             # A tenant without fleet limits is not affected.
             r = f.envoys[0].request("GET", "/docs", {"x-tenant": "/public", "x-user": "pat",
                                                     "x-user-tenant": "/public"})
             self.assertEqual(r.status, 200, r)
+            lines = h.wait_for(lambda: [a for a in h.audit_lines(f.envoys[0]) if a.get("status") == 503], 5)
+            self.assertEqual(len(lines), 1)
+            self.assertEqual(lines[0]["errors"], ["rate limit service: gRPC status 14 (unavailable, or past timeout_ms)"])
         finally:
             f.stop()
+            hole.close()
 
 
 INTERVAL_MS = 100

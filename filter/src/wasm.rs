@@ -219,8 +219,9 @@ fn grpc_answer(status_code: u32, size: usize) -> Result<Vec<u8>, String> {
         return Err(format!(
             "gRPC status {status_code} ({})",
             match status_code {
-                4 => "deadline exceeded: past timeout_ms",
-                14 => "unavailable",
+                4 => "past timeout_ms",
+                // Envoy also reports a call past its timeout as UNAVAILABLE.
+                14 => "unavailable, or past timeout_ms",
                 _ => "see the service's log",
             }
         ));
