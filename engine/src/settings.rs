@@ -500,6 +500,47 @@ mod tests {
     }
 
     #[test]
+    fn rate_limit_service_defaults_and_bounds() {
+        let s: Settings = serde_json::from_str(r#"{"rate_limit_service": {}}"#).unwrap();
+        let r = s.rate_limit_service.clone().unwrap();
+        assert_eq!(
+            (
+                r.cluster.as_str(),
+                r.domain.as_str(),
+                r.mode,
+                r.timeout_ms,
+                r.report_interval_ms,
+                r.on_error
+            ),
+            (
+                "tenantgate_rls",
+                "tenantgate",
+                FleetMode::PerRequest,
+                50,
+                100,
+                OnError::Allow
+            )
+        );
+        assert!(s.check().is_empty());
+        let s: Settings = serde_json::from_str(
+            r#"{"rate_limit_service": {"cluster": "a b", "timeout_ms": 0, "report_interval_ms": 5, "mode": "batched"}}"#,
+        )
+        .unwrap();
+        let errors = s.check();
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(errors[0].starts_with("`rate_limit_service.cluster`: `a b`"));
+        assert!(errors[1].starts_with("`rate_limit_service.timeout_ms`: 0"));
+        assert!(errors[2].starts_with("`rate_limit_service.report_interval_ms`: 5"));
+        assert!(serde_json::from_str::<Settings>(
+            r#"{"rate_limit_service": {"mode": "sometimes"}}"#
+        )
+        .is_err());
+        assert!(
+            serde_json::from_str::<Settings>(r#"{"rate_limit_service": {"timeout": 5}}"#).is_err()
+        );
+    }
+
+    #[test]
     fn refuses_unknown_keys_and_bad_values() {
         assert!(serde_json::from_str::<Settings>(r#"{"tenants": {}}"#).is_err());
         assert!(serde_json::from_str::<Settings>(r#"{"mode": "audit"}"#).is_err());
