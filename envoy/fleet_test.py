@@ -15,7 +15,9 @@ three proxies and check:
   fleet total stays within the documented bound;
 - the service (or Redis) stopped: `on_error` decides within the timeout,
   Envoy keeps serving, the error counter moves; back: enforcement resumes;
-  `on_error: "deny"` answers 503.
+- a service that never answers: `on_error: "deny"` answers 503 after
+  `timeout_ms`, a request body waits with its headers; a client that leaves
+  while its check is pending gives its local tokens back.
 
     python3 envoy/fleet_test.py [-v]
 
@@ -39,6 +41,7 @@ FLEET_RATE = 30
 TIGHT_FLEET, TIGHT_BURST = 10, 20
 WHO = {"x-tenant": "/fleet", "x-user": "fay", "x-user-tenant": "/fleet"}
 TIGHT = {"x-tenant": "/tight", "x-user": "tim", "x-user-tenant": "/tight"}
+SLOW = {"x-tenant": "/slow", "x-user": "sam", "x-user-tenant": "/slow"}
 
 
 def rls_binary():
@@ -108,6 +111,9 @@ def fleet_policies(dest, **rls):
                    "rpm": {"rate": FLEET_RATE, "per": "1m", "scope": "fleet"}}),
         ("tight", {"rps": {"rate": 1, "burst": TIGHT_BURST},
                    "rpm": {"rate": TIGHT_FLEET, "per": "1m", "scope": "fleet"}}),
+        # A local limit whose RateLimit field shows every token (q = 20).
+        ("slow", {"minute": {"rate": 20, "per": "1m"},
+                  "rpm": {"rate": 1000, "per": "1m", "scope": "fleet"}}),
     ]:
         t = d / "tenants" / name
         t.mkdir()
@@ -317,15 +323,32 @@ class BlackHole:
         self.sock.close()
 
 
-class OnErrorDeny(unittest.TestCase):
-    def test_deny_refuses_with_503_within_the_timeout(self):
-        f = Fleet("on-error-deny", on_error="deny", timeout_ms=100)
+def one_envoy(name, hole, **rls):
+    """A Fleet of one Envoy whose rate limit service is `hole`."""
+    f = Fleet(name, **rls)
+    f.rls_port = hole.port
+    f.redis.start()
+    f.upstream.start()
+    try:
+        f.envoys = [render(f.bundle, f.work, "envoy0", f.upstream.port, f.rls_port).start()]
+    except Exception:
+        f.stop()
+        raise
+    return f
+
+
+def remaining_minute(response):
+    """`r` of the `minute` item of a RateLimit field: the local tokens left."""
+    import re
+    m = re.search(r'"minute";r=(\d+)', response.headers.get("ratelimit", ""))
+    return int(m.group(1)) if m else None
+
+
+class SlowService(unittest.TestCase):
+    def test_deny_refuses_with_503_after_the_timeout_and_the_body_waits(self):
         hole = BlackHole()
-        f.rls_port = hole.port
-        f.redis.start()
-        f.upstream.start()
+        f = one_envoy("on-error-deny", hole, on_error="deny", timeout_ms=100)
         try:
-            f.envoys = [render(f.bundle, f.work, "envoy0", f.upstream.port, f.rls_port).start()]
             # A service that never answers: 503 once timeout_ms (100) passed.
             start = time.monotonic()
             r = f.envoys[0].request("GET", "/items", WHO)
@@ -334,13 +357,52 @@ class OnErrorDeny(unittest.TestCase):
             self.assertEqual(r.json().get("error"), "unavailable", r)
             self.assertTrue(0.09 <= took < 1.0, took)
             self.assertEqual(f.counter("tenantgate.fleet_errors"), 1)
+            # A request with a body: the body waits with the headers, so
+            # nothing reaches the upstream before the (failed) check.
+            r = f.envoys[0].request("POST", "/items", WHO, body=b"x" * 200_000)
+            self.assertEqual(r.status, 503, r)
             # A tenant without fleet limits is not affected.
             r = f.envoys[0].request("GET", "/docs", {"x-tenant": "/public", "x-user": "pat",
                                                     "x-user-tenant": "/public"})
             self.assertEqual(r.status, 200, r)
-            lines = h.wait_for(lambda: [a for a in h.audit_lines(f.envoys[0]) if a.get("status") == 503], 5)
-            self.assertEqual(len(lines), 1)
-            self.assertEqual(lines[0]["errors"], ["rate limit service: gRPC status 14 (unavailable, or past timeout_ms)"])
+            def refused():
+                lines = [a for a in h.audit_lines(f.envoys[0]) if a.get("status") == 503]
+                return lines if len(lines) >= 2 else None
+
+            lines = h.wait_for(refused, 5) or []
+            self.assertEqual(len(lines), 2)
+            self.assertEqual(lines[0]["errors"],
+                             ["rate limit service: gRPC status 14 (unavailable, or past timeout_ms)"])
+        finally:
+            f.stop()
+            hole.close()
+
+    def test_a_client_gone_while_its_check_is_pending_gives_its_local_tokens_back(self):
+        import socket
+        hole = BlackHole()
+        f = one_envoy("client-reset", hole, on_error="allow", timeout_ms=1500)
+        try:
+            envoy = f.envoys[0]
+            first = envoy.request("GET", "/items", SLOW, timeout=5)
+            self.assertEqual(first.status, 200, first)
+            before = remaining_minute(first)
+            self.assertIsNotNone(before, first.headers)
+            # Five clients send a request and leave while it waits for the service.
+            for _ in range(5):
+                c = socket.create_connection(("127.0.0.1", envoy.listen_port))
+                c.sendall(b"GET /items HTTP/1.1\r\nhost: x\r\nx-tenant: /slow\r\nx-user: sam\r\n"
+                          b"x-user-tenant: /slow\r\n\r\n")
+                time.sleep(0.1)
+                c.close()
+            after = envoy.request("GET", "/items", SLOW, timeout=5)
+            self.assertEqual(after.status, 200, after)
+            # One token for this request; the five left without costing any
+            # (refill: one token per 3 s, about 1 s passed). Had they kept
+            # their tokens, 6 would be gone.
+            got = remaining_minute(after)
+            print(f"\n  client resets: `minute` remaining {before} before, {got} after 5 resets and 1 request",
+                  file=sys.stderr)
+            self.assertIn(got, (before - 1, before), (before, got))
         finally:
             f.stop()
             hole.close()
