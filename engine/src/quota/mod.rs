@@ -125,6 +125,7 @@ mod bucket;
 mod clock;
 pub mod fleet;
 mod fleet_client;
+pub mod keyed;
 mod lease;
 pub mod rls_wire;
 mod series;
