@@ -20,6 +20,10 @@ use crate::request::Request;
 use crate::settings::{FleetMode, OnPolicyError, Settings};
 use crate::tenant::TenantPath;
 
+/// A map keyed by tenant paths from the bundle, with the fast hasher of
+/// configuration keys.
+type TenantMap<V> = HashMap<TenantPath, V, std::hash::BuildHasherDefault<crate::quota::KeyHasher>>;
+
 /// Where a policy came from.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct PolicyInfo {
@@ -59,7 +63,9 @@ pub struct Engine {
     settings: Settings,
     version: String,
     types: Types,
-    tenants: HashMap<TenantPath, TenantNode>,
+    /// Looked up with request data on every request, never filled from it:
+    /// the fast hasher of configuration keys is safe here.
+    tenants: TenantMap<TenantNode>,
     authorizer: Authorizer,
     quotas: QuotaModel,
     policy_count: usize,
@@ -160,6 +166,12 @@ impl Engine {
     }
 
     /// True if the bundle declares this tenant.
+    /// The bundle's path for `text` when it is a declared tenant written in
+    /// canonical form (a shared clone, no allocation).
+    pub fn known_tenant(&self, text: &str) -> Option<TenantPath> {
+        self.tenants.get_key_value(text).map(|(k, _)| k.clone())
+    }
+
     pub fn has_tenant(&self, tenant: &TenantPath) -> bool {
         self.tenants.contains_key(tenant)
     }
@@ -583,8 +595,8 @@ fn effective_sets(
     entities: &HashMap<TenantPath, Entity>,
     actions: &[Entity],
     errors: &mut Vec<Diagnostic>,
-) -> (HashMap<TenantPath, TenantNode>, usize) {
-    let mut tenants = HashMap::new();
+) -> (TenantMap<TenantNode>, usize) {
+    let mut tenants = TenantMap::default();
     let mut effective_lists: HashMap<TenantPath, Vec<Arc<CompiledPolicy>>> = HashMap::new();
     let mut policy_count = 0;
     for (path, _, _) in configs {

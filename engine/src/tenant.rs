@@ -55,6 +55,14 @@ pub(crate) fn shorten(s: &str) -> String {
     format!("{}...", s.get(..end).unwrap_or_default().escape_debug())
 }
 
+/// A path looks up as its text (hash and equality are the text's), so a map
+/// keyed by paths answers a `&str` without allocating a path.
+impl std::borrow::Borrow<str> for TenantPath {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl TenantPath {
     /// The root tenant `/`.
     pub fn root() -> Self {
@@ -90,7 +98,9 @@ impl TenantPath {
                 });
             }
         }
-        Ok(TenantPath(Arc::from(format!("/{rest}"))))
+        // `s` itself when it has no trailing `/` (one allocation, no formatting).
+        let canonical = s.strip_suffix('/').unwrap_or(s);
+        Ok(TenantPath(Arc::from(canonical)))
     }
 
     /// The child of this tenant named `segment`.

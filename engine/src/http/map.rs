@@ -90,7 +90,7 @@ impl Engine {
             source => {
                 let value = from_source(input, meta, source)?;
                 match value.as_deref().map(trim_ows) {
-                    Some(v) if !v.is_empty() => Ok((parse_tenant(v)?, path)),
+                    Some(v) if !v.is_empty() => Ok((self.parse_tenant(v)?, path)),
                     empty => match default() {
                         Some(t) => Ok((t, path)),
                         None => Err(format!(
@@ -126,14 +126,17 @@ impl Engine {
         }
         let home = match &settings.principal_tenant {
             Some(source) => match from_source(input, meta, source)? {
-                Some(v) if !trim_ows(&v).is_empty() => {
-                    parse_tenant(trim_ows(&v)).map_err(|m| format!("principal tenant: {m}"))?
-                }
+                Some(v) if !trim_ows(&v).is_empty() => self
+                    .parse_tenant(trim_ows(&v))
+                    .map_err(|m| format!("principal tenant: {m}"))?,
                 _ => tenant.clone(),
             },
             None => tenant.clone(),
         };
-        Ok(Some(Principal { id, tenant: home }))
+        Ok(Some(Principal {
+            id: id.into_owned(),
+            tenant: home,
+        }))
     }
 
     /// The `context_headers` present on the request.
@@ -284,11 +287,18 @@ fn describe(source: &Source, why: &str) -> String {
     }
 }
 
-fn parse_tenant(v: &str) -> Result<TenantPath, String> {
-    if v.len() > MAX_TENANT_LEN {
-        return Err(format!("the tenant is longer than {MAX_TENANT_LEN} bytes"));
+impl Engine {
+    /// A tenant path from a request: the bundle's own path when it names a
+    /// declared tenant as written (no allocation), else parsed.
+    fn parse_tenant(&self, v: &str) -> Result<TenantPath, String> {
+        if v.len() > MAX_TENANT_LEN {
+            return Err(format!("the tenant is longer than {MAX_TENANT_LEN} bytes"));
+        }
+        if let Some(t) = self.known_tenant(v) {
+            return Ok(t);
+        }
+        TenantPath::parse(v).map_err(|e| e.to_string())
     }
-    TenantPath::parse(v).map_err(|e| e.to_string())
 }
 
 /// The IP of `host:port`, `[v6]:port` or a bare address.

@@ -115,7 +115,11 @@ impl Mapped {
 pub(crate) fn header<'a>(input: &'a HttpInput<'_>, name: &str) -> Result<Option<&'a str>, String> {
     let mut found: Option<&[u8]> = None;
     for (k, v) in input.headers {
-        if k.eq_ignore_ascii_case(name) {
+        // Envoy hands names over in lower case, as ours are: the byte compare
+        // settles nearly every case; the length check skips the rest.
+        if k.len() == name.len()
+            && (k.as_bytes() == name.as_bytes() || k.eq_ignore_ascii_case(name))
+        {
             if found.is_some() {
                 return Err(format!("more than one `{name}` header"));
             }
@@ -130,16 +134,17 @@ pub(crate) fn header<'a>(input: &'a HttpInput<'_>, name: &str) -> Result<Option<
     }
 }
 
-pub(crate) fn from_source(
-    input: &HttpInput<'_>,
+/// A value from a header (borrowed) or from metadata (owned).
+pub(crate) fn from_source<'a>(
+    input: &'a HttpInput<'_>,
     meta: &dyn MetadataSource,
     source: &Source,
-) -> Result<Option<String>, String> {
+) -> Result<Option<std::borrow::Cow<'a, str>>, String> {
     match source {
-        Source::Header(name) => Ok(header(input, name)?.map(str::to_string)),
+        Source::Header(name) => Ok(header(input, name)?.map(std::borrow::Cow::Borrowed)),
         Source::Metadata(path) => match meta.metadata(path) {
             Some(bytes) => String::from_utf8(bytes)
-                .map(Some)
+                .map(|s| Some(std::borrow::Cow::Owned(s)))
                 .map_err(|_| format!("metadata `{}` is not valid UTF-8", path.join("."))),
             None => Ok(None),
         },

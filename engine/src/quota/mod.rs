@@ -153,6 +153,7 @@ use spec::Limit;
 pub use clock::{Clock, FakeClock, SystemClock};
 pub use fleet_client::{FleetCall, FleetOutcome, FleetState, RLS_METHOD, RLS_SERVICE};
 pub use lease::{Leases, LEASE_DIVISOR, LEASE_TTL_NS, MAX_BATCH};
+pub(crate) use store::KeyHasher;
 pub use store::{BucketStore, MemoryStore, StoreError};
 
 /// Nanoseconds since the Unix epoch.
