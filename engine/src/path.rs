@@ -66,7 +66,7 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
         if b.is_ascii_control() || b == b' ' || b == b'\\' {
             return Err(PathError::BadCharacter);
         }
-        plain &= !matches!(b, b'%' | b';' | b'.') && !(b == b'/' && prev == b'/');
+        plain &= !(matches!(b, b'%' | b';' | b'.') || (b == b'/' && prev == b'/'));
         prev = b;
     }
     if plain && (path.len() == 1 || prev != b'/') {
