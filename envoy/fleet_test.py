@@ -182,6 +182,15 @@ class Fleet:
             out.append(self.envoys[i % 3].request("GET", "/items", who))
         return out
 
+    def answers_again(self, timeout):
+        """Waits until a request is checked with no fleet error (the service or
+        Redis back); returns whether it happened within `timeout` seconds."""
+        def answered():
+            before = self.counter("tenantgate.fleet_errors")
+            return self.spread(1)[0].status == 200 and self.counter("tenantgate.fleet_errors") == before
+
+        return h.wait_for(answered, timeout)
+
     def counter(self, name):
         """A filter counter (`tenantgate.fleet_calls`) summed over the Envoys."""
         return sum(e.counter("wasmcustom." + name) or 0 for e in self.envoys)
@@ -264,12 +273,7 @@ class PerRequest(unittest.TestCase):
             f.rls = Rls(f.bundle, f.redis.url, f.work, f.rls_port).start()
         # Back: calls succeed again (Envoy reconnects on its own) and count.
         f.redis.flush()
-
-        def answered():
-            before = f.counter("tenantgate.fleet_errors")
-            return f.spread(1)[0].status == 200 and f.counter("tenantgate.fleet_errors") == before
-
-        self.assertTrue(h.wait_for(answered, 10), "the service did not come back")
+        self.assertTrue(f.answers_again(10), "the service did not come back")
         self.assertGreaterEqual(f.redis.count("/fleet", "rpm"), 1)
 
     def test_redis_stopped_then_back(self):
@@ -288,11 +292,7 @@ class PerRequest(unittest.TestCase):
             f.redis.start()
 
         # The service reconnects on its own: calls succeed and count again.
-        def answered():
-            before = f.counter("tenantgate.fleet_errors")
-            return f.spread(1)[0].status == 200 and f.counter("tenantgate.fleet_errors") == before
-
-        self.assertTrue(h.wait_for(answered, 15), "no answer after Redis came back")
+        self.assertTrue(f.answers_again(15), "no answer after Redis came back")
         self.assertGreaterEqual(f.redis.count("/fleet", "rpm"), 1)
 
 

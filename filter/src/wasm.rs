@@ -501,15 +501,7 @@ impl Context for Http {
                     self.fleet_failed(engine, p.decision, p.refund.as_ref(), why)
                 }
             };
-        let m = &p.mapped;
-        let action = self.finish(
-            &loaded,
-            decision,
-            Some(m),
-            Some(&m.request.tenant),
-            m.request_id.as_deref(),
-            p.start,
-        );
+        let action = self.finish_mapped(&loaded, decision, &p.mapped, p.start);
         if action == Action::Continue {
             if let Err(e) = ffi::continue_request() {
                 ffi::log(
@@ -621,8 +613,7 @@ impl HttpContext for Http {
                         return self.check_fleet(&loaded, call, decision, m, refund, start);
                     }
                 }
-                let (tenant, request_id) = (Some(&m.request.tenant), m.request_id.as_deref());
-                self.finish(&loaded, decision, Some(&m), tenant, request_id, start)
+                self.finish_mapped(&loaded, decision, &m, start)
             }
             Err(bad) => {
                 let tenantgate_engine::http::BadRequest {
@@ -690,15 +681,7 @@ impl Http {
     ) -> Action {
         let engine = &loaded.engine;
         let Some(rls) = engine.rate_limit_service() else {
-            let m = &mapped;
-            return self.finish(
-                loaded,
-                decision,
-                Some(m),
-                Some(&m.request.tenant),
-                m.request_id.as_deref(),
-                start,
-            );
+            return self.finish_mapped(loaded, decision, &mapped, start);
         };
         match dispatch(self, rls, Vec::new(), &call.message) {
             Ok(token) => {
@@ -717,15 +700,7 @@ impl Http {
                 ffi::increment_metric(loaded.metrics.fleet_errors, 1);
                 log_fleet_error(&why);
                 let decision = self.fleet_failed(engine, decision, refund.as_ref(), why);
-                let m = &mapped;
-                self.finish(
-                    loaded,
-                    decision,
-                    Some(m),
-                    Some(&m.request.tenant),
-                    m.request_id.as_deref(),
-                    start,
-                )
+                self.finish_mapped(loaded, decision, &mapped, start)
             }
         }
     }
@@ -745,6 +720,18 @@ impl Http {
                 Decision::error(OnError::Deny, format!("rate limit service: {why}"))
             }
         }
+    }
+
+    /// [`Http::finish`] of a mapped request.
+    fn finish_mapped(
+        &mut self,
+        loaded: &Loaded,
+        decision: Decision,
+        m: &Mapped,
+        start: u64,
+    ) -> Action {
+        let (tenant, request_id) = (Some(&m.request.tenant), m.request_id.as_deref());
+        self.finish(loaded, decision, Some(m), tenant, request_id, start)
     }
 
     /// Counts, audits and carries out a decision: continue (adding the
