@@ -15,6 +15,7 @@ use crate::bundle::{json_error, Bundle, BundleTenant, SourceFile, TenantConfig};
 use crate::decision::Decision;
 use crate::diag::{locate_json_key, Diagnostic, Diagnostics};
 use crate::entities::{json_to_expr, Types};
+use crate::quota::keyed::{Fingerprint, KeyedOutcome};
 use crate::quota::{BucketStore, LimitsInput, QuotaModel};
 use crate::request::Request;
 use crate::settings::{FleetMode, OnPolicyError, Settings};
@@ -77,6 +78,9 @@ pub struct Engine {
     leases: crate::quota::Leases,
     /// This worker's batched fleet-limit state (see `quota::FleetState`).
     fleet: crate::quota::FleetState,
+    /// The process's secret for keyed limits' fingerprints, read from (or
+    /// put in) shared data at the first keyed admission.
+    fingerprint: std::sync::OnceLock<crate::quota::keyed::Fingerprint>,
 }
 
 impl Engine {
@@ -126,6 +130,7 @@ impl Engine {
             uses_source_ip: policy_texts().any(|t| t.contains("source_ip")),
             leases: crate::quota::Leases::default(),
             fleet: crate::quota::FleetState::default(),
+            fingerprint: std::sync::OnceLock::new(),
         })
     }
 
@@ -245,6 +250,16 @@ impl Engine {
             }
             return (decision, None);
         }
+        let store_error = |e: crate::quota::StoreError| {
+            Decision::error(self.settings.on_error, format!("quota store: {e}"))
+        };
+        // Keyed limits first: a refusal there charges nothing anywhere.
+        let (keyed, keyed_charges) = match self.admit_keyed(req, cost, store) {
+            Ok(KeyedOutcome::Admitted(statuses, charges)) => (statuses, charges),
+            Ok(KeyedOutcome::Refused(q)) => return (Decision::over_quota(q), None),
+            Ok(KeyedOutcome::Missing(message)) => return (Decision::bad_request(message), None),
+            Err(e) => return (store_error(e), None),
+        };
         let admitted = if per_request && cost > 0 {
             self.quotas
                 .admit_refundable(&req.tenant, cost, req.time_ns, store)
@@ -253,25 +268,66 @@ impl Engine {
                 .admit_leased(&self.leases, &req.tenant, cost, req.time_ns, store)
                 .map(|q| (q, None))
         };
+        let give_back = || {
+            // Best effort: the decision stands whatever the store says.
+            let _ = self.quotas.refund_keyed(&keyed_charges, store);
+        };
         match admitted {
             Ok((q, refund)) if q.admitted => {
                 if batched {
                     self.fleet_count(&req.tenant, cost);
                 }
+                let refund = if per_request {
+                    crate::quota::Refund::join(refund, keyed_charges)
+                } else {
+                    None
+                };
                 (
                     Decision {
-                        quota: Some(q),
+                        quota: Some(q.with_keyed(keyed, cost)),
                         ..decision
                     },
                     refund,
                 )
             }
-            Ok((q, _)) => (Decision::over_quota(q), None),
-            Err(e) => (
-                Decision::error(self.settings.on_error, format!("quota store: {e}")),
-                None,
-            ),
+            Ok((q, _)) => {
+                give_back();
+                (Decision::over_quota(q), None)
+            }
+            Err(e) => {
+                give_back();
+                (store_error(e), None)
+            }
         }
+    }
+
+    /// The keyed limits' part of a decision.
+    fn admit_keyed(
+        &self,
+        req: &Request,
+        cost: u64,
+        store: &dyn BucketStore,
+    ) -> Result<KeyedOutcome, crate::quota::StoreError> {
+        if self.quotas.keyed().is_empty() {
+            return Ok(KeyedOutcome::Admitted(Vec::new(), Default::default()));
+        }
+        let fingerprint = match self.fingerprint.get() {
+            Some(f) => *f,
+            None => {
+                let f = Fingerprint::from_store(store, fresh_seed())?;
+                *self.fingerprint.get_or_init(|| f)
+            }
+        };
+        let principal = req.principal.as_ref().map(|p| p.id.as_str());
+        self.quotas.admit_keyed(
+            &fingerprint,
+            &req.tenant,
+            principal,
+            &req.key_headers,
+            cost,
+            req.time_ns,
+            store,
+        )
     }
 
     /// Gives back what a local admission charged (a fleet refusal, or a
@@ -919,4 +975,19 @@ fn validate_file(
     _set: &PolicySet,
 ) -> Vec<Diagnostic> {
     Vec::new()
+}
+
+/// 16 random bytes from the host (WASI `random_get` in the filter, the
+/// operating system natively), through the standard library's hasher keys.
+fn fresh_seed() -> [u8; 16] {
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = [0u8; 16];
+    for half in out.chunks_mut(8) {
+        let word = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+            .to_le_bytes();
+        half.copy_from_slice(&word);
+    }
+    out
 }

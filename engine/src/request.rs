@@ -30,6 +30,9 @@ pub struct Request {
     pub time_ns: u64,
     /// The `context_headers` present on the request, names lowercase.
     pub headers: Vec<(String, String)>,
+    /// Values of the headers keyed limits count by (names lowercase); not
+    /// part of the policy context.
+    pub key_headers: Vec<(String, String)>,
     /// JWT claims (a JSON object) when the identity comes from a JWT.
     pub claims: Option<serde_json::Value>,
     /// Extra context fields merged over the built context (`tenantgate check --context`, policy tests).
@@ -54,6 +57,7 @@ impl Request {
             source_ip: None,
             time_ns: 0,
             headers: Vec::new(),
+            key_headers: Vec::new(),
             claims: None,
             extra_context: None,
         }

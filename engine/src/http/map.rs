@@ -42,6 +42,7 @@ impl Engine {
             .map_principal(input, meta, &tenant)
             .map_err(in_tenant)?;
         let headers = self.context_headers(input).map_err(in_tenant)?;
+        let key_headers = self.key_headers(input).map_err(in_tenant)?;
         let claims = self.map_claims(input).map_err(in_tenant)?;
         let action = match &self.settings().grpc {
             Some(g) if method == "POST" && is_grpc(input) => Some(g.action(&path)),
@@ -60,6 +61,7 @@ impl Engine {
             source_ip: input.source_address.and_then(ip_of),
             time_ns: input.now_ns,
             headers,
+            key_headers,
             claims,
             extra_context: None,
         };
@@ -148,6 +150,18 @@ impl Engine {
             }
         }
         Ok(headers)
+    }
+
+    /// The headers keyed limits count by, when present (trimmed of optional
+    /// whitespace).
+    fn key_headers(&self, input: &HttpInput<'_>) -> Result<Vec<(String, String)>, String> {
+        let mut out = Vec::new();
+        for name in self.quotas().keyed_headers() {
+            if let Some(v) = header(input, name)? {
+                out.push((name.clone(), trim_ows(v).to_string()));
+            }
+        }
+        Ok(out)
     }
 
     /// JWT claims from the `claims` header, when the bundle names one.

@@ -29,9 +29,13 @@
 //! nothing is gained. Two values with the same fingerprint share a bucket
 //! (probability about `n^2 / 2^65` for `n` live values).
 
+use std::sync::Arc;
+
 use sha2::{Digest, Sha256};
 
-use super::{BucketStore, Nanos, StoreError, MAX_ATTEMPTS};
+use super::spec::{KeySource, KeySpec, Limit, Missing};
+use super::{BucketStore, LimitStatus, Nanos, QuotaDecision, QuotaModel, StoreError, MAX_ATTEMPTS};
+use crate::tenant::TenantPath;
 
 /// Entries per set.
 pub const WAYS: usize = 8;
@@ -85,6 +89,206 @@ impl Fingerprint {
         let mut b = [0u8; 8];
         b.copy_from_slice(d.get(..8).unwrap_or(&[0; 8]));
         u64::from_le_bytes(b).max(1)
+    }
+}
+
+/// A keyed limit of the bundle: its declaration and its table.
+#[derive(Debug, Clone)]
+pub struct Keyed {
+    limit: Arc<Limit>,
+    spec: KeySpec,
+    table: KeyedTable,
+}
+
+impl Keyed {
+    pub(crate) fn new(limit: Arc<Limit>) -> Option<Keyed> {
+        let spec = limit.keyed.clone()?;
+        let p = &limit.params;
+        let table = KeyedTable::new(limit.key.clone(), p.rate, p.burst, p.per_ns, spec.max_keys);
+        Some(Keyed { limit, spec, table })
+    }
+
+    pub fn spec(&self) -> &KeySpec {
+        &self.spec
+    }
+
+    pub fn tenant(&self) -> &TenantPath {
+        &self.limit.node
+    }
+
+    pub fn name(&self) -> &str {
+        &self.limit.name
+    }
+
+    pub fn table(&self) -> &KeyedTable {
+        &self.table
+    }
+
+    /// The key value of a request: the principal id or a header's value.
+    fn value<'a>(
+        &self,
+        principal: Option<&'a str>,
+        headers: &'a [(String, String)],
+    ) -> Option<&'a str> {
+        match &self.spec().source {
+            KeySource::Principal => principal,
+            KeySource::Header(h) => headers
+                .iter()
+                .find(|(k, _)| k == h)
+                .map(|(_, v)| v.as_str()),
+        }
+        .filter(|v| !v.is_empty())
+    }
+
+    fn status(&self, d: &KeyedDecision) -> LimitStatus {
+        let p = &self.limit.params;
+        LimitStatus {
+            name: Arc::clone(&self.limit.name),
+            rate: p.rate,
+            burst: p.burst,
+            window_s: p.per_ns / 1_000_000_000,
+            remaining: d.remaining,
+            reset_s: super::bucket::ceil_seconds(d.reset_ns),
+            borrowed: false,
+        }
+    }
+}
+
+impl QuotaDecision {
+    /// This admitted decision with the statuses of the keyed limits that
+    /// admitted the request too.
+    pub fn with_keyed(mut self, keyed: Vec<LimitStatus>, cost: u64) -> QuotaDecision {
+        if keyed.is_empty() {
+            return self;
+        }
+        let least = keyed.iter().map(|s| s.remaining).min().unwrap_or(0);
+        self.remaining = if self.limits.is_empty() {
+            least
+        } else {
+            self.remaining.min(least)
+        };
+        self.cost = cost;
+        self.limits.extend(keyed);
+        self.limits.sort_by(|a, b| a.name.cmp(&b.name));
+        self
+    }
+}
+
+/// What the keyed limits say about one request.
+#[derive(Debug)]
+pub enum KeyedOutcome {
+    /// Admitted by every keyed limit that applies (none may apply): their
+    /// statuses, and what was charged (to give back if another limit refuses).
+    Admitted(Vec<LimitStatus>, KeyedCharges),
+    /// Refused by one (nothing charged).
+    Refused(QuotaDecision),
+    /// A keyed limit without `"missing": "skip"` and no value: the 400's message.
+    Missing(String),
+}
+
+/// What keyed admissions charged: (keyed limit index, fingerprint, cost).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct KeyedCharges(Vec<(usize, u64, u64)>);
+
+impl KeyedCharges {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl QuotaModel {
+    /// The keyed limits that apply to a request to `tenant`: those declared on
+    /// it or an ancestor (index, limit), parents first.
+    fn keyed_for<'a>(
+        &'a self,
+        tenant: &'a TenantPath,
+    ) -> impl Iterator<Item = (usize, &'a Keyed)> + 'a {
+        self.keyed
+            .iter()
+            .enumerate()
+            .filter(move |(_, k)| tenant.is_within(&k.limit.node))
+    }
+
+    /// Every keyed limit of the bundle, parents first.
+    pub fn keyed(&self) -> &[Keyed] {
+        &self.keyed
+    }
+
+    /// The request headers keyed limits read (lower case).
+    pub fn keyed_headers(&self) -> &[String] {
+        &self.keyed_headers
+    }
+
+    /// Admission against the keyed limits of `tenant`: all of them or none.
+    #[allow(clippy::too_many_arguments)]
+    pub fn admit_keyed(
+        &self,
+        fingerprint: &Fingerprint,
+        tenant: &TenantPath,
+        principal: Option<&str>,
+        headers: &[(String, String)],
+        cost: u64,
+        now: Nanos,
+        store: &dyn BucketStore,
+    ) -> Result<KeyedOutcome, StoreError> {
+        let mut statuses = Vec::new();
+        let mut charged = KeyedCharges::default();
+        if self.keyed.is_empty() || cost == 0 {
+            return Ok(KeyedOutcome::Admitted(statuses, charged));
+        }
+        for (i, k) in self.keyed_for(tenant) {
+            let Some(value) = k.value(principal, headers) else {
+                if k.spec().missing == Missing::Skip {
+                    continue;
+                }
+                self.refund_keyed(&charged, store)?;
+                return Ok(KeyedOutcome::Missing(format!(
+                    "limit `{}` of `{}` counts by {}, and the request has none",
+                    k.name(),
+                    k.tenant(),
+                    k.spec().source
+                )));
+            };
+            let fp = fingerprint.of(&k.table.prefix, value.as_bytes());
+            let d = match k.table.admit(fp, cost, now, store) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.refund_keyed(&charged, store)?;
+                    return Err(e);
+                }
+            };
+            if !d.admitted {
+                self.refund_keyed(&charged, store)?;
+                let status = k.status(&d);
+                return Ok(KeyedOutcome::Refused(QuotaDecision {
+                    admitted: false,
+                    limit: Some(k.name().to_string()),
+                    tenant: Some(k.tenant().clone()),
+                    remaining: d.remaining,
+                    retry_after_s: super::bucket::ceil_seconds(d.wait_ns).max(1),
+                    admissible_at: Some(now.saturating_add(d.wait_ns)),
+                    cost,
+                    limits: vec![status],
+                }));
+            }
+            charged.0.push((i, fp, cost));
+            statuses.push(k.status(&d));
+        }
+        Ok(KeyedOutcome::Admitted(statuses, charged))
+    }
+
+    /// Gives back what keyed admissions charged.
+    pub fn refund_keyed(
+        &self,
+        charged: &KeyedCharges,
+        store: &dyn BucketStore,
+    ) -> Result<(), StoreError> {
+        for (i, fp, cost) in &charged.0 {
+            if let Some(k) = self.keyed.get(*i) {
+                k.table.refund(*fp, *cost, store)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -491,6 +695,189 @@ mod tests {
                 prop_assert!(s.len() <= t.sets as usize);
                 prop_assert!(t.live(&s).unwrap() <= (t.sets as usize) * WAYS);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod engine_tests {
+    use crate::bundle::{Bundle, BundleTenant, SourceFile, FORMAT};
+    use crate::http::{HttpInput, NoMetadata};
+    use crate::quota::MemoryStore;
+    use crate::{Engine, Request, TenantPath};
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn engine(acme_limits: &str) -> Result<Engine, String> {
+        let file = |f: &str, t: &str| SourceFile {
+            file: f.into(),
+            text: t.into(),
+        };
+        let t = |p: &str, config: Option<SourceFile>, policies: Vec<SourceFile>| BundleTenant {
+            path: TenantPath::parse(p).unwrap(),
+            config,
+            policies,
+        };
+        let mut b = Bundle {
+            format: FORMAT,
+            version: String::new(),
+            settings: crate::settings::Settings::default(),
+            schema: None,
+            tenants: vec![
+                t(
+                    "/",
+                    Some(file(
+                        "tenants/tenant.json",
+                        r#"{"limits": {"rps": {"rate": 5}}}"#,
+                    )),
+                    vec![file(
+                        "tenants/p.cedar",
+                        "permit(principal, action, resource);",
+                    )],
+                ),
+                t(
+                    "/acme",
+                    Some(file("tenants/acme/tenant.json", acme_limits)),
+                    vec![],
+                ),
+                t("/acme/eu", None, vec![]),
+            ],
+        };
+        b.version = b.compute_version();
+        Engine::new(&b).map_err(|d| d.to_string())
+    }
+
+    fn request(e: &Engine, user: Option<&str>, key: Option<&str>, now: u64) -> Request {
+        let mut h: Vec<(&str, &[u8])> = vec![
+            (":method", b"GET"),
+            (":path", b"/x"),
+            ("x-tenant", b"/acme/eu"),
+        ];
+        if let Some(u) = user {
+            h.push(("x-user", u.as_bytes()));
+        }
+        if let Some(k) = key {
+            h.push(("x-api-key", k.as_bytes()));
+        }
+        let input = HttpInput {
+            headers: &h,
+            source_address: None,
+            now_ns: now,
+        };
+        e.map_request(&input, &NoMetadata).unwrap().request
+    }
+
+    #[test]
+    fn each_principal_has_its_own_bucket_below_the_declaring_tenant() {
+        let e = engine(r#"{"limits": {"user": {"rate": 2, "per": "1m", "key": "principal"}}}"#)
+            .unwrap();
+        let s = MemoryStore::default();
+        let now = 100 * SEC;
+        for _ in 0..2 {
+            assert!(e
+                .decide(&request(&e, Some("alice"), None, now), &s)
+                .is_allowed());
+        }
+        let d = e.decide(&request(&e, Some("alice"), None, now), &s);
+        assert_eq!(d.status, 429);
+        let q = d.quota.unwrap();
+        assert_eq!(
+            (
+                q.limit.as_deref(),
+                q.tenant.as_ref().map(TenantPath::as_str)
+            ),
+            (Some("user"), Some("/acme"))
+        );
+        assert_eq!(q.retry_after_s, 30);
+        assert_eq!(q.ratelimit_policy().as_deref(), Some("\"user\";q=2;w=60"));
+        // Bob has his own; the root's local rps (5 per second) still counts both.
+        let d = e.decide(&request(&e, Some("bob"), None, now), &s);
+        assert!(d.is_allowed());
+        let q = d.quota.unwrap();
+        assert_eq!(
+            q.limits.iter().map(|l| &*l.name).collect::<Vec<_>>(),
+            ["rps", "user"]
+        );
+        assert_eq!(q.remaining, 1);
+        // Anonymous: refused with 400 (no `missing`).
+        let d = e.decide(&request(&e, None, None, now), &s);
+        assert_eq!(d.status, 400);
+        assert!(
+            d.errors[0].contains("limit `user` of `/acme` counts by principal"),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn header_keys_skip_when_missing_and_a_refusal_elsewhere_gives_the_token_back() {
+        let e = engine(r#"{"limits": {"key": {"rate": 3, "per": "1h", "key": {"header": "x-api-key"}, "missing": "skip"}}}"#).unwrap();
+        let s = MemoryStore::default();
+        let now = 100 * SEC;
+        // No key: only the root's rps (5) applies.
+        for _ in 0..5 {
+            assert!(e.decide(&request(&e, None, None, now), &s).is_allowed());
+        }
+        // The root refuses (5 per second used): key k1 is charged nothing.
+        let d = e.decide(&request(&e, None, Some("k1"), now), &s);
+        assert_eq!(
+            (d.status, d.quota.unwrap().limit.as_deref()),
+            (429, Some("rps"))
+        );
+        for left in [2, 1, 0] {
+            let d = e.decide(&request(&e, None, Some("k1"), now + 10 * SEC), &s);
+            let q = d.quota.unwrap();
+            assert!(q.admitted);
+            assert_eq!(
+                q.limits
+                    .iter()
+                    .find(|l| &*l.name == "key")
+                    .unwrap()
+                    .remaining,
+                left
+            );
+        }
+        let d = e.decide(&request(&e, None, Some("k1"), now + 10 * SEC), &s);
+        assert_eq!(
+            (d.status, d.quota.unwrap().limit.as_deref()),
+            (429, Some("key"))
+        );
+    }
+
+    #[test]
+    fn keyed_limits_are_validated_where_they_are_written() {
+        for (text, want) in [
+            (
+                r#"{"limits": {"u": {"rate": 2, "key": "everyone"}}}"#,
+                "`key` must be `\"principal\"` or `{\"header\": \"x-api-key\"}`",
+            ),
+            (
+                r#"{"limits": {"u": {"rate": 2, "ceil": 4, "key": "principal"}}}"#,
+                "a keyed limit has no `ceil`",
+            ),
+            (
+                r#"{"limits": {"u": {"rate": 2, "missing": "skip"}}}"#,
+                "`missing` only applies to a keyed limit",
+            ),
+            (
+                r#"{"limits": {"u": {"rate": 2, "key": {"header": "X Key"}}}}"#,
+                "not a header name",
+            ),
+            (
+                r#"{"limits": {"u": {"rate": 2, "key": "principal", "max_keys": 0}}}"#,
+                "`max_keys` must be a whole number from 1 to 1000000",
+            ),
+            (
+                r#"{"limits": {"rps": {"rate": 2, "key": "principal"}}}"#,
+                "`/` declares a limit of the same name; this one is keyed",
+            ),
+            (
+                r#"{"limits": {"u": {"rate": 2, "key": "principal", "scope": "fleet"}}}"#,
+                "keyed fleet limits are not supported",
+            ),
+        ] {
+            let err = engine(text).unwrap_err();
+            assert!(err.contains("tenants/acme/tenant.json:1:"), "{err}");
+            assert!(err.contains(want), "{text}: {err}");
         }
     }
 }

@@ -185,6 +185,10 @@ pub struct QuotaModel {
     plans: HashMap<Box<str>, Arc<Plan>, BuildHasherDefault<store::KeyHasher>>,
     /// The fleet limits: validated with the others, never admitted here.
     fleet: fleet::FleetLimits,
+    /// The keyed limits (one bucket per key value), parents first.
+    keyed: Vec<keyed::Keyed>,
+    /// The headers keyed limits read, for the request mapping.
+    keyed_headers: Vec<String>,
 }
 
 /// The chains that apply to requests to one tenant. Bucket state during an
@@ -365,10 +369,20 @@ impl QuotaModel {
     pub fn build(inputs: &[LimitsInput<'_>]) -> Result<QuotaModel, Vec<Diagnostic>> {
         let all = spec::compile(inputs)?;
         let fleet = fleet::FleetLimits::new(&all);
-        let limits: Vec<Arc<Limit>> = all
+        let (keyed, limits): (Vec<Arc<Limit>>, Vec<Arc<Limit>>) = all
             .into_iter()
             .filter(|l| l.scope == fleet::Scope::Local)
+            .partition(|l| l.keyed.is_some());
+        let keyed: Vec<keyed::Keyed> = keyed.into_iter().filter_map(keyed::Keyed::new).collect();
+        let mut keyed_headers: Vec<String> = keyed
+            .iter()
+            .filter_map(|k| match &k.spec().source {
+                spec::KeySource::Header(h) => Some(h.clone()),
+                spec::KeySource::Principal => None,
+            })
             .collect();
+        keyed_headers.sort();
+        keyed_headers.dedup();
         let mut at_node: HashMap<&str, Vec<&Arc<Limit>>> = HashMap::new();
         for l in &limits {
             at_node.entry(l.node.as_str()).or_default().push(l);
@@ -423,6 +437,8 @@ impl QuotaModel {
             limits,
             plans,
             fleet,
+            keyed,
+            keyed_headers,
         })
     }
 
@@ -460,9 +476,9 @@ impl QuotaModel {
         &self.fleet
     }
 
-    /// True if no tenant declares a local limit.
+    /// True if no tenant declares a local limit (keyed ones included).
     pub fn is_empty(&self) -> bool {
-        self.limits.is_empty()
+        self.limits.is_empty() && self.keyed.is_empty()
     }
 
     /// Every declared limit, parents first.
@@ -567,18 +583,23 @@ impl QuotaModel {
             return Ok((QuotaDecision::unlimited(), None));
         };
         let (d, charges) = self.admit_with_charges(&plan, cost, now, store)?;
-        let refund = (d.admitted && !charges.is_empty()).then_some(Refund { plan, charges });
+        let refund = (d.admitted && !charges.is_empty()).then(|| Refund {
+            htb: Some((plan, charges)),
+            keyed: keyed::KeyedCharges::default(),
+        });
         Ok((d, refund))
     }
 
     /// Gives back what an admission charged (each node exactly its charge).
     pub fn refund(&self, r: &Refund, store: &dyn BucketStore) -> Result<(), StoreError> {
-        for (l, c) in r.plan.nodes.iter().zip(&r.charges) {
-            if *c != Charge::default() {
-                refund(l, *c, store)?;
+        if let Some((plan, charges)) = &r.htb {
+            for (l, c) in plan.nodes.iter().zip(charges) {
+                if *c != Charge::default() {
+                    refund(l, *c, store)?;
+                }
             }
         }
-        Ok(())
+        self.refund_keyed(&r.keyed, store)
     }
 
     /// The admission loop of one plan; also returns what it charged each
@@ -644,11 +665,21 @@ fn create_missing(plan: &Plan, store: &dyn BucketStore, now: Nanos) -> Result<()
     Ok(())
 }
 
-/// What an admission charged, to undo it ([`QuotaModel::refund`]).
+/// What an admission charged, to undo it ([`QuotaModel::refund`]): the
+/// hierarchical buckets' charges and the keyed ones.
 #[derive(Debug)]
 pub struct Refund {
-    plan: Arc<Plan>,
-    charges: Vec<Charge>,
+    htb: Option<(Arc<Plan>, Vec<Charge>)>,
+    keyed: keyed::KeyedCharges,
+}
+
+impl Refund {
+    /// `htb` (from [`QuotaModel::admit_refundable`]) with keyed charges;
+    /// `None` when nothing was charged.
+    pub fn join(htb: Option<Refund>, keyed: keyed::KeyedCharges) -> Option<Refund> {
+        let htb = htb.and_then(|r| r.htb);
+        (htb.is_some() || !keyed.is_empty()).then_some(Refund { htb, keyed })
+    }
 }
 
 /// What one admission charged a bucket, to refund it exactly.

@@ -19,7 +19,11 @@ pub(crate) const DEFAULT_PER_NS: u64 = SECOND_NS;
 
 const SECOND_NS: u64 = 1_000_000_000;
 const DAY_NS: u64 = 86_400 * SECOND_NS;
-const KEYS: &str = "`rate`, `ceil`, `burst`, `per` or `scope`";
+const KEYS: &str = "`rate`, `ceil`, `burst`, `per`, `scope`, `key`, `missing` or `max_keys`";
+/// `max_keys` of a keyed limit that does not say.
+pub const DEFAULT_MAX_KEYS: u32 = 10_000;
+/// Largest `max_keys`.
+pub const MAX_MAX_KEYS: u32 = 1_000_000;
 
 /// One node's compiled limit.
 #[derive(Debug)]
@@ -31,6 +35,44 @@ pub(crate) struct Limit {
     pub key: String,
     /// Local (token buckets in this process) or fleet (the rate limit service).
     pub scope: Scope,
+    /// A keyed limit: one bucket per value of its key (see `keyed`).
+    pub keyed: Option<KeySpec>,
+}
+
+/// What a keyed limit counts by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum KeySource {
+    /// The request's principal id.
+    Principal,
+    /// A request header (name in lower case).
+    Header(String),
+}
+
+impl std::fmt::Display for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeySource::Principal => f.write_str("principal"),
+            KeySource::Header(h) => write!(f, "header `{h}`"),
+        }
+    }
+}
+
+/// What a request without the key's value gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Missing {
+    /// 400 (the default).
+    Refuse,
+    /// The keyed limit does not apply to it.
+    Skip,
+}
+
+/// A keyed limit's key: where its value comes from, what its absence does,
+/// and how many values one process tracks.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KeySpec {
+    pub source: KeySource,
+    pub missing: Missing,
+    pub max_keys: u32,
 }
 
 /// A `rate` or `ceil` as written: tokens, or a share of the nearest ancestor's rate.
@@ -116,6 +158,9 @@ struct Fields<'a> {
     burst: Option<u64>,
     per: Option<u64>,
     scope: Scope,
+    key: Option<KeySource>,
+    missing: Option<Missing>,
+    max_keys: Option<u32>,
     /// The object as written, to locate keys.
     raw: &'a serde_json::Map<String, serde_json::Value>,
 }
@@ -130,8 +175,25 @@ fn compile_one(
 ) -> Result<Entry, Vec<Diagnostic>> {
     let fields = parse_fields(input, name, value)?;
     let parent = nearest_parent(input, name, &fields, defs, entries)?;
+    if let Some((_, p)) = parent {
+        if fields.key.is_some() || p.limit.keyed.is_some() {
+            let keyed = if fields.key.is_some() { "this" } else { "its" };
+            return Err(vec![at(input, name, fields.key.as_ref().map(|_| "key"), format!(
+                "limit `{name}`: `{}` declares a limit of the same name; {keyed} one is keyed, and a keyed limit's name is its own along a branch (use another name)",
+                p.limit.node
+            ))]);
+        }
+    }
     let params = resolve(input, name, &fields, parent.map(|(_, e)| e))?;
-    let key = bucket_key(input.tenant, name, &params);
+    let keyed = fields.key.clone().map(|source| KeySpec {
+        source,
+        missing: fields.missing.unwrap_or(Missing::Refuse),
+        max_keys: fields.max_keys.unwrap_or(DEFAULT_MAX_KEYS),
+    });
+    let key = match keyed {
+        Some(_) => format!("tenantgate:keyed:v1:{}:{name}:", input.tenant),
+        None => bucket_key(input.tenant, name, &params),
+    };
     Ok(Entry {
         limit: Arc::new(Limit {
             node: input.tenant.clone(),
@@ -139,6 +201,7 @@ fn compile_one(
             params,
             key,
             scope: fields.scope,
+            keyed,
         }),
         parent: parent.map(|(i, _)| i),
         input: input_index,
@@ -174,6 +237,9 @@ fn parse_fields<'a>(
     let mut burst = None;
     let mut per = None;
     let mut scope = Scope::Local;
+    let mut key_source = None;
+    let mut missing = None;
+    let mut max_keys = None;
     for (key, v) in raw {
         let parsed = match key.as_str() {
             "rate" => parse_amount(v, true).map(|a| rate = Some(a)),
@@ -185,6 +251,31 @@ fn parse_fields<'a>(
             }),
             "per" => parse_per(v).map(|p| per = Some(p)),
             "scope" => parse_scope(v).map(|s| scope = s),
+            "key" => parse_key(v).map(|k| key_source = Some(k)),
+            "missing" => match v.as_str() {
+                Some("skip") => {
+                    missing = Some(Missing::Skip);
+                    Ok(())
+                }
+                Some("refuse") => {
+                    missing = Some(Missing::Refuse);
+                    Ok(())
+                }
+                _ => Err(format!(
+                    "must be `\"skip\"` or `\"refuse\"` (a 400), got `{}`",
+                    describe(v)
+                )),
+            },
+            "max_keys" => match v.as_u64() {
+                Some(n) if (1..=u64::from(MAX_MAX_KEYS)).contains(&n) => {
+                    max_keys = u32::try_from(n).ok();
+                    Ok(())
+                }
+                _ => Err(format!(
+                    "must be a whole number from 1 to {MAX_MAX_KEYS}, got `{}`",
+                    describe(v)
+                )),
+            },
             other => {
                 errors.push(at(
                     input,
@@ -215,6 +306,36 @@ fn parse_fields<'a>(
             format!("limit `{name}`: `rate` is required"),
         ));
     }
+    if key_source.is_none() {
+        for k in ["missing", "max_keys"]
+            .into_iter()
+            .filter(|k| raw.contains_key(*k))
+        {
+            errors.push(at(
+                input,
+                name,
+                Some(k),
+                format!("limit `{name}`: `{k}` only applies to a keyed limit (one with `key`)"),
+            ));
+        }
+    } else {
+        if raw.contains_key("ceil") {
+            errors.push(at(input, name, Some("ceil"), format!("limit `{name}`: a keyed limit has no `ceil`: its buckets (one per key value) do not borrow")));
+        }
+        if matches!(rate, Some(Amount::Share(_))) {
+            errors.push(at(
+                input,
+                name,
+                Some("rate"),
+                format!(
+                    "limit `{name}`: a keyed limit's `rate` is tokens per key value, not a share"
+                ),
+            ));
+        }
+        if scope == Scope::Fleet {
+            errors.push(at(input, name, Some("key"), format!("limit `{name}`: keyed fleet limits are not supported; make it local (the default) or remove `key`")));
+        }
+    }
     if scope == Scope::Fleet {
         errors.extend(super::fleet::local_only_keys(raw).map(|key| {
             at(input, name, Some(key), format!("limit `{name}`: `{key}` is a local notion and cannot be set on a fleet limit (`\"scope\": \"fleet\"`): a fleet limit is at most `rate` per `per` window"))
@@ -227,6 +348,9 @@ fn parse_fields<'a>(
             burst,
             per,
             scope,
+            key: key_source,
+            missing,
+            max_keys,
             raw,
         }),
         _ => Err(errors),
@@ -407,6 +531,29 @@ fn bucket_key(node: &TenantPath, name: &str, p: &Params) -> String {
         Sha256::digest(format!("{}/{}/{}/{}", p.rate, p.ceil, p.burst, p.per_ns).as_bytes());
     let hash: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
     format!("tenantgate:quota:v1:{node}:{name}:{hash}")
+}
+
+/// `"principal"` or `{"header": NAME}`; errors are message tails.
+fn parse_key(v: &serde_json::Value) -> Result<KeySource, String> {
+    if v.as_str() == Some("principal") {
+        return Ok(KeySource::Principal);
+    }
+    let header = v
+        .as_object()
+        .filter(|o| o.len() == 1)
+        .and_then(|o| o.get("header"))
+        .and_then(serde_json::Value::as_str);
+    match header {
+        Some(h) if crate::settings::is_header_name(h) => Ok(KeySource::Header(h.to_string())),
+        Some(h) => Err(format!(
+            "`{{\"header\": \"{}\"}}`: not a header name (lower case letters, digits and `-`)",
+            shorten(h)
+        )),
+        None => Err(format!(
+            "must be `\"principal\"` or `{{\"header\": \"x-api-key\"}}`, got `{}`",
+            describe(v)
+        )),
+    }
 }
 
 /// A JSON value as written, cut to 80 bytes (JSON already escapes control

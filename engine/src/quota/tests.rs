@@ -101,7 +101,7 @@ fn validation_errors_are_located() {
         (r#"{ "rate": 1, "burst": 0 }"#, "tenants/tenant.json:3:25: error: limit `rps`: `burst` must be at least 1, got `0`"),
         (r#"{ "rate": 1, "burst": "50%" }"#, "tenants/tenant.json:3:25: error: limit `rps`: `burst` must be a whole number of tokens, got `\"50%\"`"),
         (r#"{ "rate": 10, "ceil": 5 }"#, "tenants/tenant.json:3:26: error: limit `rps`: `rate` 10 is larger than `ceil` 5"),
-        (r#"{ "rate": 1, "rte": 2 }"#, "tenants/tenant.json:3:25: error: limit `rps`: unknown key `rte` (expected `rate`, `ceil`, `burst`, `per` or `scope`)"),
+        (r#"{ "rate": 1, "rte": 2 }"#, "tenants/tenant.json:3:25: error: limit `rps`: unknown key `rte` (expected `rate`, `ceil`, `burst`, `per`, `scope`, `key`, `missing` or `max_keys`)"),
         (r#"{ "per": "1s" }"#, "tenants/tenant.json:3:5: error: limit `rps`: `rate` is required"),
         (r#"5"#, "tenants/tenant.json:3:5: error: limit `rps` must be an object"),
         (r#"{ "rate": "40%" }"#, "tenants/tenant.json:3:14: error: limit `rps`: `rate` is a share (`\"40%\"`) but no ancestor of `/` defines limit `rps`"),
