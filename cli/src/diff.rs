@@ -617,8 +617,8 @@ fn run_tests(old: &Side, new: &Side, tests: Option<&Path>) -> Result<TestsReport
         changed: Vec::new(),
     };
     for t in &loaded {
-        let o = crate::decide_at(&old.engine, &t.test.request, now)?;
-        let n = crate::decide_at(&new.engine, &t.test.request, now)?;
+        let o = policytest::decide_at(&old.engine, &t.test, now)?;
+        let n = policytest::decide_at(&new.engine, &t.test, now)?;
         if policytest::check(&t.test, &o).is_err() {
             report.failing_old += 1;
         }

@@ -19,8 +19,16 @@ pub struct TestFile {
 pub struct PolicyTest {
     pub name: String,
     pub request: RequestArgs,
+    /// Send the request this many times, at one instant, against one set of
+    /// quota buckets; `expect` is about the last (quota tests: "the fourth
+    /// request of one API key in a minute gets 429").
+    #[serde(default)]
+    pub repeat: Option<u32>,
     pub expect: Expect,
 }
+
+/// Most repetitions of one test.
+pub const MAX_REPEAT: u32 = 10_000;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,6 +40,9 @@ pub struct Expect {
     pub reasons: Option<BTreeSet<String>>,
     #[serde(default)]
     pub errors: Option<bool>,
+    /// The limit that refused (a 429's `limit`).
+    #[serde(default)]
+    pub limit: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -108,9 +119,24 @@ fn strip_location(msg: &str) -> &str {
 
 /// Runs one test; `Err` says what differed.
 pub fn run(engine: &Engine, test: &PolicyTest) -> Result<Decision, String> {
-    let decision = crate::decide(engine, &test.request)?;
+    let decision = decide_at(engine, test, crate::now_ns())?;
     check(test, &decision)?;
     Ok(decision)
+}
+
+/// The decision a test's expectation is about: its request at `now`, sent
+/// `repeat` times against one fresh set of quota buckets.
+pub fn decide_at(engine: &Engine, test: &PolicyTest, now: u64) -> Result<Decision, String> {
+    let n = test.repeat.unwrap_or(1);
+    if !(1..=MAX_REPEAT).contains(&n) {
+        return Err(format!("`repeat` must be from 1 to {MAX_REPEAT}, got {n}"));
+    }
+    let store = tenantgate_engine::quota::MemoryStore::new();
+    let mut last = None;
+    for _ in 0..n {
+        last = Some(engine.check_decision(&test.request, now, Some(&store))?.0);
+    }
+    last.ok_or_else(|| "no request was sent".to_string())
 }
 
 /// Checks a decision against a test's expectation; `Err` says what differed.
@@ -143,6 +169,15 @@ pub fn check(test: &PolicyTest, decision: &Decision) -> Result<(), String> {
                 "errors: want {}, got {:?}",
                 if errors { "some" } else { "none" },
                 decision.errors
+            ));
+        }
+    }
+    if let Some(limit) = &test.expect.limit {
+        let got = decision.quota.as_ref().and_then(|q| q.limit.as_deref());
+        if got != Some(limit.as_str()) || decision.is_allowed() {
+            problems.push(format!(
+                "limit: want a refusal by `{limit}`, got {}",
+                got.map_or("none".to_string(), |g| format!("`{g}`"))
             ));
         }
     }

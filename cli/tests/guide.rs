@@ -119,7 +119,7 @@ fn the_operators_guide_runs_as_written() {
         "the guide failed ({status}):\n{out}\n{err}\nscript:\n{text}"
     );
     for want in [
-        "111 passed, 0 failed",
+        "115 passed, 0 failed",
         "configuration 'dist/ops/envoy.json' OK",
         "LIVE",
         "wasmcustom.tenantgate.shadow_denied: 1",
