@@ -1,5 +1,6 @@
 //! One node's pair of buckets (HTB's `tokens` and `ctokens`), their exact
-//! integer refill, and their binary encoding in the store.
+//! integer refill, the recent borrowing of its children (the `fair` module),
+//! and their binary encoding in the store.
 //!
 //! Amounts are `i128` in *units* of `1 / per_ns` token, where `per_ns` is the
 //! limit's window in nanoseconds. A refill over `dt` nanoseconds then adds
@@ -8,15 +9,22 @@
 //! shares one window (validation requires it), so one unit means the same on
 //! every node of a chain.
 
+use super::fair::{Fair, Slot, MAX_SLOTS};
 use super::Nanos;
 
 /// Largest `rate`, `ceil` or `burst`, in tokens.
 pub(crate) const MAX_AMOUNT: u64 = 1_000_000_000_000;
 
-/// Encoding version tag (first byte of every stored value).
+/// Encoding version tag (first byte of a stored value) of a bucket whose
+/// children are not borrowing: exactly [`ENCODED_LEN`] bytes.
 pub(crate) const TAG_V1: u8 = 1;
+/// Tag of a bucket followed by its borrowing children: [`ENCODED_LEN`] bytes,
+/// a count `n` (1 to [`MAX_SLOTS`]), then `n` slots of [`SLOT_LEN`] bytes.
+pub(crate) const TAG_V2: u8 = 2;
 /// Length of an encoded bucket: tag, tokens, ctokens, last.
 pub(crate) const ENCODED_LEN: usize = 1 + 16 + 16 + 8;
+/// Length of one encoded slot: child, virtual time, last borrow, need.
+pub(crate) const SLOT_LEN: usize = 4 + 8 + 8 + 8;
 /// No amount goes below this. Validation bounds debts far above it (see the
 /// module doc); the floor and saturating arithmetic only keep corrupted or
 /// absurd states from overflowing.
@@ -31,49 +39,108 @@ pub(crate) struct Bucket {
     pub ctokens: i128,
     /// When both buckets were last refilled. Never moves backwards.
     pub last: Nanos,
+    /// The children that borrowed through this node recently.
+    pub fair: Fair,
 }
 
 impl Bucket {
-    pub fn encode(&self) -> [u8; ENCODED_LEN] {
-        let mut out = [0u8; ENCODED_LEN];
-        let (tag, rest) = out.split_at_mut(1);
-        let (tokens, rest) = rest.split_at_mut(16);
-        let (ctokens, last) = rest.split_at_mut(16);
-        tag.copy_from_slice(&[TAG_V1]);
-        tokens.copy_from_slice(&self.tokens.to_le_bytes());
-        ctokens.copy_from_slice(&self.ctokens.to_le_bytes());
-        last.copy_from_slice(&self.last.to_le_bytes());
+    /// The stored value: [`ENCODED_LEN`] bytes with no borrowing children,
+    /// else those followed by the slots.
+    pub fn encode(&self) -> Vec<u8> {
+        let slots = self.fair.slots();
+        let mut out = Vec::with_capacity(if slots.is_empty() {
+            ENCODED_LEN
+        } else {
+            ENCODED_LEN + 1 + slots.len() * SLOT_LEN
+        });
+        out.push(if slots.is_empty() { TAG_V1 } else { TAG_V2 });
+        out.extend_from_slice(&self.tokens.to_le_bytes());
+        out.extend_from_slice(&self.ctokens.to_le_bytes());
+        out.extend_from_slice(&self.last.to_le_bytes());
+        if !slots.is_empty() {
+            out.push(u8::try_from(slots.len()).unwrap_or(0));
+            for s in slots {
+                out.extend_from_slice(&s.child.to_le_bytes());
+                out.extend_from_slice(&s.vt.to_le_bytes());
+                out.extend_from_slice(&s.last.to_le_bytes());
+                out.extend_from_slice(&s.need.to_le_bytes());
+            }
+        }
         out
     }
 
     /// Decodes a stored value; `Err` says why it does not decode.
     pub fn decode(bytes: &[u8]) -> Result<Bucket, String> {
-        let bytes: &[u8; ENCODED_LEN] = bytes
-            .try_into()
-            .map_err(|_| format!("{} bytes where a bucket has {ENCODED_LEN}", bytes.len()))?;
-        let (tag, rest) = bytes.split_at(1);
-        if tag != [TAG_V1] {
-            return Err(format!(
-                "unknown encoding version {}",
-                tag.first().copied().unwrap_or(0)
-            ));
+        let (head, tail) = bytes
+            .split_at_checked(ENCODED_LEN)
+            .ok_or_else(|| format!("{} bytes where a bucket has {ENCODED_LEN}", bytes.len()))?;
+        let mut r = Reader(head);
+        let tag = r.u8()?;
+        if tag != TAG_V1 && tag != TAG_V2 {
+            return Err(format!("unknown encoding version {tag}"));
         }
-        let (tokens, rest) = rest.split_at(16);
-        let (ctokens, last) = rest.split_at(16);
-        let i128_of = |b: &[u8]| {
-            b.try_into()
-                .map(i128::from_le_bytes)
-                .map_err(|_| "truncated".to_string())
-        };
-        let last = last
-            .try_into()
-            .map(u64::from_le_bytes)
-            .map_err(|_| "truncated".to_string())?;
+        let tokens = r.i128()?;
+        let ctokens = r.i128()?;
+        let last = r.u64()?;
+        let mut fair = Fair::default();
+        if tag == TAG_V1 {
+            if !tail.is_empty() {
+                return Err(format!(
+                    "{} bytes where a bucket has {ENCODED_LEN}",
+                    bytes.len()
+                ));
+            }
+        } else {
+            let mut r = Reader(tail);
+            let n = usize::from(r.u8()?);
+            if n == 0 || n > MAX_SLOTS || tail.len() != 1 + n * SLOT_LEN {
+                return Err(format!(
+                    "{} bytes where a bucket with {n} borrowing children has {}",
+                    bytes.len(),
+                    ENCODED_LEN + 1 + n * SLOT_LEN
+                ));
+            }
+            for _ in 0..n {
+                fair.push(Slot {
+                    child: r.u32()?,
+                    vt: r.u64()?,
+                    last: r.u64()?,
+                    need: r.u64()?,
+                });
+            }
+        }
         Ok(Bucket {
-            tokens: i128_of(tokens)?,
-            ctokens: i128_of(ctokens)?,
+            tokens,
+            ctokens,
             last,
+            fair,
         })
+    }
+}
+
+/// Little-endian fields read in order from a slice of known length.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        let (head, rest) = self
+            .0
+            .split_first_chunk::<N>()
+            .ok_or_else(|| "truncated".to_string())?;
+        self.0 = rest;
+        Ok(*head)
+    }
+    fn u8(&mut self) -> Result<u8, String> {
+        self.take::<1>().map(|[b]| b)
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        self.take().map(u32::from_le_bytes)
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        self.take().map(u64::from_le_bytes)
+    }
+    fn i128(&mut self) -> Result<i128, String> {
+        self.take().map(i128::from_le_bytes)
     }
 }
 
@@ -143,6 +210,7 @@ impl Params {
             tokens: self.cap,
             ctokens: self.ccap,
             last: now,
+            fair: Fair::default(),
         }
     }
 
@@ -152,7 +220,7 @@ impl Params {
         Bucket {
             tokens: b.tokens.clamp(FLOOR, self.cap),
             ctokens: b.ctokens.clamp(FLOOR, self.ccap),
-            last: b.last,
+            ..b
         }
     }
 
@@ -175,6 +243,7 @@ impl Params {
             tokens: fill(b.tokens, self.rate, self.cap),
             ctokens: fill(b.ctokens, self.ceil, self.ccap),
             last: now,
+            fair: b.fair,
         }
     }
 
@@ -232,6 +301,7 @@ mod tests {
             tokens: -5,
             ctokens: 1 << 90,
             last: 123,
+            fair: Fair::default(),
         };
         let bytes = b.encode();
         assert_eq!(bytes.len(), ENCODED_LEN);
@@ -253,6 +323,7 @@ mod tests {
             tokens: 0,
             ctokens: 0,
             last: 0,
+            fair: Fair::default(),
         };
         // A million refills one nanosecond apart, then the rest in one go.
         for t in 1..=1_000_000 {
@@ -267,6 +338,7 @@ mod tests {
                 tokens: 0,
                 ctokens: 0,
                 last: 0,
+                fair: Fair::default(),
             },
             7 * S / 3,
         );
@@ -288,6 +360,7 @@ mod tests {
                 tokens: 0,
                 ctokens: 0,
                 last: 5 * S,
+                fair: Fair::default(),
             },
             100 * S,
         );
@@ -296,6 +369,7 @@ mod tests {
             tokens: 0,
             ctokens: 0,
             last: 5 * S,
+            fair: Fair::default(),
         };
         let back = p.refill(spent, 2 * S);
         assert_eq!(
@@ -328,6 +402,7 @@ mod tests {
             tokens: 0,
             ctokens: 0,
             last: 0,
+            fair: Fair::default(),
         };
         assert_eq!(p.wait_tokens(&b, p.units(1), 0), Some(S / 2));
         assert_eq!(p.wait_ctokens(&b, p.units(1), 0), Some(S / 4));
@@ -341,6 +416,7 @@ mod tests {
             tokens: 0,
             ctokens: 0,
             last: 10,
+            fair: Fair::default(),
         };
         assert_eq!(p.wait_tokens(&ahead, p.units(1), 4), Some(S / 2 + 6));
         assert_eq!(ceil_seconds(0), 0);

@@ -123,6 +123,7 @@
 
 mod bucket;
 mod clock;
+mod fair;
 pub mod fleet;
 mod lease;
 mod series;
@@ -158,6 +159,21 @@ pub type Nanos = u64;
 pub const MAX_ATTEMPTS: usize = 16;
 /// Attempts to refund one bucket after a lost race.
 const REFUND_ATTEMPTS: usize = 64;
+
+/// How long after its last borrow a child still counts as borrowing from
+/// its parent (for fair borrowing): half the limit's window.
+pub(crate) fn fair_window(per_ns: u64) -> u64 {
+    per_ns / 2
+}
+
+/// How far a sibling that borrows less than its share may fall behind the
+/// one furthest ahead, in virtual nanoseconds: the fair window, plus twice
+/// the borrow being recorded (so the siblings that want more than their
+/// share, which stay within about one borrow of each other, are never
+/// held back by it).
+pub(crate) fn fair_lag(per_ns: u64, inc: u64) -> u64 {
+    fair_window(per_ns).saturating_add(inc.saturating_mul(2))
+}
 
 /// The limits one tenant declares, as read from its `tenant.json`.
 pub struct LimitsInput<'a> {
@@ -612,6 +628,10 @@ fn create_missing(plan: &Plan, store: &dyn BucketStore, now: Nanos) -> Result<()
 struct Charge {
     tokens: i128,
     ctokens: i128,
+    /// The child (its slot id) whose virtual time at this node advanced by
+    /// `vt` (0: none).
+    slot: u32,
+    vt: u64,
 }
 
 /// Writes every new bucket with the CAS token it was read with. On a failure,
@@ -640,14 +660,17 @@ fn refund(limit: &Limit, charge: Charge, store: &dyn BucketStore) -> Result<(), 
         let (Some(b), cas) = read_one(limit, store)? else {
             return Ok(());
         };
-        let back = Bucket {
+        let mut back = Bucket {
             tokens: b.tokens.saturating_add(charge.tokens).min(limit.params.cap),
             ctokens: b
                 .ctokens
                 .saturating_add(charge.ctokens)
                 .min(limit.params.ccap),
-            last: b.last,
+            ..b
         };
+        if charge.vt > 0 {
+            back.fair.unrecord(charge.slot, charge.vt);
+        }
         match store.set(&limit.key, &back.encode(), cas) {
             Ok(()) => return Ok(()),
             Err(StoreError::CasMismatch) => continue,
@@ -675,20 +698,68 @@ enum Walk {
     Lent { by: usize },
     /// Node `at` refused (at its ceil, or the top without tokens).
     Refused { at: usize },
+    /// The buckets could lend, but the child below node `at` is ahead of a
+    /// sibling there and the shared buckets hold less than `want` units (the
+    /// request and the sibling's reserve): it yields (see `fair`).
+    Yielded { at: usize, want: i128 },
 }
 
-fn walk(buckets: &[Bucket], need: i128) -> Walk {
-    let mut at = 0;
+impl Walk {
+    fn refused(&self) -> bool {
+        !matches!(self, Walk::Lent { .. })
+    }
+}
+
+/// Walks one chain (`nodes` and their refilled `buckets`, deepest first)
+/// for `need` units at `now`: HTB's walk, then the fair-borrowing rule at
+/// every node the request borrows through.
+fn walk(nodes: &[Arc<Limit>], buckets: &[Bucket], need: i128, now: Nanos) -> Walk {
+    let mut lender = None;
     for (i, b) in buckets.iter().enumerate() {
-        at = i;
         if b.ctokens < need {
             return Walk::Refused { at: i };
         }
         if b.tokens >= need {
-            return Walk::Lent { by: i };
+            lender = Some(i);
+            break;
         }
     }
-    Walk::Refused { at }
+    let Some(by) = lender else {
+        return Walk::Refused {
+            at: buckets.len().saturating_sub(1),
+        };
+    };
+    // The lowest node where the borrowing child is ahead of a sibling, and
+    // the largest reserve asked for on the way up.
+    let mut ahead: Option<(usize, u64)> = None;
+    for at in 1..=by {
+        let (Some(child), Some(b)) = (nodes.get(at - 1), buckets.get(at)) else {
+            continue;
+        };
+        let Some(slot) = child.slot else { continue };
+        let window = fair_window(child.params.per_ns);
+        if let Some(r) = b.fair.reserve_for(slot, now, window) {
+            let (from, most) = ahead.unwrap_or((at, 0));
+            ahead = Some((from, most.max(r)));
+        }
+    }
+    let Some((from, reserve)) = ahead else {
+        return Walk::Lent { by };
+    };
+    let per = nodes.first().map(|l| l.params.per_ns).unwrap_or(1);
+    let want = need.saturating_add(i128::from(reserve).saturating_mul(i128::from(per)));
+    for m in from..=by {
+        let (Some(l), Some(b)) = (nodes.get(m), buckets.get(m)) else {
+            continue;
+        };
+        // Never more than a bucket can hold, never less than the request.
+        let short = b.ctokens < want.min(l.params.ccap).max(need)
+            || (m == by && b.tokens < want.min(l.params.cap).max(need));
+        if short {
+            return Walk::Yielded { at: from, want };
+        }
+    }
+    Walk::Lent { by }
 }
 
 /// The admission decision as a pure function of the buckets read (`old`,
@@ -703,7 +774,7 @@ fn decide(plan: &Plan, old: &[Bucket], cost: u64, now: Nanos) -> Step {
     let walks: Vec<Walk> = plan
         .chains
         .iter()
-        .map(|c| walk(c.of(&state), c.units(cost)))
+        .map(|c| walk(c.of(&plan.nodes), c.of(&state), c.units(cost), now))
         .collect();
     let admitted = cost == 0 || walks.iter().all(|w| matches!(w, Walk::Lent { .. }));
     let mut charges = Vec::new();
@@ -713,8 +784,9 @@ fn decide(plan: &Plan, old: &[Bucket], cost: u64, now: Nanos) -> Step {
             let need = c.units(cost);
             let lender = match w {
                 Walk::Lent { by } => *by,
-                Walk::Refused { .. } => 0,
+                Walk::Refused { .. } | Walk::Yielded { .. } => 0,
             };
+            let nodes = c.of(&plan.nodes);
             for (i, (b, ch)) in c
                 .of_mut(&mut state)
                 .iter_mut()
@@ -728,7 +800,23 @@ fn decide(plan: &Plan, old: &[Bucket], cost: u64, now: Nanos) -> Step {
                 *ch = Charge {
                     tokens: t,
                     ctokens: need,
+                    ..Charge::default()
                 };
+                // The child below borrowed through this node: its virtual
+                // time here advances by the time its own rate takes to earn
+                // `need` (see `fair`).
+                let child = i.checked_sub(1).and_then(|below| nodes.get(below));
+                if let Some((child, slot)) = child.and_then(|l| l.slot.map(|s| (l, s))) {
+                    if i <= lender {
+                        let per = child.params.per_ns;
+                        let inc = need.div_euclid(i128::from(child.params.rate.max(1))).max(1);
+                        let inc = u64::try_from(inc).unwrap_or(u64::MAX);
+                        b.fair
+                            .record(slot, inc, cost, now, fair_window(per), fair_lag(per, inc));
+                        ch.slot = slot;
+                        ch.vt = inc;
+                    }
+                }
             }
         }
     }
@@ -745,7 +833,12 @@ fn decide(plan: &Plan, old: &[Bucket], cost: u64, now: Nanos) -> Step {
         let bs = c.of(&state);
         let r = available(bs, c.per_ns);
         let window_s = (c.per_ns / 1_000_000_000).max(1);
-        let wait = wait_for(nodes, bs, c.units(per_request), now);
+        // A request that yields waits for the reserve as well.
+        let extra = match w {
+            Walk::Yielded { want, .. } => want.saturating_sub(c.units(cost)).max(0),
+            _ => 0,
+        };
+        let wait = wait_for(nodes, bs, c.units(per_request).saturating_add(extra), now);
         let t = wait.map(ceil_seconds).unwrap_or(window_s);
         remaining = remaining.min(r);
         let (rate, burst) = nodes
@@ -770,7 +863,7 @@ fn decide(plan: &Plan, old: &[Bucket], cost: u64, now: Nanos) -> Step {
             reset_s,
             borrowed: admitted && matches!(w, Walk::Lent { by } if *by > 0),
         });
-        if let Walk::Refused { .. } = w {
+        if w.refused() {
             retry_s = retry_s.max(t.max(1));
             let longer = match worst {
                 None => true,
@@ -789,7 +882,7 @@ fn decide(plan: &Plan, old: &[Bucket], cost: u64, now: Nanos) -> Step {
         Some((_, ci)) if !admitted => {
             let chain = plan.chains.get(ci);
             let node = match (chain, walks.get(ci)) {
-                (Some(c), Some(Walk::Refused { at })) => {
+                (Some(c), Some(Walk::Refused { at } | Walk::Yielded { at, .. })) => {
                     c.of(&plan.nodes).get(*at).map(|l| l.node.clone())
                 }
                 _ => None,
