@@ -13,18 +13,19 @@
 //!   takes to earn that much), in nanoseconds. Two children that borrowed in
 //!   proportion to their rates have equal virtual times.
 //! - A child is *behind* when its virtual time is below another's. A child
-//!   that has a sibling behind it must leave that sibling's last need (its
-//!   *reserve*) in every bucket they share (the lender's `tokens`, the
+//!   with siblings behind it must leave their last needs (its *reserve*, the
+//!   sum over them) in every bucket they share (the lender's `tokens`, the
 //!   `ctokens` of the nodes from the parent to the lender): it takes only
-//!   what is left over. The child behind takes whatever is there. So a
+//!   what is left over. The child furthest behind takes whatever is there,
+//!   the next one what is above the first one's need, and so on. So a
 //!   sibling that wants its share gets the spare tokens first until it has
 //!   caught up, and a sibling that wants less leaves them to the others:
 //!   nothing idles while someone is refused, beyond the reserve (a few
 //!   tokens that stay in the bucket, not a rate).
 //! - A child *borrows now* while it borrowed within the last
 //!   [`super::fair_window`] (half the limit's window). A child that comes
-//!   (back) starts level with the sibling furthest ahead: no credit for the
-//!   time it did not borrow. A sibling that borrows less than its share
+//!   (back) borrows once freely and then starts level with the sibling
+//!   furthest ahead: no credit for the time it did not borrow. A sibling that borrows less than its share
 //!   falls behind by at most the window plus twice the borrow being
 //!   recorded ([`super::fair_lag`]): the credit it may later catch up is
 //!   bounded.
@@ -112,23 +113,25 @@ impl Fair {
     }
 
     /// The reserve (in tokens) `child` must leave in the shared buckets when
-    /// it borrows at `now`: the largest last need of the siblings borrowing
-    /// now that are behind it; `None` when none is.
+    /// it borrows at `now`: the sum of the last needs of the siblings
+    /// borrowing now that are behind it, so the further ahead a child is,
+    /// the more it leaves (the one furthest behind goes first, then the
+    /// next); `None` when none is behind it.
     pub fn reserve_for(&self, child: u32, now: Nanos, window: u64) -> Option<u64> {
         let active = || {
             self.slots()
                 .iter()
                 .filter(move |s| Self::active(s.last, now, window))
         };
-        let mine = match active().find(|s| s.child == child) {
-            Some(s) => s.vt,
-            // A newcomer starts level with the sibling furthest ahead.
-            None => active().map(|s| s.vt).max()?,
-        };
-        active()
+        // A newcomer is behind nobody until its first borrow is recorded
+        // (level with the sibling furthest ahead): were it to yield before
+        // that, it could never get a slot.
+        let mine = active().find(|s| s.child == child)?.vt;
+        let mut behind = active()
             .filter(|s| s.child != child && s.vt < mine)
-            .map(|s| s.need.max(1))
-            .max()
+            .peekable();
+        behind.peek()?;
+        Some(behind.fold(0u64, |sum, s| sum.saturating_add(s.need.max(1))))
     }
 
     /// Records that `child` borrowed `need` tokens at `now`, advancing its
@@ -202,23 +205,32 @@ mod tests {
         f.record(1, 10, 1, 0, W, 1000);
         assert_eq!(vts(&f), vec![(1, 0)]);
         assert_eq!(f.reserve_for(1, 1, W), None, "alone");
-        // A newcomer starts level with the one furthest ahead.
+        // A newcomer borrows once freely, then starts level with the one
+        // furthest ahead.
         assert_eq!(f.reserve_for(2, 1, W), None);
         f.record(2, 5, 3, 1, W, 1000);
         assert_eq!(vts(&f), vec![(1, 0), (2, 5)]);
         // 2 is ahead: it leaves 1's last need; 1 leaves nothing.
         assert_eq!(f.reserve_for(2, 2, W), Some(1));
         assert_eq!(f.reserve_for(1, 2, W), None);
-        // A third child starts level with 2, so it too leaves a reserve for 1.
-        assert_eq!(f.reserve_for(3, 2, W), Some(1));
+        // A third child is behind nobody until it borrowed once.
+        assert_eq!(f.reserve_for(3, 2, W), None);
         // 1 catches up and passes 2: now 2 is behind and 1 leaves 3 tokens.
         f.record(1, 10, 1, 3, W, 1000);
         assert_eq!(vts(&f), vec![(1, 5), (2, 0)]);
         assert_eq!(f.reserve_for(1, 4, W), Some(3));
+        // A third child, once it borrowed, is level with 1: it leaves what
+        // 2 needs; when 1 moves ahead of it, 1 leaves what both need.
+        f.record(3, 1, 2, 4, W, 1000);
+        assert_eq!(vts(&f), vec![(1, 5), (2, 0), (3, 6)]);
+        assert_eq!(f.reserve_for(3, 4, W), Some(3 + 1));
+        assert_eq!(f.reserve_for(1, 4, W), Some(3));
+        f.record(1, 4, 1, 4, W, 1000);
+        assert_eq!(f.reserve_for(1, 4, W), Some(3 + 2));
         // 2 stops borrowing: after the window it is forgotten.
-        assert_eq!(f.reserve_for(1, 3 + W, W), None, "2 last borrowed at 1");
-        f.record(1, 10, 1, 1 + W, W, 1000);
-        assert_eq!(vts(&f), vec![(1, 0)]);
+        assert_eq!(f.reserve_for(1, 1 + W, W), Some(2), "only 3 is behind 1");
+        f.record(3, 10, 2, 1 + W, W, 1000);
+        assert_eq!(vts(&f), vec![(1, 0), (3, 7)]);
     }
 
     #[test]
