@@ -36,6 +36,14 @@
 //! - otherwise the node borrows from the next node up; the top node of a chain
 //!   cannot borrow, so it refuses.
 //!
+//! When the request borrows, the walk also applies *fair borrowing* at every
+//! node it borrows through (the `fair` module): a child that is ahead of a
+//! sibling there, in tokens borrowed per unit of rate, must leave the
+//! sibling's last borrow in the buckets they share, else it *yields*
+//! (refused like a node at its ceil). So siblings borrowing at the same time
+//! share the spare in proportion to their rates, and what one leaves goes to
+//! the others.
+//!
 //! If every chain admits, the request is charged, as in tc-htb's
 //! `htb_charge_class`: `ctokens` of every node of every chain, `tokens` of the
 //! lender and the nodes above it. The borrowers below the lender keep their
@@ -69,13 +77,18 @@
 //! # Store layout
 //!
 //! One shared-data key per (node, limit name):
-//! `tenantgate:quota:v1:<tenant>:<name>:<hash>`, where `<hash>` is 8 hex
+//! `tenantgate:quota:v2:<tenant>:<name>:<hash>`, where `<hash>` is 8 hex
 //! digits of SHA-256 over the limit's `rate`, `ceil`, `burst` and `per`. A
 //! reload that leaves a node's limit unchanged keeps its key and so its state;
 //! a changed limit starts from full buckets under a new key (old keys stay:
-//! Envoy never deletes shared data). The value is 41 bytes: a version tag
-//! (`1`), `tokens` and `ctokens` as little-endian `i128`, `last` as
-//! little-endian `u64` nanoseconds. A value that does not decode is
+//! Envoy never deletes shared data). The value is 41 bytes while no child
+//! borrows through the node: a version tag (`1`), `tokens` and `ctokens` as
+//! little-endian `i128`, `last` as little-endian `u64` nanoseconds. With
+//! borrowing children the tag is `2` and the 41 bytes are followed by a count
+//! `n` (1 to 8) and `n` slots of 28 bytes (little-endian): the child's id
+//! (`u32`, 32 bits of SHA-256 over its path, stable across reloads), its
+//! virtual time (`u64`), its last borrow (`u64` nanoseconds) and that
+//! borrow's tokens (`u64`). A value that does not decode is
 //! [`StoreError::Corrupt`].
 //!
 //! An admission reads every bucket of every chain with its CAS token, decides
@@ -101,6 +114,9 @@
 //!   finds nothing), so in practice only VMs configuring at the same instant
 //!   race, before any traffic;
 //! - *new limits*: a changed limit starts with full buckets (one extra burst);
+//! - *fair borrowing* refuses, never admits: a child ahead of a sibling
+//!   leaves the sibling's reserve in the shared buckets (a few tokens held
+//!   back, not a rate; bounds in docs/reference.md, "Fair borrowing");
 //! - failures only ever err towards refusing: a refund that cannot complete
 //!   leaves a charge behind, and a VM whose clock lags another's refills
 //!   nothing until it catches up.
