@@ -799,24 +799,35 @@ class PerProcessLimit(EnvoyCase):
 # the spare (parent rate less the children's rates).
 FAIR_EQUAL = ("/fair", 200, (("a", 50, 240), ("b", 50, 140)))   # 1:1, spare 100: 100 each
 FAIR_TWO_TO_ONE = ("/fair2", 150, (("x", 50, 150), ("y", 25, 120)))  # 2:1, spare 75: 100 and 50
-FAIR_SECONDS = 4.0
-FAIR_THREADS_PER_FLOW = 4  # paced clients per tenant, each on its own keep-alive connection
+FAIR_SECONDS = 5.0
+# Shares are compared from here on: by then the bursts are spent and a
+# sibling that borrowed early, while the other still had tokens of its own,
+# no longer counts (see docs/reference.md, "Fair borrowing").
+FAIR_CONVERGED_S = 1.5
+# Paced clients per tenant: one per FAIR_RPS_PER_CONN requests a second, each
+# on its own keep-alive connection (a forwarded request takes up to ~40 ms on
+# loopback: the echo upstream writes its headers and body apart).
+FAIR_RPS_PER_CONN = 10
 
 
-def paced_load(port, flows, seconds, threads_per_flow=FAIR_THREADS_PER_FLOW):
+def paced_load(port, flows, seconds):
     """Sends GETs to each `(tenant, rps)` of `flows`, paced (request k of a
-    tenant due at k / rps, spread over `threads_per_flow` connections; a late
-    request goes at once). Returns, per tenant, the statuses and the send
-    times (seconds from the start)."""
+    tenant due at k / rps, spread over one connection per
+    FAIR_RPS_PER_CONN; a late request goes at once). Returns, per tenant,
+    the statuses, the send times (seconds from the start) and the send times
+    of the admitted requests."""
     import http.client
-    out = {t: {"statuses": {}, "sent": []} for t, _ in flows}
+    import math
+    out = {t: {"statuses": {}, "sent": [], "admitted": []} for t, _ in flows}
     lock = threading.Lock()
-    gate = threading.Barrier(len(flows) * threads_per_flow + 1)
+    conns = {t: math.ceil(rps / FAIR_RPS_PER_CONN) for t, rps in flows}
+    gate = threading.Barrier(sum(conns.values()) + 1)
     start = [None]
 
     def worker(tenant, rps, j):
+        threads_per_flow = conns[tenant]
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        statuses, sent = {}, []
+        statuses, sent, admitted = {}, [], []
         gate.wait()
         t0 = start[0]
         k = j
@@ -829,6 +840,8 @@ def paced_load(port, flows, seconds, threads_per_flow=FAIR_THREADS_PER_FLOW):
             try:
                 r = h.request(None, "GET", "/load", who(f"u{j}", tenant, tenant), conn=conn)
                 statuses[r.status] = statuses.get(r.status, 0) + 1
+                if r.status == 200:
+                    admitted.append(sent[-1])
             except OSError:
                 statuses["error"] = statuses.get("error", 0) + 1
                 conn.close()
@@ -839,9 +852,10 @@ def paced_load(port, flows, seconds, threads_per_flow=FAIR_THREADS_PER_FLOW):
             for key, v in statuses.items():
                 out[tenant]["statuses"][key] = out[tenant]["statuses"].get(key, 0) + v
             out[tenant]["sent"].extend(sent)
+            out[tenant]["admitted"].extend(admitted)
 
     threads = [threading.Thread(target=worker, args=(t, rps, j))
-               for t, rps in flows for j in range(threads_per_flow)]
+               for t, rps in flows for j in range(conns[t])]
     for t in threads:
         t.start()
     start[0] = time.monotonic() + 0.05
@@ -880,9 +894,9 @@ def simulate_arrivals(policy_dir, arrivals, slice_s=0.1):
 class FairBorrowing(EnvoyCase):
     """Two siblings of equal rate with different demands, both above their
     fair share, are admitted within 15% of each other in real Envoy (2
-    workers, paced clients), and `tenantgate simulate` on the same arrivals
-    predicts every tenant's count within 5%. The 2:1 case prints its figures
-    and checks the same agreement."""
+    workers, paced clients) once the bursts are spent, and `tenantgate
+    simulate` on the same arrivals predicts every tenant's whole count
+    within 5%. The 2:1 case prints its figures and checks the same."""
 
     bundle_name = "fair"
 
@@ -910,23 +924,27 @@ class FairBorrowing(EnvoyCase):
         weights = sum(r for _, r, _ in kids)
         lines = []
         admitted = {}
+        span = FAIR_SECONDS - FAIR_CONVERGED_S
         for (tenant, demand), (_, kid_rate, _) in zip(flows, kids):
             o = out[tenant]
             sent = len(o["sent"])
             ok = o["statuses"].get(200, 0)
-            admitted[tenant] = ok
+            admitted[tenant] = sum(1 for t in o["admitted"] if FAIR_CONVERGED_S <= t < FAIR_SECONDS)
             elapsed = max(o["sent"]) if o["sent"] else FAIR_SECONDS
+            late = sum(1 for k, t in enumerate(sorted(o["sent"])) if t > (k + 1) / demand + 0.05)
             lines.append(f"{tenant} (rate {kid_rate}, fair {kid_rate + spare * kid_rate / weights:.0f}/s): "
-                         f"offered {sent} ({sent / elapsed:.0f}/s), admitted {ok} in Envoy ({ok / FAIR_SECONDS:.1f}/s), "
-                         f"{sim[tenant]} in simulate ({sim[tenant] / FAIR_SECONDS:.1f}/s); statuses {o['statuses']}")
+                         f"offered {sent} in {elapsed:.2f} s ({late} sent over 50 ms late), admitted {ok} in Envoy ({ok / FAIR_SECONDS:.1f}/s), "
+                         f"{sim[tenant]} in simulate ({sim[tenant] / FAIR_SECONDS:.1f}/s); "
+                         f"from {FAIR_CONVERGED_S} s on {admitted[tenant] / span:.1f}/s; statuses {o['statuses']}")
         print(f"\n  fair borrowing under {parent} (rate {rate}, {FAIR_SECONDS:.0f} s):\n    " + "\n    ".join(lines),
               file=sys.stderr)
         for tenant, demand in flows:
             o = out[tenant]
             self.assertEqual(set(o["statuses"]) - {200, 429}, set(), o["statuses"])
-            self.assertGreater(len(o["sent"]), 0.9 * demand * FAIR_SECONDS, f"{tenant}: the client fell behind")
-            self.assertLessEqual(abs(admitted[tenant] - sim[tenant]), 0.05 * sim[tenant],
-                                 f"{tenant}: Envoy {admitted[tenant]}, simulate {sim[tenant]}")
+            self.assertLess(max(o["sent"]), FAIR_SECONDS + 0.5, f"{tenant}: the client fell behind")
+            ok = o["statuses"].get(200, 0)
+            self.assertLessEqual(abs(ok - sim[tenant]), 0.05 * sim[tenant],
+                                 f"{tenant}: Envoy {ok}, simulate {sim[tenant]}")
         return admitted
 
     def test_equal_rates_different_demands_are_admitted_alike(self):
@@ -935,8 +953,9 @@ class FairBorrowing(EnvoyCase):
 
     def test_two_to_one_rates_share_two_to_one(self):
         x, y = self.run_case(FAIR_TWO_TO_ONE).values()
-        # Beyond the rates (50 and 25 a second) and bursts, the spare goes 2:1.
-        self.assertGreater(x, y, f"admitted {x} and {y}")
+        # Rates and shares of the spare both go 2:1 (by demand, the spare
+        # would go about 1:1 and the counts about 1.4:1).
+        self.assertAlmostEqual(x / y, 2.0, delta=0.3, msg=f"admitted {x} and {y}")
 
 
 # ---------------------------------------------------------------------------
