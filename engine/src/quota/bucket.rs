@@ -45,25 +45,24 @@ pub(crate) struct Bucket {
 
 impl Bucket {
     /// The stored value: [`ENCODED_LEN`] bytes with no borrowing children,
-    /// else those followed by the slots.
-    pub fn encode(&self) -> Vec<u8> {
+    /// else those followed by the slots. On the stack: no allocation.
+    pub fn encode(&self) -> Encoded {
+        let mut out = Encoded {
+            buf: [0; MAX_ENCODED_LEN],
+            len: 0,
+        };
         let slots = self.fair.slots();
-        let mut out = Vec::with_capacity(if slots.is_empty() {
-            ENCODED_LEN
-        } else {
-            ENCODED_LEN + 1 + slots.len() * SLOT_LEN
-        });
-        out.push(if slots.is_empty() { TAG_V1 } else { TAG_V2 });
-        out.extend_from_slice(&self.tokens.to_le_bytes());
-        out.extend_from_slice(&self.ctokens.to_le_bytes());
-        out.extend_from_slice(&self.last.to_le_bytes());
+        out.put(&[if slots.is_empty() { TAG_V1 } else { TAG_V2 }]);
+        out.put(&self.tokens.to_le_bytes());
+        out.put(&self.ctokens.to_le_bytes());
+        out.put(&self.last.to_le_bytes());
         if !slots.is_empty() {
-            out.push(u8::try_from(slots.len()).unwrap_or(0));
+            out.put(&[u8::try_from(slots.len()).unwrap_or(0)]);
             for s in slots {
-                out.extend_from_slice(&s.child.to_le_bytes());
-                out.extend_from_slice(&s.vt.to_le_bytes());
-                out.extend_from_slice(&s.last.to_le_bytes());
-                out.extend_from_slice(&s.need.to_le_bytes());
+                out.put(&s.child.to_le_bytes());
+                out.put(&s.vt.to_le_bytes());
+                out.put(&s.last.to_le_bytes());
+                out.put(&s.need.to_le_bytes());
             }
         }
         out
@@ -115,6 +114,32 @@ impl Bucket {
             last,
             fair,
         })
+    }
+}
+
+/// Longest encoded bucket.
+const MAX_ENCODED_LEN: usize = ENCODED_LEN + 1 + MAX_SLOTS * SLOT_LEN;
+
+/// An encoded bucket (a byte slice through `Deref`).
+pub(crate) struct Encoded {
+    buf: [u8; MAX_ENCODED_LEN],
+    len: usize,
+}
+
+impl Encoded {
+    fn put(&mut self, bytes: &[u8]) {
+        let end = self.len + bytes.len();
+        if let Some(dst) = self.buf.get_mut(self.len..end) {
+            dst.copy_from_slice(bytes);
+            self.len = end;
+        }
+    }
+}
+
+impl std::ops::Deref for Encoded {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.buf.get(..self.len).unwrap_or_default()
     }
 }
 
@@ -309,10 +334,57 @@ mod tests {
         assert!(Bucket::decode(&bytes[..40])
             .unwrap_err()
             .contains("40 bytes"));
-        let mut bad = bytes;
+        let mut bad = bytes.to_vec();
         bad[0] = 9;
         assert!(Bucket::decode(&bad).unwrap_err().contains("version 9"));
         assert!(Bucket::decode(b"").is_err());
+    }
+
+    #[test]
+    fn borrowing_children_are_encoded_after_the_buckets() {
+        let mut fair = Fair::default();
+        for child in 0..MAX_SLOTS as u32 {
+            fair.push(Slot {
+                child: child * 7,
+                vt: u64::from(child) << 40,
+                last: 99,
+                need: 3,
+            });
+        }
+        let b = Bucket {
+            tokens: 1,
+            ctokens: -2,
+            last: 3,
+            fair,
+        };
+        let bytes = b.encode();
+        assert_eq!(bytes.len(), ENCODED_LEN + 1 + MAX_SLOTS * SLOT_LEN);
+        assert_eq!(bytes.len(), 266, "docs/decisions.md gives the size");
+        assert_eq!((bytes[0], bytes[ENCODED_LEN]), (TAG_V2, MAX_SLOTS as u8));
+        assert_eq!(Bucket::decode(&bytes), Ok(b));
+        // The same buckets with no borrowing children are the 41 bytes of tag 1.
+        let plain = Bucket {
+            fair: Fair::default(),
+            ..b
+        };
+        assert_eq!(
+            &plain.encode()[..],
+            &bytes[..ENCODED_LEN]
+                .iter()
+                .enumerate()
+                .map(|(i, x)| if i == 0 { TAG_V1 } else { *x })
+                .collect::<Vec<u8>>()[..]
+        );
+        // Counts and lengths that disagree are refused.
+        let mut bad = bytes.to_vec();
+        bad.pop();
+        assert!(Bucket::decode(&bad).unwrap_err().contains("265 bytes"));
+        let mut bad = bytes.to_vec();
+        bad[ENCODED_LEN] = 0;
+        assert!(Bucket::decode(&bad).is_err());
+        let mut tag1_with_tail = bytes.to_vec();
+        tag1_with_tail[0] = TAG_V1;
+        assert!(Bucket::decode(&tag1_with_tail).is_err());
     }
 
     #[test]
