@@ -522,7 +522,19 @@ fn assert_fair(
     );
 }
 
-fn family_case() -> impl Strategy<Value = (Vec<u64>, Vec<u64>, Vec<Nanos>, Vec<u64>, Vec<usize>)> {
+/// One generated family run: rates in the ratios `weights`, each child's
+/// demand, start, phase (in thousandths of its interval) and rank at equal
+/// instants.
+#[derive(Debug, Clone)]
+struct FamilyCase {
+    weights: Vec<u64>,
+    demands: Vec<u64>,
+    starts: Vec<Nanos>,
+    phases: Vec<u64>,
+    order: Vec<usize>,
+}
+
+fn family_case() -> impl Strategy<Value = FamilyCase> {
     (2usize..=4)
         .prop_flat_map(|n| {
             (
@@ -552,7 +564,13 @@ fn family_case() -> impl Strategy<Value = (Vec<u64>, Vec<u64>, Vec<Nanos>, Vec<u
                 })
                 .collect();
             let starts = starts_ms.iter().map(|ms| ms * 1_000_000).collect();
-            (weights, demands, starts, phases, order)
+            FamilyCase {
+                weights,
+                demands,
+                starts,
+                phases,
+                order,
+            }
         })
 }
 
@@ -563,8 +581,7 @@ proptest! {
     /// below their fair shares, random starts, phases and tie orders.
     #[test]
     fn fair_borrowing(case in family_case()) {
-        let (weights, demands, starts, phases, order) = case;
-        assert_fair(&weights, &demands, &starts, &phases, &order);
+        assert_fair(&case.weights, &case.demands, &case.starts, &case.phases, &case.order);
     }
 }
 
