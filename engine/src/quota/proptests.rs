@@ -8,7 +8,11 @@
 //!   whatever the rest of the tree (outside its subtree) sends;
 //! - borrowing: with the others idle, a tenant gets up to its ceil (bounded
 //!   by the rate of the top of its chain);
-//! - no leak: a refused request changes nothing in the store.
+//! - no leak: a refused request changes nothing in the store;
+//! - fair borrowing: siblings borrowing at the same time get their parent's
+//!   spare in proportion to their rates (within 10% of the max-min fair
+//!   share once the bursts are spent), whatever their demands and the order
+//!   of their requests, and nothing idles while one of them is refused.
 
 use std::collections::BTreeMap;
 
@@ -621,4 +625,37 @@ fn equal_rates_different_demands_share_equally() {
     }
     // Without fairness the excess would follow the demands (450:250 of the
     // borrowing requests): 150 + 193 and 150 + 107 a second.
+}
+
+#[test]
+fn fair_borrowing_nests() {
+    // `/` 1000 a second with `/a` and `/b` (rates 300): the spare 400 goes
+    // 200 and 200, so each subtree gets 500. Inside `/a`, `/a/x` and `/a/y`
+    // (rates 100) share `/a`'s 500 as 250 and 250, although `/a/x` asks for
+    // twice what `/a/y` asks for and `/b` asks for less than `/a`'s subtree.
+    let m = super::tests::model(&[
+        ("/", r#"{"limits": {"rps": {"rate": 1000, "burst": 100}}}"#),
+        ("/a", r#"{"limits": {"rps": {"rate": 300, "ceil": 1000, "burst": 30}}}"#),
+        ("/b", r#"{"limits": {"rps": {"rate": 300, "ceil": 1000, "burst": 30}}}"#),
+        ("/a/x", r#"{"limits": {"rps": {"rate": 100, "ceil": 1000, "burst": 10}}}"#),
+        ("/a/y", r#"{"limits": {"rps": {"rate": 100, "ceil": 1000, "burst": 10}}}"#),
+    ]);
+    let tenants = ["/a/x", "/a/y", "/b"].map(|t| TenantPath::parse(t).unwrap());
+    let mut events: Vec<(Nanos, usize)> = Vec::new();
+    for (i, rps) in [600u64, 300, 700].into_iter().enumerate() {
+        events.extend((0..11 * rps).map(|k| (k * S / rps, i)));
+    }
+    events.sort_unstable();
+    let store = store_for(&m);
+    let mut admitted = [0u64; 3];
+    for (at, i) in events {
+        let d = m.admit(&tenants[i], 1, T0 + at, &store).unwrap();
+        if d.admitted && at >= FAIR_FROM {
+            admitted[i] += 1;
+        }
+    }
+    let span = (FAIR_TO - FAIR_FROM) / S;
+    for (got, want) in admitted.iter().zip([250, 250, 500]) {
+        assert!(got.abs_diff(want * span) <= want * span / 100, "{admitted:?}");
+    }
 }
