@@ -31,7 +31,7 @@ pub(crate) const SLOT_LEN: usize = 4 + 8 + 8 + 8;
 pub(crate) const FLOOR: i128 = -(1 << 120);
 
 /// State of one (node, limit) pair.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Bucket {
     /// Rate bucket, in units; at most `cap`.
     pub tokens: i128,
@@ -44,43 +44,50 @@ pub(crate) struct Bucket {
 }
 
 impl Bucket {
-    /// The stored value: [`ENCODED_LEN`] bytes with no borrowing children,
-    /// else those followed by the slots. On the stack: no allocation.
+    /// The stored value: [`ENCODED_LEN`] bytes with no borrowing children
+    /// (on the stack), else those followed by the slots.
     pub fn encode(&self) -> Encoded {
-        let mut out = Encoded {
-            buf: [0; MAX_ENCODED_LEN],
-            len: 0,
-        };
         let slots = self.fair.slots();
-        out.put(&[if slots.is_empty() { TAG_V1 } else { TAG_V2 }]);
-        out.put(&self.tokens.to_le_bytes());
-        out.put(&self.ctokens.to_le_bytes());
-        out.put(&self.last.to_le_bytes());
-        if !slots.is_empty() {
-            out.put(&[u8::try_from(slots.len()).unwrap_or(0)]);
-            for s in slots {
-                out.put(&s.child.to_le_bytes());
-                out.put(&s.vt.to_le_bytes());
-                out.put(&s.last.to_le_bytes());
-                out.put(&s.need.to_le_bytes());
-            }
+        let mut head = [0u8; ENCODED_LEN];
+        let (tag, rest) = head.split_at_mut(1);
+        let (tokens, rest) = rest.split_at_mut(16);
+        let (ctokens, last) = rest.split_at_mut(16);
+        tag.copy_from_slice(&[if slots.is_empty() { TAG_V1 } else { TAG_V2 }]);
+        tokens.copy_from_slice(&self.tokens.to_le_bytes());
+        ctokens.copy_from_slice(&self.ctokens.to_le_bytes());
+        last.copy_from_slice(&self.last.to_le_bytes());
+        if slots.is_empty() {
+            return Encoded::Plain(head);
         }
-        out
+        let mut out = Vec::with_capacity(ENCODED_LEN + 1 + slots.len() * SLOT_LEN);
+        out.extend_from_slice(&head);
+        out.push(u8::try_from(slots.len()).unwrap_or(0));
+        for s in slots {
+            out.extend_from_slice(&s.child.to_le_bytes());
+            out.extend_from_slice(&s.vt.to_le_bytes());
+            out.extend_from_slice(&s.last.to_le_bytes());
+            out.extend_from_slice(&s.need.to_le_bytes());
+        }
+        Encoded::Slots(out)
     }
 
     /// Decodes a stored value; `Err` says why it does not decode.
     pub fn decode(bytes: &[u8]) -> Result<Bucket, String> {
-        let (head, tail) = bytes
-            .split_at_checked(ENCODED_LEN)
-            .ok_or_else(|| format!("{} bytes where a bucket has {ENCODED_LEN}", bytes.len()))?;
-        let mut r = Reader(head);
-        let tag = r.u8()?;
+        let Some((head, tail)) = bytes.split_first_chunk::<ENCODED_LEN>() else {
+            return Err(format!(
+                "{} bytes where a bucket has {ENCODED_LEN}",
+                bytes.len()
+            ));
+        };
+        let (&[tag], rest) = head.split_first_chunk::<1>().ok_or("truncated")?;
         if tag != TAG_V1 && tag != TAG_V2 {
             return Err(format!("unknown encoding version {tag}"));
         }
-        let tokens = r.i128()?;
-        let ctokens = r.i128()?;
-        let last = r.u64()?;
+        let (tokens, rest) = rest.split_first_chunk::<16>().ok_or("truncated")?;
+        let (ctokens, rest) = rest.split_first_chunk::<16>().ok_or("truncated")?;
+        let (last, _) = rest.split_first_chunk::<8>().ok_or("truncated")?;
+        let (tokens, ctokens) = (i128::from_le_bytes(*tokens), i128::from_le_bytes(*ctokens));
+        let last = u64::from_le_bytes(*last);
         let mut fair = Fair::default();
         if tag == TAG_V1 {
             if !tail.is_empty() {
@@ -117,29 +124,20 @@ impl Bucket {
     }
 }
 
-/// Longest encoded bucket.
-const MAX_ENCODED_LEN: usize = ENCODED_LEN + 1 + MAX_SLOTS * SLOT_LEN;
-
 /// An encoded bucket (a byte slice through `Deref`).
-pub(crate) struct Encoded {
-    buf: [u8; MAX_ENCODED_LEN],
-    len: usize,
-}
-
-impl Encoded {
-    fn put(&mut self, bytes: &[u8]) {
-        let end = self.len + bytes.len();
-        if let Some(dst) = self.buf.get_mut(self.len..end) {
-            dst.copy_from_slice(bytes);
-            self.len = end;
-        }
-    }
+pub(crate) enum Encoded {
+    /// No borrowing children: the fixed head only, on the stack.
+    Plain([u8; ENCODED_LEN]),
+    Slots(Vec<u8>),
 }
 
 impl std::ops::Deref for Encoded {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        self.buf.get(..self.len).unwrap_or_default()
+        match self {
+            Encoded::Plain(b) => b,
+            Encoded::Slots(v) => v,
+        }
     }
 }
 
@@ -163,9 +161,6 @@ impl Reader<'_> {
     }
     fn u64(&mut self) -> Result<u64, String> {
         self.take().map(u64::from_le_bytes)
-    }
-    fn i128(&mut self) -> Result<i128, String> {
-        self.take().map(i128::from_le_bytes)
     }
 }
 
@@ -361,7 +356,7 @@ mod tests {
         assert_eq!(bytes.len(), ENCODED_LEN + 1 + MAX_SLOTS * SLOT_LEN);
         assert_eq!(bytes.len(), 266, "docs/decisions.md gives the size");
         assert_eq!((bytes[0], bytes[ENCODED_LEN]), (TAG_V2, MAX_SLOTS as u8));
-        assert_eq!(Bucket::decode(&bytes), Ok(b));
+        assert_eq!(Bucket::decode(&bytes), Ok(b.clone()));
         // The same buckets with no borrowing children are the 41 bytes of tag 1.
         let plain = Bucket {
             fair: Fair::default(),
@@ -443,7 +438,7 @@ mod tests {
             last: 5 * S,
             fair: Fair::default(),
         };
-        let back = p.refill(spent, 2 * S);
+        let back = p.refill(spent.clone(), 2 * S);
         assert_eq!(
             back, spent,
             "no tokens and no move of `last` when time goes backwards"

@@ -58,53 +58,33 @@ pub(crate) struct Slot {
     pub need: u64,
 }
 
-/// The children borrowing through one node.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// The children borrowing through one node. Empty (no allocation) while
+/// none does, which keeps the bucket small on the paths that never borrow.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Fair {
-    len: u8,
-    slots: [Slot; MAX_SLOTS],
+    slots: Vec<Slot>,
 }
 
 impl Fair {
     pub fn slots(&self) -> &[Slot] {
-        self.slots.get(..usize::from(self.len)).unwrap_or_default()
+        &self.slots
     }
 
     fn slots_mut(&mut self) -> &mut [Slot] {
-        self.slots
-            .get_mut(..usize::from(self.len))
-            .unwrap_or_default()
+        &mut self.slots
     }
 
     /// Appends a slot; false when all are taken.
     pub fn push(&mut self, slot: Slot) -> bool {
-        match self.slots.get_mut(usize::from(self.len)) {
-            Some(s) => {
-                *s = slot;
-                self.len += 1;
-                true
-            }
-            None => false,
+        if self.slots.len() >= MAX_SLOTS {
+            return false;
         }
+        self.slots.push(slot);
+        true
     }
 
     fn retain(&mut self, keep: impl Fn(&Slot) -> bool) {
-        let mut n = 0;
-        for i in 0..usize::from(self.len) {
-            let Some(s) = self.slots.get(i).copied() else {
-                break;
-            };
-            if keep(&s) {
-                if let Some(d) = self.slots.get_mut(n) {
-                    *d = s;
-                }
-                n += 1;
-            }
-        }
-        for s in self.slots.iter_mut().skip(n) {
-            *s = Slot::default();
-        }
-        self.len = u8::try_from(n).unwrap_or(0);
+        self.slots.retain(keep);
     }
 
     /// True while a child that last borrowed at `last` borrows now.

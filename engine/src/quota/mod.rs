@@ -785,7 +785,7 @@ fn decide(plan: &Plan, old: &[Bucket], cost: u64, now: Nanos) -> Step {
         .nodes
         .iter()
         .zip(old)
-        .map(|(l, b)| l.params.refill(*b, now))
+        .map(|(l, b)| l.params.refill(b.clone(), now))
         .collect();
     let walks: Vec<Walk> = plan
         .chains

@@ -635,10 +635,22 @@ fn fair_borrowing_nests() {
     // twice what `/a/y` asks for and `/b` asks for less than `/a`'s subtree.
     let m = super::tests::model(&[
         ("/", r#"{"limits": {"rps": {"rate": 1000, "burst": 100}}}"#),
-        ("/a", r#"{"limits": {"rps": {"rate": 300, "ceil": 1000, "burst": 30}}}"#),
-        ("/b", r#"{"limits": {"rps": {"rate": 300, "ceil": 1000, "burst": 30}}}"#),
-        ("/a/x", r#"{"limits": {"rps": {"rate": 100, "ceil": 1000, "burst": 10}}}"#),
-        ("/a/y", r#"{"limits": {"rps": {"rate": 100, "ceil": 1000, "burst": 10}}}"#),
+        (
+            "/a",
+            r#"{"limits": {"rps": {"rate": 300, "ceil": 1000, "burst": 30}}}"#,
+        ),
+        (
+            "/b",
+            r#"{"limits": {"rps": {"rate": 300, "ceil": 1000, "burst": 30}}}"#,
+        ),
+        (
+            "/a/x",
+            r#"{"limits": {"rps": {"rate": 100, "ceil": 1000, "burst": 10}}}"#,
+        ),
+        (
+            "/a/y",
+            r#"{"limits": {"rps": {"rate": 100, "ceil": 1000, "burst": 10}}}"#,
+        ),
     ]);
     let tenants = ["/a/x", "/a/y", "/b"].map(|t| TenantPath::parse(t).unwrap());
     let mut events: Vec<(Nanos, usize)> = Vec::new();
@@ -656,6 +668,9 @@ fn fair_borrowing_nests() {
     }
     let span = (FAIR_TO - FAIR_FROM) / S;
     for (got, want) in admitted.iter().zip([250, 250, 500]) {
-        assert!(got.abs_diff(want * span) <= want * span / 100, "{admitted:?}");
+        assert!(
+            got.abs_diff(want * span) <= want * span / 100,
+            "{admitted:?}"
+        );
     }
 }
