@@ -25,10 +25,10 @@
 //! - A child *borrows now* while it borrowed within the last
 //!   [`super::fair_window`] (half the limit's window). A child that comes
 //!   (back) borrows once freely and then starts level with the sibling
-//!   furthest ahead: no credit for the time it did not borrow. A sibling that borrows less than its share
-//!   falls behind by at most the window plus twice the borrow being
-//!   recorded ([`super::fair_lag`]): the credit it may later catch up is
-//!   bounded.
+//!   furthest ahead: no credit for the time it did not borrow. A sibling
+//!   that borrows less than its share falls behind by at most the window
+//!   plus twice the borrow being recorded ([`super::fair_lag`]): the credit
+//!   it may later catch up is bounded.
 //!
 //! The state lives in the parent's own bucket value (slots of
 //! [`Slot`], at most [`MAX_SLOTS`]), which every admission through the
@@ -53,8 +53,8 @@ pub(crate) struct Slot {
     pub vt: u64,
     /// When it last borrowed.
     pub last: Nanos,
-    /// Tokens its last borrow took: what it leaves to the others when it is
-    /// behind, and asks them to leave when it is ahead.
+    /// Tokens its last borrow took: what the siblings ahead of it must leave
+    /// for it.
     pub need: u64,
 }
 
