@@ -601,7 +601,7 @@ impl QuotaModel {
                 create_missing(plan, store, now)?;
                 continue;
             }
-            let step = decide(plan, &old, cost, now);
+            let step = decide(plan, old.drain(..), cost, now);
             let Some(new) = step.new else {
                 return Ok((step.decision, Vec::new()));
             };
@@ -779,13 +779,14 @@ fn walk(nodes: &[Arc<Limit>], buckets: &[Bucket], need: i128, now: Nanos) -> Wal
 }
 
 /// The admission decision as a pure function of the buckets read (`old`,
-/// aligned with `plan.nodes`): refill to `now`, walk, charge. Touches nothing.
-fn decide(plan: &Plan, old: &[Bucket], cost: u64, now: Nanos) -> Step {
+/// aligned with `plan.nodes`, taken by value: the children's slots are moved,
+/// not copied): refill to `now`, walk, charge. Touches nothing.
+fn decide(plan: &Plan, old: impl IntoIterator<Item = Bucket>, cost: u64, now: Nanos) -> Step {
     let mut state: Vec<Bucket> = plan
         .nodes
         .iter()
         .zip(old)
-        .map(|(l, b)| l.params.refill(b.clone(), now))
+        .map(|(l, b)| l.params.refill(b, now))
         .collect();
     let walks: Vec<Walk> = plan
         .chains
