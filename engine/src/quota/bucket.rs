@@ -72,6 +72,7 @@ impl Bucket {
     }
 
     /// Decodes a stored value; `Err` says why it does not decode.
+    #[inline]
     pub fn decode(bytes: &[u8]) -> Result<Bucket, String> {
         let Some((head, tail)) = bytes.split_first_chunk::<ENCODED_LEN>() else {
             return Err(format!(
@@ -88,33 +89,17 @@ impl Bucket {
         let (last, _) = rest.split_first_chunk::<8>().ok_or("truncated")?;
         let (tokens, ctokens) = (i128::from_le_bytes(*tokens), i128::from_le_bytes(*ctokens));
         let last = u64::from_le_bytes(*last);
-        let mut fair = Fair::default();
-        if tag == TAG_V1 {
+        let fair = if tag == TAG_V1 {
             if !tail.is_empty() {
                 return Err(format!(
                     "{} bytes where a bucket has {ENCODED_LEN}",
                     bytes.len()
                 ));
             }
+            Fair::default()
         } else {
-            let mut r = Reader(tail);
-            let n = usize::from(r.u8()?);
-            if n == 0 || n > MAX_SLOTS || tail.len() != 1 + n * SLOT_LEN {
-                return Err(format!(
-                    "{} bytes where a bucket with {n} borrowing children has {}",
-                    bytes.len(),
-                    ENCODED_LEN + 1 + n * SLOT_LEN
-                ));
-            }
-            for _ in 0..n {
-                fair.push(Slot {
-                    child: r.u32()?,
-                    vt: r.u64()?,
-                    last: r.u64()?,
-                    need: r.u64()?,
-                });
-            }
-        }
+            decode_slots(bytes.len(), tail)?
+        };
         Ok(Bucket {
             tokens,
             ctokens,
@@ -139,6 +124,30 @@ impl std::ops::Deref for Encoded {
             Encoded::Slots(v) => v,
         }
     }
+}
+
+/// The slots after the head of a tag-2 value (`len` is the whole value's
+/// length, for the message). Out of line: most values have none.
+#[inline(never)]
+fn decode_slots(len: usize, tail: &[u8]) -> Result<Fair, String> {
+    let mut r = Reader(tail);
+    let n = usize::from(r.u8()?);
+    if n == 0 || n > MAX_SLOTS || tail.len() != 1 + n * SLOT_LEN {
+        return Err(format!(
+            "{len} bytes where a bucket with {n} borrowing children has {}",
+            ENCODED_LEN + 1 + n * SLOT_LEN
+        ));
+    }
+    let mut fair = Fair::default();
+    for _ in 0..n {
+        fair.push(Slot {
+            child: r.u32()?,
+            vt: r.u64()?,
+            last: r.u64()?,
+            need: r.u64()?,
+        });
+    }
+    Ok(fair)
 }
 
 /// Little-endian fields read in order from a slice of known length.

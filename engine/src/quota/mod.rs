@@ -822,17 +822,18 @@ fn decide(plan: &Plan, old: impl IntoIterator<Item = Bucket>, cost: u64, now: Na
                 // The child below borrowed through this node: its virtual
                 // time here advances by the time its own rate takes to earn
                 // `need` (see `fair`).
-                let child = i.checked_sub(1).and_then(|below| nodes.get(below));
+                if !(1..=lender).contains(&i) {
+                    continue;
+                }
+                let child = nodes.get(i - 1);
                 if let Some((child, slot)) = child.and_then(|l| l.slot.map(|s| (l, s))) {
-                    if i <= lender {
-                        let per = child.params.per_ns;
-                        let inc = need.div_euclid(i128::from(child.params.rate.max(1))).max(1);
-                        let inc = u64::try_from(inc).unwrap_or(u64::MAX);
-                        b.fair
-                            .record(slot, inc, cost, now, fair_window(per), fair_lag(per, inc));
-                        ch.slot = slot;
-                        ch.vt = inc;
-                    }
+                    let per = child.params.per_ns;
+                    let inc = need.div_euclid(i128::from(child.params.rate.max(1))).max(1);
+                    let inc = u64::try_from(inc).unwrap_or(u64::MAX);
+                    b.fair
+                        .record(slot, inc, cost, now, fair_window(per), fair_lag(per, inc));
+                    ch.slot = slot;
+                    ch.vt = inc;
                 }
             }
         }
