@@ -506,7 +506,7 @@ class VersionGaugeAfterReload(V1ThenV2):
 class QuotaAcrossReload(EcdsCase):
     """Bucket state lives in proxy-wasm shared data (per Envoy process, per
     vm_id, so it outlives plugin configs) under the key
-    `tenantgate:quota:v1:<tenant>:<limit name>:<hash>`, the hash being 8 hex
+    `tenantgate:quota:v2:<tenant>:<limit name>:<hash>`, the hash being 8 hex
     digits of SHA-256 over the limit's rate, ceil, burst and per (see
     engine/src/quota/mod.rs, "Store layout"). At configure the filter creates
     only the keys that are missing. So a reload that leaves a limit unchanged

@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 rustup target add wasm32-wasip1 >/dev/null 2>&1 || true
 cargo build -q -p tenantgate-filter --target wasm32-wasip1 --release
 mkdir -p dist
-cp target/wasm32-wasip1/release/tenantgate_filter.wasm dist/tenantgate.wasm
+cp "${CARGO_TARGET_DIR:-target}/wasm32-wasip1/release/tenantgate_filter.wasm" dist/tenantgate.wasm
 size=$(stat -c %s dist/tenantgate.wasm)
 echo "dist/tenantgate.wasm: $size bytes"
 if [ "$size" -gt $((3 * 1024 * 1024)) ]; then

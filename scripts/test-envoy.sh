@@ -16,7 +16,7 @@ scripts/install-envoy.sh
 scripts/install-redis.sh
 # Real clients and parsers for the upstream-trust tests (gRPC, HTTP/2, RFC 9651).
 .venv/bin/pip install --quiet --disable-pip-version-check -r envoy/requirements-test.txt
-export TENANTGATE_CLI="$PWD/target/debug/tenantgate"
+export TENANTGATE_CLI="${CARGO_TARGET_DIR:-$PWD/target}/debug/tenantgate"
 [ $# -gt 0 ] || python3 envoy/reload_test.py  # live reload under load (envoy/reload_test.py), full runs only
 [ $# -gt 0 ] || python3 envoy/isolation_test.py  # isolation matrix (envoy/isolation_test.py), full runs only
 [ $# -gt 0 ] || .venv/bin/python envoy/upstream_trust_test.py  # what upstreams may trust, full runs only

@@ -410,6 +410,51 @@ mod tests {
     }
 
     #[test]
+    fn siblings_share_the_spare_by_rate() {
+        // Admitted per tenant in the second half of a plan of `2 * half`
+        // seconds (the first half replays the same requests).
+        let second_half = |b: &Bundle, flows: &str, half: u64| {
+            let plan = |d: u64| format!(r#"{{"duration_s": {d}, "flows": [{flows}]}}"#);
+            let (all, first) = (
+                simulate(b, &plan(2 * half)).unwrap(),
+                simulate(b, &plan(half)).unwrap(),
+            );
+            ["/x", "/y"].map(|t| counts(&all, t).0 - counts(&first, t).0)
+        };
+        // `/` 300 a second; `/x` rate 100 and `/y` rate 50 (2:1), both may use
+        // it all. Both ask 250 a second: the spare 150 goes 100:50 by their
+        // rates (by their equal demands it would go 75:75), so `/x` gets 200
+        // and `/y` 100 a second.
+        let b = bundle(&[
+            ("/", r#"{"limits": {"rps": {"rate": 300}}}"#),
+            (
+                "/x",
+                r#"{"limits": {"rps": {"rate": 100, "ceil": "100%"}}}"#,
+            ),
+            ("/y", r#"{"limits": {"rps": {"rate": 50, "ceil": "100%"}}}"#),
+        ]);
+        let flows = r#"{"tenant": "/x", "rps": 250}, {"tenant": "/y", "rps": 250}"#;
+        assert_eq!(second_half(&b, flows, 10), [2000, 1000]);
+        // Over the whole plan `/y` is a little ahead: its own burst (50) ran
+        // out before `/x`'s (100), so it borrowed alone for 0.4 s first.
+        let v = simulate(&b, &format!(r#"{{"duration_s": 20, "flows": [{flows}]}}"#)).unwrap();
+        assert_eq!(
+            (counts(&v, "/x").0, counts(&v, "/y").0),
+            (4093, 2205),
+            "{v}"
+        );
+
+        // Equal rates, demands 2:1, both above their share: equal counts.
+        let b = bundle(&[
+            ("/", r#"{"limits": {"rps": {"rate": 300}}}"#),
+            ("/x", r#"{"limits": {"rps": {"rate": 75, "ceil": "100%"}}}"#),
+            ("/y", r#"{"limits": {"rps": {"rate": 75, "ceil": "100%"}}}"#),
+        ]);
+        let flows = r#"{"tenant": "/x", "rps": 400}, {"tenant": "/y", "rps": 200}"#;
+        assert_eq!(second_half(&b, flows, 10), [1500, 1500]);
+    }
+
+    #[test]
     fn costs_come_from_the_settings() {
         let b = bundle(&[("/", r#"{"limits": {"rps": {"rate": 10}}}"#)]);
         let v = simulate(
@@ -534,5 +579,12 @@ mod tests {
         let (eu, _) = counts(&v, "/acme/eu");
         assert!(eu > 60 * 400 && eu <= 60 * 500 + 500 + 2000, "{v}");
         assert_eq!(counts(&v, "/acme/us"), (20 * 150, 0), "{v}");
+        // `/`'s spare goes to its borrowing children by their rates, 200:100:50
+        // (the README reads these numbers: 286, 143 and 71 a second while
+        // `/acme` does not borrow, 235, 118 and 59 while it does).
+        assert_eq!(counts(&v, "/globex").0, 16579, "{v}");
+        assert_eq!(counts(&v, "/public").0, 8551, "{v}");
+        assert_eq!(counts(&v, "/ops").0, 4108, "{v}");
+        assert_eq!(eu, 29760, "{v}");
     }
 }

@@ -117,7 +117,8 @@ fn text_names_the_changed_policy_the_new_tenant_the_limits_and_the_tests() {
         "/globex/labs rps: rate 5 ceil 5 burst 5 per 1s -> rate 4 ceil 4 burst 5 per 1s (starts from full buckets after the reload)",
         "/globex/beta rps: none -> rate 20 ceil 20 burst 20 per 1s",
         "gus (/globex) reads down into /globex/labs: allow 200 [globex-read] -> deny 403 (test expects allow: fails under new)",
-        "2 test decisions change",
+        "tests/quotas.json: keyed limit: the fourth request of that key in the minute is refused, also below /globex: deny 429 -> deny 403 (test expects deny: fails under new)",
+        "6 test decisions change",
     ] {
         assert!(out.contains(want), "no `{want}` in:\n{out}");
     }
@@ -165,12 +166,19 @@ fn json_is_one_object_with_the_same_findings() {
         .find(|l| l["tenant"] == "/globex/labs")
         .unwrap();
     assert_eq!(labs_limit["resets_state"], true);
-    assert_eq!(v["decisions_changed"], 2);
+    assert_eq!(v["decisions_changed"], 6);
     assert!(v["tests"]["run"].as_u64().unwrap() >= 30);
     let changed = v["tests"]["changed"].as_array().unwrap();
-    assert_eq!(changed.len(), 2, "{v}");
+    assert_eq!(changed.len(), 6, "{v}");
+    // Four allows, and two quota refusals (429) that the new policy now
+    // forbids first.
+    let was_429 = changed.iter().filter(|c| c["old"]["status"] == 429).count();
+    assert_eq!(was_429, 2, "{v}");
     for c in changed {
-        assert_eq!(c["old"]["decision"], "allow");
+        assert!(
+            c["old"]["decision"] == "allow" || c["old"]["status"] == 429,
+            "{c}"
+        );
         assert_eq!(c["new"]["decision"], "deny");
         assert_eq!(c["new"]["status"], 403);
         assert!(c["new_failure"].is_string());
@@ -244,13 +252,13 @@ fn bundles_take_their_tests_from_the_folder_side_or_from_tests() {
     // Two bundles and `--tests`: the tests of that folder.
     let r = diff(&old_b, &new_b, &["--tests", "policies"]);
     assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
-    assert!(r.stdout.contains("2 test decisions change"), "{}", r.stdout);
+    assert!(r.stdout.contains("6 test decisions change"), "{}", r.stdout);
 
     // The running bundle against a changed folder: NEW's tests.
     let (code, v) = diff_json(&old_b, new.path(), &[]);
     assert_eq!(code, 1);
     assert_eq!(v["tests"]["source"], new.path().to_str().unwrap());
-    assert_eq!(v["decisions_changed"], 2);
+    assert_eq!(v["decisions_changed"], 6);
 }
 
 #[test]
@@ -310,7 +318,7 @@ fn the_bundle_inside_an_envoy_config_or_a_wasm_plugin_is_what_runs() {
         let new = changed_tree();
         let (code, v) = diff_json(Path::new(&out), new.path(), &[]);
         assert_eq!(code, 1, "{name}: {v}");
-        assert_eq!(v["decisions_changed"], 2, "{name}");
+        assert_eq!(v["decisions_changed"], 6, "{name}");
     }
     // An ECDS bootstrap carries no bundle: an error that says so, exit 2.
     let out = file("ecds-bootstrap.json");

@@ -1,5 +1,6 @@
 //! One node's pair of buckets (HTB's `tokens` and `ctokens`), their exact
-//! integer refill, and their binary encoding in the store.
+//! integer refill, the recent borrowing of its children (the `fair` module),
+//! and their binary encoding in the store.
 //!
 //! Amounts are `i128` in *units* of `1 / per_ns` token, where `per_ns` is the
 //! limit's window in nanoseconds. A refill over `dt` nanoseconds then adds
@@ -8,22 +9,29 @@
 //! shares one window (validation requires it), so one unit means the same on
 //! every node of a chain.
 
+use super::fair::{Fair, Slot, MAX_SLOTS};
 use super::Nanos;
 
 /// Largest `rate`, `ceil` or `burst`, in tokens.
 pub(crate) const MAX_AMOUNT: u64 = 1_000_000_000_000;
 
-/// Encoding version tag (first byte of every stored value).
+/// Encoding version tag (first byte of a stored value) of a bucket whose
+/// children are not borrowing: exactly [`ENCODED_LEN`] bytes.
 pub(crate) const TAG_V1: u8 = 1;
+/// Tag of a bucket followed by its borrowing children: [`ENCODED_LEN`] bytes,
+/// a count `n` (1 to [`MAX_SLOTS`]), then `n` slots of [`SLOT_LEN`] bytes.
+pub(crate) const TAG_V2: u8 = 2;
 /// Length of an encoded bucket: tag, tokens, ctokens, last.
 pub(crate) const ENCODED_LEN: usize = 1 + 16 + 16 + 8;
+/// Length of one encoded slot: child, virtual time, last borrow, need.
+pub(crate) const SLOT_LEN: usize = 4 + 8 + 8 + 8;
 /// No amount goes below this. Validation bounds debts far above it (see the
 /// module doc); the floor and saturating arithmetic only keep corrupted or
 /// absurd states from overflowing.
 pub(crate) const FLOOR: i128 = -(1 << 120);
 
 /// State of one (node, limit) pair.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Bucket {
     /// Rate bucket, in units; at most `cap`.
     pub tokens: i128,
@@ -31,49 +39,137 @@ pub(crate) struct Bucket {
     pub ctokens: i128,
     /// When both buckets were last refilled. Never moves backwards.
     pub last: Nanos,
+    /// The children that borrowed through this node recently.
+    pub fair: Fair,
 }
 
 impl Bucket {
-    pub fn encode(&self) -> [u8; ENCODED_LEN] {
-        let mut out = [0u8; ENCODED_LEN];
-        let (tag, rest) = out.split_at_mut(1);
+    /// The stored value: [`ENCODED_LEN`] bytes with no borrowing children
+    /// (on the stack), else those followed by the slots.
+    pub fn encode(&self) -> Encoded {
+        let slots = self.fair.slots();
+        let mut head = [0u8; ENCODED_LEN];
+        let (tag, rest) = head.split_at_mut(1);
         let (tokens, rest) = rest.split_at_mut(16);
         let (ctokens, last) = rest.split_at_mut(16);
-        tag.copy_from_slice(&[TAG_V1]);
+        tag.copy_from_slice(&[if slots.is_empty() { TAG_V1 } else { TAG_V2 }]);
         tokens.copy_from_slice(&self.tokens.to_le_bytes());
         ctokens.copy_from_slice(&self.ctokens.to_le_bytes());
         last.copy_from_slice(&self.last.to_le_bytes());
-        out
+        if slots.is_empty() {
+            return Encoded::Plain(head);
+        }
+        let mut out = Vec::with_capacity(ENCODED_LEN + 1 + slots.len() * SLOT_LEN);
+        out.extend_from_slice(&head);
+        out.push(u8::try_from(slots.len()).unwrap_or(0));
+        for s in slots {
+            out.extend_from_slice(&s.child.to_le_bytes());
+            out.extend_from_slice(&s.vt.to_le_bytes());
+            out.extend_from_slice(&s.last.to_le_bytes());
+            out.extend_from_slice(&s.need.to_le_bytes());
+        }
+        Encoded::Slots(out)
     }
 
     /// Decodes a stored value; `Err` says why it does not decode.
+    #[inline]
     pub fn decode(bytes: &[u8]) -> Result<Bucket, String> {
-        let bytes: &[u8; ENCODED_LEN] = bytes
-            .try_into()
-            .map_err(|_| format!("{} bytes where a bucket has {ENCODED_LEN}", bytes.len()))?;
-        let (tag, rest) = bytes.split_at(1);
-        if tag != [TAG_V1] {
+        let Some((head, tail)) = bytes.split_first_chunk::<ENCODED_LEN>() else {
             return Err(format!(
-                "unknown encoding version {}",
-                tag.first().copied().unwrap_or(0)
+                "{} bytes where a bucket has {ENCODED_LEN}",
+                bytes.len()
             ));
-        }
-        let (tokens, rest) = rest.split_at(16);
-        let (ctokens, last) = rest.split_at(16);
-        let i128_of = |b: &[u8]| {
-            b.try_into()
-                .map(i128::from_le_bytes)
-                .map_err(|_| "truncated".to_string())
         };
-        let last = last
-            .try_into()
-            .map(u64::from_le_bytes)
-            .map_err(|_| "truncated".to_string())?;
+        let (&[tag], rest) = head.split_first_chunk::<1>().ok_or("truncated")?;
+        if tag != TAG_V1 && tag != TAG_V2 {
+            return Err(format!("unknown encoding version {tag}"));
+        }
+        let (tokens, rest) = rest.split_first_chunk::<16>().ok_or("truncated")?;
+        let (ctokens, rest) = rest.split_first_chunk::<16>().ok_or("truncated")?;
+        let (last, _) = rest.split_first_chunk::<8>().ok_or("truncated")?;
+        let (tokens, ctokens) = (i128::from_le_bytes(*tokens), i128::from_le_bytes(*ctokens));
+        let last = u64::from_le_bytes(*last);
+        let fair = if tag == TAG_V1 {
+            if !tail.is_empty() {
+                return Err(format!(
+                    "{} bytes where a bucket has {ENCODED_LEN}",
+                    bytes.len()
+                ));
+            }
+            Fair::default()
+        } else {
+            decode_slots(bytes.len(), tail)?
+        };
         Ok(Bucket {
-            tokens: i128_of(tokens)?,
-            ctokens: i128_of(ctokens)?,
+            tokens,
+            ctokens,
             last,
+            fair,
         })
+    }
+}
+
+/// An encoded bucket (a byte slice through `Deref`).
+pub(crate) enum Encoded {
+    /// No borrowing children: the fixed head only, on the stack.
+    Plain([u8; ENCODED_LEN]),
+    Slots(Vec<u8>),
+}
+
+impl std::ops::Deref for Encoded {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Encoded::Plain(b) => b,
+            Encoded::Slots(v) => v,
+        }
+    }
+}
+
+/// The slots after the head of a tag-2 value (`len` is the whole value's
+/// length, for the message). Out of line: most values have none.
+#[inline(never)]
+fn decode_slots(len: usize, tail: &[u8]) -> Result<Fair, String> {
+    let mut r = Reader(tail);
+    let n = usize::from(r.u8()?);
+    if n == 0 || n > MAX_SLOTS || tail.len() != 1 + n * SLOT_LEN {
+        return Err(format!(
+            "{len} bytes where a bucket with {n} borrowing children has {}",
+            ENCODED_LEN + 1 + n * SLOT_LEN
+        ));
+    }
+    let mut fair = Fair::default();
+    for _ in 0..n {
+        fair.push(Slot {
+            child: r.u32()?,
+            vt: r.u64()?,
+            last: r.u64()?,
+            need: r.u64()?,
+        });
+    }
+    Ok(fair)
+}
+
+/// Little-endian fields read in order from a slice of known length.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        let (head, rest) = self
+            .0
+            .split_first_chunk::<N>()
+            .ok_or_else(|| "truncated".to_string())?;
+        self.0 = rest;
+        Ok(*head)
+    }
+    fn u8(&mut self) -> Result<u8, String> {
+        self.take::<1>().map(|[b]| b)
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        self.take().map(u32::from_le_bytes)
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        self.take().map(u64::from_le_bytes)
     }
 }
 
@@ -143,6 +239,7 @@ impl Params {
             tokens: self.cap,
             ctokens: self.ccap,
             last: now,
+            fair: Fair::default(),
         }
     }
 
@@ -152,7 +249,7 @@ impl Params {
         Bucket {
             tokens: b.tokens.clamp(FLOOR, self.cap),
             ctokens: b.ctokens.clamp(FLOOR, self.ccap),
-            last: b.last,
+            ..b
         }
     }
 
@@ -175,6 +272,7 @@ impl Params {
             tokens: fill(b.tokens, self.rate, self.cap),
             ctokens: fill(b.ctokens, self.ceil, self.ccap),
             last: now,
+            fair: b.fair,
         }
     }
 
@@ -232,6 +330,7 @@ mod tests {
             tokens: -5,
             ctokens: 1 << 90,
             last: 123,
+            fair: Fair::default(),
         };
         let bytes = b.encode();
         assert_eq!(bytes.len(), ENCODED_LEN);
@@ -239,10 +338,57 @@ mod tests {
         assert!(Bucket::decode(&bytes[..40])
             .unwrap_err()
             .contains("40 bytes"));
-        let mut bad = bytes;
+        let mut bad = bytes.to_vec();
         bad[0] = 9;
         assert!(Bucket::decode(&bad).unwrap_err().contains("version 9"));
         assert!(Bucket::decode(b"").is_err());
+    }
+
+    #[test]
+    fn borrowing_children_are_encoded_after_the_buckets() {
+        let mut fair = Fair::default();
+        for child in 0..MAX_SLOTS as u32 {
+            fair.push(Slot {
+                child: child * 7,
+                vt: u64::from(child) << 40,
+                last: 99,
+                need: 3,
+            });
+        }
+        let b = Bucket {
+            tokens: 1,
+            ctokens: -2,
+            last: 3,
+            fair,
+        };
+        let bytes = b.encode();
+        assert_eq!(bytes.len(), ENCODED_LEN + 1 + MAX_SLOTS * SLOT_LEN);
+        assert_eq!(bytes.len(), 266, "docs/decisions.md gives the size");
+        assert_eq!((bytes[0], bytes[ENCODED_LEN]), (TAG_V2, MAX_SLOTS as u8));
+        assert_eq!(Bucket::decode(&bytes), Ok(b.clone()));
+        // The same buckets with no borrowing children are the 41 bytes of tag 1.
+        let plain = Bucket {
+            fair: Fair::default(),
+            ..b
+        };
+        assert_eq!(
+            &plain.encode()[..],
+            &bytes[..ENCODED_LEN]
+                .iter()
+                .enumerate()
+                .map(|(i, x)| if i == 0 { TAG_V1 } else { *x })
+                .collect::<Vec<u8>>()[..]
+        );
+        // Counts and lengths that disagree are refused.
+        let mut bad = bytes.to_vec();
+        bad.pop();
+        assert!(Bucket::decode(&bad).unwrap_err().contains("265 bytes"));
+        let mut bad = bytes.to_vec();
+        bad[ENCODED_LEN] = 0;
+        assert!(Bucket::decode(&bad).is_err());
+        let mut tag1_with_tail = bytes.to_vec();
+        tag1_with_tail[0] = TAG_V1;
+        assert!(Bucket::decode(&tag1_with_tail).is_err());
     }
 
     #[test]
@@ -253,6 +399,7 @@ mod tests {
             tokens: 0,
             ctokens: 0,
             last: 0,
+            fair: Fair::default(),
         };
         // A million refills one nanosecond apart, then the rest in one go.
         for t in 1..=1_000_000 {
@@ -267,6 +414,7 @@ mod tests {
                 tokens: 0,
                 ctokens: 0,
                 last: 0,
+                fair: Fair::default(),
             },
             7 * S / 3,
         );
@@ -288,6 +436,7 @@ mod tests {
                 tokens: 0,
                 ctokens: 0,
                 last: 5 * S,
+                fair: Fair::default(),
             },
             100 * S,
         );
@@ -296,8 +445,9 @@ mod tests {
             tokens: 0,
             ctokens: 0,
             last: 5 * S,
+            fair: Fair::default(),
         };
-        let back = p.refill(spent, 2 * S);
+        let back = p.refill(spent.clone(), 2 * S);
         assert_eq!(
             back, spent,
             "no tokens and no move of `last` when time goes backwards"
@@ -328,6 +478,7 @@ mod tests {
             tokens: 0,
             ctokens: 0,
             last: 0,
+            fair: Fair::default(),
         };
         assert_eq!(p.wait_tokens(&b, p.units(1), 0), Some(S / 2));
         assert_eq!(p.wait_ctokens(&b, p.units(1), 0), Some(S / 4));
@@ -341,6 +492,7 @@ mod tests {
             tokens: 0,
             ctokens: 0,
             last: 10,
+            fair: Fair::default(),
         };
         assert_eq!(p.wait_tokens(&ahead, p.units(1), 4), Some(S / 2 + 6));
         assert_eq!(ceil_seconds(0), 0);

@@ -144,6 +144,8 @@ impl QuotaModel {
                     .map(|c| Charge {
                         tokens: c.tokens / i128::from(cost + extra),
                         ctokens: c.ctokens / i128::from(cost + extra),
+                        slot: c.slot,
+                        vt: c.vt / (cost + extra),
                     })
                     .collect();
                 let decision = spent(&d, extra, cost);
@@ -182,6 +184,8 @@ impl QuotaModel {
             let back = Charge {
                 tokens: c.tokens.saturating_mul(n),
                 ctokens: c.ctokens.saturating_mul(n),
+                slot: c.slot,
+                vt: c.vt.saturating_mul(lease.tokens),
             };
             if back != Charge::default() {
                 super::refund(l, back, store)?;

@@ -249,3 +249,47 @@ fn a_refusal_is_remembered_until_it_could_pass() {
             .admitted
     );
 }
+
+/// Fair borrowing holds through leases: two workers take turns serving two
+/// siblings of equal rate that ask 1500 and 1100 a second of a parent whose
+/// spare is 1000 a second; each gets its rate plus half the spare, within
+/// 10% (the batches are at most 7 tokens here).
+#[test]
+fn leased_siblings_share_the_spare_by_rate() {
+    let m = model(&[
+        ("/", r#"{"limits": {"rps": {"rate": 2000, "burst": 600}}}"#),
+        ("/a", r#"{"limits": {"rps": {"rate": 500, "ceil": 2000}}}"#),
+        ("/b", r#"{"limits": {"rps": {"rate": 500, "ceil": 2000}}}"#),
+    ]);
+    assert_eq!(m.plan_for(&t("/a")).unwrap().lease_cap, 7);
+    let s = store_for(&m);
+    let leases = [Leases::default(), Leases::default()];
+    let (from, to) = (3 * S, 11 * S);
+    let mut events: Vec<(Nanos, usize)> = Vec::new();
+    for (i, rps) in [1500u64, 1100].into_iter().enumerate() {
+        events.extend((0..11 * rps).map(|k| (k * S / rps, i)));
+    }
+    events.sort_unstable();
+    let tenants = [t("/a"), t("/b")];
+    let mut admitted = [0u64; 2];
+    for (k, (at, i)) in events.into_iter().enumerate() {
+        let now = T0 + at;
+        let worker = &leases[k % 2];
+        if k % 50 == 0 {
+            worker.return_expired(&m, now, &s).unwrap();
+        }
+        let d = m.admit_leased(worker, &tenants[i], 1, now, &s).unwrap();
+        if d.admitted && (from..to).contains(&at) {
+            admitted[i] += 1;
+        }
+    }
+    let span = (to - from) / S;
+    for a in admitted {
+        let excess = a as f64 - (500 * span) as f64;
+        assert!(
+            (excess - (500 * span) as f64).abs() <= 0.1 * (500 * span) as f64,
+            "admitted {admitted:?} over {span} s; fair: {} each",
+            1000 * span
+        );
+    }
+}

@@ -36,6 +36,14 @@
 //! - otherwise the node borrows from the next node up; the top node of a chain
 //!   cannot borrow, so it refuses.
 //!
+//! When the request borrows, the walk also applies *fair borrowing* at every
+//! node it borrows through (the `fair` module): a child that is ahead of a
+//! sibling there, in tokens borrowed per unit of rate, must leave the
+//! sibling's last borrow in the buckets they share, else it *yields*
+//! (refused like a node at its ceil). So siblings borrowing at the same time
+//! share the spare in proportion to their rates, and what one leaves goes to
+//! the others.
+//!
 //! If every chain admits, the request is charged, as in tc-htb's
 //! `htb_charge_class`: `ctokens` of every node of every chain, `tokens` of the
 //! lender and the nodes above it. The borrowers below the lender keep their
@@ -69,13 +77,18 @@
 //! # Store layout
 //!
 //! One shared-data key per (node, limit name):
-//! `tenantgate:quota:v1:<tenant>:<name>:<hash>`, where `<hash>` is 8 hex
+//! `tenantgate:quota:v2:<tenant>:<name>:<hash>`, where `<hash>` is 8 hex
 //! digits of SHA-256 over the limit's `rate`, `ceil`, `burst` and `per`. A
 //! reload that leaves a node's limit unchanged keeps its key and so its state;
 //! a changed limit starts from full buckets under a new key (old keys stay:
-//! Envoy never deletes shared data). The value is 41 bytes: a version tag
-//! (`1`), `tokens` and `ctokens` as little-endian `i128`, `last` as
-//! little-endian `u64` nanoseconds. A value that does not decode is
+//! Envoy never deletes shared data). The value is 41 bytes while no child
+//! borrows through the node: a version tag (`1`), `tokens` and `ctokens` as
+//! little-endian `i128`, `last` as little-endian `u64` nanoseconds. With
+//! borrowing children the tag is `2` and the 41 bytes are followed by a count
+//! `n` (1 to 8) and `n` slots of 28 bytes (little-endian): the child's id
+//! (`u32`, 32 bits of SHA-256 over its path, stable across reloads), its
+//! virtual time (`u64`), its last borrow (`u64` nanoseconds) and that
+//! borrow's tokens (`u64`). A value that does not decode is
 //! [`StoreError::Corrupt`].
 //!
 //! An admission reads every bucket of every chain with its CAS token, decides
@@ -101,6 +114,9 @@
 //!   finds nothing), so in practice only VMs configuring at the same instant
 //!   race, before any traffic;
 //! - *new limits*: a changed limit starts with full buckets (one extra burst);
+//! - *fair borrowing* refuses, never admits: a child ahead of a sibling
+//!   leaves the sibling's reserve in the shared buckets (a few tokens held
+//!   back, not a rate; bounds in docs/reference.md, "Fair borrowing");
 //! - failures only ever err towards refusing: a refund that cannot complete
 //!   leaves a charge behind, and a VM whose clock lags another's refills
 //!   nothing until it catches up.
@@ -123,6 +139,7 @@
 
 mod bucket;
 mod clock;
+mod fair;
 pub mod fleet;
 mod fleet_client;
 pub mod keyed;
@@ -163,6 +180,21 @@ pub type Nanos = u64;
 pub const MAX_ATTEMPTS: usize = 16;
 /// Attempts to refund one bucket after a lost race.
 const REFUND_ATTEMPTS: usize = 64;
+
+/// How long after its last borrow a child still counts as borrowing from
+/// its parent (for fair borrowing): half the limit's window.
+pub(crate) fn fair_window(per_ns: u64) -> u64 {
+    per_ns / 2
+}
+
+/// How far a sibling that borrows less than its share may fall behind the
+/// one furthest ahead, in virtual nanoseconds: the fair window, plus twice
+/// the borrow being recorded (so the siblings that want more than their
+/// share, which stay within about one borrow of each other, are never
+/// held back by it).
+pub(crate) fn fair_lag(per_ns: u64, inc: u64) -> u64 {
+    fair_window(per_ns).saturating_add(inc.saturating_mul(2))
+}
 
 /// The limits one tenant declares, as read from its `tenant.json`.
 pub struct LimitsInput<'a> {
@@ -627,7 +659,7 @@ impl QuotaModel {
                 create_missing(plan, store, now)?;
                 continue;
             }
-            let step = decide(plan, &old, cost, now);
+            let step = decide(plan, old.drain(..), cost, now);
             let Some(new) = step.new else {
                 return Ok((step.decision, Vec::new()));
             };
@@ -687,6 +719,10 @@ impl Refund {
 struct Charge {
     tokens: i128,
     ctokens: i128,
+    /// The child (its slot id) whose virtual time at this node advanced by
+    /// `vt` (0: none).
+    slot: u32,
+    vt: u64,
 }
 
 /// Writes every new bucket with the CAS token it was read with. On a failure,
@@ -715,14 +751,17 @@ fn refund(limit: &Limit, charge: Charge, store: &dyn BucketStore) -> Result<(), 
         let (Some(b), cas) = read_one(limit, store)? else {
             return Ok(());
         };
-        let back = Bucket {
+        let mut back = Bucket {
             tokens: b.tokens.saturating_add(charge.tokens).min(limit.params.cap),
             ctokens: b
                 .ctokens
                 .saturating_add(charge.ctokens)
                 .min(limit.params.ccap),
-            last: b.last,
+            ..b
         };
+        if charge.vt > 0 {
+            back.fair.unrecord(charge.slot, charge.vt);
+        }
         match store.set(&limit.key, &back.encode(), cas) {
             Ok(()) => return Ok(()),
             Err(StoreError::CasMismatch) => continue,
@@ -750,35 +789,84 @@ enum Walk {
     Lent { by: usize },
     /// Node `at` refused (at its ceil, or the top without tokens).
     Refused { at: usize },
+    /// The buckets could lend, but the child below node `at` is ahead of a
+    /// sibling there and the shared buckets hold less than `want` units (the
+    /// request and the sibling's reserve): it yields (see `fair`).
+    Yielded { at: usize, want: i128 },
 }
 
-fn walk(buckets: &[Bucket], need: i128) -> Walk {
-    let mut at = 0;
+impl Walk {
+    fn refused(&self) -> bool {
+        !matches!(self, Walk::Lent { .. })
+    }
+}
+
+/// Walks one chain (`nodes` and their refilled `buckets`, deepest first)
+/// for `need` units at `now`: HTB's walk, then the fair-borrowing rule at
+/// every node the request borrows through.
+fn walk(nodes: &[Arc<Limit>], buckets: &[Bucket], need: i128, now: Nanos) -> Walk {
+    let mut lender = None;
     for (i, b) in buckets.iter().enumerate() {
-        at = i;
         if b.ctokens < need {
             return Walk::Refused { at: i };
         }
         if b.tokens >= need {
-            return Walk::Lent { by: i };
+            lender = Some(i);
+            break;
         }
     }
-    Walk::Refused { at }
+    let Some(by) = lender else {
+        return Walk::Refused {
+            at: buckets.len().saturating_sub(1),
+        };
+    };
+    // The lowest node where the borrowing child is ahead of a sibling, and
+    // the largest reserve asked for on the way up.
+    let mut ahead: Option<(usize, u64)> = None;
+    for at in 1..=by {
+        let (Some(child), Some(b)) = (nodes.get(at - 1), buckets.get(at)) else {
+            continue;
+        };
+        let Some(slot) = child.slot else { continue };
+        let window = fair_window(child.params.per_ns);
+        if let Some(r) = b.fair.reserve_for(slot, now, window) {
+            let (from, most) = ahead.unwrap_or((at, 0));
+            ahead = Some((from, most.max(r)));
+        }
+    }
+    let Some((from, reserve)) = ahead else {
+        return Walk::Lent { by };
+    };
+    let per = nodes.first().map(|l| l.params.per_ns).unwrap_or(1);
+    let want = need.saturating_add(i128::from(reserve).saturating_mul(i128::from(per)));
+    for m in from..=by {
+        let (Some(l), Some(b)) = (nodes.get(m), buckets.get(m)) else {
+            continue;
+        };
+        // Never more than a bucket can hold, never less than the request.
+        let short = b.ctokens < want.min(l.params.ccap).max(need)
+            || (m == by && b.tokens < want.min(l.params.cap).max(need));
+        if short {
+            return Walk::Yielded { at: from, want };
+        }
+    }
+    Walk::Lent { by }
 }
 
 /// The admission decision as a pure function of the buckets read (`old`,
-/// aligned with `plan.nodes`): refill to `now`, walk, charge. Touches nothing.
-fn decide(plan: &Plan, old: &[Bucket], cost: u64, now: Nanos) -> Step {
+/// aligned with `plan.nodes`, taken by value: the children's slots are moved,
+/// not copied): refill to `now`, walk, charge. Touches nothing.
+fn decide(plan: &Plan, old: impl IntoIterator<Item = Bucket>, cost: u64, now: Nanos) -> Step {
     let mut state: Vec<Bucket> = plan
         .nodes
         .iter()
         .zip(old)
-        .map(|(l, b)| l.params.refill(*b, now))
+        .map(|(l, b)| l.params.refill(b, now))
         .collect();
     let walks: Vec<Walk> = plan
         .chains
         .iter()
-        .map(|c| walk(c.of(&state), c.units(cost)))
+        .map(|c| walk(c.of(&plan.nodes), c.of(&state), c.units(cost), now))
         .collect();
     let admitted = cost == 0 || walks.iter().all(|w| matches!(w, Walk::Lent { .. }));
     let mut charges = Vec::new();
@@ -788,8 +876,9 @@ fn decide(plan: &Plan, old: &[Bucket], cost: u64, now: Nanos) -> Step {
             let need = c.units(cost);
             let lender = match w {
                 Walk::Lent { by } => *by,
-                Walk::Refused { .. } => 0,
+                Walk::Refused { .. } | Walk::Yielded { .. } => 0,
             };
+            let nodes = c.of(&plan.nodes);
             for (i, (b, ch)) in c
                 .of_mut(&mut state)
                 .iter_mut()
@@ -803,7 +892,24 @@ fn decide(plan: &Plan, old: &[Bucket], cost: u64, now: Nanos) -> Step {
                 *ch = Charge {
                     tokens: t,
                     ctokens: need,
+                    ..Charge::default()
                 };
+                // The child below borrowed through this node: its virtual
+                // time here advances by the time its own rate takes to earn
+                // `need` (see `fair`).
+                if !(1..=lender).contains(&i) {
+                    continue;
+                }
+                let child = nodes.get(i - 1);
+                if let Some((child, slot)) = child.and_then(|l| l.slot.map(|s| (l, s))) {
+                    let per = child.params.per_ns;
+                    let inc = need.div_euclid(i128::from(child.params.rate.max(1))).max(1);
+                    let inc = u64::try_from(inc).unwrap_or(u64::MAX);
+                    b.fair
+                        .record(slot, inc, cost, now, fair_window(per), fair_lag(per, inc));
+                    ch.slot = slot;
+                    ch.vt = inc;
+                }
             }
         }
     }
@@ -820,7 +926,12 @@ fn decide(plan: &Plan, old: &[Bucket], cost: u64, now: Nanos) -> Step {
         let bs = c.of(&state);
         let r = available(bs, c.per_ns);
         let window_s = (c.per_ns / 1_000_000_000).max(1);
-        let wait = wait_for(nodes, bs, c.units(per_request), now);
+        // A request that yields waits for the reserve as well.
+        let extra = match w {
+            Walk::Yielded { want, .. } => want.saturating_sub(c.units(cost)).max(0),
+            _ => 0,
+        };
+        let wait = wait_for(nodes, bs, c.units(per_request).saturating_add(extra), now);
         let t = wait.map(ceil_seconds).unwrap_or(window_s);
         remaining = remaining.min(r);
         let (rate, burst) = nodes
@@ -845,7 +956,7 @@ fn decide(plan: &Plan, old: &[Bucket], cost: u64, now: Nanos) -> Step {
             reset_s,
             borrowed: admitted && matches!(w, Walk::Lent { by } if *by > 0),
         });
-        if let Walk::Refused { .. } = w {
+        if w.refused() {
             retry_s = retry_s.max(t.max(1));
             let longer = match worst {
                 None => true,
@@ -864,7 +975,7 @@ fn decide(plan: &Plan, old: &[Bucket], cost: u64, now: Nanos) -> Step {
         Some((_, ci)) if !admitted => {
             let chain = plan.chains.get(ci);
             let node = match (chain, walks.get(ci)) {
-                (Some(c), Some(Walk::Refused { at })) => {
+                (Some(c), Some(Walk::Refused { at } | Walk::Yielded { at, .. })) => {
                     c.of(&plan.nodes).get(*at).map(|l| l.node.clone())
                 }
                 _ => None,

@@ -8,7 +8,11 @@
 //!   whatever the rest of the tree (outside its subtree) sends;
 //! - borrowing: with the others idle, a tenant gets up to its ceil (bounded
 //!   by the rate of the top of its chain);
-//! - no leak: a refused request changes nothing in the store.
+//! - no leak: a refused request changes nothing in the store;
+//! - fair borrowing: siblings borrowing at the same time get their parent's
+//!   spare in proportion to their rates (within 10% of the max-min fair
+//!   share once the bursts are spent), whatever their demands and the order
+//!   of their requests, and nothing idles while one of them is refused.
 
 use std::collections::BTreeMap;
 
@@ -355,4 +359,318 @@ fn generated_trees_let_tenants_borrow() {
         borrowing > 20,
         "only {borrowing} of 200 trees let a child borrow"
     );
+}
+
+// ---------------------------------------------------------------------------
+// Fair borrowing: siblings that borrow at the same time share their parent's
+// spare capacity in proportion to their rates, whatever they ask for and
+// whatever the order of their requests; what one leaves, the others take.
+
+/// Parent rate (tokens per second) of the fairness families.
+const FAIR_R: u64 = 600;
+/// Start and end of the measured span, once the bursts are spent.
+const FAIR_FROM: Nanos = 3 * S;
+const FAIR_TO: Nanos = 11 * S;
+
+/// A parent `/p` (rate [`FAIR_R`], burst a tenth of it) and children
+/// `/p/c<i>` with rates in the ratios `weights` (half the parent's rate in
+/// all), each with a ceil of the parent's rate and a burst of a tenth of its
+/// rate, so the bursts are spent within a second.
+fn family(weights: &[u64]) -> (QuotaModel, Vec<TenantPath>, Vec<u64>) {
+    let unit = FAIR_R / 2 / weights.iter().sum::<u64>();
+    let rates: Vec<u64> = weights.iter().map(|w| w * unit).collect();
+    let mut paths = vec![TenantPath::parse("/p").unwrap()];
+    let mut limits = vec![serde_json::json!({"rps": {"rate": FAIR_R, "burst": FAIR_R / 10}})];
+    for (i, r) in rates.iter().enumerate() {
+        paths.push(TenantPath::parse(&format!("/p/c{i}")).unwrap());
+        limits.push(
+            serde_json::json!({"rps": {"rate": r, "ceil": FAIR_R, "burst": (r / 10).max(2)}}),
+        );
+    }
+    let maps: Vec<BTreeMap<String, serde_json::Value>> = limits
+        .iter()
+        .map(|l| serde_json::from_value(l.clone()).unwrap())
+        .collect();
+    let texts: Vec<String> = limits
+        .iter()
+        .map(|l| serde_json::json!({ "limits": l }).to_string())
+        .collect();
+    let files: Vec<String> = paths
+        .iter()
+        .map(|p| format!("tenants{p}/tenant.json"))
+        .collect();
+    let inputs: Vec<LimitsInput<'_>> = paths
+        .iter()
+        .zip(&maps)
+        .zip(&texts)
+        .zip(&files)
+        .map(|(((tenant, limits), text), file)| LimitsInput {
+            tenant,
+            file,
+            text,
+            limits,
+        })
+        .collect();
+    let model = QuotaModel::build(&inputs).unwrap();
+    (model, paths[1..].to_vec(), rates)
+}
+
+/// Replays paced traffic (child `i` sends `demands[i]` requests per second
+/// from `starts[i]`, at `phases[i]` of its interval; equal instants in the
+/// order of `order`) and returns the tokens each child was admitted within
+/// [`FAIR_FROM`], [`FAIR_TO`].
+fn replay(
+    model: &QuotaModel,
+    kids: &[TenantPath],
+    demands: &[u64],
+    starts: &[Nanos],
+    phases: &[u64],
+    order: &[usize],
+) -> Vec<u64> {
+    let mut events: Vec<(Nanos, usize, usize)> = Vec::new();
+    for (i, &d) in demands.iter().enumerate() {
+        let interval = S / d;
+        let mut at = starts[i] + interval * phases[i] / 1000;
+        while at < FAIR_TO {
+            events.push((at, order.iter().position(|&o| o == i).unwrap(), i));
+            at += interval;
+        }
+    }
+    events.sort_unstable();
+    let store = store_for(model);
+    let mut admitted = vec![0u64; kids.len()];
+    for (at, _, i) in events {
+        let d = model.admit(&kids[i], 1, T0 + at, &store).unwrap();
+        if d.admitted && at >= FAIR_FROM {
+            admitted[i] += 1;
+        }
+    }
+    admitted
+}
+
+/// The fair shares of the spare capacity (tokens over the measured span):
+/// in proportion to `rates` among the children that want more than their
+/// rate, none above what it asks for (max-min fairness, weighted).
+fn fair_excess(rates: &[u64], demands: &[u64]) -> Vec<f64> {
+    let span = (FAIR_TO - FAIR_FROM) as f64 / S as f64;
+    let own: f64 = rates
+        .iter()
+        .zip(demands)
+        .map(|(r, d)| (*r).min(*d) as f64)
+        .sum();
+    let mut left = (FAIR_R as f64 - own) * span;
+    let want: Vec<f64> = rates
+        .iter()
+        .zip(demands)
+        .map(|(r, d)| d.saturating_sub(*r) as f64 * span)
+        .collect();
+    let mut share = vec![0.0; rates.len()];
+    let mut open: Vec<usize> = (0..rates.len()).filter(|&i| want[i] > 0.0).collect();
+    while !open.is_empty() && left > 1e-9 {
+        let weight: f64 = open.iter().map(|&i| rates[i] as f64).sum();
+        let per = left / weight;
+        let full: Vec<usize> = open
+            .iter()
+            .copied()
+            .filter(|&i| want[i] - share[i] <= per * rates[i] as f64)
+            .collect();
+        if full.is_empty() {
+            for &i in &open {
+                share[i] += per * rates[i] as f64;
+            }
+            break;
+        }
+        for &i in &full {
+            left -= want[i] - share[i];
+            share[i] = want[i];
+        }
+        open.retain(|i| !full.contains(i));
+    }
+    share
+}
+
+/// Checks one run: every child's admitted excess (over its own rate) within
+/// 10% of its fair share (5 tokens for a share near 0), and nothing idle
+/// while someone is refused.
+fn assert_fair(
+    weights: &[u64],
+    demands: &[u64],
+    starts: &[Nanos],
+    phases: &[u64],
+    order: &[usize],
+) {
+    let (model, kids, rates) = family(weights);
+    let got = replay(&model, &kids, demands, starts, phases, order);
+    let span = (FAIR_TO - FAIR_FROM) / S;
+    let fair = fair_excess(&rates, demands);
+    let excess: Vec<f64> = got
+        .iter()
+        .zip(rates.iter().zip(demands))
+        .map(|(a, (r, d))| *a as f64 - ((*r).min(*d) * span) as f64)
+        .collect();
+    let what = format!(
+        "rates {rates:?}, demands {demands:?}, starts {starts:?}, phases {phases:?}, order {order:?}: \
+         admitted {got:?}, excess {excess:?}, fair {fair:?}"
+    );
+    for (e, f) in excess.iter().zip(&fair) {
+        assert!((e - f).abs() <= (0.1 * f).max(5.0), "{what}");
+    }
+    let offered: u64 = demands.iter().sum::<u64>() * span;
+    let total: u64 = got.iter().sum();
+    let capacity = FAIR_R * span;
+    // Tokens left in the buckets when the span starts may come on top.
+    let bursts = FAIR_R / 10 + rates.iter().map(|r| (r / 10).max(2)).sum::<u64>();
+    assert!(
+        total as f64 >= 0.99 * offered.min(capacity) as f64 && total <= capacity + bursts,
+        "work conserving within the parent's rate: {total} of {offered} offered, {capacity} possible; {what}"
+    );
+}
+
+/// One generated family run: rates in the ratios `weights`, each child's
+/// demand, start, phase (in thousandths of its interval) and rank at equal
+/// instants.
+#[derive(Debug, Clone)]
+struct FamilyCase {
+    weights: Vec<u64>,
+    demands: Vec<u64>,
+    starts: Vec<Nanos>,
+    phases: Vec<u64>,
+    order: Vec<usize>,
+}
+
+fn family_case() -> impl Strategy<Value = FamilyCase> {
+    (2usize..=4)
+        .prop_flat_map(|n| {
+            (
+                prop::collection::vec(1u64..=3, n),
+                prop::collection::vec((0u32..6, 0u64..=300), n),
+                prop::collection::vec(0u64..2_000, n),
+                prop::collection::vec(0u64..1000, n),
+                Just((0..n).collect::<Vec<usize>>()).prop_shuffle(),
+            )
+        })
+        .prop_map(|(weights, wants, starts_ms, phases, order)| {
+            let unit = FAIR_R / 2 / weights.iter().sum::<u64>();
+            let spare = FAIR_R / 2;
+            let total: u64 = weights.iter().sum();
+            let demands = weights
+                .iter()
+                .zip(&wants)
+                .map(|(w, (kind, pct))| {
+                    let rate = w * unit;
+                    if *kind == 0 {
+                        // Within its rate: it never borrows.
+                        (rate * (30 + pct % 71) / 100).max(1)
+                    } else {
+                        // Its rate plus up to three times its share of the spare.
+                        rate + spare * w / total * pct / 100 + 1
+                    }
+                })
+                .collect();
+            let starts = starts_ms.iter().map(|ms| ms * 1_000_000).collect();
+            FamilyCase {
+                weights,
+                demands,
+                starts,
+                phases,
+                order,
+            }
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Two to four siblings with rates in ratios 1 to 3, demands above and
+    /// below their fair shares, random starts, phases and tie orders.
+    #[test]
+    fn fair_borrowing(case in family_case()) {
+        assert_fair(&case.weights, &case.demands, &case.starts, &case.phases, &case.order);
+    }
+}
+
+#[test]
+fn fair_borrowing_in_every_arrival_order() {
+    // Three siblings 2:1:1, all above their fair shares (150, 75, 75 of the
+    // spare 300) with different demands, started in each of the six orders.
+    let weights = [2, 1, 1];
+    let demands = [600, 400, 200];
+    for order in [
+        [0, 1, 2],
+        [0, 2, 1],
+        [1, 0, 2],
+        [1, 2, 0],
+        [2, 0, 1],
+        [2, 1, 0],
+    ] {
+        let mut starts = [0; 3];
+        for (k, &i) in order.iter().enumerate() {
+            starts[i] = k as u64 * 700_000_000;
+        }
+        assert_fair(&weights, &demands, &starts, &[0, 0, 0], &order);
+    }
+}
+
+#[test]
+fn equal_rates_different_demands_share_equally() {
+    // The case of the issue: 1:1, one child asks twice what the other does,
+    // both above their fair share (150 each of the spare 300 on top of their
+    // rate 150): each gets its rate plus 150, exactly as the rates say.
+    let (model, kids, rates) = family(&[1, 1]);
+    assert_eq!(rates, [150, 150]);
+    let got = replay(&model, &kids, &[600, 400], &[0, 0], &[0, 0], &[0, 1]);
+    let span = (FAIR_TO - FAIR_FROM) / S;
+    for a in &got {
+        assert!(a.abs_diff(300 * span) <= 3, "{got:?}");
+    }
+    // Without fairness the excess would follow the demands (450:250 of the
+    // borrowing requests): 150 + 193 and 150 + 107 a second.
+}
+
+#[test]
+fn fair_borrowing_nests() {
+    // `/` 1000 a second with `/a` and `/b` (rates 300): the spare 400 goes
+    // 200 and 200, so each subtree gets 500. Inside `/a`, `/a/x` and `/a/y`
+    // (rates 100) share `/a`'s 500 as 250 and 250, although `/a/x` asks for
+    // twice what `/a/y` asks for and `/b` asks for less than `/a`'s subtree.
+    let m = super::tests::model(&[
+        ("/", r#"{"limits": {"rps": {"rate": 1000, "burst": 100}}}"#),
+        (
+            "/a",
+            r#"{"limits": {"rps": {"rate": 300, "ceil": 1000, "burst": 30}}}"#,
+        ),
+        (
+            "/b",
+            r#"{"limits": {"rps": {"rate": 300, "ceil": 1000, "burst": 30}}}"#,
+        ),
+        (
+            "/a/x",
+            r#"{"limits": {"rps": {"rate": 100, "ceil": 1000, "burst": 10}}}"#,
+        ),
+        (
+            "/a/y",
+            r#"{"limits": {"rps": {"rate": 100, "ceil": 1000, "burst": 10}}}"#,
+        ),
+    ]);
+    let tenants = ["/a/x", "/a/y", "/b"].map(|t| TenantPath::parse(t).unwrap());
+    let mut events: Vec<(Nanos, usize)> = Vec::new();
+    for (i, rps) in [600u64, 300, 700].into_iter().enumerate() {
+        events.extend((0..11 * rps).map(|k| (k * S / rps, i)));
+    }
+    events.sort_unstable();
+    let store = store_for(&m);
+    let mut admitted = [0u64; 3];
+    for (at, i) in events {
+        let d = m.admit(&tenants[i], 1, T0 + at, &store).unwrap();
+        if d.admitted && at >= FAIR_FROM {
+            admitted[i] += 1;
+        }
+    }
+    let span = (FAIR_TO - FAIR_FROM) / S;
+    for (got, want) in admitted.iter().zip([250, 250, 500]) {
+        assert!(
+            got.abs_diff(want * span) <= want * span / 100,
+            "{admitted:?}"
+        );
+    }
 }

@@ -37,6 +37,10 @@ pub(crate) struct Limit {
     pub scope: Scope,
     /// A keyed limit: one bucket per value of its key (see `keyed`).
     pub keyed: Option<KeySpec>,
+    /// Its id among the children of its parent (the nearest ancestor with a
+    /// limit of the same name) when that parent has two or more: the parent
+    /// then shares its spare capacity fairly among them (see `fair`).
+    pub slot: Option<u32>,
 }
 
 /// What a keyed limit counts by.
@@ -133,6 +137,7 @@ pub(crate) fn compile(inputs: &[LimitsInput<'_>]) -> Result<Vec<Arc<Limit>>, Vec
         }
     }
     check_sums(inputs, &entries, &mut errors);
+    assign_slots(&mut entries);
     if errors.is_empty() {
         Ok(entries.into_iter().map(|e| e.limit).collect())
     } else {
@@ -202,6 +207,7 @@ fn compile_one(
             key,
             scope: fields.scope,
             keyed,
+            slot: None,
         }),
         parent: parent.map(|(i, _)| i),
         input: input_index,
@@ -523,14 +529,45 @@ fn check_sums(inputs: &[LimitsInput<'_>], entries: &[Entry], errors: &mut Vec<Di
     }
 }
 
-/// `tenantgate:quota:v1:<tenant>:<name>:<hash>`: the hash covers the limit's
+/// Gives every limit whose parent has two or more children its id there: a
+/// hash of its tenant path, so it stays the same when a reload adds or
+/// removes siblings (the parent's stored slots keep meaning the same child).
+fn assign_slots(entries: &mut [Entry]) {
+    let mut children: HashMap<usize, usize> = HashMap::new();
+    for e in entries.iter() {
+        if let Some(p) = e.parent {
+            *children.entry(p).or_default() += 1;
+        }
+    }
+    for e in entries.iter_mut() {
+        let siblings = e.parent.and_then(|p| children.get(&p)).copied();
+        if siblings.unwrap_or(0) >= 2 {
+            if let Some(limit) = Arc::get_mut(&mut e.limit) {
+                limit.slot = Some(child_id(&limit.node));
+            }
+        }
+    }
+}
+
+/// A child's id in its parent's fairness state: 32 bits of SHA-256 over its
+/// tenant path.
+fn child_id(node: &TenantPath) -> u32 {
+    let digest = Sha256::digest(node.as_str().as_bytes());
+    let mut word = [0u8; 4];
+    for (w, b) in word.iter_mut().zip(digest.iter()) {
+        *w = *b;
+    }
+    u32::from_le_bytes(word)
+}
+
+/// `tenantgate:quota:v2:<tenant>:<name>:<hash>`: the hash covers the limit's
 /// parameters, so an unchanged limit keeps its key (and its state) across
 /// bundle reloads, and a changed one starts afresh.
 fn bucket_key(node: &TenantPath, name: &str, p: &Params) -> String {
     let digest =
         Sha256::digest(format!("{}/{}/{}/{}", p.rate, p.ceil, p.burst, p.per_ns).as_bytes());
     let hash: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
-    format!("tenantgate:quota:v1:{node}:{name}:{hash}")
+    format!("tenantgate:quota:v2:{node}:{name}:{hash}")
 }
 
 /// `"principal"` or `{"header": NAME}`; errors are message tails.
@@ -747,7 +784,7 @@ mod tests {
     fn keys_depend_on_parameters_only() {
         let t = TenantPath::parse("/acme").unwrap();
         let a = bucket_key(&t, "rps", &Params::new(10, 10, 10, SECOND_NS));
-        assert!(a.starts_with("tenantgate:quota:v1:/acme:rps:"), "{a}");
+        assert!(a.starts_with("tenantgate:quota:v2:/acme:rps:"), "{a}");
         assert_eq!(
             a,
             bucket_key(&t, "rps", &Params::new(10, 10, 10, SECOND_NS))

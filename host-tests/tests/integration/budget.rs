@@ -145,6 +145,83 @@ fn calls_per_request_stay_within_the_budget() {
     }
 }
 
+/// Fair borrowing keeps its state in the parent's bucket value: a request
+/// that borrows while a sibling borrows too makes the calls of any exact
+/// admission (a get and a set per bucket of its chains), no more.
+#[test]
+fn fair_borrowing_adds_no_host_call() {
+    let host = host();
+    // Small limits (bursts under 128: never leased, every request is an
+    // exact admission). `/acme/eu` and `/acme/us` (rates 10) borrow from
+    // `/acme` (rate 100) once their own 10 tokens are gone.
+    let bundle = example_variant_with(
+        json!({ "audit": "deny" }),
+        &[
+            (
+                "/",
+                json!({ "limits": { "rps": { "rate": 100_000_000u64, "burst": 100_000_000u64 } } }),
+            ),
+            (
+                "/acme",
+                json!({ "attributes": { "tier": "silver", "region": "us" },
+                              "limits": { "rps": { "rate": 100 }, "daily": { "rate": 100000, "per": "1d" } } }),
+            ),
+            (
+                "/acme/eu",
+                json!({ "attributes": { "region": "eu", "tier": "gold" },
+                                 "limits": { "rps": { "rate": 10, "ceil": 100 } } }),
+            ),
+            (
+                "/acme/us",
+                json!({ "attributes": { "region": "us", "tier": "silver" },
+                                 "limits": { "rps": { "rate": 10, "ceil": 100 } } }),
+            ),
+        ],
+    );
+    let mut vm = configured_vm(&host, &bundle);
+    let alice =
+        |vm: &mut tenantgate_host_tests::Vm| get(vm, "/acme/eu", "alice", "/acme/eu", "/orders/1");
+    let dave =
+        |vm: &mut tenantgate_host_tests::Vm| get(vm, "/acme/us", "dave", "/acme/us", "/orders/1");
+    // The exact admission of a request that does not borrow.
+    let own = calls_of(&host, || expect_continue(&alice(&mut vm)));
+    for _ in 0..12 {
+        expect_continue(&alice(&mut vm));
+        expect_continue(&dave(&mut vm));
+    }
+    // Both now borrow: `/acme`'s value carries their slots.
+    let acme_key = host
+        .shared_data()
+        .keys()
+        .into_iter()
+        .map(|k| String::from_utf8(k).unwrap())
+        .find(|k| k.contains(":/acme:rps:"))
+        .unwrap();
+    let (value, _) = host.shared_data().peek(acme_key.as_bytes()).unwrap();
+    assert_eq!(
+        value.len(),
+        41 + 1 + 2 * 28,
+        "two borrowing children at /acme"
+    );
+    let borrowing = calls_of(&host, || expect_continue(&alice(&mut vm)));
+    // (The decision-time histogram, sampled one request in 8, may add a
+    // clock read and a metric to either: compare the shared data.)
+    let shared = |c: &BTreeMap<&'static str, u64>| {
+        [
+            "proxy_get_shared_data",
+            "proxy_set_shared_data",
+            "proxy_on_memory_allocate",
+        ]
+        .map(|k| c.get(k).copied().unwrap_or(0))
+    };
+    assert_eq!(shared(&borrowing), [4, 4, 6], "{borrowing:?}");
+    assert_eq!(shared(&borrowing), shared(&own), "{borrowing:?} {own:?}");
+    assert!(
+        total(&borrowing) <= ALLOWED_REFILL.0 && dear(&borrowing) <= ALLOWED_REFILL.1,
+        "{borrowing:?}"
+    );
+}
+
 // The budget: (all host calls, calls that return data incl. allocation
 // callbacks) per request, as in docs/performance.md.
 // Allowed from a warm lease: the header map (1 + its allocation), the time,
