@@ -506,13 +506,14 @@ class VersionGaugeAfterReload(V1ThenV2):
 class QuotaAcrossReload(EcdsCase):
     """Bucket state lives in proxy-wasm shared data (per Envoy process, per
     vm_id, so it outlives plugin configs) under the key
-    `tenantgate:quota:v2:<tenant>:<limit name>:<hash>`, the hash being 8 hex
-    digits of SHA-256 over the limit's rate, ceil, burst and per (see
+    `tenantgate:quota:v3:<tenant>:<limit name>`, the value stamped with 32
+    bits of SHA-256 over the limit's rate, ceil, burst and per (see
     engine/src/quota/mod.rs, "Store layout"). At configure the filter creates
-    only the keys that are missing. So a reload that leaves a limit unchanged
-    finds the same key and keeps counting on it (a policy edit cannot be used
-    to reset quotas), while a changed limit gets a new key with full buckets
-    (counting under the old parameters would be meaningless)."""
+    the keys that are missing and resets those stamped by other numbers. So a
+    reload that leaves a limit unchanged keeps counting on it (a policy edit
+    cannot be used to reset quotas), while a changed limit starts from full
+    buckets in the same key (counting under the old parameters would be
+    meaningless)."""
 
     @classmethod
     def setUpClass(cls):
@@ -546,7 +547,7 @@ class QuotaAcrossReload(EcdsCase):
         self.assertEqual({a.get("bundle") for a in audit.values()}, {self.q2}, audit)
         self.assertEqual({a.get("limit") for a in audit.values()}, {"window"}, audit)
 
-        # q3: the limit changes (rate 6) -> new key, full buckets: 6 pass, then 429
+        # q3: the limit changes (rate 6) -> reset in place, full buckets: 6 pass, then 429
         applied_q3 = self.roll_out(self.q3_text, "q3", self.q3, threads)
         after_q3 = [self.lena("q3") for _ in range(7)]
         self.assertEqual([r.status for r, _ in after_q3], [200] * 6 + [429], [r for r, _ in after_q3])

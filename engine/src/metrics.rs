@@ -273,7 +273,7 @@ impl Layout {
         def(
             names::SHARED_DATA_KEYS.into(),
             MetricKind::Gauge,
-            Some(quotas.limits().len() as u64),
+            Some(quotas.footprint().len() as u64),
         );
         Layout {
             defs,

@@ -322,11 +322,40 @@ impl RootContext for Root {
             }
         };
         let now = ffi::now_ns().unwrap_or(0);
-        if let Err(e) = engine.quotas().create_buckets(&SharedData, now) {
-            ffi::log(
+        // Buckets the previous bundle used and this one does not are
+        // emptied (Envoy never deletes shared data); new ones are created,
+        // changed ones reset in place. The record is per plugin name.
+        let scope = ffi::property(&["plugin_name"])
+            .ok()
+            .flatten()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        let previous = CURRENT.with(|c| c.borrow().as_ref().map(|p| p.engine.quotas().footprint()));
+        match engine
+            .quotas()
+            .reconcile(&SharedData, &scope, previous.as_ref(), now)
+        {
+            Ok(done) => {
+                if done.unreadable_record {
+                    ffi::log(
+                        ffi::LOG_WARN,
+                        "tenantgate: the stored record of the previous bundle's quota keys did not decode; it was replaced",
+                    );
+                }
+                if done.emptied > 0 {
+                    ffi::log(
+                        ffi::LOG_INFO,
+                        &format!(
+                            "tenantgate: emptied {} quota keys the new bundle no longer uses",
+                            done.emptied
+                        ),
+                    );
+                }
+            }
+            Err(e) => ffi::log(
                 ffi::LOG_ERROR,
                 &format!("tenantgate: cannot create the quota buckets: {e}"),
-            );
+            ),
         }
         if !engine.fleet_limits().is_empty() && engine.rate_limit_service().is_none() {
             let names: Vec<String> = engine

@@ -9,6 +9,8 @@
 //! shares one window (validation requires it), so one unit means the same on
 //! every node of a chain.
 
+use sha2::{Digest, Sha256};
+
 use super::fair::{Fair, Slot, MAX_SLOTS};
 use super::Nanos;
 
@@ -21,8 +23,8 @@ pub(crate) const TAG_V1: u8 = 1;
 /// Tag of a bucket followed by its borrowing children: [`ENCODED_LEN`] bytes,
 /// a count `n` (1 to [`MAX_SLOTS`]), then `n` slots of [`SLOT_LEN`] bytes.
 pub(crate) const TAG_V2: u8 = 2;
-/// Length of an encoded bucket: tag, tokens, ctokens, last.
-pub(crate) const ENCODED_LEN: usize = 1 + 16 + 16 + 8;
+/// Length of an encoded bucket: tag, stamp, tokens, ctokens, last.
+pub(crate) const ENCODED_LEN: usize = 1 + 4 + 16 + 16 + 8;
 /// Length of one encoded slot: child, virtual time, last borrow, need.
 pub(crate) const SLOT_LEN: usize = 4 + 8 + 8 + 8;
 /// No amount goes below this. Validation bounds debts far above it (see the
@@ -45,11 +47,14 @@ pub(crate) struct Bucket {
 
 impl Bucket {
     /// The stored value: [`ENCODED_LEN`] bytes with no borrowing children
-    /// (on the stack), else those followed by the slots.
-    pub fn encode(&self) -> Encoded {
+    /// (on the stack), else those followed by the slots. `stamp` is the
+    /// limit's [`Params::stamp`]: a value stamped by other numbers is stale.
+    pub fn encode(&self, stamp: u32) -> Encoded {
         let slots = self.fair.slots();
         let mut head = [0u8; ENCODED_LEN];
         let (tag, rest) = head.split_at_mut(1);
+        let (stamp_bytes, rest) = rest.split_at_mut(4);
+        stamp_bytes.copy_from_slice(&stamp.to_le_bytes());
         let (tokens, rest) = rest.split_at_mut(16);
         let (ctokens, last) = rest.split_at_mut(16);
         tag.copy_from_slice(&[if slots.is_empty() { TAG_V1 } else { TAG_V2 }]);
@@ -71,9 +76,9 @@ impl Bucket {
         Encoded::Slots(out)
     }
 
-    /// Decodes a stored value; `Err` says why it does not decode.
+    /// Decodes a stored value and its stamp; `Err` says why it does not decode.
     #[inline]
-    pub fn decode(bytes: &[u8]) -> Result<Bucket, String> {
+    pub fn decode(bytes: &[u8]) -> Result<(Bucket, u32), String> {
         let Some((head, tail)) = bytes.split_first_chunk::<ENCODED_LEN>() else {
             return Err(format!(
                 "{} bytes where a bucket has {ENCODED_LEN}",
@@ -84,6 +89,7 @@ impl Bucket {
         if tag != TAG_V1 && tag != TAG_V2 {
             return Err(format!("unknown encoding version {tag}"));
         }
+        let (stamp, rest) = rest.split_first_chunk::<4>().ok_or("truncated")?;
         let (tokens, rest) = rest.split_first_chunk::<16>().ok_or("truncated")?;
         let (ctokens, rest) = rest.split_first_chunk::<16>().ok_or("truncated")?;
         let (last, _) = rest.split_first_chunk::<8>().ok_or("truncated")?;
@@ -100,12 +106,15 @@ impl Bucket {
         } else {
             decode_slots(bytes.len(), tail)?
         };
-        Ok(Bucket {
-            tokens,
-            ctokens,
-            last,
-            fair,
-        })
+        Ok((
+            Bucket {
+                tokens,
+                ctokens,
+                last,
+                fair,
+            },
+            u32::from_le_bytes(*stamp),
+        ))
     }
 }
 
@@ -189,6 +198,10 @@ pub(crate) struct Params {
     /// Ceil bucket size in units (`burst * ceil / rate` tokens, at most
     /// [`MAX_AMOUNT`] tokens).
     pub ccap: i128,
+    /// 32 bits of SHA-256 over `rate`, `ceil`, `burst` and `per_ns`, stored
+    /// with the bucket: a stored bucket with another stamp was written for
+    /// other numbers, and starts again from full buckets.
+    pub stamp: u32,
 }
 
 impl Params {
@@ -208,6 +221,15 @@ impl Params {
                 .saturating_add(rem.saturating_mul(u128::from(per_ns)) / r)
         };
         let ccap = i128::try_from(ccap_units).unwrap_or(i128::MAX).max(cap);
+        let mut h = Sha256::new();
+        for n in [rate, ceil, burst, per_ns] {
+            h.update(n.to_le_bytes());
+        }
+        let digest = h.finalize();
+        let mut word = [0u8; 4];
+        for (w, b) in word.iter_mut().zip(digest.iter()) {
+            *w = *b;
+        }
         Params {
             rate,
             ceil,
@@ -215,6 +237,7 @@ impl Params {
             per_ns,
             cap,
             ccap,
+            stamp: u32::from_le_bytes(word),
         }
     }
 
@@ -332,12 +355,12 @@ mod tests {
             last: 123,
             fair: Fair::default(),
         };
-        let bytes = b.encode();
+        let bytes = b.encode(0xdead_beef);
         assert_eq!(bytes.len(), ENCODED_LEN);
-        assert_eq!(Bucket::decode(&bytes), Ok(b));
-        assert!(Bucket::decode(&bytes[..40])
+        assert_eq!(Bucket::decode(&bytes), Ok((b, 0xdead_beef)));
+        assert!(Bucket::decode(&bytes[..44])
             .unwrap_err()
-            .contains("40 bytes"));
+            .contains("44 bytes"));
         let mut bad = bytes.to_vec();
         bad[0] = 9;
         assert!(Bucket::decode(&bad).unwrap_err().contains("version 9"));
@@ -361,18 +384,18 @@ mod tests {
             last: 3,
             fair,
         };
-        let bytes = b.encode();
+        let bytes = b.encode(7);
         assert_eq!(bytes.len(), ENCODED_LEN + 1 + MAX_SLOTS * SLOT_LEN);
-        assert_eq!(bytes.len(), 266, "docs/decisions.md gives the size");
+        assert_eq!(bytes.len(), 270, "docs/decisions.md gives the size");
         assert_eq!((bytes[0], bytes[ENCODED_LEN]), (TAG_V2, MAX_SLOTS as u8));
-        assert_eq!(Bucket::decode(&bytes), Ok(b.clone()));
-        // The same buckets with no borrowing children are the 41 bytes of tag 1.
+        assert_eq!(Bucket::decode(&bytes), Ok((b.clone(), 7)));
+        // The same buckets with no borrowing children are the 45 bytes of tag 1.
         let plain = Bucket {
             fair: Fair::default(),
             ..b
         };
         assert_eq!(
-            &plain.encode()[..],
+            &plain.encode(7)[..],
             &bytes[..ENCODED_LEN]
                 .iter()
                 .enumerate()
@@ -382,7 +405,7 @@ mod tests {
         // Counts and lengths that disagree are refused.
         let mut bad = bytes.to_vec();
         bad.pop();
-        assert!(Bucket::decode(&bad).unwrap_err().contains("265 bytes"));
+        assert!(Bucket::decode(&bad).unwrap_err().contains("269 bytes"));
         let mut bad = bytes.to_vec();
         bad[ENCODED_LEN] = 0;
         assert!(Bucket::decode(&bad).is_err());

@@ -57,7 +57,7 @@ fn ctokens(m: &QuotaModel, s: &MemoryStore) -> BTreeMap<String, i128> {
         .iter()
         .map(|l| {
             let (bytes, _) = s.get(&l.key).unwrap().unwrap();
-            (l.key.clone(), Bucket::decode(&bytes).unwrap().ctokens)
+            (l.key.clone(), Bucket::decode(&bytes).unwrap().0.ctokens)
         })
         .collect()
 }

@@ -77,14 +77,18 @@
 //! # Store layout
 //!
 //! One shared-data key per (node, limit name):
-//! `tenantgate:quota:v2:<tenant>:<name>:<hash>`, where `<hash>` is 8 hex
-//! digits of SHA-256 over the limit's `rate`, `ceil`, `burst` and `per`. A
-//! reload that leaves a node's limit unchanged keeps its key and so its state;
-//! a changed limit starts from full buckets under a new key (old keys stay:
-//! Envoy never deletes shared data). The value is 41 bytes while no child
-//! borrows through the node: a version tag (`1`), `tokens` and `ctokens` as
-//! little-endian `i128`, `last` as little-endian `u64` nanoseconds. With
-//! borrowing children the tag is `2` and the 41 bytes are followed by a count
+//! `tenantgate:quota:v3:<tenant>:<name>`, whatever the limit's numbers. The
+//! value is 45 bytes while no child borrows through the node: a version tag
+//! (`1`), the *stamp* (`u32`, 32 bits of SHA-256 over the limit's `rate`,
+//! `ceil`, `burst` and `per`), `tokens` and `ctokens` as little-endian
+//! `i128`, `last` as little-endian `u64` nanoseconds. A reload that leaves a
+//! node's limit unchanged finds its stamp and keeps its state; a changed
+//! limit finds another stamp and starts from full buckets in the same key
+//! (reset with compare-and-swap at configure time, or by the first admission
+//! that reads it); a limit the reload removes is set to an empty value (the
+//! `footprint` module), which reads as missing. So reloads never leave keys
+//! behind (Envoy never deletes shared data). With
+//! borrowing children the tag is `2` and the 45 bytes are followed by a count
 //! `n` (1 to 8) and `n` slots of 28 bytes (little-endian): the child's id
 //! (`u32`, 32 bits of SHA-256 over its path, stable across reloads), its
 //! virtual time (`u64`), its last borrow (`u64` nanoseconds) and that
@@ -114,6 +118,8 @@
 //!   finds nothing), so in practice only VMs configuring at the same instant
 //!   race, before any traffic;
 //! - *new limits*: a changed limit starts with full buckets (one extra burst);
+//!   while a rollout runs VMs with both bundles (milliseconds in one Envoy),
+//!   each one resets the stamp the other wrote, one extra burst per flip;
 //! - *fair borrowing* refuses, never admits: a child ahead of a sibling
 //!   leaves the sibling's reserve in the shared buckets (a few tokens held
 //!   back, not a rate; bounds in docs/reference.md, "Fair borrowing");
@@ -142,6 +148,7 @@ mod clock;
 mod fair;
 pub mod fleet;
 mod fleet_client;
+pub mod footprint;
 pub mod keyed;
 mod lease;
 pub mod rls_wire;
@@ -508,6 +515,53 @@ impl QuotaModel {
         &self.fleet
     }
 
+    /// The store keys this model's local limits use (see [`footprint`]).
+    pub fn footprint(&self) -> footprint::Footprint {
+        footprint::Footprint::new(
+            self.limits.iter().map(|l| l.key.clone()),
+            self.keyed
+                .iter()
+                .map(|k| (k.table().prefix.clone(), k.table().sets)),
+        )
+    }
+
+    /// The configure-time housekeeping of a reload (see [`footprint`]): sets
+    /// to empty every non-empty key that `previous` (the bundle this VM ran before) or
+    /// the footprint recorded under `scope` uses and this model does not,
+    /// records this model's footprint under `scope`, then creates or resets
+    /// this model's buckets ([`Self::create_buckets`]).
+    pub fn reconcile(
+        &self,
+        store: &dyn BucketStore,
+        scope: &str,
+        previous: Option<&footprint::Footprint>,
+        now: Nanos,
+    ) -> Result<footprint::Reconciled, StoreError> {
+        let record_key = format!("{}{scope}", footprint::FOOTPRINT_KEY_PREFIX);
+        let mut done = footprint::Reconciled::default();
+        let mut old = match store.get(&record_key)? {
+            Some((bytes, _)) => footprint::Footprint::decode(&bytes).unwrap_or_else(|_| {
+                done.unreadable_record = true;
+                footprint::Footprint::default()
+            }),
+            None => footprint::Footprint::default(),
+        };
+        if let Some(p) = previous {
+            old.union(p);
+        }
+        let next = self.footprint();
+        for key in old.removed_in(&next) {
+            // Only keys that hold something: a set would create a missing one.
+            if store.get(&key)?.is_some_and(|(v, _)| !v.is_empty()) {
+                store.set(&key, b"", 0)?;
+                done.emptied += 1;
+            }
+        }
+        store.set(&record_key, &next.encode(), 0)?;
+        done.created = self.create_buckets(store, now)?;
+        Ok(done)
+    }
+
     /// True if no tenant declares a local limit (keyed ones included).
     pub fn is_empty(&self) -> bool {
         self.limits.is_empty() && self.keyed.is_empty()
@@ -562,19 +616,22 @@ impl QuotaModel {
     pub fn initial_buckets(&self, now: Nanos) -> Vec<(String, Vec<u8>)> {
         self.limits
             .iter()
-            .map(|l| (l.key.clone(), l.params.full(now).encode().to_vec()))
+            .map(|l| {
+                let full = l.params.full(now).encode(l.params.stamp);
+                (l.key.clone(), full.to_vec())
+            })
             .collect()
     }
 
-    /// Creates every bucket that does not exist yet, full at `now` (the filter
-    /// does it at configure time, before traffic, so the "set on a missing
-    /// key ignores CAS" quirk cannot lose a charge under load). Returns how
-    /// many it created.
+    /// Creates every bucket that does not exist yet, and resets in place
+    /// those that are empty or were written for other numbers, full at `now`
+    /// (the filter does it at configure time, before traffic, so the "set on
+    /// a missing key ignores CAS" quirk cannot lose a charge under load).
+    /// Returns how many it created or reset.
     pub fn create_buckets(&self, store: &dyn BucketStore, now: Nanos) -> Result<usize, StoreError> {
         let mut created = 0;
         for l in &self.limits {
-            if store.get(&l.key)?.is_none() {
-                store.set(&l.key, &l.params.full(now).encode(), 0)?;
+            if reset_stale(l, store, now)? {
                 created += 1;
             }
         }
@@ -673,26 +730,46 @@ impl QuotaModel {
     }
 }
 
-/// Reads one bucket: its value (`None` if the key is missing) and CAS token.
+/// Reads one bucket: its value and CAS token. The value is `None` when the
+/// key is missing, empty (a reload removed the limit) or stamped by other
+/// numbers (a reload changed the limit): [`reset_stale`] starts it afresh.
 fn read_one(limit: &Limit, store: &dyn BucketStore) -> Result<(Option<Bucket>, u32), StoreError> {
     match store.get(&limit.key)? {
         None => Ok((None, 0)),
+        Some((bytes, cas)) if bytes.is_empty() => Ok((None, cas)),
         Some((bytes, cas)) => {
-            let b = Bucket::decode(&bytes)
+            let (b, stamp) = Bucket::decode(&bytes)
                 .map_err(|why| StoreError::Corrupt(format!("`{}`: {why}", limit.key)))?;
+            if stamp != limit.params.stamp {
+                return Ok((None, cas));
+            }
             Ok((Some(limit.params.clamp(b)), cas))
         }
     }
 }
 
-/// Creates the plan's missing keys with full buckets. Existing keys are left
-/// alone; a set on a missing key ignores CAS, so two workers may both create
-/// one (both full: no charge is lost unless one lands in between).
+/// Starts a bucket afresh (full at `now`) if its key is missing, empty or
+/// stamped by other numbers; `true` if it did. Existing keys are reset with
+/// compare-and-swap (a worker that wrote first wins; its value is current),
+/// missing ones are created (a set on a missing key ignores CAS, so two
+/// workers may both create one, both full: no charge is lost unless one
+/// lands in between).
+fn reset_stale(l: &Limit, store: &dyn BucketStore, now: Nanos) -> Result<bool, StoreError> {
+    let (current, cas) = read_one(l, store)?;
+    if current.is_some() {
+        return Ok(false);
+    }
+    match store.set(&l.key, &l.params.full(now).encode(l.params.stamp), cas) {
+        Ok(()) => Ok(true),
+        Err(StoreError::CasMismatch) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Starts the plan's missing or stale buckets afresh (see [`reset_stale`]).
 fn create_missing(plan: &Plan, store: &dyn BucketStore, now: Nanos) -> Result<(), StoreError> {
     for l in &plan.nodes {
-        if store.get(&l.key)?.is_none() {
-            store.set(&l.key, &l.params.full(now).encode(), 0)?;
-        }
+        reset_stale(l, store, now)?;
     }
     Ok(())
 }
@@ -735,7 +812,7 @@ fn write(
     store: &dyn BucketStore,
 ) -> Result<(), StoreError> {
     for (i, ((l, b), c)) in plan.nodes.iter().zip(new).zip(cas).enumerate() {
-        if let Err(e) = store.set(&l.key, &b.encode(), *c) {
+        if let Err(e) = store.set(&l.key, &b.encode(l.params.stamp), *c) {
             for (l, charge) in plan.nodes.iter().zip(charges).take(i) {
                 refund(l, *charge, store)?;
             }
@@ -762,7 +839,7 @@ fn refund(limit: &Limit, charge: Charge, store: &dyn BucketStore) -> Result<(), 
         if charge.vt > 0 {
             back.fair.unrecord(charge.slot, charge.vt);
         }
-        match store.set(&limit.key, &back.encode(), cas) {
+        match store.set(&limit.key, &back.encode(limit.params.stamp), cas) {
             Ok(()) => return Ok(()),
             Err(StoreError::CasMismatch) => continue,
             Err(e) => return Err(e),

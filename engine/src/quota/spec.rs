@@ -197,7 +197,7 @@ fn compile_one(
     });
     let key = match keyed {
         Some(_) => format!("tenantgate:keyed:v1:{}:{name}:", input.tenant),
-        None => bucket_key(input.tenant, name, &params),
+        None => bucket_key(input.tenant, name),
     };
     Ok(Entry {
         limit: Arc::new(Limit {
@@ -560,14 +560,12 @@ fn child_id(node: &TenantPath) -> u32 {
     u32::from_le_bytes(word)
 }
 
-/// `tenantgate:quota:v2:<tenant>:<name>:<hash>`: the hash covers the limit's
-/// parameters, so an unchanged limit keeps its key (and its state) across
-/// bundle reloads, and a changed one starts afresh.
-fn bucket_key(node: &TenantPath, name: &str, p: &Params) -> String {
-    let digest =
-        Sha256::digest(format!("{}/{}/{}/{}", p.rate, p.ceil, p.burst, p.per_ns).as_bytes());
-    let hash: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
-    format!("tenantgate:quota:v2:{node}:{name}:{hash}")
+/// `tenantgate:quota:v3:<tenant>:<name>`: the same key whatever the limit's
+/// numbers, so a reload never leaves a key behind; the stored value carries
+/// the numbers' stamp ([`Params::stamp`]), and a value stamped by other
+/// numbers starts again from full buckets, in place.
+fn bucket_key(node: &TenantPath, name: &str) -> String {
+    format!("tenantgate:quota:v3:{node}:{name}")
 }
 
 /// `"principal"` or `{"header": NAME}`; errors are message tails.
@@ -781,21 +779,15 @@ mod tests {
     }
 
     #[test]
-    fn keys_depend_on_parameters_only() {
+    fn keys_name_the_tenant_and_the_limit_not_its_numbers() {
         let t = TenantPath::parse("/acme").unwrap();
-        let a = bucket_key(&t, "rps", &Params::new(10, 10, 10, SECOND_NS));
-        assert!(a.starts_with("tenantgate:quota:v2:/acme:rps:"), "{a}");
-        assert_eq!(
-            a,
-            bucket_key(&t, "rps", &Params::new(10, 10, 10, SECOND_NS))
+        assert_eq!(bucket_key(&t, "rps"), "tenantgate:quota:v3:/acme:rps");
+        let (a, b) = (
+            Params::new(10, 10, 10, SECOND_NS),
+            Params::new(10, 20, 10, SECOND_NS),
         );
-        assert_ne!(
-            a,
-            bucket_key(&t, "rps", &Params::new(10, 20, 10, SECOND_NS))
-        );
-        assert_ne!(
-            a,
-            bucket_key(&t, "rpm", &Params::new(10, 10, 10, SECOND_NS))
-        );
+        assert_eq!(a.stamp, Params::new(10, 10, 10, SECOND_NS).stamp);
+        assert_ne!(a.stamp, b.stamp);
+        assert_ne!(a.stamp, Params::new(10, 10, 10, 60 * SECOND_NS).stamp);
     }
 }

@@ -422,7 +422,9 @@ fn fake_clock_drives_admission() {
 fn corrupt_values_are_errors() {
     let m = model(&[("/", r#"{"limits": {"rps": {"rate": 10}}}"#)]);
     let key = m.limits()[0].key.clone();
-    for bad in [&b"garbage"[..], &[9u8; 41][..], &[][..]] {
+    // (An empty value is a bucket a reload removed, started afresh: see
+    // `an_empty_bucket_is_recreated_by_the_admission_that_finds_it`.)
+    for bad in [&b"garbage"[..], &[9u8; 45][..], &[1u8; 41][..]] {
         let s = MemoryStore::new();
         s.set(&key, bad, 0).unwrap();
         match m.admit(&t("/"), 1, T0, &s) {
@@ -447,7 +449,7 @@ fn missing_keys_are_created_full() {
         s.snapshot().keys().collect::<Vec<_>>()
     );
     for v in initial.values() {
-        assert_eq!(v.len(), 41);
+        assert_eq!(v.len(), 45);
     }
 }
 
@@ -463,12 +465,121 @@ fn unchanged_limits_keep_their_state_across_reloads() {
     // Same limits, a fresh model (a new bundle version): same keys, same state.
     let m2 = model(&tree);
     assert_eq!(burst(&m2, &s, "/a", 5, 1, T0), 0);
-    // /a's limit changes: new key, full buckets; `/` is unchanged and keeps its 7.
+    // /a's limit changes: same key, reset in place to full buckets; `/` is
+    // unchanged and keeps its 7. No key is added.
     let m3 = model(&[tree[0], ("/a", r#"{"limits": {"rps": {"rate": 4}}}"#)]);
-    assert_ne!(m1.limits()[1].key, m3.limits()[1].key);
+    assert_eq!(m1.limits()[1].key, m3.limits()[1].key);
     assert_eq!(m1.limits()[0].key, m3.limits()[0].key);
     assert_eq!(burst(&m3, &s, "/a", 10, 1, T0), 4);
     assert_eq!(burst(&m3, &s, "/", 10, 1, T0), 3);
+    assert_eq!(s.len(), 2);
+    // Back to the first numbers: reset again (the stamp differs from 4's).
+    assert_eq!(burst(&m1, &s, "/a", 10, 1, T0), 3);
+}
+
+#[test]
+fn reloads_that_change_numbers_add_no_key_and_reset_in_place() {
+    let tree = |rate: u64| {
+        [
+            ("/", r#"{"limits": {"rps": {"rate": 1000}}}"#.to_string()),
+            (
+                "/a",
+                format!(
+                    r#"{{"limits": {{"rps": {{"rate": {rate}}}, "per_user": {{"rate": {rate}, "key": "principal", "max_keys": 64}}}}}}"#
+                ),
+            ),
+        ]
+    };
+    let s = MemoryStore::new();
+    let mut previous = None;
+    for rate in 1..=200u64 {
+        let owned = tree(rate);
+        let m = model(&[(owned[0].0, &owned[0].1), (owned[1].0, &owned[1].1)]);
+        let done = m.reconcile(&s, "p", previous.as_ref(), T0).unwrap();
+        assert_eq!(done.emptied, 0);
+        // The first configure creates both buckets; every later one resets
+        // /a's in place (its numbers changed), never `/`'s.
+        assert_eq!(done.created, if rate == 1 { 2 } else { 1 }, "rate {rate}");
+        assert_eq!(burst(&m, &s, "/a", 300, 1, T0), rate as usize);
+        previous = Some(m.footprint());
+    }
+    // Two buckets, the footprint record; keyed sets are only created when
+    // used (none were: these requests have no principal).
+    assert_eq!(s.len(), 3, "{:?}", s.snapshot().keys().collect::<Vec<_>>());
+}
+
+#[test]
+fn a_reload_empties_the_buckets_and_sets_it_removes() {
+    let with_b = model(&[
+        ("/", r#"{"limits": {"rps": {"rate": 10}}}"#),
+        (
+            "/a",
+            r#"{"limits": {"rps": {"rate": 5}, "per_user": {"rate": 2, "key": "principal", "max_keys": 32}}}"#,
+        ),
+        ("/b", r#"{"limits": {"rps": {"rate": 5}}}"#),
+    ]);
+    let s = MemoryStore::new();
+    let first = with_b.reconcile(&s, "p", None, T0).unwrap();
+    assert_eq!((first.emptied, first.created), (0, 3));
+    assert_eq!(burst(&with_b, &s, "/b", 2, 1, T0), 2);
+    // Every set of the keyed table holds something.
+    let table = with_b.keyed()[0].table().clone();
+    assert_eq!(table.sets, 4);
+    for key in table.keys() {
+        s.set(&key, b"x", 0).unwrap();
+    }
+    // /b goes, and /a's keyed table shrinks to 2 sets: 1 bucket and 2 sets
+    // emptied, the record rewritten; nothing else touched.
+    let without_b = model(&[
+        ("/", r#"{"limits": {"rps": {"rate": 10}}}"#),
+        (
+            "/a",
+            r#"{"limits": {"rps": {"rate": 5}, "per_user": {"rate": 2, "key": "principal", "max_keys": 16}}}"#,
+        ),
+    ]);
+    let keys_before = s.len();
+    let done = without_b
+        .reconcile(&s, "p", Some(&with_b.footprint()), T0)
+        .unwrap();
+    assert_eq!(
+        (done.emptied, done.created, done.unreadable_record),
+        (3, 0, false)
+    );
+    assert_eq!(s.len(), keys_before);
+    let b_key = with_b.limits()[2].key.clone();
+    assert_eq!(s.get(&b_key).unwrap().unwrap().0, b"");
+    let empty: Vec<String> = table
+        .keys()
+        .filter(|k| s.get(k).unwrap().unwrap().0.is_empty())
+        .collect();
+    assert_eq!(
+        empty,
+        vec![format!("{}2", table.prefix), format!("{}3", table.prefix)]
+    );
+    // Configuring again (another VM, same bundle) finds nothing to empty.
+    let again = without_b.reconcile(&s, "p", None, T0).unwrap();
+    assert_eq!((again.emptied, again.created), (0, 0));
+    // /b comes back: its empty bucket is reset in place, full.
+    let back = with_b.reconcile(&s, "p", None, T0).unwrap();
+    assert_eq!((back.emptied, back.created), (0, 1));
+    assert_eq!(burst(&with_b, &s, "/b", 9, 1, T0), 5);
+    // A record that does not decode is replaced; this VM's previous
+    // footprint is still emptied.
+    s.set("tenantgate:quota:footprint:v1:p", b"garbage", 0)
+        .unwrap();
+    let done = without_b
+        .reconcile(&s, "p", Some(&with_b.footprint()), T0)
+        .unwrap();
+    assert_eq!((done.emptied, done.unreadable_record), (1, true));
+}
+
+#[test]
+fn an_empty_bucket_is_recreated_by_the_admission_that_finds_it() {
+    let m = model(&[("/", r#"{"limits": {"rps": {"rate": 3}}}"#)]);
+    let s = store_for(&m);
+    assert_eq!(burst(&m, &s, "/", 5, 1, T0), 3);
+    s.set(&m.limits()[0].key, b"", 0).unwrap();
+    assert_eq!(burst(&m, &s, "/", 5, 1, T0), 3);
 }
 
 /// A store that runs `race` (another worker's admission) just before its
@@ -505,7 +616,9 @@ fn a_lost_race_is_refunded_and_retried() {
     ]);
     let key = |i: usize| m.limits()[i].key.clone();
     let tokens = |s: &MemoryStore, i: usize| {
-        let b = bucket::Bucket::decode(&s.get(&key(i)).unwrap().unwrap().0).unwrap();
+        let b = bucket::Bucket::decode(&s.get(&key(i)).unwrap().unwrap().0)
+            .unwrap()
+            .0;
         (b.tokens / i128::from(S), b.ctokens / i128::from(S))
     };
     let s = store_for(&m);
@@ -559,6 +672,7 @@ fn endless_contention_gives_up_and_leaves_nothing_charged() {
     let tokens_of = |key: &str| {
         bucket::Bucket::decode(&s.get(key).unwrap().unwrap().0)
             .unwrap()
+            .0
             .tokens
     };
     let a_key = m.limits()[1].key.clone();
@@ -629,7 +743,9 @@ fn hammer(
 }
 
 fn tokens_in_store(s: &MemoryStore, key: &str) -> (i128, i128) {
-    let b = bucket::Bucket::decode(&s.get(key).unwrap().unwrap().0).unwrap();
+    let b = bucket::Bucket::decode(&s.get(key).unwrap().unwrap().0)
+        .unwrap()
+        .0;
     (b.tokens, b.ctokens)
 }
 
