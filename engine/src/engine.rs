@@ -301,6 +301,18 @@ impl Engine {
         }
     }
 
+    /// Reads (or creates) the process's keyed-limit seed now, so that no
+    /// request pays for it; does nothing without keyed limits. The filter
+    /// calls it at configure time.
+    pub fn load_keyed_seed(&self, store: &dyn BucketStore) -> Result<(), crate::quota::StoreError> {
+        if self.quotas.keyed().is_empty() || self.fingerprint.get().is_some() {
+            return Ok(());
+        }
+        let f = Fingerprint::from_store(store, fresh_seed())?;
+        let _ = self.fingerprint.get_or_init(|| f);
+        Ok(())
+    }
+
     /// The keyed limits' part of a decision.
     fn admit_keyed(
         &self,

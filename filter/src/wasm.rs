@@ -357,6 +357,12 @@ impl RootContext for Root {
                 &format!("tenantgate: cannot create the quota buckets: {e}"),
             ),
         }
+        if let Err(e) = engine.load_keyed_seed(&SharedData) {
+            ffi::log(
+                ffi::LOG_ERROR,
+                &format!("tenantgate: cannot read the keyed limits' seed: {e}"),
+            );
+        }
         if !engine.fleet_limits().is_empty() && engine.rate_limit_service().is_none() {
             let names: Vec<String> = engine
                 .fleet_limits()

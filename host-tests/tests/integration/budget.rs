@@ -195,12 +195,12 @@ fn fair_borrowing_adds_no_host_call() {
         .keys()
         .into_iter()
         .map(|k| String::from_utf8(k).unwrap())
-        .find(|k| k.contains(":/acme:rps:"))
+        .find(|k| k.ends_with(":/acme:rps"))
         .unwrap();
     let (value, _) = host.shared_data().peek(acme_key.as_bytes()).unwrap();
     assert_eq!(
         value.len(),
-        41 + 1 + 2 * 28,
+        45 + 1 + 2 * 28,
         "two borrowing children at /acme"
     );
     let borrowing = calls_of(&host, || expect_continue(&alice(&mut vm)));

@@ -27,14 +27,26 @@ fn every_import_resolves_and_no_unimplemented_one_is_called() {
 fn quota_state_is_compact_binary_in_shared_data() {
     let (host, mut vm) = gate(&Tree::standard());
     let keys = host.shared_data().keys();
-    // Created at configure time, before any request.
+    // Created at configure time, before any request: the buckets and the
+    // record of which keys this bundle uses (text, one line per bucket).
     assert!(!keys.is_empty());
+    // (The host names the plugin `tenantgate`.)
+    let record = "tenantgate:quota:footprint:v1:tenantgate".to_string();
+    let mut buckets = Vec::new();
     for key in &keys {
         let key = String::from_utf8(key.clone()).unwrap();
         assert!(key.starts_with("tenantgate:"), "{key}");
         let (value, _) = host.shared_data().peek(key.as_bytes()).unwrap();
-        assert!(value.len() <= 64, "{key}: {} bytes", value.len());
+        if key == record {
+            continue;
+        }
+        assert!(key.starts_with("tenantgate:quota:v3:"), "{key}");
+        assert_eq!(value.len(), 45, "{key}");
+        buckets.push(format!("b {key}\n"));
     }
+    buckets.sort();
+    let (value, _) = host.shared_data().peek(record.as_bytes()).unwrap();
+    assert_eq!(String::from_utf8(value).unwrap(), buckets.concat());
     let before = host.shared_data().stats();
     for _ in 0..5 {
         get(&mut vm, "/acme", "alice", "/acme", "/orders");
