@@ -129,3 +129,55 @@ fn a_reload_keeps_quota_state_unless_the_limit_changed() {
         .count();
     assert_eq!(admitted, 5);
 }
+
+/// Bytes held in shared data: every key and value.
+fn shared_bytes(host: &tenantgate_host_tests::Host) -> usize {
+    let shared = host.shared_data();
+    shared
+        .keys()
+        .iter()
+        .map(|k| k.len() + shared.peek(k).map_or(0, |(v, _)| v.len()))
+        .sum()
+}
+
+#[test]
+fn reloads_that_change_a_limit_grow_no_shared_data_and_removed_limits_are_emptied() {
+    let host = host();
+    let with_rate = |rate: u32| {
+        Tree::standard().tenant(
+            "/acme",
+            &format!(r#"{{ "limits": {{ "rps": {{ "rate": {rate}, "per": "1s" }} }} }}"#),
+        )
+    };
+    // Two VMs (two workers) on one shared data, both reloaded every time.
+    let mut a = configured_vm(&host, &with_rate(1).bundle());
+    let mut b = configured_vm(&host, &with_rate(1).bundle());
+    let keys = host.shared_data().keys().len();
+    let bytes = shared_bytes(&host);
+    for rate in 2..=200 {
+        let bundle = with_rate(rate).bundle();
+        assert!(a.reload(bundle.clone()).unwrap());
+        assert!(b.reload(bundle).unwrap());
+        // The changed limit starts from full buckets in place: `rate`
+        // admitted, then 429. (One VM sends: with two, a worker lease may
+        // hold the last tokens on the other.)
+        let admitted = (0..rate + 2)
+            .filter(|_| get(&mut a, "/acme", "alice", "/acme", "/orders").is_continue())
+            .count();
+        assert_eq!(admitted, rate as usize, "rate {rate}");
+        expect_reply(&get(&mut b, "/acme", "alice", "/acme", "/orders"), 429);
+    }
+    assert_eq!(host.shared_data().keys().len(), keys);
+    assert_eq!(shared_bytes(&host), bytes, "200 reloads, not a byte more");
+    // A reload that removes /acme's limit empties its bucket.
+    let acme = "tenantgate:quota:v3:/acme:rps";
+    assert_eq!(
+        host.shared_data().peek(acme.as_bytes()).unwrap().0.len(),
+        45
+    );
+    let without = Tree::standard().tenant("/acme", "{}");
+    assert!(a.reload(without.bundle()).unwrap());
+    assert!(b.reload(without.bundle()).unwrap());
+    assert_eq!(host.shared_data().peek(acme.as_bytes()).unwrap().0, b"");
+    assert_eq!(shared_bytes(&host), bytes - 45 - "b \n".len() - acme.len());
+}
