@@ -157,7 +157,7 @@ def edit_load_tree(d, rate):
 def direct_response(config_text):
     """An Envoy config of envoy/ with the route to the upstream replaced by a
     `direct_response` (as envoy/bench.py does): Envoy and the filter only."""
-    route = re.compile(r"( *)route:\n\s*cluster: upstream\n\s*retry_policy: [^\n]*\n")
+    route = re.compile(r"( *)route:\n\s*cluster: upstream\n(?:\s*#[^\n]*\n)*\s*retry_policy: [^\n]*\n")
     text, n = route.subn(lambda m: f'{m.group(1)}direct_response: {{ status: 200, body: {{ inline_string: "ok" }} }}\n',
                          config_text)
     if n != 1:
