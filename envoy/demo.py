@@ -163,6 +163,28 @@ class Demo:
         self.expect(f"{statuses.count(200)} admitted (burst 5, refilling 5 per second), then 429 quota_exceeded "
                     "with retry-after, ratelimit-policy and ratelimit", ok)
 
+        self.title("Limited per API key: Globex allows 3 requests a minute per x-api-key", """
+            /globex declares a keyed limit `per_key` (rate 3, per 1m, key: the x-api-key
+            header): one token bucket per key value, in a fixed-size table in shared data
+            (memory does not grow with the keys seen). gus's key k-gus-1 gets 3 requests,
+            the 4th is 429 naming `per_key`; another key, k-gus-2, still passes.""")
+        headers = who("gus", "/globex", "/globex", **{"x-api-key": "k-gus-1"})
+        print(f"$ for i in $(seq 4); do {h.curl_line(self.port, 'GET', '/catalog', headers)}; done")
+        statuses, limited = [], None
+        for _ in range(4):
+            r = self.send("GET", "/catalog", headers, quiet=True)
+            statuses.append(r.status)
+            limited = r if r.status == 429 else limited
+        print(f"  statuses: {' '.join(map(str, statuses))}")
+        if limited is not None:
+            self.show(limited)
+        self.expect("200 200 200, then 429 quota_exceeded with limit per_key",
+                    statuses == [200, 200, 200, 429] and body(limited).get("limit") == "per_key"
+                    and body(limited).get("error") == "quota_exceeded")
+        r = self.send("GET", "/catalog", who("gus", "/globex", "/globex", **{"x-api-key": "k-gus-2"}))
+        self.show(r, tg)
+        self.expect("200: k-gus-2 has its own 3 a minute", r.status == 200)
+
         self.title("Bad input is a 400 with a reason, never a crash", """
             An encoded slash in the path, a path climbing above the root, a malformed
             tenant, no tenant at all.""")

@@ -26,8 +26,8 @@ scripts/build-wasm.sh >&2
 step "building the CLI and bundling policies/ into dist/bundle.json"
 cargo build -q -p tenantgate-cli
 mkdir -p dist
-target/debug/tenantgate bundle policies -o dist/bundle.json
+"${CARGO_TARGET_DIR:-target}/debug/tenantgate" bundle policies -o dist/bundle.json
 step "installing Envoy if missing (scripts/install-envoy.sh)"
 scripts/install-envoy.sh
-export TENANTGATE_CLI="$PWD/target/debug/tenantgate"
+export TENANTGATE_CLI="${CARGO_TARGET_DIR:-$PWD/target}/debug/tenantgate"
 exec python3 envoy/demo.py --bundle dist/bundle.json --wasm dist/tenantgate.wasm "$@"

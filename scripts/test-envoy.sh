@@ -18,6 +18,7 @@ scripts/install-redis.sh
 .venv/bin/pip install --quiet --disable-pip-version-check -r envoy/requirements-test.txt
 export TENANTGATE_CLI="${CARGO_TARGET_DIR:-$PWD/target}/debug/tenantgate"
 [ $# -gt 0 ] || python3 envoy/reload_test.py  # live reload under load (envoy/reload_test.py), full runs only
+[ $# -gt 0 ] || python3 envoy/keyed_test.py  # keyed limits: exact per key, memory vs 100,000 keys and 200 reloads, full runs only
 [ $# -gt 0 ] || python3 envoy/isolation_test.py  # isolation matrix (envoy/isolation_test.py), full runs only
 [ $# -gt 0 ] || .venv/bin/python envoy/upstream_trust_test.py  # what upstreams may trust, full runs only
 [ $# -gt 0 ] || python3 envoy/differential_test.py  # check vs Envoy on one table of raw requests, full runs only
