@@ -306,10 +306,25 @@ pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
     }
 }
 
+thread_local! {
+    /// Metric ids this VM defined, by kind and name. Envoy hands out a new id
+    /// (and keeps a new table entry for the life of the VM) on every
+    /// `proxy_define_metric`, even for a name it knows, so a reload that
+    /// defined every series again grew Envoy's memory; a name is defined once
+    /// per VM and its id reused by every later bundle.
+    static METRIC_IDS: std::cell::RefCell<std::collections::HashMap<(u32, String), u32>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
 pub fn define_metric(kind: u32, name: &str) -> Result<u32, HostError> {
+    let known = METRIC_IDS.with(|m| m.borrow().get(&(kind, name.to_string())).copied());
+    if let Some(id) = known {
+        return Ok(id);
+    }
     let mut id: u32 = 0;
     // SAFETY: pointers describe live memory for the whole call.
     check(unsafe { proxy_define_metric(kind, name.as_ptr(), name.len(), &mut id) })?;
+    METRIC_IDS.with(|m| m.borrow_mut().insert((kind, name.to_string()), id));
     Ok(id)
 }
 
