@@ -251,11 +251,12 @@ pub fn run(
         .iter()
         .zip(&per_flow)
         .map(|(f, c)| {
-            let mut v = c.json();
+            let mut v = serde_json::Map::new();
             v.insert("tenant".into(), f.tenant.to_string().into());
             if let Some(n) = f.keys {
                 v.insert("keys".into(), n.into());
             }
+            v.extend(c.json());
             v.into()
         })
         .collect();
@@ -892,5 +893,20 @@ mod tests {
         assert_eq!(counts(&v, "/public").0, 8551, "{v}");
         assert_eq!(counts(&v, "/ops").0, 4108, "{v}");
         assert_eq!(eu, 29760, "{v}");
+
+        // Globex's `per_key` (3 a minute per API key, a token every 20 s):
+        // one key at 2 a second gets its 3 and the tokens of 20, 40, 60, 80
+        // and 100 s; 10 keys taking 1 a second in turn get 8 each; keyless
+        // traffic is not counted by key.
+        let v = run(&b, &model, &plan("traffic-keys.json"), None).unwrap();
+        assert_eq!(
+            (0..3).map(|i| flow(&v, i)).collect::<Vec<_>>(),
+            [
+                (8, 232, serde_json::json!({"per_key": 232})),
+                (80, 40, serde_json::json!({"per_key": 40})),
+                (6000, 0, serde_json::json!({})),
+            ],
+            "{v}"
+        );
     }
 }
