@@ -343,7 +343,13 @@ impl Engine {
         cost: u64,
         store: &dyn BucketStore,
     ) -> Result<KeyedOutcome, crate::quota::StoreError> {
-        if self.quotas.keyed().is_empty() {
+        // No keyed limit on the request's lineage: no seed to read, no host call.
+        if !self
+            .quotas
+            .keyed()
+            .iter()
+            .any(|k| k.applies_to(&req.tenant))
+        {
             return Ok(KeyedOutcome::Admitted(Vec::new(), Default::default()));
         }
         let fingerprint = match self.fingerprint.get() {
