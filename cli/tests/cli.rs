@@ -301,3 +301,48 @@ fn a_template_is_located_at_its_slot() {
         "templates (policies with `?principal` or `?resource` slots) are not supported",
     );
 }
+
+#[test]
+fn simulate_counts_keyed_limits_per_flow() {
+    let run = tenantgate(&[
+        "simulate",
+        "policies",
+        "--traffic",
+        "policies/traffic-keys.json",
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({
+            "tenants": {
+                "/globex": { "admitted": 6088, "denied": 272, "denied_by": { "per_key": 272 } }
+            },
+            "flows": [
+                { "tenant": "/globex", "admitted": 8, "denied": 232, "denied_by": { "per_key": 232 } },
+                { "tenant": "/globex", "keys": 10, "admitted": 80, "denied": 40, "denied_by": { "per_key": 40 } },
+                { "tenant": "/globex", "admitted": 6000, "denied": 0, "denied_by": {} }
+            ]
+        })
+    );
+}
+
+#[test]
+fn simulate_refuses_keys_where_no_keyed_limit_applies() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.json");
+    std::fs::write(
+        &plan,
+        r#"{"duration_s": 10, "flows": [{"tenant": "/acme/eu", "rps": 5, "keys": 3}]}"#,
+    )
+    .unwrap();
+    let run = tenantgate(&["simulate", "policies", "--traffic", plan.to_str().unwrap()]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains(
+            "error: traffic plan: flow 1: `keys` spreads the flow over key values, but no keyed limit applies to `/acme/eu`"
+        ),
+        "{}",
+        run.stderr
+    );
+}

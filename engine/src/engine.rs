@@ -250,17 +250,61 @@ impl Engine {
             }
             return (decision, None);
         }
+        let exact = per_request && cost > 0;
+        match self.admit_local(req, cost, exact, store) {
+            Local::Admitted(q, refund) => {
+                if batched {
+                    self.fleet_count(&req.tenant, cost);
+                }
+                let refund = if per_request { refund } else { None };
+                (
+                    Decision {
+                        quota: Some(q),
+                        ..decision
+                    },
+                    refund,
+                )
+            }
+            Local::Refused(refused) => (refused, None),
+        }
+    }
+
+    /// The local quotas alone, for a request counted as allowed by policy:
+    /// keyed limits first, then the hierarchical buckets, as in
+    /// [`Engine::decide`], but admitted exactly (no worker lease) and without
+    /// fleet limits. What `tenantgate simulate` replays.
+    pub fn decide_quotas(&self, req: &Request, store: &dyn BucketStore) -> Decision {
+        let decision = Decision::allow(Vec::new(), Vec::new());
+        if self.quotas.is_empty() {
+            return decision;
+        }
+        let cost = self.settings.cost_of(&req.method, req.action);
+        match self.admit_local(req, cost, true, store) {
+            Local::Admitted(q, _) => Decision {
+                quota: Some(q),
+                ..decision
+            },
+            Local::Refused(refused) => refused,
+        }
+    }
+
+    /// Admission against the local limits: the keyed ones first (a refusal
+    /// there charges nothing anywhere), then the hierarchical buckets, exactly
+    /// or through this worker's lease; the keyed charges are given back when
+    /// those refuse.
+    fn admit_local(&self, req: &Request, cost: u64, exact: bool, store: &dyn BucketStore) -> Local {
         let store_error = |e: crate::quota::StoreError| {
             Decision::error(self.settings.on_error, format!("quota store: {e}"))
         };
-        // Keyed limits first: a refusal there charges nothing anywhere.
         let (keyed, keyed_charges) = match self.admit_keyed(req, cost, store) {
             Ok(KeyedOutcome::Admitted(statuses, charges)) => (statuses, charges),
-            Ok(KeyedOutcome::Refused(q)) => return (Decision::over_quota(q), None),
-            Ok(KeyedOutcome::Missing(message)) => return (Decision::bad_request(message), None),
-            Err(e) => return (store_error(e), None),
+            Ok(KeyedOutcome::Refused(q)) => return Local::Refused(Decision::over_quota(q)),
+            Ok(KeyedOutcome::Missing(message)) => {
+                return Local::Refused(Decision::bad_request(message))
+            }
+            Err(e) => return Local::Refused(store_error(e)),
         };
-        let admitted = if per_request && cost > 0 {
+        let admitted = if exact {
             self.quotas
                 .admit_refundable(&req.tenant, cost, req.time_ns, store)
         } else {
@@ -274,29 +318,20 @@ impl Engine {
         };
         match admitted {
             Ok((q, refund)) if q.admitted => {
-                if batched {
-                    self.fleet_count(&req.tenant, cost);
-                }
-                let refund = if per_request {
+                let refund = if exact {
                     crate::quota::Refund::join(refund, keyed_charges)
                 } else {
                     None
                 };
-                (
-                    Decision {
-                        quota: Some(q.with_keyed(keyed, cost)),
-                        ..decision
-                    },
-                    refund,
-                )
+                Local::Admitted(q.with_keyed(keyed, cost), refund)
             }
             Ok((q, _)) => {
                 give_back();
-                (Decision::over_quota(q), None)
+                Local::Refused(Decision::over_quota(q))
             }
             Err(e) => {
                 give_back();
-                (store_error(e), None)
+                Local::Refused(store_error(e))
             }
         }
     }
@@ -320,7 +355,13 @@ impl Engine {
         cost: u64,
         store: &dyn BucketStore,
     ) -> Result<KeyedOutcome, crate::quota::StoreError> {
-        if self.quotas.keyed().is_empty() {
+        // No keyed limit on the request's lineage: no seed to read, no host call.
+        if !self
+            .quotas
+            .keyed()
+            .iter()
+            .any(|k| k.applies_to(&req.tenant))
+        {
             return Ok(KeyedOutcome::Admitted(Vec::new(), Default::default()));
         }
         let fingerprint = match self.fingerprint.get() {
@@ -477,6 +518,15 @@ impl Engine {
             .map_err(|e| e.to_string())?;
         Ok((r, entities))
     }
+}
+
+/// What the local limits say about a request ([`Engine::admit_local`]).
+enum Local {
+    /// The quota decision (keyed statuses included) and, for an exact
+    /// admission, what it charged.
+    Admitted(crate::quota::QuotaDecision, Option<crate::quota::Refund>),
+    /// The decision to answer: 429, 400 for a missing key, or `on_error`'s.
+    Refused(Decision),
 }
 
 /// A tenant's parsed `tenant.json` and its source, parents first.

@@ -124,6 +124,20 @@ impl Keyed {
         &self.table
     }
 
+    /// The request header it counts by; `None` when it counts by principal.
+    pub fn header(&self) -> Option<&str> {
+        match &self.spec.source {
+            KeySource::Header(h) => Some(h),
+            KeySource::Principal => None,
+        }
+    }
+
+    /// True if it applies to requests to `tenant` (declared on it or an
+    /// ancestor).
+    pub fn applies_to(&self, tenant: &TenantPath) -> bool {
+        tenant.is_within(&self.limit.node)
+    }
+
     /// The key value of a request: the principal id or a header's value.
     fn value<'a>(
         &self,

@@ -20,6 +20,7 @@ mod faults;
 mod host_abi;
 mod identity;
 mod isolation;
+mod keyed;
 mod observability;
 mod quotas;
 mod responses;
