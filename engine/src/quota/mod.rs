@@ -623,8 +623,9 @@ impl QuotaModel {
             .collect()
     }
 
-    /// Creates every bucket that does not exist yet, and resets in place
-    /// those that are empty or were written for other numbers, full at `now`
+    /// Creates every bucket (and keyed set, empty) that does not exist yet,
+    /// and resets in place those that are empty or were written for other
+    /// numbers, full at `now`
     /// (the filter does it at configure time, before traffic, so the "set on
     /// a missing key ignores CAS" quirk cannot lose a charge under load).
     /// Returns how many it created or reset.
@@ -633,6 +634,16 @@ impl QuotaModel {
         for l in &self.limits {
             if reset_stale(l, store, now)? {
                 created += 1;
+            }
+        }
+        // Keyed tables' sets, empty: every later write to them is then a
+        // compare-and-swap (a first write to a missing key is not).
+        for k in &self.keyed {
+            for key in k.table().keys() {
+                if store.get(&key)?.is_none() {
+                    store.set(&key, b"", 0)?;
+                    created += 1;
+                }
             }
         }
         Ok(created)

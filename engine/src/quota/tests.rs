@@ -497,15 +497,15 @@ fn reloads_that_change_numbers_add_no_key_and_reset_in_place() {
         let m = model(&[(owned[0].0, &owned[0].1), (owned[1].0, &owned[1].1)]);
         let done = m.reconcile(&s, "p", previous.as_ref(), T0).unwrap();
         assert_eq!(done.emptied, 0);
-        // The first configure creates both buckets; every later one resets
-        // /a's in place (its numbers changed), never `/`'s.
-        assert_eq!(done.created, if rate == 1 { 2 } else { 1 }, "rate {rate}");
+        // The first configure creates both buckets and the keyed table's 8
+        // sets; every later one resets /a's bucket in place (its numbers
+        // changed), never `/`'s, and finds the sets.
+        assert_eq!(done.created, if rate == 1 { 10 } else { 1 }, "rate {rate}");
         assert_eq!(burst(&m, &s, "/a", 300, 1, T0), rate as usize);
         previous = Some(m.footprint());
     }
-    // Two buckets, the footprint record; keyed sets are only created when
-    // used (none were: these requests have no principal).
-    assert_eq!(s.len(), 3, "{:?}", s.snapshot().keys().collect::<Vec<_>>());
+    // Two buckets, 8 sets, the footprint record.
+    assert_eq!(s.len(), 11, "{:?}", s.snapshot().keys().collect::<Vec<_>>());
 }
 
 #[test]
@@ -520,7 +520,7 @@ fn a_reload_empties_the_buckets_and_sets_it_removes() {
     ]);
     let s = MemoryStore::new();
     let first = with_b.reconcile(&s, "p", None, T0).unwrap();
-    assert_eq!((first.emptied, first.created), (0, 3));
+    assert_eq!((first.emptied, first.created), (0, 3 + 4));
     assert_eq!(burst(&with_b, &s, "/b", 2, 1, T0), 2);
     // Every set of the keyed table holds something.
     let table = with_b.keyed()[0].table().clone();
