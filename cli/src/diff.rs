@@ -552,11 +552,9 @@ fn diff_limits(old: &[LimitInfo], new: &[LimitInfo]) -> Vec<LimitChange> {
             Some(LimitChange {
                 tenant: k.0.to_string(),
                 name: k.1.clone(),
-                resets_state: match (o, n) {
-                    (Some(o), Some(n)) => o.key != n.key,
-                    (_, Some(_)) => true,
-                    _ => false,
-                },
+                // Other effective numbers: the bucket is reset in place
+                // (its stored stamp differs); a new limit starts full.
+                resets_state: n.is_some(),
                 old: oe,
                 new: ne,
             })
