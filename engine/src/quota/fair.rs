@@ -33,8 +33,10 @@
 //! The state lives in the parent's own bucket value (slots of
 //! [`Slot`], at most [`MAX_SLOTS`]), which every admission through the
 //! parent reads and writes anyway: no extra shared-data access. A refused
-//! request writes nothing (no leak), so the state changes only when a
-//! borrow is admitted (and when one is refunded).
+//! request charges nothing; it writes only when it was refused for want of
+//! tokens to borrow and its child is not yet known to be asking
+//! ([`Fair::ask`]: at most about twice a window per child), so a sibling
+//! that borrows rarely still gets its share.
 
 use super::Nanos;
 
@@ -42,6 +44,10 @@ use super::Nanos;
 /// time, the one that borrowed least recently is forgotten and starts level
 /// again when it next borrows.
 pub(crate) const MAX_SLOTS: usize = 8;
+
+/// How many times its request a refused child's need may grow to (see
+/// [`Fair::ask`]).
+pub(crate) const ASK_CAP: u64 = 4;
 
 /// One child that borrowed through the node recently.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -138,7 +144,9 @@ impl Fair {
             if s.child == child {
                 s.vt = s.vt.saturating_add(inc);
                 s.last = s.last.max(now);
-                s.need = need;
+                // A need raised by refusals (`ask`) stays while the child
+                // borrows (at most `ASK_CAP` times this borrow).
+                s.need = s.need.max(need).min(need.saturating_mul(ASK_CAP));
             }
         }
         let top = self.slots().iter().map(|s| s.vt).max().unwrap_or(0);
@@ -147,6 +155,49 @@ impl Fair {
             s.vt = s.vt.max(floor);
         }
         self.rebase();
+    }
+
+    /// Notes that `child` asked to borrow `need` tokens at `now` and found
+    /// none. A child that borrows rarely (little above its rate) would
+    /// otherwise never make the first borrow that puts it behind siblings
+    /// that take every token as it refills, and the reserve kept for it can
+    /// be spent by its siblings' guaranteed traffic (which charges the
+    /// parent too and never yields). So a child not borrowing now joins
+    /// level with the sibling furthest behind (every sibling ahead of it
+    /// leaves its need from then on), and one borrowing now has its need
+    /// raised by `need`, up to [`ASK_CAP`] times it, until its next borrow
+    /// sets it back. Returns whether anything changed; no slot is taken
+    /// from another child for it.
+    pub fn ask(&mut self, child: u32, need: u64, now: Nanos, window: u64) -> bool {
+        let before = self.slots.len();
+        self.retain(|s| Self::active(s.last, now, window));
+        let mut changed = self.slots.len() != before;
+        let low = self.slots().iter().map(|s| s.vt).min().unwrap_or(0);
+        match self.slots_mut().iter_mut().find(|s| s.child == child) {
+            Some(s) => {
+                let raised = s
+                    .need
+                    .saturating_add(need)
+                    .min(need.saturating_mul(ASK_CAP));
+                if raised > s.need || now >= s.last.saturating_add(window / 2) {
+                    s.last = s.last.max(now);
+                    s.need = s.need.max(raised);
+                    changed = true;
+                }
+            }
+            None => {
+                changed |= self.push(Slot {
+                    child,
+                    vt: low,
+                    last: now,
+                    need,
+                });
+            }
+        }
+        if changed {
+            self.rebase();
+        }
+        changed
     }
 
     /// Takes back `inc` of `child`'s virtual time (tokens it was charged
@@ -240,5 +291,36 @@ mod tests {
         assert_eq!(f.slots().len(), MAX_SLOTS);
         assert!(f.slots().iter().all(|s| s.child != 0), "{:?}", vts(&f));
         assert!(f.slots().iter().any(|s| s.child == 99));
+    }
+
+    #[test]
+    fn a_refused_child_is_known_and_its_need_raised() {
+        let mut f = Fair::default();
+        f.record(1, 10, 1, 0, W, 1000);
+        f.record(2, 5, 1, 0, W, 1000);
+        assert_eq!(vts(&f), vec![(1, 0), (2, 5)]);
+        // 3 asks and is refused: it joins level with the one furthest
+        // behind, so 2 (ahead of it) leaves its need.
+        assert!(f.ask(3, 1, 1, W));
+        assert_eq!(vts(&f), vec![(1, 0), (2, 5), (3, 0)]);
+        assert_eq!(f.reserve_for(2, 2, W), Some(1 + 1));
+        // Refused again: its need grows by the request, up to 4 times it.
+        for _ in 0..5 {
+            f.ask(3, 1, 2, W);
+        }
+        assert_eq!(f.slots()[2].need, ASK_CAP);
+        assert!(!f.ask(3, 1, 3, W), "nothing left to change");
+        assert_eq!(f.reserve_for(2, 3, W), Some(1 + ASK_CAP));
+        // Its borrows keep the raised need; its virtual time advances.
+        f.record(3, 2, 1, 4, W, 1000);
+        assert_eq!(f.slots()[2].need, ASK_CAP);
+        assert_eq!(vts(&f), vec![(1, 0), (2, 5), (3, 2)]);
+        // A full table takes no asking child.
+        let mut full = Fair::default();
+        for c in 0..MAX_SLOTS as u32 {
+            full.record(c, 1, 1, 0, W, 100);
+        }
+        assert!(!full.ask(99, 1, 1, W));
+        assert!(full.slots().iter().all(|s| s.child != 99));
     }
 }

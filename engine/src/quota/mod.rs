@@ -864,7 +864,8 @@ fn refund(limit: &Limit, charge: Charge, store: &dyn BucketStore) -> Result<(), 
 struct Step {
     decision: QuotaDecision,
     /// Every bucket's new value (aligned with `Plan::nodes`) when the request
-    /// was admitted with a cost; `None` means write nothing.
+    /// was admitted with a cost, or refused and noted as asking to borrow
+    /// (`charges` all zero); `None` means write nothing.
     new: Option<Vec<Bucket>>,
     /// What the new values charged, aligned with `new`.
     charges: Vec<Charge>,
@@ -1085,7 +1086,27 @@ fn decide(plan: &Plan, old: impl IntoIterator<Item = Bucket>, cost: u64, now: Na
         cost,
         limits,
     };
-    let new = (admitted && cost > 0).then_some(state);
+    // A refused request that wanted to borrow notes its child as asking at
+    // the nodes it tried to borrow through (see `Fair::ask`); written only
+    // when that changed something.
+    let mut asked = false;
+    if !admitted && cost > 0 {
+        for (c, w) in plan.chains.iter().zip(&walks) {
+            let Walk::Refused { at } = *w else { continue };
+            let nodes = c.of(&plan.nodes);
+            for (i, b) in c.of_mut(&mut state).iter_mut().enumerate() {
+                if !(1..=at).contains(&i) {
+                    continue;
+                }
+                if let Some((child, slot)) = nodes.get(i - 1).and_then(|l| l.slot.map(|s| (l, s))) {
+                    asked |= b
+                        .fair
+                        .ask(slot, cost, now, fair_window(child.params.per_ns));
+                }
+            }
+        }
+    }
+    let new = ((admitted && cost > 0) || asked).then_some(state);
     Step {
         decision,
         new,
