@@ -889,10 +889,10 @@ mod tests {
         // `/`'s spare goes to its borrowing children by their rates, 200:100:50
         // (the README reads these numbers: 286, 143 and 71 a second while
         // `/acme` does not borrow, 235, 118 and 59 while it does).
-        assert_eq!(counts(&v, "/globex").0, 16579, "{v}");
-        assert_eq!(counts(&v, "/public").0, 8551, "{v}");
-        assert_eq!(counts(&v, "/ops").0, 4108, "{v}");
-        assert_eq!(eu, 29760, "{v}");
+        assert_eq!(counts(&v, "/globex").0, 16601, "{v}");
+        assert_eq!(counts(&v, "/public").0, 8521, "{v}");
+        assert_eq!(counts(&v, "/ops").0, 4113, "{v}");
+        assert_eq!(eu, 29761, "{v}");
 
         // Globex's `per_key` (3 a minute per API key, a token every 20 s):
         // one key at 2 a second gets its 3 and the tokens of 20, 40, 60, 80
