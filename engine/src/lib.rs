@@ -15,6 +15,8 @@ pub mod quota;
 pub mod request;
 pub mod settings;
 pub mod tenant;
+#[cfg(test)]
+mod testing;
 
 pub use bundle::Bundle;
 pub use decision::{Decision, Outcome};

@@ -2,33 +2,20 @@
 
 use super::claims::base64url_decode;
 use super::*;
-use crate::bundle::{Bundle, BundleTenant, SourceFile, FORMAT};
+
 use crate::decision::Decision;
 use crate::decision::Outcome;
 use crate::engine::Engine;
 use crate::quota::MemoryStore;
 use crate::settings::{Audit, Settings};
 
-fn file(name: &str, text: &str) -> SourceFile {
-    SourceFile {
-        file: name.into(),
-        text: text.into(),
-    }
-}
+use crate::testing::{bundle, file, tenant as t};
 
 /// `/` (members read), `/acme` (limit 2 per minute), `/acme/eu`, `/globex`.
 fn engine(settings: Settings) -> Engine {
-    let t = |p: &str, config: Option<SourceFile>, policies: Vec<SourceFile>| BundleTenant {
-        path: TenantPath::parse(p).unwrap(),
-        config,
-        policies,
-    };
-    let mut b = Bundle {
-        format: FORMAT,
-        version: String::new(),
+    let b = bundle(
         settings,
-        schema: None,
-        tenants: vec![
+        vec![
             t(
                 "/",
                 None,
@@ -46,8 +33,7 @@ fn engine(settings: Settings) -> Engine {
             t("/acme/eu", None, vec![]),
             t("/globex", None, vec![]),
         ],
-    };
-    b.version = b.compute_version();
+    );
     Engine::new(&b).unwrap()
 }
 

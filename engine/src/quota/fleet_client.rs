@@ -295,11 +295,11 @@ fn refused(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bundle::{Bundle, BundleTenant, SourceFile, FORMAT};
     use crate::http::{HttpInput, NoMetadata};
     use crate::quota::rls_wire::{decode_response, Response, Status};
     use crate::quota::MemoryStore;
     use crate::settings::Settings;
+    use crate::testing::{bundle, file, tenant as t};
     use crate::{Engine, Request};
 
     const SEC: Nanos = 1_000_000_000;
@@ -307,15 +307,6 @@ mod tests {
     /// `/acme` has a local `rps` (rate 100) and a fleet `rpm` (rate 5 per
     /// minute); `/acme/eu` a fleet `rpm` of 3; everyone may read.
     fn engine(mode: FleetMode) -> Engine {
-        let file = |f: &str, t: &str| SourceFile {
-            file: f.into(),
-            text: t.into(),
-        };
-        let t = |p: &str, config: Option<SourceFile>, policies: Vec<SourceFile>| BundleTenant {
-            path: TenantPath::parse(p).unwrap(),
-            config,
-            policies,
-        };
         let settings = Settings {
             rate_limit_service: Some(RateLimitService {
                 mode,
@@ -325,12 +316,9 @@ mod tests {
             costs: [("POST".to_string(), 2)].into_iter().collect(),
             ..Settings::default()
         };
-        let mut b = Bundle {
-            format: FORMAT,
-            version: String::new(),
+        let b = bundle(
             settings,
-            schema: None,
-            tenants: vec![
+            vec![
                 t(
                     "/",
                     None,
@@ -357,8 +345,7 @@ mod tests {
                 ),
                 t("/globex", None, vec![]),
             ],
-        };
-        b.version = b.compute_version();
+        );
         Engine::new(&b).unwrap()
     }
 

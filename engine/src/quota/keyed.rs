@@ -715,29 +715,17 @@ mod tests {
 
 #[cfg(test)]
 mod engine_tests {
-    use crate::bundle::{Bundle, BundleTenant, SourceFile, FORMAT};
     use crate::http::{HttpInput, NoMetadata};
     use crate::quota::MemoryStore;
+    use crate::testing::{bundle, file, tenant as t};
     use crate::{Engine, Request, TenantPath};
 
     const SEC: u64 = 1_000_000_000;
 
     fn engine(acme_limits: &str) -> Result<Engine, String> {
-        let file = |f: &str, t: &str| SourceFile {
-            file: f.into(),
-            text: t.into(),
-        };
-        let t = |p: &str, config: Option<SourceFile>, policies: Vec<SourceFile>| BundleTenant {
-            path: TenantPath::parse(p).unwrap(),
-            config,
-            policies,
-        };
-        let mut b = Bundle {
-            format: FORMAT,
-            version: String::new(),
-            settings: crate::settings::Settings::default(),
-            schema: None,
-            tenants: vec![
+        let b = bundle(
+            crate::settings::Settings::default(),
+            vec![
                 t(
                     "/",
                     Some(file(
@@ -756,8 +744,7 @@ mod engine_tests {
                 ),
                 t("/acme/eu", None, vec![]),
             ],
-        };
-        b.version = b.compute_version();
+        );
         Engine::new(&b).map_err(|d| d.to_string())
     }
 
