@@ -1,7 +1,8 @@
 //! The quota step: random admissions (tenant, cost, time steps, including the
 //! clock going back) against the example tree's limits, with stored values
 //! replaced by garbage of three kinds: values that decode (the version tag
-//! and 40 arbitrary bytes, so any `tokens`, `ctokens` and `last`), real
+//! and 44 arbitrary bytes, so any stamp, `tokens`, `ctokens` and `last`; a
+//! stamp other than the limit's starts the bucket afresh), real
 //! values with a few bytes changed (near the states admission meets), and
 //! values that do not decode (wrong length or tag). Never panics; a value
 //! that decodes is never reported corrupt, and one that does not is an
@@ -15,9 +16,9 @@ use libfuzzer_sys::fuzz_target;
 use tenantgate_engine::quota::{BucketStore, MemoryStore, QuotaModel, StoreError};
 use tenantgate_engine::{Bundle, Engine, TenantPath};
 
-/// Length of a stored bucket: the version tag, `tokens` and `ctokens`
-/// (`i128`), `last` (`u64`).
-const VALUE_LEN: usize = 41;
+/// Length of a stored bucket: the version tag, the stamp of the limit's
+/// numbers (`u32`), `tokens` and `ctokens` (`i128`), `last` (`u64`).
+const VALUE_LEN: usize = 45;
 const TAG: u8 = 1;
 
 struct Model {
@@ -88,7 +89,7 @@ fuzz_target!(|data: &[u8]| {
                 now = now.saturating_sub(u64::from(input.byte()) * 100_000_000);
                 None
             }
-            // A value that decodes: the tag and 40 arbitrary bytes.
+            // A value that decodes: the tag and 44 arbitrary bytes.
             1 => {
                 let mut v = vec![TAG];
                 v.extend_from_slice(input.take(VALUE_LEN - 1));

@@ -30,10 +30,12 @@
 //! have admitted.
 
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::sync::Mutex;
 
 use super::{BucketStore, Plan};
 use super::{Charge, Nanos, QuotaDecision, QuotaModel, StoreError};
+use super::store::KeyHasher;
 use crate::tenant::TenantPath;
 
 /// Largest batch a lease takes.
@@ -47,7 +49,9 @@ pub const LEASE_TTL_NS: Nanos = 100_000_000;
 /// one VM; the mutex is never contended in Envoy (one thread per VM).
 #[derive(Debug, Default)]
 pub struct Leases {
-    state: Mutex<HashMap<Box<str>, PlanState>>,
+    /// By plan key (tenant paths of the bundle, not client input: the fast
+    /// hasher of the store).
+    state: Mutex<HashMap<Box<str>, PlanState, BuildHasherDefault<KeyHasher>>>,
     /// Leases charged so far.
     refills: std::sync::atomic::AtomicU64,
 }
