@@ -33,9 +33,9 @@ use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 use std::sync::Mutex;
 
+use super::store::KeyHasher;
 use super::{BucketStore, Plan};
 use super::{Charge, Nanos, QuotaDecision, QuotaModel, StoreError};
-use super::store::KeyHasher;
 use crate::tenant::TenantPath;
 
 /// Largest batch a lease takes.
