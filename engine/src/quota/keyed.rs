@@ -63,7 +63,11 @@ impl Fingerprint {
 
     /// The process's seed from the store, created (from `fresh`) if it is
     /// not there yet. Every VM reads it back after creating it, so all use
-    /// the value that was stored.
+    /// the value that was stored. Envoy has no create-if-absent (a set on a
+    /// missing key ignores compare-and-swap): two VMs that create it at the
+    /// same instant may each read back their own. The filter reads it at
+    /// configure time, where the main thread's VM comes first and creates
+    /// it before the workers' VMs start.
     pub fn from_store(store: &dyn BucketStore, fresh: [u8; 16]) -> Result<Fingerprint, StoreError> {
         for _ in 0..2 {
             if let Some((bytes, _)) = store.get(SEED_KEY)? {
