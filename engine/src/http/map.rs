@@ -42,7 +42,7 @@ impl Engine {
             .map_principal(input, meta, &tenant)
             .map_err(in_tenant)?;
         let headers = self.context_headers(input).map_err(in_tenant)?;
-        let key_headers = self.key_headers(input).map_err(in_tenant)?;
+        let key_headers = self.key_headers(input, &tenant).map_err(in_tenant)?;
         let claims = self.map_claims(input).map_err(in_tenant)?;
         let action = match &self.settings().grpc {
             Some(g) if method == "POST" && is_grpc(input) => Some(g.action(&path)),
@@ -152,13 +152,17 @@ impl Engine {
         Ok(headers)
     }
 
-    /// The headers keyed limits count by, when present (trimmed of optional
-    /// whitespace).
-    fn key_headers(&self, input: &HttpInput<'_>) -> Result<Vec<(String, String)>, String> {
+    /// The headers the keyed limits of `tenant` count by, when present
+    /// (trimmed of optional whitespace).
+    fn key_headers(
+        &self,
+        input: &HttpInput<'_>,
+        tenant: &TenantPath,
+    ) -> Result<Vec<(String, String)>, String> {
         let mut out = Vec::new();
-        for name in self.quotas().keyed_headers() {
+        for name in self.quotas().keyed_headers_for(tenant) {
             if let Some(v) = header(input, name)? {
-                out.push((name.clone(), trim_ows(v).to_string()));
+                out.push((name.to_string(), trim_ows(v).to_string()));
             }
         }
         Ok(out)

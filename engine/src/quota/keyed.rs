@@ -224,7 +224,7 @@ impl QuotaModel {
         self.keyed
             .iter()
             .enumerate()
-            .filter(move |(_, k)| tenant.is_within(&k.limit.node))
+            .filter(move |(_, k)| k.applies_to(tenant))
     }
 
     /// Every keyed limit of the bundle, parents first.
@@ -232,9 +232,20 @@ impl QuotaModel {
         &self.keyed
     }
 
-    /// The request headers keyed limits read (lower case).
-    pub fn keyed_headers(&self) -> &[String] {
-        &self.keyed_headers
+    /// The headers the keyed limits that apply to requests to `tenant`
+    /// count by, each once: a request to a tenant without a keyed limit
+    /// reads none.
+    pub fn keyed_headers_for<'a>(
+        &'a self,
+        tenant: &'a TenantPath,
+    ) -> impl Iterator<Item = &'a str> + 'a {
+        self.keyed_headers
+            .iter()
+            .filter(move |h| {
+                self.keyed_for(tenant)
+                    .any(|(_, k)| matches!(&k.spec().source, KeySource::Header(name) if name == *h))
+            })
+            .map(String::as_str)
     }
 
     /// Admission against the keyed limits of `tenant`: all of them or none.
