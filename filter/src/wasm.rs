@@ -495,7 +495,7 @@ impl RootContext for Root {
 struct Http {
     loaded: Option<Rc<Loaded>>,
     /// Headers to add to the response (RateLimit fields on allowed requests).
-    response_headers: Vec<(String, String)>,
+    response_headers: Vec<(&'static str, String)>,
     /// The request waits for the rate limit service.
     pending: Option<Pending>,
 }
@@ -696,7 +696,7 @@ impl HttpContext for Http {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         for (k, v) in self.response_headers.drain(..) {
-            let _ = ffi::add_header(ffi::MAP_RESPONSE_HEADERS, &k, &v);
+            let _ = ffi::add_header(ffi::MAP_RESPONSE_HEADERS, k, &v);
         }
         Action::Continue
     }

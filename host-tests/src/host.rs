@@ -27,6 +27,10 @@ fn engine() -> Result<Engine> {
     }
     let mut config = Config::new();
     config.cranelift_opt_level(OptLevel::Speed);
+    // `perf record` can name the module's functions (scripts/profile-wasm.sh).
+    if std::env::var_os("TENANTGATE_HOST_PERFMAP").is_some() {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     let engine = Engine::new(&config)?;
     Ok(ENGINE.get_or_init(|| engine).clone())
 }

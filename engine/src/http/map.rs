@@ -321,10 +321,39 @@ impl Engine {
 
 /// The IP of `host:port`, `[v6]:port` or a bare address.
 fn ip_of(addr: &str) -> Option<String> {
+    // The common case, `a.b.c.d:port`: the address as written is the
+    // canonical text (the parser refuses leading zeros), so it is copied
+    // rather than formatted again.
+    if let Some((ip, port)) = addr.rsplit_once(':') {
+        if port.parse::<u16>().is_ok() && ip.parse::<std::net::Ipv4Addr>().is_ok() {
+            return Some(ip.to_string());
+        }
+    }
     if let Ok(sa) = addr.parse::<std::net::SocketAddr>() {
         return Some(sa.ip().to_string());
     }
     addr.parse::<std::net::IpAddr>()
         .ok()
         .map(|ip| ip.to_string())
+}
+
+#[cfg(test)]
+mod ip_tests {
+    use super::ip_of;
+
+    #[test]
+    fn source_ips_come_out_in_canonical_form() {
+        for (addr, want) in [
+            ("10.0.0.7:40000", Some("10.0.0.7")),
+            ("10.0.0.7", Some("10.0.0.7")),
+            ("[::1]:8080", Some("::1")),
+            ("[2001:db8:0:0::1]:1", Some("2001:db8::1")),
+            ("::ffff:10.0.0.1", Some("::ffff:10.0.0.1")),
+            ("010.0.0.7:80", None),
+            ("10.0.0.7:99999", None),
+            ("not an address", None),
+        ] {
+            assert_eq!(ip_of(addr).as_deref(), want, "{addr}");
+        }
+    }
 }

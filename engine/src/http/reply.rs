@@ -60,7 +60,7 @@ impl Engine {
                 let retry = q.map(|q| q.retry_after_s).unwrap_or(1);
                 headers.push(("retry-after".into(), retry.to_string()));
                 if let Some(q) = q {
-                    push_ratelimit_fields(&mut headers, q);
+                    headers.extend(ratelimit_fields(q).map(|(k, v)| (k.to_string(), v)));
                 }
                 serde_json::json!({
                     "error": "quota_exceeded",
@@ -101,7 +101,7 @@ impl Engine {
 
     /// Headers added to the response of an allowed request (the RateLimit
     /// fields, when the bundle asks for them).
-    pub fn allow_response_headers(&self, decision: &Decision) -> Vec<(String, String)> {
+    pub fn allow_response_headers(&self, decision: &Decision) -> Vec<(&'static str, String)> {
         use crate::settings::HeadersOnAllow;
         let mut out = Vec::new();
         let Some(q) = decision.quota.as_ref().filter(|_| decision.is_allowed()) else {
@@ -113,20 +113,19 @@ impl Engine {
             HeadersOnAllow::NearLimit => q.near_limit(self.settings().near_limit_ratio.0),
         };
         if send {
-            push_ratelimit_fields(&mut out, q);
+            out.extend(ratelimit_fields(q));
         }
         out
     }
 }
 
 /// The RateLimit fields of a quota decision, when a limit applies.
-fn push_ratelimit_fields(headers: &mut Vec<(String, String)>, q: &crate::quota::QuotaDecision) {
-    if let Some(p) = q.ratelimit_policy() {
-        headers.push(("ratelimit-policy".into(), p));
-    }
-    if let Some(r) = q.ratelimit() {
-        headers.push(("ratelimit".into(), r));
-    }
+fn ratelimit_fields(
+    q: &crate::quota::QuotaDecision,
+) -> impl Iterator<Item = (&'static str, String)> {
+    let policy = q.ratelimit_policy().map(|p| ("ratelimit-policy", p));
+    let state = q.ratelimit().map(|r| ("ratelimit", r));
+    policy.into_iter().chain(state)
 }
 
 /// The gRPC status for a local reply's HTTP status (what Envoy's own

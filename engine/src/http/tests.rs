@@ -459,7 +459,7 @@ fn ratelimit_headers_on_allow_only_when_asked() {
     let h = e.allow_response_headers(&d);
     assert!(
         h.iter()
-            .any(|(k, v)| k == "ratelimit-policy" && v.contains("q=2")),
+            .any(|(k, v)| *k == "ratelimit-policy" && v.contains("q=2")),
         "{h:?}"
     );
     assert_eq!(Outcome::Allow, d.decision);
@@ -612,11 +612,8 @@ fn near_limit_headers_only_below_the_ratio() {
     assert_eq!(
         h,
         [
-            (
-                "ratelimit-policy".to_string(),
-                "\"rpm\";q=2;w=60".to_string()
-            ),
-            ("ratelimit".to_string(), "\"rpm\";r=0;t=60".to_string())
+            ("ratelimit-policy", "\"rpm\";q=2;w=60".to_string()),
+            ("ratelimit", "\"rpm\";r=0;t=60".to_string())
         ]
     );
 }

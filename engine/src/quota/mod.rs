@@ -349,7 +349,6 @@ impl QuotaDecision {
     /// cost; a cost above 1 is given as `tenantgate-cost`. `None` when no
     /// limit applies.
     pub fn ratelimit_policy(&self) -> Option<String> {
-        use std::fmt::Write as _;
         if self.limits.is_empty() {
             return None;
         }
@@ -359,9 +358,14 @@ impl QuotaDecision {
             if !out.is_empty() {
                 out.push_str(", ");
             }
-            let _ = write!(out, "\"{}\";q={};w={}", l.name, l.rate / cost, l.window_s);
+            push_name(&mut out, &l.name);
+            out.push_str(";q=");
+            push_u64(&mut out, l.rate / cost);
+            out.push_str(";w=");
+            push_u64(&mut out, l.window_s);
             if cost > 1 {
-                let _ = write!(out, ";tenantgate-cost={cost}");
+                out.push_str(";tenantgate-cost=");
+                push_u64(&mut out, cost);
             }
         }
         Some(out)
@@ -371,7 +375,6 @@ impl QuotaDecision {
     /// requests of this cost that could pass now (never above `q`) and `t` the
     /// seconds until `r` is back to `q`. `None` when no limit applies.
     pub fn ratelimit(&self) -> Option<String> {
-        use std::fmt::Write as _;
         if self.limits.is_empty() {
             return None;
         }
@@ -382,8 +385,11 @@ impl QuotaDecision {
                 out.push_str(", ");
             }
             let q = l.rate / cost;
-            let r = (l.remaining / cost).min(q);
-            let _ = write!(out, "\"{}\";r={r};t={}", l.name, l.reset_s);
+            push_name(&mut out, &l.name);
+            out.push_str(";r=");
+            push_u64(&mut out, (l.remaining / cost).min(q));
+            out.push_str(";t=");
+            push_u64(&mut out, l.reset_s);
         }
         Some(out)
     }
@@ -392,6 +398,34 @@ impl QuotaDecision {
     /// (after this request's charge).
     pub fn near_limit(&self, ratio: f64) -> bool {
         self.limits.iter().any(|l| l.near_limit(ratio))
+    }
+}
+
+/// A limit name as an RFC 8941 string item: `"rps"` (names are validated
+/// to plain tokens, so nothing needs escaping).
+fn push_name(out: &mut String, name: &str) {
+    out.push('"');
+    out.push_str(name);
+    out.push('"');
+}
+
+/// Appends `n` in decimal. The RateLimit fields are built for every allowed
+/// request that asks for them; this skips the formatting machinery, which
+/// costs several times more in the Wasm build.
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // ASCII digits: always valid UTF-8.
+    if let Ok(digits) = std::str::from_utf8(&buf[i..]) {
+        out.push_str(digits);
     }
 }
 

@@ -888,3 +888,12 @@ fn create_buckets_creates_only_the_missing_ones() {
     );
     assert_eq!(s.snapshot(), before);
 }
+
+#[test]
+fn ratelimit_numbers_are_written_in_decimal() {
+    for n in [0u64, 7, 10, 99, 1_000_000, u64::MAX] {
+        let mut out = String::from("r=");
+        super::push_u64(&mut out, n);
+        assert_eq!(out, format!("r={n}"));
+    }
+}
