@@ -414,17 +414,17 @@ fn push_name(out: &mut String, name: &str) {
 /// costs several times more in the Wasm build.
 fn push_u64(out: &mut String, mut n: u64) {
     let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
+    let mut len = 0;
+    for slot in buf.iter_mut().rev() {
+        *slot = b'0' + (n % 10) as u8;
+        len += 1;
         n /= 10;
         if n == 0 {
             break;
         }
     }
     // ASCII digits: always valid UTF-8.
-    if let Ok(digits) = std::str::from_utf8(&buf[i..]) {
+    if let Some(Ok(digits)) = buf.get(buf.len() - len..).map(std::str::from_utf8) {
         out.push_str(digits);
     }
 }
