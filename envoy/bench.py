@@ -32,6 +32,15 @@ one kind per request (`time`, `metric`, `add_header`, `set_shared`,
 makes). The cost of one call is (1/rps(k_kind) - 1/rps(wasm_floor)) / K,
 reported as `call_us_<kind>` beside the ratios.
 
+Capability restriction (configs c_cap and d_cap, run only when named in
+BENCH_ONLY): the floor and tenantgate with Envoy's
+`capability_restriction_config` allowing only the callbacks a header filter
+needs (Envoy then skips entering the VM for the response body and `on_log`).
+
+Stages (configs s_early, s_map, s_decide, when BENCH_STAGE_DIR holds the
+measuring builds of envoy/bench_stages.sh): tenantgate stopping each request
+after one stage, reported as microseconds per request over the floor.
+
 Environment: BENCH_ROUNDS (3), BENCH_DURATION seconds (10), BENCH_WARMUP (2),
 BENCH_CONNECTIONS (32), BENCH_ONLY (e.g. "a,d" or "c,d,k_time"),
 BENCH_CALIBRATE (1: add the k_ configs; 0: leave them out), BENCH_CALLS (K, 8).
@@ -57,7 +66,10 @@ AUDIT = os.environ.get("BENCH_AUDIT", "deny")
 ENVOY_CPU, WRK_CPU = "0", "1"
 
 NAMES = {"a": "baseline", "b": "native", "c": "wasm_floor", "d": "tenantgate", "e": "tenantgate_large",
-         "f": "tenantgate_nolimits", "g": "tenantgate_fleet"}
+         "f": "tenantgate_nolimits", "g": "tenantgate_fleet",
+         "c_cap": "wasm_floor_restricted", "d_cap": "tenantgate_restricted",
+         "s_early": "stage_early", "s_map": "stage_map", "s_decide": "stage_decide"}
+STAGES = ["early", "map", "decide"]
 CALL_KINDS = ["time", "metric", "add_header", "set_shared", "get_header", "get_shared", "property", "header_map"]
 CALIBRATE = os.environ.get("BENCH_CALIBRATE", "1") != "0"
 CALLS = int(os.environ.get("BENCH_CALLS", "8"))
@@ -68,9 +80,80 @@ ACME = {"x-tenant": "/acme/eu", "x-user": "alice", "x-user-tenant": "/acme/eu"}
 LARGE = {"x-tenant": "/o07/u4/t3", "x-user": "dev-o07-u4-t3", "x-user-tenant": "/o07/u4/t3"}
 
 
-def wasm_filter(name, wasm, configuration):
+def wasm_filter(name, wasm, configuration, restricted=False):
     cfg = h.wasm_filter_config(configuration, wasm, name)
+    if restricted:
+        cfg["config"]["capability_restriction_config"] = capability_restriction(wasm)
     return {"name": "envoy.filters.http.wasm", "typed_config": cfg}
+
+
+# The callbacks a filter needs from Envoy when it reads and changes request
+# and response headers, pauses for request bodies and trailers, makes gRPC
+# calls and keeps per-stream state until `on_delete`. Left out: the response
+# body and trailers, `on_log`, metadata, network and HTTP-call callbacks.
+NEEDED_EXPORTS = [
+    "proxy_abi_version_0_2_1", "_initialize", "proxy_on_memory_allocate", "proxy_on_vm_start",
+    "proxy_on_configure", "proxy_on_tick", "proxy_on_context_create", "proxy_on_request_headers",
+    "proxy_on_request_body", "proxy_on_request_trailers", "proxy_on_response_headers", "proxy_on_done",
+    "proxy_on_delete", "proxy_on_grpc_receive", "proxy_on_grpc_close",
+    "proxy_on_grpc_receive_initial_metadata", "proxy_on_grpc_receive_trailing_metadata",
+]
+
+
+def capability_restriction(wasm):
+    """Envoy's `capability_restriction_config` allowing every host function the
+    module imports and only the callbacks in NEEDED_EXPORTS: Envoy does not
+    enter the VM for a callback that is not allowed."""
+    return {"allowed_capabilities": {name: {} for name in wasm_imports(wasm) + NEEDED_EXPORTS}}
+
+
+def wasm_imports(path):
+    """Names of the functions a Wasm module imports (its import section)."""
+    data = Path(path).read_bytes()
+
+    def leb(i):
+        value, shift = 0, 0
+        while True:
+            byte = data[i]
+            i += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value, i
+
+    def name(i):
+        n, i = leb(i)
+        return data[i:i + n].decode(), i + n
+
+    i, names = 8, []
+    while i < len(data):
+        section, size = data[i], None
+        size, i = leb(i + 1)
+        if section == 2:
+            count, j = leb(i)
+            for _ in range(count):
+                _module, j = name(j)
+                field, j = name(j)
+                kind = data[j]
+                j += 1
+                if kind == 0:  # function: type index
+                    _, j = leb(j)
+                    names.append(field)
+                elif kind == 1:  # table: element type, limits
+                    flags, j = leb(j + 1)
+                    _, j = leb(j)
+                    if flags & 1:
+                        _, j = leb(j)
+                elif kind == 2:  # memory: limits
+                    flags, j = leb(j)
+                    _, j = leb(j)
+                    if flags & 1:
+                        _, j = leb(j)
+                elif kind == 3:  # global: value type, mutability
+                    j += 2
+            return names
+        i += size
+    return names
 
 
 def native_filters():
@@ -298,6 +381,12 @@ def main():
         "f": ([wasm_filter("tenantgate", wasm, nolimits)], "/orders/1", ACME),
         "g": ([wasm_filter("tenantgate", wasm, fleet)], "/orders/1", ACME, fleet_path),
     }
+    setups["c_cap"] = ([wasm_filter("noop", noop, "", restricted=True)], "/orders/1", ACME)
+    setups["d_cap"] = ([wasm_filter("tenantgate", wasm, small, restricted=True)], "/orders/1", ACME)
+    stage_dir = os.environ.get("BENCH_STAGE_DIR")
+    for stage in STAGES if stage_dir else []:
+        stage_wasm = Path(stage_dir) / f"tenantgate-{stage}.wasm"
+        setups[f"s_{stage}"] = ([wasm_filter("tenantgate", stage_wasm, small)], "/orders/1", ACME)
     if CALIBRATE:
         for kind in CALL_KINDS:
             setups[f"k_{kind}"] = ([wasm_filter("noop", noop, f"{kind}:{CALLS}")], "/orders/1", ACME)
@@ -306,7 +395,8 @@ def main():
         print(f"bench: WARNING: load average {load:.2f} before the run: other processes share the 2 CPUs, "
               "expect noisy numbers (compare ratios of the same round)", file=sys.stderr)
     only = os.environ.get("BENCH_ONLY")
-    keys = [k for k in setups if not only or k in only.split(",")]
+    optional = {"c_cap", "d_cap"}  # run when named in BENCH_ONLY
+    keys = [k for k in setups if (k in only.split(",") if only else k not in optional)]
     print(f"bench: {ROUNDS} rounds x {len(keys)} configs, wrk -t1 -c{CONNECTIONS} -d{DURATION}s "
           f"(+{WARMUP}s warm-up), Envoy --concurrency 1 on CPU {ENVOY_CPU}, wrk on CPU {WRK_CPU}", file=sys.stderr)
     results = {k: [] for k in keys}
@@ -349,6 +439,12 @@ def main():
         "tenantgate_large/tenantgate (target >= 0.95)": ratio("tenantgate_large", "tenantgate"),
         "tenantgate_nolimits/wasm_floor (policy part only)": ratio("tenantgate_nolimits", "wasm_floor"),
         "tenantgate_fleet/tenantgate (a per_request fleet check)": ratio("tenantgate_fleet", "tenantgate"),
+        "wasm_floor_restricted/wasm_floor (capability restriction on the floor)":
+            ratio("wasm_floor_restricted", "wasm_floor"),
+        "tenantgate_restricted/wasm_floor_restricted (both restricted)":
+            ratio("tenantgate_restricted", "wasm_floor_restricted"),
+        "tenantgate_restricted/tenantgate (capability restriction on tenantgate)":
+            ratio("tenantgate_restricted", "tenantgate"),
     }
     for name, value in ratios.items():
         if value is not None:
@@ -361,6 +457,13 @@ def main():
                 cost = (1e6 / rps - floor_us) / CALLS
                 summary[f"call_us_{kind}"] = round(cost, 3)
                 print(f"  one `{kind}` call: {cost:.3f} us", file=sys.stderr)
+    if "wasm_floor_rps" in summary:
+        # Where the time of a request goes: each stage's microseconds over the
+        # floor (measuring builds of envoy/bench_stages.sh), then the whole.
+        for name in [f"stage_{st}" for st in STAGES] + ["tenantgate"]:
+            rps = summary.get(f"{name}_rps")
+            if rps:
+                summary[f"{name}_us_over_floor"] = round(1e6 / rps - 1e6 / summary["wasm_floor_rps"], 2)
     summary["ratio_tenantgate_over_wasm_floor"] = ratios["tenantgate/wasm_floor (target >= 0.90)"]
     summary["ratio_large_over_tenantgate"] = ratios["tenantgate_large/tenantgate (target >= 0.95)"]
     summary.update({"rounds": ROUNDS, "duration_s": DURATION, "connections": CONNECTIONS, "audit": AUDIT,

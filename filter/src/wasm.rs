@@ -127,6 +127,17 @@ impl Metrics {
     }
 }
 
+/// A measuring build (`envoy/bench_stages.sh`) stops a request after one
+/// stage and lets it through: `early` (before any work), `map` (headers
+/// read and mapped) or `decide` (policy and quota decided, nothing sent).
+/// Unset in every other build, where the checks fold away.
+const BENCH_STAGE: Option<&str> = option_env!("TENANTGATE_BENCH_STAGE");
+
+/// True in a measuring build that stops at `stage`.
+fn stops_at(stage: &str) -> bool {
+    matches!(BENCH_STAGE, Some(s) if s.as_bytes() == stage.as_bytes())
+}
+
 /// Reads the host's log level: audit lines are only built when `info` lines are kept.
 fn refresh_log_level() {
     if let Ok(level) = ffi::log_level() {
@@ -608,6 +619,9 @@ impl HttpContext for Http {
             return self.deny(None, &d, None, None, None);
         };
         let engine = &loaded.engine;
+        if stops_at("early") {
+            return Action::Continue;
+        }
         let start = ffi::now_ns().unwrap_or(0);
         let map = ffi::header_map(ffi::MAP_REQUEST_HEADERS);
         let headers = match map.as_ref().map(ffi::HeaderMap::pairs) {
@@ -642,7 +656,14 @@ impl HttpContext for Http {
         };
         match engine.map_request(&input, &HostMetadata) {
             Ok(m) => {
+                if stops_at("map") {
+                    return Action::Continue;
+                }
                 let (decision, refund) = engine.decide_refundable(&m.request, &SharedData);
+                if stops_at("decide") {
+                    std::hint::black_box((&decision, &refund));
+                    return Action::Continue;
+                }
                 if decision.is_allowed() {
                     if let Some(call) = engine.fleet_check(&m.request) {
                         return self.check_fleet(&loaded, call, decision, m, refund, start);
