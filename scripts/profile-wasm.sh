@@ -20,6 +20,7 @@ CARGO_PROFILE_RELEASE_STRIP=false cargo build -q -p tenantgate-filter --target w
   --target-dir "$out/build"
 wasm="$out/build/wasm32-wasip1/release/tenantgate_filter.wasm"
 cargo build -q --release -p tenantgate-host-tests --example wasm_request_loop
+rm -rf "$out/tree-bundle"
 python3 - "$out" <<'PY'
 import sys
 from pathlib import Path

@@ -258,7 +258,7 @@ impl DecisionSummary {
         DecisionSummary {
             decision: outcome(d.decision),
             status: d.status,
-            reasons: d.reasons.clone(),
+            reasons: d.reasons.to_vec(),
             errors: d.errors.clone(),
         }
     }

@@ -1,6 +1,7 @@
 //! A decision is a value: allow or deny, the HTTP status, what determined it.
 
 use serde::Serialize;
+use std::sync::Arc;
 
 use crate::quota::QuotaDecision;
 use crate::settings::Mode;
@@ -35,6 +36,12 @@ pub enum TenantCounter {
     Denied,
 }
 
+/// The empty reason list, shared (decisions without reasons allocate none).
+fn no_reasons() -> Arc<[String]> {
+    static EMPTY: std::sync::OnceLock<Arc<[String]>> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(|| Arc::from(Vec::new())).clone()
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Decision {
     pub decision: Outcome,
@@ -43,8 +50,8 @@ pub struct Decision {
     pub kind: Kind,
     /// Ids of the policies that determined the decision (satisfied permits for
     /// an allow; satisfied forbids or erroring policies for a deny; empty for a
-    /// default deny).
-    pub reasons: Vec<String>,
+    /// default deny). Shared: a decision cache hit hands out the same list.
+    pub reasons: Arc<[String]>,
     /// Evaluation errors and other problems, as readable messages.
     pub errors: Vec<String>,
     /// The quota part, when limits apply and the policies allowed the request.
@@ -57,7 +64,7 @@ impl Decision {
             decision: Outcome::Allow,
             status: 200,
             kind: Kind::Allowed,
-            reasons,
+            reasons: reasons.into(),
             errors,
             quota: None,
         }
@@ -68,7 +75,7 @@ impl Decision {
             decision: Outcome::Deny,
             status: 403,
             kind: Kind::Forbidden,
-            reasons,
+            reasons: reasons.into(),
             errors,
             quota: None,
         }
@@ -79,7 +86,7 @@ impl Decision {
             decision: Outcome::Deny,
             status: 400,
             kind: Kind::BadRequest,
-            reasons: Vec::new(),
+            reasons: no_reasons(),
             errors: vec![message.into()],
             quota: None,
         }
@@ -96,7 +103,7 @@ impl Decision {
             decision,
             status,
             kind: Kind::Error,
-            reasons: Vec::new(),
+            reasons: no_reasons(),
             errors: vec![message.into()],
             quota: None,
         }
@@ -108,7 +115,7 @@ impl Decision {
             decision: Outcome::Deny,
             status: 429,
             kind: Kind::QuotaExceeded,
-            reasons: Vec::new(),
+            reasons: no_reasons(),
             errors: Vec::new(),
             quota: Some(q),
         }

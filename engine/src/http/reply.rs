@@ -85,7 +85,7 @@ impl Engine {
                 let mut body = serde_json::json!({ "error": "forbidden", "tenant": tenant_json, "request_id": rid, "decision_id": did });
                 if settings.expose_reasons {
                     if let Some(obj) = body.as_object_mut() {
-                        obj.insert("reasons".into(), decision.reasons.clone().into());
+                        obj.insert("reasons".into(), decision.reasons.to_vec().into());
                     }
                 }
                 body
