@@ -127,7 +127,7 @@ def wasm_imports(path):
 
     i, names = 8, []
     while i < len(data):
-        section, size = data[i], None
+        section = data[i]
         size, i = leb(i + 1)
         if section == 2:
             count, j = leb(i)

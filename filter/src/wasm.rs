@@ -135,7 +135,7 @@ const BENCH_STAGE: Option<&str> = option_env!("TENANTGATE_BENCH_STAGE");
 
 /// True in a measuring build that stops at `stage`.
 fn stops_at(stage: &str) -> bool {
-    matches!(BENCH_STAGE, Some(s) if s.as_bytes() == stage.as_bytes())
+    BENCH_STAGE == Some(stage)
 }
 
 /// Reads the host's log level: audit lines are only built when `info` lines are kept.

@@ -1124,19 +1124,22 @@ fn decide(plan: &Plan, old: impl IntoIterator<Item = Bucket>, cost: u64, now: Na
     // the nodes it tried to borrow through (see `Fair::ask`); written only
     // when that changed something.
     let mut asked = false;
-    if !admitted && cost > 0 {
-        for (c, w) in plan.chains.iter().zip(&walks) {
-            let Walk::Refused { at } = *w else { continue };
-            let nodes = c.of(&plan.nodes);
-            for (i, b) in c.of_mut(&mut state).iter_mut().enumerate() {
-                if !(1..=at).contains(&i) {
-                    continue;
-                }
-                if let Some((child, slot)) = nodes.get(i - 1).and_then(|l| l.slot.map(|s| (l, s))) {
-                    asked |= b
-                        .fair
-                        .ask(slot, cost, now, fair_window(child.params.per_ns));
-                }
+    let refusals = plan
+        .chains
+        .iter()
+        .zip(&walks)
+        .filter_map(|(c, w)| match *w {
+            Walk::Refused { at } if !admitted && cost > 0 => Some((c, at)),
+            _ => None,
+        });
+    for (c, at) in refusals {
+        // Node `i` (1..=at) was asked to lend to its child, node `i - 1`.
+        let (nodes, buckets) = (c.of(&plan.nodes), c.of_mut(&mut state));
+        for (child, b) in nodes.iter().zip(buckets.iter_mut().skip(1)).take(at) {
+            if let Some(slot) = child.slot {
+                asked |= b
+                    .fair
+                    .ask(slot, cost, now, fair_window(child.params.per_ns));
             }
         }
     }
