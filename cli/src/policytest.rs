@@ -4,7 +4,9 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use serde::Deserialize;
-use tenantgate_engine::{Decision, Engine, Outcome};
+use std::sync::Arc;
+
+use tenantgate_engine::{Decision, Engine, Outcome, Worker};
 
 use crate::RequestArgs;
 
@@ -118,7 +120,7 @@ fn strip_location(msg: &str) -> &str {
 }
 
 /// Runs one test; `Err` says what differed.
-pub fn run(engine: &Engine, test: &PolicyTest) -> Result<Decision, String> {
+pub fn run(engine: &Arc<Engine>, test: &PolicyTest) -> Result<Decision, String> {
     let decision = decide_at(engine, test, crate::now_ns())?;
     check(test, &decision)?;
     Ok(decision)
@@ -126,15 +128,16 @@ pub fn run(engine: &Engine, test: &PolicyTest) -> Result<Decision, String> {
 
 /// The decision a test's expectation is about: its request at `now`, sent
 /// `repeat` times against one fresh set of quota buckets.
-pub fn decide_at(engine: &Engine, test: &PolicyTest, now: u64) -> Result<Decision, String> {
+pub fn decide_at(engine: &Arc<Engine>, test: &PolicyTest, now: u64) -> Result<Decision, String> {
     let n = test.repeat.unwrap_or(1);
     if !(1..=MAX_REPEAT).contains(&n) {
         return Err(format!("`repeat` must be from 1 to {MAX_REPEAT}, got {n}"));
     }
     let store = tenantgate_engine::quota::MemoryStore::new();
+    let worker = Worker::new(Arc::clone(engine));
     let mut last = None;
     for _ in 0..n {
-        last = Some(engine.check_decision(&test.request, now, Some(&store))?.0);
+        last = Some(worker.check(&test.request, now, Some(&store))?.decision);
     }
     last.ok_or_else(|| "no request was sent".to_string())
 }

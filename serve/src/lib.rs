@@ -18,11 +18,11 @@ pub mod http;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tenantgate_engine::http::DecisionIds;
-use tenantgate_engine::{Bundle, Diagnostics, Engine};
+use tenantgate_engine::flow::LogLine;
+use tenantgate_engine::{Bundle, Diagnostics, Engine, Worker};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
@@ -83,26 +83,36 @@ pub fn load(source: &Path) -> Result<Engine, String> {
     Engine::new(&bundle).map_err(|d| shown(&d))
 }
 
-/// What both front ends share: the engine now serving and where it came from.
+/// What both front ends share: the bundle now serving (one worker: its
+/// decision cache and decision ids serve every request) and where it came
+/// from.
 pub struct State {
     source: PathBuf,
-    engine: watch::Sender<Arc<Engine>>,
-    ids: Mutex<DecisionIds>,
+    worker: watch::Sender<Arc<Worker>>,
+}
+
+/// A worker over `engine` whose decisions get ids.
+fn worker(engine: Engine) -> Worker {
+    let seed = now_ns() ^ u64::from(std::process::id()).rotate_left(32);
+    Worker::with_ids(Arc::new(engine), seed)
 }
 
 impl State {
     pub fn new(source: PathBuf, engine: Engine) -> State {
-        let seed = now_ns() ^ u64::from(std::process::id()).rotate_left(32);
         State {
             source,
-            engine: watch::Sender::new(Arc::new(engine)),
-            ids: Mutex::new(DecisionIds::new(seed)),
+            worker: watch::Sender::new(Arc::new(worker(engine))),
         }
     }
 
-    /// The engine serving now (a reload does not affect decisions under way).
+    /// The bundle serving now (a reload does not affect decisions under way).
     pub fn engine(&self) -> Arc<Engine> {
-        Arc::clone(&self.engine.borrow())
+        self.worker.borrow().engine_arc()
+    }
+
+    /// The worker serving now.
+    pub fn worker(&self) -> Arc<Worker> {
+        Arc::clone(&self.worker.borrow())
     }
 
     /// Loads the source again. On success the new bundle serves from the next
@@ -111,25 +121,17 @@ impl State {
     pub fn reload(&self) -> Result<String, String> {
         let engine = load(&self.source)?;
         let version = engine.version().to_string();
-        self.engine.send_replace(Arc::new(engine));
+        self.worker.send_replace(Arc::new(worker(engine)));
         Ok(version)
     }
 
-    /// A fresh decision id (for replies and audit lines).
-    pub(crate) fn next_id(&self) -> String {
-        match self.ids.lock() {
-            Ok(ids) => ids.next_id(),
-            Err(poisoned) => poisoned.into_inner().next_id(),
-        }
-    }
-
-    /// Writes the audit line of a decision to standard output, when the
-    /// bundle's `audit` setting asks for one.
-    pub(crate) fn audit(&self, line: Option<String>) {
-        if let Some(line) = line {
-            use std::io::Write;
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{line}");
+    /// Writes a decision's log lines (its audit line, when the bundle's
+    /// `audit` setting asks for one) to standard output.
+    pub(crate) fn audit(&self, lines: &[LogLine]) {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        for l in lines {
+            let _ = writeln!(out, "{}", l.text);
         }
     }
 }
