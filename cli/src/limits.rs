@@ -15,7 +15,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 
-use tenantgate_engine::quota::fleet::{FleetLimit, FleetLimits};
+use tenantgate_engine::fleet::{FleetLimit, FleetLimits};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {

@@ -15,6 +15,7 @@ use crate::bundle::{json_error, Bundle, BundleTenant, SourceFile, TenantConfig};
 use crate::diag::{locate_json_key, Diagnostic, Diagnostics};
 use crate::engine::{CompiledPolicy, Engine, PolicyInfo, TenantMap, TenantNode};
 use crate::entities::{json_to_expr, Types};
+use crate::fleet::FleetLimits;
 use crate::quota::{LimitsInput, QuotaModel};
 use crate::tenant::TenantPath;
 
@@ -40,7 +41,7 @@ impl Engine {
             .map_err(|m| Diagnostic::new("bundle", m))?;
         let (tenants, policy_count) =
             effective_sets(&configs, &attached, &entities, &actions, &mut errors);
-        let quotas = quota_model(&configs, &mut errors);
+        let (quotas, fleet) = limits(&configs, &mut errors);
         if !errors.is_empty() {
             return Err(Diagnostics(errors));
         }
@@ -58,6 +59,7 @@ impl Engine {
             tenants,
             authorizer: Authorizer::new(),
             quotas,
+            fleet,
             policy_count,
             cache_shape: crate::cache::KeyShape::from_texts(policy_texts()),
             uses_source_ip: policy_texts().any(|t| t.contains("source_ip")),
@@ -298,8 +300,9 @@ fn effective_sets(
     (tenants, policy_count)
 }
 
-/// The hierarchical quotas of every `tenant.json` that declares limits.
-fn quota_model(configs: &[Config<'_>], errors: &mut Vec<Diagnostic>) -> QuotaModel {
+/// The limits of every `tenant.json` that declares some: the local ones as
+/// hierarchical token buckets, the fleet ones for a rate limit service.
+fn limits(configs: &[Config<'_>], errors: &mut Vec<Diagnostic>) -> (QuotaModel, FleetLimits) {
     let inputs: Vec<LimitsInput<'_>> = configs
         .iter()
         .filter(|(_, c, _)| !c.limits.is_empty())
@@ -312,11 +315,11 @@ fn quota_model(configs: &[Config<'_>], errors: &mut Vec<Diagnostic>) -> QuotaMod
             })
         })
         .collect();
-    match QuotaModel::build(&inputs) {
-        Ok(q) => q,
+    match crate::quota::spec::compile(&inputs) {
+        Ok(compiled) => (QuotaModel::new(&compiled), FleetLimits::new(&compiled)),
         Err(ds) => {
             errors.extend(ds);
-            QuotaModel::default()
+            Default::default()
         }
     }
 }

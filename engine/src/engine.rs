@@ -9,6 +9,7 @@ use cedar_policy::{Authorizer, Entities, Entity, EntityUid, Policy, PolicySet};
 
 use crate::decision::Decision;
 use crate::entities::Types;
+use crate::fleet::FleetLimits;
 use crate::quota::QuotaModel;
 use crate::request::Request;
 use crate::settings::{OnPolicyError, Settings};
@@ -65,6 +66,9 @@ pub struct Engine {
     pub(crate) tenants: TenantMap<TenantNode>,
     pub(crate) authorizer: Authorizer,
     pub(crate) quotas: QuotaModel,
+    /// The fleet limits: validated with the local ones, enforced by a rate
+    /// limit service.
+    pub(crate) fleet: FleetLimits,
     pub(crate) policy_count: usize,
     /// Which inputs the policies can read: the decision cache's key.
     pub(crate) cache_shape: crate::cache::KeyShape,
@@ -85,6 +89,11 @@ impl Engine {
 
     pub fn quotas(&self) -> &QuotaModel {
         &self.quotas
+    }
+
+    /// The bundle's fleet limits (see [`FleetLimits`]).
+    pub fn fleet_limits(&self) -> &FleetLimits {
+        &self.fleet
     }
 
     /// True if the bundle declares this tenant.

@@ -26,9 +26,10 @@ use std::sync::Arc;
 
 use crate::decision::Decision;
 use crate::engine::Engine;
+use crate::fleet::{FleetCall, FleetOutcome};
 use crate::http::{BadRequest, HttpInput, LocalReply, Mapped, MetadataSource};
 use crate::metrics::{names, Update};
-use crate::quota::{BucketStore, FleetCall, FleetOutcome, Refund};
+use crate::quota::{BucketStore, Refund};
 use crate::settings::{FleetMode, OnError};
 use crate::tenant::TenantPath;
 use crate::worker::Worker;
@@ -107,7 +108,7 @@ pub enum Step {
 #[derive(Debug)]
 pub struct Deferred {
     /// The encoded `RateLimitRequest` to send (gRPC
-    /// [`crate::quota::RLS_SERVICE`] / [`crate::quota::RLS_METHOD`]).
+    /// [`crate::fleet::RLS_SERVICE`] / [`crate::fleet::RLS_METHOD`]).
     pub call: Vec<u8>,
     /// The Envoy cluster of the rate limit service.
     pub cluster: String,

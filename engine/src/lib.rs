@@ -9,6 +9,7 @@ pub mod decision;
 pub mod diag;
 mod engine;
 mod entities;
+pub mod fleet;
 pub mod flow;
 pub mod http;
 pub mod metrics;

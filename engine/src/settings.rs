@@ -177,7 +177,7 @@ impl Default for RateLimitService {
     fn default() -> Self {
         RateLimitService {
             cluster: DEFAULT_RLS_CLUSTER.into(),
-            domain: crate::quota::fleet::DEFAULT_DOMAIN.into(),
+            domain: DEFAULT_DOMAIN.into(),
             mode: FleetMode::PerRequest,
             timeout_ms: 50,
             report_interval_ms: 100,
@@ -185,6 +185,9 @@ impl Default for RateLimitService {
         }
     }
 }
+
+/// The rate limit domain when none is configured.
+pub const DEFAULT_DOMAIN: &str = "tenantgate";
 
 /// The cluster name `rate_limit_service.cluster` defaults to (and the one
 /// `tenantgate envoy --rls` renders).

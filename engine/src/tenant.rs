@@ -142,6 +142,12 @@ impl TenantPath {
         }
     }
 
+    /// This tenant and then each ancestor up to the root, as paths (no
+    /// allocation): `/acme/eu`, `/acme`, `/`.
+    pub fn ancestors_or_self(&self) -> impl Iterator<Item = &str> {
+        ancestors_or_self(self.as_str())
+    }
+
     /// This tenant and all its ancestors, from the root down to `self`.
     pub fn lineage(&self) -> Vec<TenantPath> {
         let mut out = vec![self.clone()];
@@ -193,6 +199,21 @@ impl<'de> serde::Deserialize<'de> for TenantPath {
         let s = String::deserialize(d)?;
         Self::parse(&s).map_err(serde::de::Error::custom)
     }
+}
+
+/// [`TenantPath::ancestors_or_self`] of a path already known to be valid.
+pub(crate) fn ancestors_or_self(path: &str) -> impl Iterator<Item = &str> {
+    let mut next = Some(path);
+    std::iter::from_fn(move || {
+        let s = next?;
+        next = match s.rfind('/') {
+            _ if s == "/" => None,
+            Some(0) => Some("/"),
+            Some(i) => s.get(..i),
+            None => None,
+        };
+        Some(s)
+    })
 }
 
 #[cfg(test)]
@@ -269,5 +290,15 @@ mod tests {
         assert!(!acmex.is_within(&a));
         assert!(!a.is_within(&ae));
         assert!(a.is_within(&TenantPath::root()));
+    }
+
+    #[test]
+    fn ancestors_or_self_walk_up_to_the_root() {
+        let t = TenantPath::parse("/acme/eu/team-a").unwrap();
+        let got: Vec<&str> = t.ancestors_or_self().collect();
+        assert_eq!(got, ["/acme/eu/team-a", "/acme/eu", "/acme", "/"]);
+        let root = TenantPath::root();
+        let root: Vec<&str> = root.ancestors_or_self().collect();
+        assert_eq!(root, ["/"]);
     }
 }

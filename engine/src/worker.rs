@@ -11,10 +11,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use crate::cache::DecisionCache;
 use crate::decision::Decision;
 use crate::engine::Engine;
+use crate::fleet::FleetState;
 use crate::http::DecisionIds;
 use crate::metrics::{Layout, Tally};
 use crate::quota::keyed::{Fingerprint, KeyedOutcome};
-use crate::quota::{BucketStore, FleetState, Leases};
+use crate::quota::{BucketStore, Leases};
 use crate::request::Request;
 use crate::settings::FleetMode;
 

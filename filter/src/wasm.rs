@@ -8,11 +8,11 @@ use std::sync::Arc;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
+use tenantgate_engine::fleet::{FleetCall, REPORT_HEADER, RLS_METHOD, RLS_SERVICE};
 use tenantgate_engine::flow::{self, Effects, Level, LogLine, Pending, Step, Verdict};
 use tenantgate_engine::http::{own_headers, HttpInput, LocalReply, MetadataSource};
 use tenantgate_engine::metrics::{MetricKind, MetricRef, Update};
-use tenantgate_engine::quota::fleet::REPORT_HEADER;
-use tenantgate_engine::quota::{BucketStore, FleetCall, StoreError, RLS_METHOD, RLS_SERVICE};
+use tenantgate_engine::quota::{BucketStore, StoreError};
 use tenantgate_engine::{Bundle, Engine, Worker};
 
 use crate::ffi;

@@ -3,9 +3,7 @@
 
 use std::path::Path;
 
-use tenantgate_engine::quota::fleet::{
-    FleetLimit, FleetLimits, LIMIT_KEY, REPORT_ENTRY, TENANT_KEY,
-};
+use tenantgate_engine::fleet::{FleetLimit, FleetLimits, LIMIT_KEY, REPORT_ENTRY, TENANT_KEY};
 use tenantgate_engine::{Bundle, Engine};
 
 /// One loaded bundle's fleet limits. Immutable: a reload builds a new one.

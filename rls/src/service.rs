@@ -10,7 +10,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use envoy_types::pb::google::protobuf::Duration as PbDuration;
-use tenantgate_engine::quota::fleet::{FleetLimit, REPORT_HEADER};
+use tenantgate_engine::fleet::{FleetLimit, REPORT_HEADER};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 

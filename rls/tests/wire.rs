@@ -1,5 +1,5 @@
 //! The filter encodes and decodes the RLS messages by hand
-//! (`tenantgate_engine::quota::rls_wire`); here the generated types of
+//! (`tenantgate_engine::fleet::rls_wire`); here the generated types of
 //! Envoy's protos (prost, through envoy-types) read what it writes and write
 //! what it reads.
 
@@ -9,7 +9,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use envoy_types::pb::google::protobuf::Duration;
 use prost::Message;
-use tenantgate_engine::quota::rls_wire::{self, WireDescriptor};
+use tenantgate_engine::fleet::rls_wire::{self, WireDescriptor};
 
 #[test]
 fn prost_reads_the_filters_requests() {

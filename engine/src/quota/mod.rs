@@ -146,14 +146,11 @@
 mod bucket;
 mod clock;
 mod fair;
-pub mod fleet;
-mod fleet_client;
 pub mod footprint;
 pub mod keyed;
 mod lease;
-pub mod rls_wire;
 mod series;
-mod spec;
+pub(crate) mod spec;
 mod store;
 
 #[cfg(test)]
@@ -174,9 +171,10 @@ use crate::tenant::TenantPath;
 use bucket::{ceil_seconds, Bucket, FLOOR};
 use spec::Limit;
 
+pub(crate) use bucket::ceil_seconds as whole_seconds;
 pub use clock::{Clock, FakeClock, SystemClock};
-pub use fleet_client::{FleetCall, FleetOutcome, FleetState, RLS_METHOD, RLS_SERVICE};
 pub use lease::{Leases, LEASE_DIVISOR, LEASE_TTL_NS, MAX_BATCH};
+pub use spec::Scope;
 pub(crate) use store::KeyHasher;
 pub use store::{BucketStore, MemoryStore, StoreError};
 
@@ -222,8 +220,6 @@ pub struct QuotaModel {
     /// For each tenant that declares limits: the chains of a request to it or
     /// to a descendant that declares none.
     plans: HashMap<Box<str>, Arc<Plan>, BuildHasherDefault<store::KeyHasher>>,
-    /// The fleet limits: validated with the others, never admitted here.
-    fleet: fleet::FleetLimits,
     /// The keyed limits (one bucket per key value), parents first.
     keyed: Vec<keyed::Keyed>,
     /// The headers keyed limits read, for the request mapping.
@@ -238,8 +234,6 @@ struct Plan {
     nodes: Vec<Arc<Limit>>,
     /// One per limit name, sorted by name.
     chains: Vec<Chain>,
-    /// `RateLimit-Policy` value.
-    policy: String,
     /// The most tokens a worker lease may take beyond a request's cost (0:
     /// never leased; see the `lease` module).
     lease_cap: u64,
@@ -440,11 +434,16 @@ impl QuotaModel {
     /// Builds and validates the limits of every tenant. `inputs` come parents
     /// first; tenants without limits may be absent.
     pub fn build(inputs: &[LimitsInput<'_>]) -> Result<QuotaModel, Vec<Diagnostic>> {
-        let all = spec::compile(inputs)?;
-        let fleet = fleet::FleetLimits::new(&all);
-        let (keyed, limits): (Vec<Arc<Limit>>, Vec<Arc<Limit>>) = all
-            .into_iter()
-            .filter(|l| l.scope == fleet::Scope::Local)
+        Ok(Self::new(&spec::compile(inputs)?))
+    }
+
+    /// The model of the local limits among `compiled` (fleet limits are the
+    /// `fleet` module's).
+    pub(crate) fn new(compiled: &[Arc<Limit>]) -> QuotaModel {
+        let (keyed, limits): (Vec<Arc<Limit>>, Vec<Arc<Limit>>) = compiled
+            .iter()
+            .filter(|l| l.scope == Scope::Local)
+            .cloned()
             .partition(|l| l.keyed.is_some());
         let keyed: Vec<keyed::Keyed> = keyed.into_iter().filter_map(keyed::Keyed::new).collect();
         let mut keyed_headers: Vec<String> = keyed
@@ -476,17 +475,11 @@ impl QuotaModel {
                 }
             }
             let mut flat = Vec::new();
-            let mut policy = Vec::new();
             let chains: Vec<Chain> = chains
                 .into_iter()
                 .filter_map(|(name, mut nodes)| {
                     nodes.reverse();
                     let deepest = nodes.first()?.params.clone();
-                    policy.push(format!(
-                        "\"{name}\";q={};w={}",
-                        deepest.rate,
-                        deepest.per_ns / 1_000_000_000
-                    ));
                     let start = flat.len();
                     flat.extend(nodes);
                     Some(Chain {
@@ -501,52 +494,16 @@ impl QuotaModel {
             let plan = Plan {
                 nodes: flat,
                 chains,
-                policy: policy.join(", "),
                 lease_cap: if cap >= 2 { cap } else { 0 },
             };
             plans.insert(Box::from(node.as_str()), Arc::new(plan));
         }
-        Ok(QuotaModel {
+        QuotaModel {
             limits,
             plans,
-            fleet,
             keyed,
             keyed_headers,
-        })
-    }
-
-    /// Builds the model from the `tenant.json` files of a bundle (the quota
-    /// part of what `Engine::new` validates).
-    pub fn from_bundle(bundle: &crate::Bundle) -> Result<QuotaModel, Vec<Diagnostic>> {
-        let mut errors = Vec::new();
-        let mut configs = Vec::new();
-        for t in &bundle.tenants {
-            if let Some(src) = &t.config {
-                match serde_json::from_str::<crate::bundle::TenantConfig>(&src.text) {
-                    Ok(c) => configs.push((&t.path, src, c.limits)),
-                    Err(e) => errors.push(crate::bundle::json_error(&src.file, &e)),
-                }
-            }
         }
-        if !errors.is_empty() {
-            return Err(errors);
-        }
-        let inputs: Vec<LimitsInput<'_>> = configs
-            .iter()
-            .filter(|(_, _, limits)| !limits.is_empty())
-            .map(|(tenant, src, limits)| LimitsInput {
-                tenant,
-                file: &src.file,
-                text: &src.text,
-                limits,
-            })
-            .collect();
-        Self::build(&inputs)
-    }
-
-    /// The fleet limits (see [`fleet`]); they take no part in [`Self::admit`].
-    pub fn fleet(&self) -> &fleet::FleetLimits {
-        &self.fleet
     }
 
     /// The store keys this model's local limits use (see [`footprint`]).
@@ -625,24 +582,10 @@ impl QuotaModel {
 
     /// [`QuotaModel::plan_for`] with the tenant that declares the plan.
     fn plan_entry(&self, tenant: &TenantPath) -> Option<(&str, &Plan)> {
-        let mut s = tenant.as_str();
-        loop {
-            if let Some((k, p)) = self.plans.get_key_value(s) {
-                return Some((k, p));
-            }
-            s = match s.rfind('/') {
-                _ if s == "/" => return None,
-                Some(0) => "/",
-                Some(i) => s.get(..i)?,
-                None => return None,
-            };
-        }
-    }
-
-    /// The `RateLimit-Policy` value for requests to `tenant`, `None` if no
-    /// limit applies.
-    pub fn policy_header(&self, tenant: &TenantPath) -> Option<String> {
-        self.plan_for(tenant).map(|p| p.policy.clone())
+        tenant
+            .ancestors_or_self()
+            .find_map(|s| self.plans.get_key_value(s))
+            .map(|(k, p)| (&**k, &**p))
     }
 
     /// Every shared-data key the model may touch, with full buckets at `now`.

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use super::bucket::{Params, MAX_AMOUNT};
-use super::fleet::{parse_scope, Scope};
 use super::LimitsInput;
 use crate::diag::{locate_json_key, Diagnostic};
 use crate::tenant::{is_valid_segment, shorten, TenantPath};
@@ -24,6 +23,46 @@ const KEYS: &str = "`rate`, `ceil`, `burst`, `per`, `scope`, `key`, `missing` or
 pub const DEFAULT_MAX_KEYS: u32 = 10_000;
 /// Largest `max_keys`.
 pub const MAX_MAX_KEYS: u32 = 1_000_000;
+
+/// Where a limit is enforced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// Token buckets in this Envoy process (proxy-wasm shared data).
+    #[default]
+    Local,
+    /// The rate limit service, across the fleet.
+    Fleet,
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Scope::Local => "local",
+            Scope::Fleet => "fleet",
+        })
+    }
+}
+
+/// `"local"` or `"fleet"`; errors are message tails read after the key name.
+pub(crate) fn parse_scope(v: &serde_json::Value) -> Result<Scope, String> {
+    match v.as_str() {
+        Some("local") => Ok(Scope::Local),
+        Some("fleet") => Ok(Scope::Fleet),
+        _ => Err(format!(
+            "must be `\"local\"` or `\"fleet\"`, got `{}`",
+            v.to_string().chars().take(80).collect::<String>()
+        )),
+    }
+}
+
+/// The keys of a limit object that a fleet limit may not have.
+pub(crate) fn local_only_keys(
+    fields: &serde_json::Map<String, serde_json::Value>,
+) -> impl Iterator<Item = &'static str> + '_ {
+    ["ceil", "burst"]
+        .into_iter()
+        .filter(|k| fields.contains_key(*k))
+}
 
 /// One node's compiled limit.
 #[derive(Debug)]
@@ -343,7 +382,7 @@ fn parse_fields<'a>(
         }
     }
     if scope == Scope::Fleet {
-        errors.extend(super::fleet::local_only_keys(raw).map(|key| {
+        errors.extend(local_only_keys(raw).map(|key| {
             at(input, name, Some(key), format!("limit `{name}`: `{key}` is a local notion and cannot be set on a fleet limit (`\"scope\": \"fleet\"`): a fleet limit is at most `rate` per `per` window"))
         }));
     }

@@ -176,11 +176,11 @@ fn shares_resolve_against_the_nearest_ancestor_and_inherit_the_window() {
         ]
     );
     assert_eq!(
-        m.policy_header(&t("/acme/eu/a/x")).as_deref(),
+        policy(&m, &t("/acme/eu/a/x")).as_deref(),
         Some("\"rpm\";q=31;w=60")
     );
     assert_eq!(
-        m.policy_header(&t("/acme")).as_deref(),
+        policy(&m, &t("/acme")).as_deref(),
         Some("\"rpm\";q=1000;w=60")
     );
 }
@@ -195,14 +195,14 @@ fn no_limits_admit_everything() {
         QuotaDecision::unlimited()
     );
     assert!(s.is_empty());
-    assert_eq!(m.policy_header(&t("/acme")), None);
+    assert_eq!(policy(&m, &t("/acme")), None);
     // A sibling branch of a limited tenant has no limits either.
     let m = model(&[("/acme", r#"{"limits": {"rps": {"rate": 1}}}"#)]);
     assert_eq!(
         m.admit(&t("/globex"), 5, T0, &s).unwrap(),
         QuotaDecision::unlimited()
     );
-    assert_eq!(m.policy_header(&t("/")), None);
+    assert_eq!(policy(&m, &t("/")), None);
 }
 
 #[test]
@@ -259,7 +259,7 @@ fn multi_window_limits_apply_together() {
         r#"{"limits": {"rps": {"rate": 10}, "hourly": {"rate": 25, "per": "1h"}}}"#,
     )]);
     assert_eq!(
-        m.policy_header(&t("/a")).as_deref(),
+        policy(&m, &t("/a")).as_deref(),
         Some("\"hourly\";q=25;w=3600, \"rps\";q=10;w=1")
     );
     let s = store_for(&m);
@@ -794,8 +794,16 @@ fn concurrent_admissions_in_a_tree_are_accounted_exactly() {
     assert!(a <= 100 && b <= 100 && a + b <= 100 + 50 + 50, "{a} + {b}");
 }
 
+/// The `RateLimit-Policy` field of a request to `tenant` (none when no
+/// limit applies).
+fn policy(m: &QuotaModel, tenant: &TenantPath) -> Option<String> {
+    m.peek(tenant, T0, &MemoryStore::new())
+        .unwrap()
+        .ratelimit_policy()
+}
+
 #[test]
-fn bundle_limits_build_through_from_bundle() {
+fn bundle_limits_build_through_the_engine() {
     use crate::bundle::{Bundle, BundleTenant, SourceFile, FORMAT};
     let tenant = |path: &str, text: &str| BundleTenant {
         path: t(path),
@@ -816,12 +824,13 @@ fn bundle_limits_build_through_from_bundle() {
             tenant("/a/b", r#"{"limits": {"rps": {"rate": "30%"}}}"#),
         ],
     };
-    let m = QuotaModel::from_bundle(&bundle).unwrap();
-    assert_eq!(m.limits().len(), 2);
+    let e = crate::Engine::new(&bundle).unwrap();
+    assert_eq!(e.quotas().limits().len(), 2);
     bundle.tenants[2] = tenant("/a/b", "{\n  \"limits\": {\"rps\": {\"rate\": \"300%\"}}}");
-    let e = QuotaModel::from_bundle(&bundle).unwrap_err();
+    let e = crate::Engine::new(&bundle).unwrap_err();
+    let first = e.iter().next().unwrap();
     assert_eq!(
-        (e[0].file.as_str(), e[0].line),
+        (first.file.as_str(), first.line),
         ("tenants/a/b/tenant.json", 2)
     );
 }

@@ -22,9 +22,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::fleet::{FleetLimit, LIMIT_KEY, TENANT_KEY};
 use super::rls_wire::{self, Code, WireDescriptor};
-use super::{LimitStatus, Nanos, QuotaDecision};
+use super::FleetLimit;
+use crate::quota::{whole_seconds, LimitStatus, Nanos, QuotaDecision};
 use crate::settings::{FleetMode, RateLimitService};
 use crate::tenant::TenantPath;
 
@@ -104,13 +104,7 @@ impl crate::Engine {
         let descriptors: Vec<WireDescriptor<'_>> = limits
             .iter()
             .filter_map(|i| all.get(*i))
-            .map(|l| WireDescriptor {
-                entries: vec![
-                    (TENANT_KEY, l.tenant.as_str()),
-                    (LIMIT_KEY, l.name.as_str()),
-                ],
-                hits: None,
-            })
+            .map(|l| l.descriptor(None))
             .collect();
         let hits = u32::try_from(cost).unwrap_or(u32::MAX);
         Some(FleetCall {
@@ -203,7 +197,7 @@ impl crate::Worker {
                 st.blocked.get(&i).map(|(until, q)| {
                     let mut q = q.clone();
                     q.cost = cost;
-                    q.retry_after_s = super::bucket::ceil_seconds(until.saturating_sub(now)).max(1);
+                    q.retry_after_s = whole_seconds(until.saturating_sub(now)).max(1);
                     q
                 })
             })
@@ -238,14 +232,7 @@ impl crate::Worker {
         let all = self.engine.fleet_limits().all();
         let descriptors: Vec<WireDescriptor<'_>> = taken
             .iter()
-            .filter_map(|(i, n)| all.get(*i).map(|l| (l, *n)))
-            .map(|(l, n)| WireDescriptor {
-                entries: vec![
-                    (TENANT_KEY, l.tenant.as_str()),
-                    (LIMIT_KEY, l.name.as_str()),
-                ],
-                hits: Some(n),
-            })
+            .filter_map(|(i, n)| all.get(*i).map(|l| l.descriptor(Some(*n))))
             .collect();
         if descriptors.is_empty() {
             return None;
@@ -276,7 +263,7 @@ fn refused(
         .filter(|ns| *ns > 0)
         .unwrap_or(l.per_s.saturating_mul(1_000_000_000));
     let remaining = status.map_or(0, |s| u64::from(s.remaining));
-    let reset_s = super::bucket::ceil_seconds(reset_ns).max(1);
+    let reset_s = whole_seconds(reset_ns).max(1);
     QuotaDecision {
         admitted: false,
         limit: Some(l.name.clone()),
@@ -300,8 +287,8 @@ fn refused(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fleet::rls_wire::{decode_response, Response, Status};
     use crate::http::{HttpInput, NoMetadata};
-    use crate::quota::rls_wire::{decode_response, Response, Status};
     use crate::quota::MemoryStore;
     use crate::settings::Settings;
     use crate::testing::{bundle, file, tenant as t};

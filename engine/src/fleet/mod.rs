@@ -27,22 +27,22 @@
 //! the same descriptors and the gRPC metadata [`REPORT_HEADER`] (or, per
 //! descriptor, the trailing entry [`REPORT_ENTRY`]).
 
+mod client;
+pub mod rls_wire;
+
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 use std::sync::Arc;
 
-use super::spec::Limit;
-use crate::diag::Diagnostic;
+use crate::quota::spec::{Limit, Scope};
 use crate::tenant::TenantPath;
+use rls_wire::WireDescriptor;
 
-/// The rate limit domain when none is configured.
-pub const DEFAULT_DOMAIN: &str = "tenantgate";
+pub use crate::settings::DEFAULT_DOMAIN;
+pub use client::{FleetCall, FleetOutcome, FleetState, RLS_METHOD, RLS_SERVICE};
 /// Descriptor entry key naming the tenant that declares the limit.
 pub const TENANT_KEY: &str = "tenant";
 /// Descriptor entry key naming the limit.
 pub const LIMIT_KEY: &str = "limit";
-/// Descriptor entry key carrying a keyed limit's value (keyed limits).
-pub const KEY_KEY: &str = "key";
 /// gRPC request metadata marking a whole `ShouldRateLimit` call as a
 /// *report*: hits already admitted, which the service counts even past the
 /// limit. The preferred marker: servers that do not know it (Limitador,
@@ -52,46 +52,6 @@ pub const REPORT_HEADER: (&str, &str) = ("x-tenantgate-report", "1");
 /// only: envoyproxy/ratelimit matches a descriptor by all its entries, so
 /// it would not count such a descriptor at all.
 pub const REPORT_ENTRY: (&str, &str) = ("tenantgate_report", "1");
-
-/// Where a limit is enforced.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub enum Scope {
-    /// Token buckets in this Envoy process (proxy-wasm shared data).
-    #[default]
-    Local,
-    /// The rate limit service, across the fleet.
-    Fleet,
-}
-
-impl fmt::Display for Scope {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Scope::Local => "local",
-            Scope::Fleet => "fleet",
-        })
-    }
-}
-
-/// `"local"` or `"fleet"`; errors are message tails read after the key name.
-pub(crate) fn parse_scope(v: &serde_json::Value) -> Result<Scope, String> {
-    match v.as_str() {
-        Some("local") => Ok(Scope::Local),
-        Some("fleet") => Ok(Scope::Fleet),
-        _ => Err(format!(
-            "must be `\"local\"` or `\"fleet\"`, got `{}`",
-            v.to_string().chars().take(80).collect::<String>()
-        )),
-    }
-}
-
-/// The keys of a limit object that a fleet limit may not have.
-pub(crate) fn local_only_keys(
-    fields: &serde_json::Map<String, serde_json::Value>,
-) -> impl Iterator<Item = &'static str> + '_ {
-    ["ceil", "burst"]
-        .into_iter()
-        .filter(|k| fields.contains_key(*k))
-}
 
 /// One fleet limit, as compiled: at most `rate` hits per `per_s` seconds.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -103,35 +63,19 @@ pub struct FleetLimit {
     pub rate: u64,
     /// Window in seconds, at least 1.
     pub per_s: u64,
-    /// A keyed limit's key source. Always `None` until keyed limits exist;
-    /// a keyed descriptor then carries one more entry, `("key", value)`.
-    pub key: Option<String>,
 }
 
 impl FleetLimit {
-    /// The descriptor of this limit for a check.
-    pub fn descriptor(&self) -> Descriptor {
-        Descriptor {
+    /// This limit's RLS descriptor, `[("tenant", A), ("limit", N)]`, with
+    /// its own `hits_addend` when given (a report).
+    pub fn descriptor(&self, hits: Option<u64>) -> WireDescriptor<'_> {
+        WireDescriptor {
             entries: vec![
-                (TENANT_KEY.to_owned(), self.tenant.as_str().to_owned()),
-                (LIMIT_KEY.to_owned(), self.name.clone()),
+                (TENANT_KEY, self.tenant.as_str()),
+                (LIMIT_KEY, self.name.as_str()),
             ],
+            hits,
         }
-    }
-}
-
-/// One RLS descriptor: ordered `(key, value)` entries.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Descriptor {
-    pub entries: Vec<(String, String)>,
-}
-
-impl Descriptor {
-    /// The same descriptor marked as a report ([`REPORT_ENTRY`] appended).
-    pub fn into_report(mut self) -> Descriptor {
-        self.entries
-            .push((REPORT_ENTRY.0.to_owned(), REPORT_ENTRY.1.to_owned()));
-        self
     }
 }
 
@@ -158,16 +102,9 @@ impl FleetLimits {
                 name: l.name.to_string(),
                 rate: l.params.rate,
                 per_s: l.params.per_ns / 1_000_000_000,
-                key: None,
             });
         }
         out
-    }
-
-    /// The fleet limits of a bundle, validating its limits (every limit of
-    /// every `tenant.json`, local ones included) but not its policies.
-    pub fn from_bundle(bundle: &crate::Bundle) -> Result<FleetLimits, Vec<Diagnostic>> {
-        super::QuotaModel::from_bundle(bundle).map(|m| m.fleet().clone())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -204,37 +141,12 @@ impl FleetLimits {
     /// [`FleetLimits::applying_to`] as indices into [`FleetLimits::all`],
     /// without allocating.
     pub fn indices_for<'a>(&'a self, tenant: &'a TenantPath) -> impl Iterator<Item = usize> + 'a {
-        // The tenant, then each ancestor up to the root.
-        let mut next = (!self.limits.is_empty()).then_some(tenant.as_str());
-        std::iter::from_fn(move || {
-            let s = next?;
-            next = match s.rfind('/') {
-                _ if s == "/" => None,
-                Some(0) => Some("/"),
-                Some(i) => s.get(..i),
-                None => None,
-            };
-            Some(s)
-        })
-        .filter_map(|node| self.index.get(node))
-        .flat_map(|names| names.values().copied())
-    }
-
-    /// The descriptors of a request to `tenant` (a check): one
-    /// `[("tenant", A), ("limit", N)]` per fleet limit `N` declared on an
-    /// ancestor-or-self `A`, deepest first, then by name.
-    pub fn descriptors_for(&self, tenant: &TenantPath) -> Vec<Descriptor> {
-        self.applying_to(tenant)
+        let nodes = (!self.limits.is_empty()).then(|| tenant.ancestors_or_self());
+        nodes
             .into_iter()
-            .map(FleetLimit::descriptor)
-            .collect()
-    }
-}
-
-impl crate::Engine {
-    /// The bundle's fleet limits (see [`FleetLimits`]).
-    pub fn fleet_limits(&self) -> &FleetLimits {
-        self.quotas().fleet()
+            .flatten()
+            .filter_map(|node| self.index.get(node))
+            .flat_map(|names| names.values().copied())
     }
 }
 
@@ -243,12 +155,26 @@ mod tests {
     use super::*;
     use crate::quota::{LimitsInput, MemoryStore, QuotaModel};
 
+    /// `(tenant, name)` of each descriptor entry pair of a request to `t`.
+    fn descriptors(f: &FleetLimits, t: &TenantPath) -> Vec<Vec<(String, String)>> {
+        f.indices_for(t)
+            .filter_map(|i| f.all().get(i))
+            .map(|l| {
+                l.descriptor(None)
+                    .entries
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            })
+            .collect()
+    }
+
     fn tp(s: &str) -> TenantPath {
         TenantPath::parse(s).unwrap()
     }
 
     /// Builds a model from `(tenant, tenant.json text)` pairs.
-    fn build(files: &[(&str, &str)]) -> Result<QuotaModel, Vec<String>> {
+    fn build(files: &[(&str, &str)]) -> Result<(QuotaModel, FleetLimits), Vec<String>> {
         let parsed: Vec<(TenantPath, String, BTreeMap<String, serde_json::Value>)> = files
             .iter()
             .map(|(t, text)| {
@@ -268,7 +194,9 @@ mod tests {
                 limits,
             })
             .collect();
-        QuotaModel::build(&inputs).map_err(|ds| ds.iter().map(|d| d.to_string()).collect())
+        crate::quota::spec::compile(&inputs)
+            .map(|c| (QuotaModel::new(&c), FleetLimits::new(&c)))
+            .map_err(|ds| ds.iter().map(|d| d.to_string()).collect())
     }
 
     #[test]
@@ -279,7 +207,7 @@ mod tests {
             ("/acme/eu", r#"{"limits": {"rpm": {"rate": "12.5%", "scope": "fleet"}, "day": {"rate": 5, "per": "1d", "scope": "fleet"}}}"#),
         ])
         .unwrap();
-        let f = m.fleet();
+        let (m, f) = (m.0, m.1);
         let got: Vec<(String, String, u64, u64)> = f
             .all()
             .iter()
@@ -310,13 +238,7 @@ mod tests {
             ("/acme/eu", r#"{"limits": {"rpm": {"rate": 10, "scope": "fleet"}, "day": {"rate": 5, "per": "1d", "scope": "fleet"}}}"#),
         ])
         .unwrap();
-        let d = |t: &str| -> Vec<Vec<(String, String)>> {
-            m.fleet()
-                .descriptors_for(&tp(t))
-                .into_iter()
-                .map(|d| d.entries)
-                .collect()
-        };
+        let d = |t: &str| descriptors(&m.1, &tp(t));
         let e = |t: &str, n: &str| {
             vec![
                 ("tenant".to_string(), t.to_string()),
@@ -334,11 +256,6 @@ mod tests {
         );
         assert_eq!(d("/acme/us"), [e("/acme", "rpm"), e("/", "rpm")]);
         assert_eq!(d("/"), [e("/", "rpm")]);
-        let report = m.fleet().descriptors_for(&tp("/")).remove(0).into_report();
-        assert_eq!(
-            report.entries.last(),
-            Some(&("tenantgate_report".to_string(), "1".to_string()))
-        );
     }
 
     #[test]
@@ -347,7 +264,8 @@ mod tests {
             "/",
             r#"{"limits": {"rpm": {"rate": 1, "per": "1m", "scope": "fleet"}}}"#,
         )])
-        .unwrap();
+        .unwrap()
+        .0;
         assert!(m.is_empty());
         let store = MemoryStore::default();
         for _ in 0..5 {
