@@ -56,6 +56,27 @@ pub struct Leases {
     refills: std::sync::atomic::AtomicU64,
 }
 
+impl PlanState {
+    /// The answer without touching the store: a remembered refusal (still
+    /// refused until it could pass), or tokens spent from a live lease.
+    fn local(&mut self, cost: u64, now: Nanos) -> Option<QuotaDecision> {
+        if let Some((c, until, d)) = &self.refused {
+            if *c == cost && now < *until {
+                let mut d = d.clone();
+                d.retry_after_s = super::bucket::ceil_seconds(until - now).max(1);
+                return Some(d);
+            }
+            self.refused = None;
+        }
+        let l = self.lease.as_mut()?;
+        if now < l.expires && l.tokens >= cost {
+            l.tokens -= cost;
+            return Some(spent(&l.snapshot, l.tokens, cost));
+        }
+        None
+    }
+}
+
 #[derive(Debug, Default)]
 struct PlanState {
     /// The batch the next lease takes (0: this plan is never leased).
@@ -112,23 +133,26 @@ impl QuotaModel {
         let Some(st) = all.get_mut(key) else {
             return self.admit(tenant, cost, now, store);
         };
-        // A refusal remembered: still refused until it could pass.
-        if let Some((c, until, d)) = &st.refused {
-            if *c == cost && now < *until {
-                let mut d = d.clone();
-                d.retry_after_s = super::bucket::ceil_seconds(until - now).max(1);
-                return Ok(d);
-            }
-            st.refused = None;
+        match st.local(cost, now) {
+            Some(d) => Ok(d),
+            None => self.recharge(plan, st, &leases.refills, cost, now, store),
         }
-        // Spend from the lease.
-        if let Some(l) = st.lease.as_mut() {
-            if now < l.expires && l.tokens >= cost {
-                l.tokens -= cost;
-                return Ok(spent(&l.snapshot, l.tokens, cost));
-            }
-        }
-        // Return what is left, adapt the batch, charge anew.
+    }
+
+    /// A request the worker's plan state cannot answer alone: what is left
+    /// of the lease goes back, the batch adapts (halved after a lease
+    /// expired unspent, doubled after one was spent before expiring), and a
+    /// new lease is charged with the request; when the batch does not fit,
+    /// the request alone.
+    fn recharge(
+        &self,
+        plan: &Plan,
+        st: &mut PlanState,
+        refills: &std::sync::atomic::AtomicU64,
+        cost: u64,
+        now: Nanos,
+        store: &dyn BucketStore,
+    ) -> Result<QuotaDecision, StoreError> {
         if let Some(l) = st.lease.take() {
             if l.tokens > 0 {
                 self.return_tokens(plan, &l, store)?;
@@ -153,9 +177,7 @@ impl QuotaModel {
                     })
                     .collect();
                 let decision = spent(&d, extra, cost);
-                leases
-                    .refills
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                refills.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 st.lease = Some(Lease {
                     tokens: extra,
                     expires: now.saturating_add(LEASE_TTL_NS),

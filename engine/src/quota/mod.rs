@@ -935,122 +935,152 @@ fn decide(plan: &Plan, old: impl IntoIterator<Item = Bucket>, cost: u64, now: Na
         .map(|c| walk(c.of(&plan.nodes), c.of(&state), c.units(cost), now))
         .collect();
     let admitted = cost == 0 || walks.iter().all(|w| matches!(w, Walk::Lent { .. }));
-    let mut charges = Vec::new();
-    if admitted && cost > 0 {
-        charges = vec![Charge::default(); state.len()];
-        for (c, w) in plan.chains.iter().zip(&walks) {
-            let need = c.units(cost);
-            let lender = match w {
-                Walk::Lent { by } => *by,
-                Walk::Refused { .. } | Walk::Yielded { .. } => 0,
+    let charges = if admitted && cost > 0 {
+        charge(plan, &mut state, &walks, cost, now)
+    } else {
+        Vec::new()
+    };
+    // Statuses and waits, on the state after the charge (or as refused).
+    let decision = statuses(plan, &state, &walks, admitted, cost, now);
+    let asked =
+        !admitted && cost > 0 && note_refused_borrowers(plan, &mut state, &walks, cost, now);
+    let new = ((admitted && cost > 0) || asked).then_some(state);
+    Step {
+        decision,
+        new,
+        charges,
+    }
+}
+
+/// Charges an admitted request to `state`, as in tc-htb: `ctokens` of every
+/// node of every chain, `tokens` from each chain's lender up; the children
+/// that borrowed through a node advance their virtual time there. What each
+/// node was charged, aligned with `state`.
+fn charge(plan: &Plan, state: &mut [Bucket], walks: &[Walk], cost: u64, now: Nanos) -> Vec<Charge> {
+    let mut charges = vec![Charge::default(); state.len()];
+    for (c, w) in plan.chains.iter().zip(walks) {
+        let need = c.units(cost);
+        let lender = match w {
+            Walk::Lent { by } => *by,
+            Walk::Refused { .. } | Walk::Yielded { .. } => 0,
+        };
+        let nodes = c.of(&plan.nodes);
+        for (i, (b, ch)) in c
+            .of_mut(state)
+            .iter_mut()
+            .zip(c.of_mut(&mut charges))
+            .enumerate()
+        {
+            // tc-htb: `ctokens` everywhere, `tokens` from the lender up.
+            let t = if i >= lender { need } else { 0 };
+            b.tokens = b.tokens.saturating_sub(t).max(FLOOR);
+            b.ctokens = b.ctokens.saturating_sub(need).max(FLOOR);
+            *ch = Charge {
+                tokens: t,
+                ctokens: need,
+                ..Charge::default()
             };
-            let nodes = c.of(&plan.nodes);
-            for (i, (b, ch)) in c
-                .of_mut(&mut state)
-                .iter_mut()
-                .zip(c.of_mut(&mut charges))
-                .enumerate()
-            {
-                // tc-htb: `ctokens` everywhere, `tokens` from the lender up.
-                let t = if i >= lender { need } else { 0 };
-                b.tokens = b.tokens.saturating_sub(t).max(FLOOR);
-                b.ctokens = b.ctokens.saturating_sub(need).max(FLOOR);
-                *ch = Charge {
-                    tokens: t,
-                    ctokens: need,
-                    ..Charge::default()
-                };
-                // The child below borrowed through this node: its virtual
-                // time here advances by the time its own rate takes to earn
-                // `need` (see `fair`).
-                if !(1..=lender).contains(&i) {
-                    continue;
-                }
-                let child = nodes.get(i - 1);
-                if let Some((child, slot)) = child.and_then(|l| l.slot.map(|s| (l, s))) {
-                    let per = child.params.per_ns;
-                    let inc = need.div_euclid(i128::from(child.params.rate.max(1))).max(1);
-                    let inc = u64::try_from(inc).unwrap_or(u64::MAX);
-                    b.fair
-                        .record(slot, inc, cost, now, fair_window(per), fair_lag(per, inc));
-                    ch.slot = slot;
-                    ch.vt = inc;
-                }
+            // The child below borrowed through this node: its virtual
+            // time here advances by the time its own rate takes to earn
+            // `need` (see `fair`).
+            if !(1..=lender).contains(&i) {
+                continue;
+            }
+            let child = nodes.get(i - 1);
+            if let Some((child, slot)) = child.and_then(|l| l.slot.map(|s| (l, s))) {
+                let per = child.params.per_ns;
+                let inc = need.div_euclid(i128::from(child.params.rate.max(1))).max(1);
+                let inc = u64::try_from(inc).unwrap_or(u64::MAX);
+                b.fair
+                    .record(slot, inc, cost, now, fair_window(per), fair_lag(per, inc));
+                ch.slot = slot;
+                ch.vt = inc;
             }
         }
     }
+    charges
+}
 
-    // Statuses and waits, on the state after the charge (or as refused).
+/// One chain's status after the decision, and how long a request of this
+/// cost waits on it (`None`: forever).
+fn chain_status(
+    c: &Chain,
+    plan: &Plan,
+    state: &[Bucket],
+    w: &Walk,
+    admitted: bool,
+    cost: u64,
+    now: Nanos,
+) -> (LimitStatus, Option<u64>) {
+    let nodes = c.of(&plan.nodes);
+    let bs = c.of(state);
+    let per_request = cost.max(1);
+    let r = available(bs, c.per_ns);
+    let window_s = (c.per_ns / 1_000_000_000).max(1);
+    // A request that yields waits for the reserve as well.
+    let extra = match w {
+        Walk::Yielded { want, .. } => want.saturating_sub(c.units(cost)).max(0),
+        _ => 0,
+    };
+    let wait = wait_for(nodes, bs, c.units(per_request).saturating_add(extra), now);
+    let (rate, burst) = nodes
+        .first()
+        .map(|l| (l.params.rate, l.params.burst))
+        .unwrap_or((0, 0));
+    // Back to a full quota: `q` whole requests of this cost.
+    let full = rate - rate % per_request;
+    let reset_s = if full == 0 || r >= full {
+        0
+    } else {
+        wait_for(nodes, bs, c.units(full), now)
+            .map(ceil_seconds)
+            .unwrap_or(window_s)
+    };
+    let status = LimitStatus {
+        name: Arc::clone(&c.name),
+        rate,
+        burst,
+        window_s,
+        remaining: r,
+        reset_s,
+        borrowed: admitted && matches!(w, Walk::Lent { by } if *by > 0),
+    };
+    (status, wait)
+}
+
+/// The quota decision: every chain's status, and for a refusal the chain
+/// that waits longest (its name, the node where its walk stopped, when a
+/// request could pass).
+fn statuses(
+    plan: &Plan,
+    state: &[Bucket],
+    walks: &[Walk],
+    admitted: bool,
+    cost: u64,
+    now: Nanos,
+) -> QuotaDecision {
     let mut remaining = u64::MAX;
     let mut limits = Vec::with_capacity(plan.chains.len());
     // (wait, chain index) of the refusal with the longest wait; `None` waits forever.
     let mut worst: Option<(Option<u64>, usize)> = None;
     let mut retry_s = 0;
-    let per_request = cost.max(1);
-    for (ci, (c, w)) in plan.chains.iter().zip(&walks).enumerate() {
-        let nodes = c.of(&plan.nodes);
-        let bs = c.of(&state);
-        let r = available(bs, c.per_ns);
-        let window_s = (c.per_ns / 1_000_000_000).max(1);
-        // A request that yields waits for the reserve as well.
-        let extra = match w {
-            Walk::Yielded { want, .. } => want.saturating_sub(c.units(cost)).max(0),
-            _ => 0,
-        };
-        let wait = wait_for(nodes, bs, c.units(per_request).saturating_add(extra), now);
-        let t = wait.map(ceil_seconds).unwrap_or(window_s);
-        remaining = remaining.min(r);
-        let (rate, burst) = nodes
-            .first()
-            .map(|l| (l.params.rate, l.params.burst))
-            .unwrap_or((0, 0));
-        // Back to a full quota: `q` whole requests of this cost.
-        let full = rate - rate % per_request;
-        let reset_s = if full == 0 || r >= full {
-            0
-        } else {
-            wait_for(nodes, bs, c.units(full), now)
-                .map(ceil_seconds)
-                .unwrap_or(window_s)
-        };
-        limits.push(LimitStatus {
-            name: Arc::clone(&c.name),
-            rate,
-            burst,
-            window_s,
-            remaining: r,
-            reset_s,
-            borrowed: admitted && matches!(w, Walk::Lent { by } if *by > 0),
-        });
+    for (ci, (c, w)) in plan.chains.iter().zip(walks).enumerate() {
+        let (status, wait) = chain_status(c, plan, state, w, admitted, cost, now);
+        remaining = remaining.min(status.remaining);
         if w.refused() {
+            let t = wait.map(ceil_seconds).unwrap_or(status.window_s);
             retry_s = retry_s.max(t.max(1));
-            let longer = match worst {
-                None => true,
-                Some((w, _)) => match (wait, w) {
-                    (None, Some(_)) => true,
-                    (Some(a), Some(b)) => a > b,
-                    _ => false,
-                },
-            };
-            if longer {
+            if worst.is_none_or(|(longest, _)| waits_longer(wait, longest)) {
                 worst = Some((wait, ci));
             }
         }
+        limits.push(status);
     }
     let (limit, tenant) = match worst {
-        Some((_, ci)) if !admitted => {
-            let chain = plan.chains.get(ci);
-            let node = match (chain, walks.get(ci)) {
-                (Some(c), Some(Walk::Refused { at } | Walk::Yielded { at, .. })) => {
-                    c.of(&plan.nodes).get(*at).map(|l| l.node.clone())
-                }
-                _ => None,
-            };
-            (chain.map(|c| c.name.to_string()), node)
-        }
+        Some((_, ci)) if !admitted => refusing_node(plan, walks, ci),
         _ => (None, None),
     };
-    let decision = QuotaDecision {
+    QuotaDecision {
         admitted,
         limit,
         tenant,
@@ -1062,22 +1092,45 @@ fn decide(plan: &Plan, old: impl IntoIterator<Item = Bucket>, cost: u64, now: Na
         },
         cost,
         limits,
+    }
+}
+
+/// True when waiting `a` is longer than waiting `b` (`None`: forever).
+fn waits_longer(a: Option<u64>, b: Option<u64>) -> bool {
+    match (a, b) {
+        (None, Some(_)) => true,
+        (Some(a), Some(b)) => a > b,
+        _ => false,
+    }
+}
+
+/// The name of refusing chain `ci` and the node where its walk stopped.
+fn refusing_node(plan: &Plan, walks: &[Walk], ci: usize) -> (Option<String>, Option<TenantPath>) {
+    let chain = plan.chains.get(ci);
+    let node = match (chain, walks.get(ci)) {
+        (Some(c), Some(Walk::Refused { at } | Walk::Yielded { at, .. })) => {
+            c.of(&plan.nodes).get(*at).map(|l| l.node.clone())
+        }
+        _ => None,
     };
-    // A refused request that wanted to borrow notes its child as asking at
-    // the nodes it tried to borrow through (see `Fair::ask`); written only
-    // when that changed something.
+    (chain.map(|c| c.name.to_string()), node)
+}
+
+/// A refused request that wanted to borrow notes its child as asking at the
+/// nodes it tried to borrow through (see `Fair::ask`). True when that
+/// changed something (the state is then written).
+fn note_refused_borrowers(
+    plan: &Plan,
+    state: &mut [Bucket],
+    walks: &[Walk],
+    cost: u64,
+    now: Nanos,
+) -> bool {
     let mut asked = false;
-    let refusals = plan
-        .chains
-        .iter()
-        .zip(&walks)
-        .filter_map(|(c, w)| match *w {
-            Walk::Refused { at } if !admitted && cost > 0 => Some((c, at)),
-            _ => None,
-        });
-    for (c, at) in refusals {
+    for (c, w) in plan.chains.iter().zip(walks) {
+        let Walk::Refused { at } = *w else { continue };
         // Node `i` (1..=at) was asked to lend to its child, node `i - 1`.
-        let (nodes, buckets) = (c.of(&plan.nodes), c.of_mut(&mut state));
+        let (nodes, buckets) = (c.of(&plan.nodes), c.of_mut(state));
         for (child, b) in nodes.iter().zip(buckets.iter_mut().skip(1)).take(at) {
             if let Some(slot) = child.slot {
                 asked |= b
@@ -1086,12 +1139,7 @@ fn decide(plan: &Plan, old: impl IntoIterator<Item = Bucket>, cost: u64, now: Na
             }
         }
     }
-    let new = ((admitted && cost > 0) || asked).then_some(state);
-    Step {
-        decision,
-        new,
-        charges,
-    }
+    asked
 }
 
 /// Whole tokens one lender could still give: the best, over the nodes of a

@@ -276,130 +276,131 @@ fn parse_fields<'a>(
             format!("limit `{name}` must be an object like `{{\"rate\": 100, \"per\": \"1s\"}}`, got `{}`", describe(value)),
         ));
     };
+    let mut p = Parsed::default();
     let mut errors = Vec::new();
-    let mut rate = None;
-    let mut ceil = None;
-    let mut burst = None;
-    let mut per = None;
-    let mut scope = Scope::Local;
-    let mut key_source = None;
-    let mut missing = None;
-    let mut max_keys = None;
     for (key, v) in raw {
-        let parsed = match key.as_str() {
-            "rate" => parse_amount(v, true).map(|a| rate = Some(a)),
-            "ceil" => parse_amount(v, true).map(|a| ceil = Some(a)),
-            "burst" => parse_amount(v, false).map(|a| {
-                if let Amount::Tokens(n) = a {
-                    burst = Some(n);
-                }
-            }),
-            "per" => parse_per(v).map(|p| per = Some(p)),
-            "scope" => parse_scope(v).map(|s| scope = s),
-            "key" => parse_key(v).map(|k| key_source = Some(k)),
-            "missing" => match v.as_str() {
-                Some("skip") => {
-                    missing = Some(Missing::Skip);
-                    Ok(())
-                }
-                Some("refuse") => {
-                    missing = Some(Missing::Refuse);
-                    Ok(())
-                }
-                _ => Err(format!(
-                    "must be `\"skip\"` or `\"refuse\"` (a 400), got `{}`",
-                    describe(v)
-                )),
-            },
-            "max_keys" => match v.as_u64() {
-                Some(n) if (1..=u64::from(MAX_MAX_KEYS)).contains(&n) => {
-                    max_keys = u32::try_from(n).ok();
-                    Ok(())
-                }
-                _ => Err(format!(
-                    "must be a whole number from 1 to {MAX_MAX_KEYS}, got `{}`",
-                    describe(v)
-                )),
-            },
-            other => {
-                errors.push(at(
-                    input,
-                    name,
-                    Some(key),
-                    format!(
-                        "limit `{name}`: unknown key `{}` (expected {KEYS})",
-                        shorten(other)
-                    ),
-                ));
-                continue;
-            }
+        let message = match p.read(key, v) {
+            Some(Ok(())) => continue,
+            Some(Err(tail)) => format!("limit `{name}`: `{key}` {tail}"),
+            None => format!(
+                "limit `{name}`: unknown key `{}` (expected {KEYS})",
+                shorten(key)
+            ),
         };
-        if let Err(tail) = parsed {
-            errors.push(at(
-                input,
-                name,
-                Some(key),
-                format!("limit `{name}`: `{key}` {tail}"),
-            ));
-        }
+        errors.push(at(input, name, Some(key), message));
     }
-    if !raw.contains_key("rate") {
-        errors.push(at(
-            input,
-            name,
-            None,
-            format!("limit `{name}`: `rate` is required"),
-        ));
-    }
-    if key_source.is_none() {
-        for k in ["missing", "max_keys"]
-            .into_iter()
-            .filter(|k| raw.contains_key(*k))
-        {
-            errors.push(at(
-                input,
-                name,
-                Some(k),
-                format!("limit `{name}`: `{k}` only applies to a keyed limit (one with `key`)"),
-            ));
-        }
-    } else {
-        if raw.contains_key("ceil") {
-            errors.push(at(input, name, Some("ceil"), format!("limit `{name}`: a keyed limit has no `ceil`: its buckets (one per key value) do not borrow")));
-        }
-        if matches!(rate, Some(Amount::Share(_))) {
-            errors.push(at(
-                input,
-                name,
-                Some("rate"),
-                format!(
-                    "limit `{name}`: a keyed limit's `rate` is tokens per key value, not a share"
-                ),
-            ));
-        }
-        if scope == Scope::Fleet {
-            errors.push(at(input, name, Some("key"), format!("limit `{name}`: keyed fleet limits are not supported; make it local (the default) or remove `key`")));
-        }
-    }
-    if scope == Scope::Fleet {
-        errors.extend(local_only_keys(raw).map(|key| {
-            at(input, name, Some(key), format!("limit `{name}`: `{key}` is a local notion and cannot be set on a fleet limit (`\"scope\": \"fleet\"`): a fleet limit is at most `rate` per `per` window"))
-        }));
-    }
-    match (rate, errors.is_empty()) {
+    errors.extend(combination_errors(input, name, raw, &p));
+    match (p.rate, errors.is_empty()) {
         (Some(rate), true) => Ok(Fields {
             rate,
-            ceil,
-            burst,
-            per,
-            scope,
-            key: key_source,
-            missing,
-            max_keys,
+            ceil: p.ceil,
+            burst: p.burst,
+            per: p.per,
+            scope: p.scope,
+            key: p.key,
+            missing: p.missing,
+            max_keys: p.max_keys,
             raw,
         }),
         _ => Err(errors),
     }
+}
+
+/// A limit's keys as read so far.
+#[derive(Default)]
+struct Parsed {
+    rate: Option<Amount>,
+    ceil: Option<Amount>,
+    burst: Option<u64>,
+    per: Option<u64>,
+    scope: Scope,
+    key: Option<KeySource>,
+    missing: Option<Missing>,
+    max_keys: Option<u32>,
+}
+
+impl Parsed {
+    /// Reads one key: `None` for an unknown key, `Err` with the message's
+    /// tail for a bad value.
+    fn read(&mut self, key: &str, v: &serde_json::Value) -> Option<Result<(), String>> {
+        Some(match key {
+            "rate" => parse_amount(v, true).map(|a| self.rate = Some(a)),
+            "ceil" => parse_amount(v, true).map(|a| self.ceil = Some(a)),
+            "burst" => parse_amount(v, false).map(|a| {
+                if let Amount::Tokens(n) = a {
+                    self.burst = Some(n);
+                }
+            }),
+            "per" => parse_per(v).map(|p| self.per = Some(p)),
+            "scope" => parse_scope(v).map(|s| self.scope = s),
+            "key" => parse_key(v).map(|k| self.key = Some(k)),
+            "missing" => match v.as_str() {
+                Some("skip") => Ok(Missing::Skip),
+                Some("refuse") => Ok(Missing::Refuse),
+                _ => Err(format!(
+                    "must be `\"skip\"` or `\"refuse\"` (a 400), got `{}`",
+                    describe(v)
+                )),
+            }
+            .map(|m| self.missing = Some(m)),
+            "max_keys" => match v.as_u64().and_then(|n| u32::try_from(n).ok()) {
+                Some(n) if (1..=MAX_MAX_KEYS).contains(&n) => Ok(n),
+                _ => Err(format!(
+                    "must be a whole number from 1 to {MAX_MAX_KEYS}, got `{}`",
+                    describe(v)
+                )),
+            }
+            .map(|n| self.max_keys = Some(n)),
+            _ => return None,
+        })
+    }
+}
+
+/// Errors of keys that do not go together: a missing `rate`, keyed-only
+/// keys without `key`, what a keyed or a fleet limit cannot have.
+fn combination_errors(
+    input: &LimitsInput<'_>,
+    name: &str,
+    raw: &serde_json::Map<String, serde_json::Value>,
+    p: &Parsed,
+) -> Vec<Diagnostic> {
+    let mut errors = Vec::new();
+    let mut err = |key: Option<&str>, msg: String| errors.push(at(input, name, key, msg));
+    if !raw.contains_key("rate") {
+        err(None, format!("limit `{name}`: `rate` is required"));
+    }
+    if p.key.is_none() {
+        for k in ["missing", "max_keys"]
+            .into_iter()
+            .filter(|k| raw.contains_key(*k))
+        {
+            err(
+                Some(k),
+                format!("limit `{name}`: `{k}` only applies to a keyed limit (one with `key`)"),
+            );
+        }
+    } else {
+        if raw.contains_key("ceil") {
+            err(Some("ceil"), format!("limit `{name}`: a keyed limit has no `ceil`: its buckets (one per key value) do not borrow"));
+        }
+        if matches!(p.rate, Some(Amount::Share(_))) {
+            err(
+                Some("rate"),
+                format!(
+                    "limit `{name}`: a keyed limit's `rate` is tokens per key value, not a share"
+                ),
+            );
+        }
+        if p.scope == Scope::Fleet {
+            err(Some("key"), format!("limit `{name}`: keyed fleet limits are not supported; make it local (the default) or remove `key`"));
+        }
+    }
+    if p.scope == Scope::Fleet {
+        for key in local_only_keys(raw) {
+            err(Some(key), format!("limit `{name}`: `{key}` is a local notion and cannot be set on a fleet limit (`\"scope\": \"fleet\"`): a fleet limit is at most `rate` per `per` window"));
+        }
+    }
+    errors
 }
 
 /// The nearest ancestor that defines the same limit name (index and entry),
@@ -438,81 +439,32 @@ fn resolve(
     fields: &Fields<'_>,
     parent: Option<&Entry>,
 ) -> Result<Params, Vec<Diagnostic>> {
-    let parent_params = parent.map(|e| &e.limit.params);
-    let parent_node = parent.map(|e| e.limit.node.as_str()).unwrap_or("");
-    // Shares are of the parent's rate and inherit its window.
-    let tokens = |key: &str, a: Amount| -> Result<u64, Vec<Diagnostic>> {
-        let bp = match a {
-            Amount::Tokens(n) => return Ok(n),
-            Amount::Share(bp) => bp,
-        };
-        let Some(pp) = parent_params else {
-            return Err(vec![at(
-                input,
-                name,
-                Some(key),
-                format!(
-                    "limit `{name}`: `{key}` is a share ({}) but no ancestor of `{}` defines limit `{name}` to take it from",
-                    fmt_share(bp),
-                    input.tenant
-                ),
-            )]);
-        };
-        let n = u64::try_from(u128::from(pp.rate) * u128::from(bp) / 10_000).unwrap_or(u64::MAX);
-        if n == 0 {
-            return Err(vec![at(
-                input,
-                name,
-                Some(key),
-                format!(
-                    "limit `{name}`: `{key}` {} of the rate {} of `{parent_node}` is less than one token",
-                    fmt_share(bp),
-                    pp.rate
-                ),
-            )]);
-        }
-        Ok(n)
+    let r = Resolving {
+        input,
+        name,
+        parent: parent.map(|e| &e.limit.params),
+        parent_node: parent.map(|e| e.limit.node.as_str()).unwrap_or(""),
     };
-    let rate = tokens("rate", fields.rate)?;
+    let rate = r.tokens("rate", fields.rate)?;
     let ceil = match fields.ceil {
-        Some(c) => tokens("ceil", c)?,
+        Some(c) => r.tokens("ceil", c)?,
         None => rate,
     };
-    let per_ns = match (fields.per, parent_params) {
-        (Some(p), Some(pp)) if p != pp.per_ns => {
-            return Err(vec![at(
-                input,
-                name,
-                Some("per"),
-                format!(
-                    "limit `{name}`: `per` `{}` differs from the window `{}` of `{parent_node}`; one limit name keeps one window along a branch (omit `per` to inherit it)",
-                    fmt_per(p),
-                    fmt_per(pp.per_ns)
-                ),
-            )]);
-        }
-        (Some(p), _) => p,
-        (None, Some(pp)) => pp.per_ns,
-        (None, None) => DEFAULT_PER_NS,
-    };
+    let per_ns = r.window(fields.per)?;
     let mut errors = Vec::new();
     if rate > ceil {
-        errors.push(at(
-            input,
-            name,
-            Some("ceil"),
+        errors.push(r.at(
+            "ceil",
             format!("limit `{name}`: `rate` {rate} is larger than `ceil` {ceil}"),
         ));
     }
-    if let (Some(pp), Some(_)) = (parent_params, fields.ceil) {
+    if let (Some(pp), Some(_)) = (r.parent, fields.ceil) {
         if ceil > pp.ceil {
-            errors.push(at(
-                input,
-                name,
-                Some("ceil"),
+            errors.push(r.at(
+                "ceil",
                 format!(
-                    "limit `{name}`: `ceil` {ceil} is larger than the ceil {} of `{parent_node}` (a tenant cannot borrow more than its parent may use)",
-                    pp.ceil
+                    "limit `{name}`: `ceil` {ceil} is larger than the ceil {} of `{}` (a tenant cannot borrow more than its parent may use)",
+                    pp.ceil, r.parent_node
                 ),
             ));
         }
@@ -526,6 +478,75 @@ fn resolve(
         fields.burst.unwrap_or(rate),
         per_ns,
     ))
+}
+
+/// One limit being resolved against its nearest ancestor's of the same name.
+struct Resolving<'a> {
+    input: &'a LimitsInput<'a>,
+    name: &'a str,
+    parent: Option<&'a Params>,
+    parent_node: &'a str,
+}
+
+impl Resolving<'_> {
+    fn at(&self, key: &str, msg: String) -> Diagnostic {
+        at(self.input, self.name, Some(key), msg)
+    }
+
+    /// An amount in tokens: a share is of the parent's rate, rounded down,
+    /// at least one token.
+    fn tokens(&self, key: &str, a: Amount) -> Result<u64, Vec<Diagnostic>> {
+        let name = self.name;
+        let bp = match a {
+            Amount::Tokens(n) => return Ok(n),
+            Amount::Share(bp) => bp,
+        };
+        let Some(pp) = self.parent else {
+            return Err(vec![self.at(
+                key,
+                format!(
+                    "limit `{name}`: `{key}` is a share ({}) but no ancestor of `{}` defines limit `{name}` to take it from",
+                    fmt_share(bp),
+                    self.input.tenant
+                ),
+            )]);
+        };
+        let n = u64::try_from(u128::from(pp.rate) * u128::from(bp) / 10_000).unwrap_or(u64::MAX);
+        if n == 0 {
+            return Err(vec![self.at(
+                key,
+                format!(
+                    "limit `{name}`: `{key}` {} of the rate {} of `{}` is less than one token",
+                    fmt_share(bp),
+                    pp.rate,
+                    self.parent_node
+                ),
+            )]);
+        }
+        Ok(n)
+    }
+
+    /// The window: the parent's (a child may only repeat it), else `per`,
+    /// else one second.
+    fn window(&self, per: Option<u64>) -> Result<u64, Vec<Diagnostic>> {
+        Ok(match (per, self.parent) {
+            (Some(p), Some(pp)) if p != pp.per_ns => {
+                return Err(vec![self.at(
+                    "per",
+                    format!(
+                        "limit `{}`: `per` `{}` differs from the window `{}` of `{}`; one limit name keeps one window along a branch (omit `per` to inherit it)",
+                        self.name,
+                        fmt_per(p),
+                        fmt_per(pp.per_ns),
+                        self.parent_node
+                    ),
+                )]);
+            }
+            (Some(p), _) => p,
+            (None, Some(pp)) => pp.per_ns,
+            (None, None) => DEFAULT_PER_NS,
+        })
+    }
 }
 
 /// For each limit, its children's rates add up to at most its own rate.
