@@ -10,7 +10,7 @@ use tenantgate_engine::{Bundle, Decision, Diagnostics, Engine};
 mod diff;
 mod fmt;
 mod limits;
-mod policytest;
+use tenantgate_serve::policytest;
 mod render;
 mod simulate;
 
@@ -285,18 +285,12 @@ fn run_check(source: &Path, spec: &RequestSpec) -> Result<ExitCode, String> {
 fn run_test(dir: &Path) -> Result<ExitCode, String> {
     let (_, engine) = load(dir)?;
     let tests = policytest::load(dir).map_err(|e| e.join("\n"))?;
-    let (mut passed, mut failed) = (0, 0);
-    for t in &tests {
-        match policytest::run(&engine, &t.test) {
-            Ok(_) => passed += 1,
-            Err(why) => {
-                failed += 1;
-                println!("FAIL {}: {}: {why}", t.file, t.test.name);
-            }
-        }
+    let (passed, failures) = policytest::run_all(&engine, &tests);
+    for f in &failures {
+        println!("{f}");
     }
-    println!("{passed} passed, {failed} failed");
-    Ok(if failed == 0 && passed > 0 {
+    println!("{passed} passed, {} failed", failures.len());
+    Ok(if failures.is_empty() && passed > 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
