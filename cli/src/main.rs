@@ -126,7 +126,8 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
-    /// Serve policy decisions: an HTTP JSON API and, with `--grpc`, Envoy's ext_authz (policies only; SIGHUP reloads).
+    /// Serve policy decisions: an HTTP JSON API and, with `--grpc`, Envoy's ext_authz (policies only; SIGHUP reloads);
+    /// with `--xds`, the filter's configuration to a fleet of Envoys.
     #[command(
         after_help = "Exit status: 0 after a graceful shutdown (SIGTERM or SIGINT), 1 when it cannot start (the bundle, a listen address)."
     )]
@@ -139,7 +140,33 @@ enum Command {
         /// Address of Envoy's ext_authz gRPC service, e.g. `127.0.0.1:9191`.
         #[arg(long, value_name = "IP:PORT")]
         grpc: Option<std::net::SocketAddr>,
+        /// Serve the filter's configuration to Envoys over xDS (ECDS on ADS and
+        /// the extension config discovery service) at this address; the source
+        /// is watched and every change that validates and passes its policy
+        /// tests is pushed.
+        #[arg(long, value_name = "IP:PORT", requires = "wasm")]
+        xds: Option<std::net::SocketAddr>,
+        /// With `--xds`: the filter module as the Envoys see it (a path on their hosts).
+        #[arg(long, value_name = "PATH", requires = "xds")]
+        wasm: Option<String>,
+        /// With `--xds`: `auto` pushes every new version to all nodes; `manual`
+        /// keeps it until `POST /v1/rollout`.
+        #[arg(long, value_enum, default_value = "auto", requires = "xds")]
+        rollout: RolloutMode,
+        /// With `--xds`: how many versions to keep for rollouts and rollbacks.
+        #[arg(long, default_value_t = tenantgate_serve::rollout::DEFAULT_KEEP, value_name = "N", requires = "xds")]
+        keep: usize,
+        /// With `--xds`: let requests through when the filter cannot load or crashes (default: refuse them).
+        #[arg(long = "fail-open", requires = "xds")]
+        fail_open: bool,
     },
+}
+
+/// `serve --rollout`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum RolloutMode {
+    Auto,
+    Manual,
 }
 
 /// A request as `check` and the policy tests describe it: the engine's
@@ -208,10 +235,34 @@ fn run(command: Command) -> Result<ExitCode, String> {
             domain,
         } => limits::run(&source, format, &domain),
         Command::Fmt { dir, check } => fmt::run(&dir, check),
-        Command::Serve { source, http, grpc } => {
-            tenantgate_serve::run_blocking(tenantgate_serve::Config { source, http, grpc })
-                .map(|()| ExitCode::SUCCESS)
-                .map_err(|e| format!("tenantgate serve: error: {e}"))
+        Command::Serve {
+            source,
+            http,
+            grpc,
+            xds,
+            wasm,
+            rollout,
+            keep,
+            fail_open,
+        } => {
+            let xds = xds.map(|addr| tenantgate_serve::xds::Options {
+                addr,
+                wasm: wasm.unwrap_or_default(),
+                fail_open,
+                mode: match rollout {
+                    RolloutMode::Auto => tenantgate_serve::rollout::Mode::Auto,
+                    RolloutMode::Manual => tenantgate_serve::rollout::Mode::Manual,
+                },
+                keep,
+            });
+            tenantgate_serve::run_blocking(tenantgate_serve::Config {
+                source,
+                http,
+                grpc,
+                xds,
+            })
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| format!("tenantgate serve: error: {e}"))
         }
     }
 }

@@ -16,6 +16,7 @@
 //! SIGINT stops it gracefully. See `docs/reference.md`.
 
 pub mod authz;
+pub mod control;
 pub mod http;
 pub mod policytest;
 pub mod rollout;
