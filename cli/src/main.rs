@@ -105,7 +105,7 @@ enum Command {
         /// A bundle file or a policy folder.
         bundle: PathBuf,
         #[command(flatten)]
-        options: render::Options,
+        options: Box<render::Options>,
         /// Write here instead of standard output (atomically: a temporary file, then a rename).
         #[arg(short, long)]
         output: Option<PathBuf>,

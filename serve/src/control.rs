@@ -22,23 +22,22 @@ use serde::Deserialize;
 
 use crate::http::{error, json};
 use crate::rollout::Selector;
-use crate::xds::Plane;
 use crate::{log, State};
 
-fn plane(state: &State) -> Result<&Arc<Plane>, Response> {
-    state.plane().ok_or_else(|| {
-        error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "the control plane is off (start `tenantgate serve` with `--xds`)",
-        )
-    })
+const OFF: &str = "the control plane is off (start `tenantgate serve` with `--xds`)";
+
+fn off() -> Response {
+    error(StatusCode::NOT_FOUND, "not_found", OFF)
+}
+
+fn bad(message: impl Into<String>) -> Response {
+    error(StatusCode::BAD_REQUEST, "bad_request", message)
 }
 
 pub async fn status(Extract(state): Extract<Arc<State>>) -> Response {
-    match plane(&state) {
-        Ok(p) => json(StatusCode::OK, &p.fleet().status()),
-        Err(r) => r,
+    match state.plane() {
+        Some(p) => json(StatusCode::OK, &p.fleet().status()),
+        None => off(),
     }
 }
 
@@ -57,72 +56,50 @@ struct RollbackBody {
 }
 
 /// An empty body is `{}`.
-fn body<T: Default + for<'de> Deserialize<'de>>(b: &Bytes) -> Result<T, Response> {
+fn body<T: Default + for<'de> Deserialize<'de>>(b: &Bytes) -> Result<T, String> {
     if b.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(b).map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            format!("the body is not a request: {e}"),
-        )
-    })
+    serde_json::from_slice(b).map_err(|e| format!("the body is not a request: {e}"))
 }
 
 pub async fn rollout(Extract(state): Extract<Arc<State>>, b: Bytes) -> Response {
-    let p = match plane(&state) {
-        Ok(p) => p,
-        Err(r) => return r,
+    let Some(p) = state.plane() else {
+        return off();
     };
     let req: RolloutBody = match body(&b) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(m) => return bad(m),
     };
     let selector = match (req.nodes, req.fraction) {
-        (Some(_), Some(_)) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "give `nodes` or `fraction`, not both",
-            )
-        }
+        (Some(_), Some(_)) => return bad("give `nodes` or `fraction`, not both"),
         (Some(n), None) => Some(Selector::Pattern(n)),
         (None, Some(f)) => Some(Selector::Fraction(f)),
         (None, None) => None,
     };
-    let shown = format!("{selector:?}");
+    let to = match &selector {
+        None => "every node".to_string(),
+        Some(Selector::Pattern(p)) => format!("the nodes matching `{p}`"),
+        Some(Selector::Fraction(f)) => format!("{f} of the connected nodes"),
+    };
     let result = p.fleet().rollout(req.version.as_deref(), selector);
     match result {
-        Ok(()) => {
+        Ok(version) => {
             p.notify();
-            let s = p.fleet().status();
-            log(format!(
-                "rollout: {} to {}",
-                s["canary"]["version"]
-                    .as_str()
-                    .or(s["target"].as_str())
-                    .unwrap_or(""),
-                if shown == "None" {
-                    "every node".to_string()
-                } else {
-                    shown
-                }
-            ));
-            json(StatusCode::OK, &s)
+            log(format!("rollout: {version} to {to}"));
+            json(StatusCode::OK, &p.fleet().status())
         }
-        Err(m) => error(StatusCode::BAD_REQUEST, "bad_request", m),
+        Err(m) => bad(m),
     }
 }
 
 pub async fn rollback(Extract(state): Extract<Arc<State>>, b: Bytes) -> Response {
-    let p = match plane(&state) {
-        Ok(p) => p,
-        Err(r) => return r,
+    let Some(p) = state.plane() else {
+        return off();
     };
     let req: RollbackBody = match body(&b) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(m) => return bad(m),
     };
     let result = p.fleet().rollback(req.version.as_deref());
     match result {
@@ -131,18 +108,18 @@ pub async fn rollback(Extract(state): Extract<Arc<State>>, b: Bytes) -> Response
             log(format!("rollback: every node to {v}"));
             json(StatusCode::OK, &p.fleet().status())
         }
-        Err(m) => error(StatusCode::BAD_REQUEST, "bad_request", m),
+        Err(m) => bad(m),
     }
 }
 
 pub async fn metrics(Extract(state): Extract<Arc<State>>) -> Response {
-    match plane(&state) {
-        Ok(p) => (
+    match state.plane() {
+        Some(p) => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
             p.fleet().metrics(),
         )
             .into_response(),
-        Err(r) => r,
+        None => off(),
     }
 }

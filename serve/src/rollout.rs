@@ -235,7 +235,7 @@ impl Fleet {
         &mut self,
         version: Option<&str>,
         selector: Option<Selector>,
-    ) -> Result<(), String> {
+    ) -> Result<String, String> {
         let version = match version.or(self.source.as_deref()) {
             Some(v) => v.to_string(),
             None => return Err("no version loaded yet".into()),
@@ -255,7 +255,7 @@ impl Fleet {
                     return Err("`nodes` is empty".into());
                 }
                 self.canary = Some(Canary {
-                    version,
+                    version: version.clone(),
                     pattern: Some(p),
                     fraction: None,
                     nodes: BTreeSet::new(),
@@ -278,7 +278,7 @@ impl Fleet {
                 let count = fraction_count(f, connected.len());
                 let nodes = connected.into_iter().take(count).cloned().collect();
                 self.canary = Some(Canary {
-                    version,
+                    version: version.clone(),
                     pattern: None,
                     fraction: Some(f),
                     nodes,
@@ -286,7 +286,7 @@ impl Fleet {
             }
         }
         self.evict();
-        Ok(())
+        Ok(version)
     }
 
     /// Returns the fleet to `version` (default: the target before this one)
