@@ -441,10 +441,20 @@ async fn watch_source(state: Arc<State>) {
                 "{} changed; the bundle is the same ({new}), nothing to push",
                 state.source.display()
             )),
-            Ok(new) => log(format!(
-                "{} changed: bundle {new} (was {old})",
-                state.source.display()
-            )),
+            Ok(new) => {
+                let pushed = state
+                    .plane()
+                    .is_some_and(|p| p.fleet().target() == Some(new.as_str()));
+                log(format!(
+                    "{} changed: bundle {new} (was {old}){}",
+                    state.source.display(),
+                    if pushed {
+                        ", pushed"
+                    } else {
+                        ", kept: `POST /v1/rollout` sends it"
+                    }
+                ))
+            }
             Err(e) => log(format!(
                 "{} changed but does not load; not pushed, keeping bundle {old}:\n{e}",
                 state.source.display()
