@@ -471,3 +471,32 @@ pub fn run_blocking(config: Config) -> Result<(), String> {
         .map_err(|e| format!("cannot start the runtime: {e}"))?
         .block_on(run(config))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fingerprint_changes_with_any_file_of_the_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bundle.json");
+        std::fs::write(&file, "{}").unwrap();
+        let one = fingerprint(&file);
+        assert_eq!(one.len(), 1);
+        assert_eq!(fingerprint(&file), one, "nothing changed");
+        std::fs::write(&file, "{ }").unwrap();
+        assert_ne!(fingerprint(&file), one, "a bundle file rewritten");
+        // A folder: a new file deep inside, then its removal.
+        let before = fingerprint(dir.path());
+        std::fs::create_dir_all(dir.path().join("tenants/acme")).unwrap();
+        std::fs::write(dir.path().join("tenants/acme/p.cedar"), "x").unwrap();
+        let with = fingerprint(dir.path());
+        assert_ne!(with, before);
+        assert_eq!(with.len(), 2);
+        std::fs::remove_file(dir.path().join("tenants/acme/p.cedar")).unwrap();
+        assert_eq!(fingerprint(dir.path()), before);
+        // A source that disappears is a change too (and reloading it fails).
+        let gone = dir.path().join("nothing");
+        assert_eq!(fingerprint(&gone), vec![(gone.clone(), 0, None)]);
+    }
+}

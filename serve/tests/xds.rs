@@ -365,3 +365,35 @@ async fn without_xds_the_control_plane_endpoints_are_404() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_bundle_file_source_is_pushed_when_it_changes() {
+    let tree = Tree::new(
+        "{}",
+        &[("acme/tenant.json", "{}"), ("acme/p.cedar", PERMIT)],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bundle.json");
+    let (b1, _) = tenantgate_serve::load_bundle(tree.path()).unwrap();
+    std::fs::write(&file, b1.to_json()).unwrap();
+    let p = start_plane(&file, Mode::Auto).await;
+    let mut s = Stream::open(p.xds, "edge-1", "").await;
+    let r = s.next().await;
+    assert_eq!(r.version_info, b1.version);
+    assert_eq!(bundle_of(&r)["version"], b1.version.as_str());
+    s.reply(&r.version_info, &r.nonce, None).await;
+    tree.write(
+        "{}",
+        &[("acme/tenant.json", "{}"), ("acme/p.cedar", FORBID)],
+    );
+    let (b2, _) = tenantgate_serve::load_bundle(tree.path()).unwrap();
+    std::fs::write(&file, b2.to_json()).unwrap();
+    assert_eq!(p.state.reload().unwrap(), b2.version);
+    let r = s.next().await;
+    assert_eq!(r.version_info, b2.version);
+    // A bundle edited after `tenantgate bundle` wrote it does not load: not pushed.
+    std::fs::write(&file, b2.to_json().replace("forbid", "permit")).unwrap();
+    let e = p.state.reload().unwrap_err();
+    assert!(e.contains("does not match its content"), "{e}");
+    s.quiet().await;
+}
