@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::{
-    async_data_source, data_source, AsyncDataSource, DataSource, TypedExtensionConfig,
+    async_data_source, data_source, AsyncDataSource, ControlPlane, DataSource, TypedExtensionConfig,
 };
 use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
 use envoy_types::pb::envoy::extensions::wasm::v3::{
@@ -122,6 +122,9 @@ impl Plane {
             resources: vec![any(TYPED_EXTENSION_CONFIG, &self.resource(&push.config))],
             type_url: type_url.to_string(),
             nonce: push.nonce.clone(),
+            control_plane: Some(ControlPlane {
+                identifier: format!("tenantgate serve {}", env!("CARGO_PKG_VERSION")),
+            }),
             ..DiscoveryResponse::default()
         }
     }
@@ -406,6 +409,11 @@ mod tests {
             ("sha256:ab", "7")
         );
         assert_eq!(r.type_url, TYPED_EXTENSION_CONFIG);
+        assert!(r
+            .control_plane
+            .unwrap()
+            .identifier
+            .starts_with("tenantgate serve "));
         assert_eq!(r.resources.len(), 1);
         assert_eq!(r.resources[0].type_url, TYPED_EXTENSION_CONFIG);
         let tec = TypedExtensionConfig::decode(r.resources[0].value.as_slice()).unwrap();
