@@ -15,7 +15,8 @@ ADS, `edge-3` over the extension config discovery service. In order:
    Envoys keep deciding by the last good version; the good content saved
    again is the same version: no push;
 4. a rollback to the first version;
-5. a canary of the second version to `edge-2`, then to all;
+5. a canary of the second version to a fraction of the nodes (one of three),
+   then to `edge-2`, then to all;
 6. the server stopped (the Envoys keep deciding), the tree changed, the
    server started again: every Envoy reconnects and runs the new version;
 7. an Envoy that NACKs: `edge-4` runs where the module path the server sends
@@ -268,6 +269,14 @@ class Fleet(unittest.TestCase):
         self.assertIn("`sha256:00` is not one the server keeps", json.loads(body)["message"])
 
     def test_5_canary_to_one_node_then_all(self):
+        # A fraction of the connected nodes: 0.3 of 3 is one node, chosen in a stable order.
+        code, body = self.server.call("POST", "/v1/rollout", {"version": self.v2, "fraction": 0.3})
+        self.assertEqual(code, 200, body)
+        chosen = json.loads(body)["canary"]["chosen"]
+        self.assertEqual(len(chosen), 1, body)
+        self.wait_acked({n: self.v2 if n in chosen else self.v1 for n in NODES})
+        self.wait_decisions([403 if n in chosen else 200 for n in NODES])
+        # Then by node id; the fraction's node goes back to the target.
         code, body = self.server.call("POST", "/v1/rollout", {"version": self.v2, "nodes": "edge-2"})
         self.assertEqual(code, 200, body)
         self.wait_acked({"edge-1": self.v1, "edge-2": self.v2, "edge-3": self.v1})
