@@ -31,7 +31,7 @@ use tenantgate_serve::policytest;
 pub struct Side {
     pub source: PathBuf,
     pub bundle: Bundle,
-    pub engine: Engine,
+    pub engine: std::sync::Arc<Engine>,
 }
 
 impl Side {

@@ -3,9 +3,12 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use std::sync::Arc;
+
 use clap::{Parser, Subcommand};
+
 use tenantgate_engine::http::RequestSpec;
-use tenantgate_engine::{Bundle, Decision, Diagnostics, Engine};
+use tenantgate_engine::{Bundle, Decision, Diagnostics, Engine, Worker};
 
 mod diff;
 mod fmt;
@@ -325,7 +328,7 @@ fn run_check(source: &Path, spec: &RequestSpec) -> Result<ExitCode, String> {
     let (_, engine) = load(source)?;
     // Quotas charged in a fresh in-memory store: what a first request gets.
     let store = tenantgate_engine::quota::MemoryStore::new();
-    let out = engine.check_output(spec, now_ns(), Some(&store))?;
+    let out = Worker::new(engine).check_output(spec, now_ns(), Some(&store))?;
     println!(
         "{}",
         serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?
@@ -427,7 +430,7 @@ fn write_atomically(path: &Path, text: &str) -> Result<(), String> {
 }
 
 /// Loads a policy folder or a bundle file and compiles it.
-pub fn load(source: &Path) -> Result<(Bundle, Engine), String> {
+pub fn load(source: &Path) -> Result<(Bundle, Arc<Engine>), String> {
     let bundle = if source.is_dir() {
         Bundle::from_dir(source).map_err(|d| prefix(source, &d))?
     } else {
@@ -436,14 +439,14 @@ pub fn load(source: &Path) -> Result<(Bundle, Engine), String> {
         return load_text(source, &text);
     };
     let engine = Engine::new(&bundle).map_err(|d| prefix(source, &d))?;
-    Ok((bundle, engine))
+    Ok((bundle, Arc::new(engine)))
 }
 
 /// Compiles a bundle document read from `source`.
-pub fn load_text(source: &Path, text: &str) -> Result<(Bundle, Engine), String> {
+pub fn load_text(source: &Path, text: &str) -> Result<(Bundle, Arc<Engine>), String> {
     let bundle = Bundle::from_json(text).map_err(|d| prefix(source, &d))?;
     let engine = Engine::new(&bundle).map_err(|d| prefix(source, &d))?;
-    Ok((bundle, engine))
+    Ok((bundle, Arc::new(engine)))
 }
 
 /// Error lines carry paths relative to the folder; show them as the user typed it.
@@ -477,13 +480,14 @@ pub fn now_ns() -> u64 {
 }
 
 /// Decides a request given by its parts, through the filter's own mapping.
-pub fn decide(engine: &Engine, args: &RequestSpec) -> Result<Decision, String> {
+pub fn decide(engine: &Arc<Engine>, args: &RequestSpec) -> Result<Decision, String> {
     decide_at(engine, args, now_ns())
 }
 
 /// [`decide`] at a given time (nanoseconds since the Unix epoch). Quotas are
 /// charged in a fresh in-memory store (a first request).
-pub fn decide_at(engine: &Engine, args: &RequestSpec, now: u64) -> Result<Decision, String> {
+pub fn decide_at(engine: &Arc<Engine>, args: &RequestSpec, now: u64) -> Result<Decision, String> {
     let store = tenantgate_engine::quota::MemoryStore::new();
-    Ok(engine.check_decision(args, now, Some(&store))?.0)
+    let worker = Worker::new(Arc::clone(engine));
+    Ok(worker.check(args, now, Some(&store))?.decision)
 }

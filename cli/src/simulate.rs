@@ -16,7 +16,7 @@
 //! request counts as allowed by policy).
 //!
 //! The replay goes through the engine's own quota path
-//! ([`Engine::decide_quotas`]: keyed limits first, then the hierarchical
+//! ([`Worker::decide_quotas`]: keyed limits first, then the hierarchical
 //! buckets, keyed charges given back when those refuse) with the in-memory
 //! store (Envoy's shared-data semantics) on a virtual clock starting at a
 //! fixed instant, every bucket full at the start, and key values hashed with
@@ -24,13 +24,14 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use tenantgate_engine::decision::Kind;
 use tenantgate_engine::http::RequestSpec;
 use tenantgate_engine::quota::keyed::SEED_KEY;
 use tenantgate_engine::quota::{BucketStore, MemoryStore, Nanos};
-use tenantgate_engine::{Bundle, Engine, Request, TenantPath};
+use tenantgate_engine::{Bundle, Engine, Request, TenantPath, Worker};
 
 /// Start of the virtual clock: 2023-11-14T22:13:20Z, any fixed instant does.
 const START: Nanos = 1_700_000_000 * NS_PER_S;
@@ -154,7 +155,7 @@ impl Counts {
 /// second per tenant into that file.
 pub fn run(
     bundle: &Bundle,
-    engine: &Engine,
+    engine: &Arc<Engine>,
     plan_text: &str,
     svg: Option<&Path>,
 ) -> Result<serde_json::Value, String> {
@@ -194,6 +195,7 @@ pub fn run(
         .create_buckets(&store, START)
         .map_err(store_error)?;
     store.set(SEED_KEY, &SEED, 0).map_err(store_error)?;
+    let worker = Worker::new(Arc::clone(engine));
     for (at, i, k) in events {
         let Some(flow) = flows.get_mut(i) else {
             continue;
@@ -206,7 +208,7 @@ pub fn run(
             continue;
         };
         req.time_ns = START + at;
-        let decision = engine.decide_quotas(req, &store);
+        let decision = worker.decide_quotas(req, &store);
         let refused_by = match decision.kind {
             Kind::Allowed => None,
             Kind::QuotaExceeded => Some(
@@ -509,7 +511,7 @@ mod tests {
     fn simulate(b: &Bundle, plan: &str) -> Result<serde_json::Value, String> {
         let mut b = b.clone();
         b.version = b.compute_version();
-        let engine = Engine::new(&b).map_err(|e| format!("{e:?}"))?;
+        let engine = Arc::new(Engine::new(&b).map_err(|e| format!("{e:?}"))?);
         run(&b, &engine, plan, None)
     }
 
@@ -843,7 +845,7 @@ mod tests {
         let out = dir.join("out.svg");
         let mut b = b;
         b.version = b.compute_version();
-        let engine = Engine::new(&b).unwrap();
+        let engine = Arc::new(Engine::new(&b).unwrap());
         run(
             &b,
             &engine,
@@ -866,7 +868,7 @@ mod tests {
     fn example_plans_demonstrate_guarantee_and_borrowing() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
         let b = Bundle::from_dir(&dir).unwrap();
-        let model = Engine::new(&b).unwrap();
+        let model = Arc::new(Engine::new(&b).unwrap());
         let plan = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
 
         // /acme/us and /acme/eu/team-a at their rates next to two floods:

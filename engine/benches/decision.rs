@@ -83,12 +83,14 @@ fn request() -> Request {
 fn bench(c: &mut Criterion) {
     let large = tree([10, 10, 9]); // 1 + 10 + 100 + 900 = 1,011 tenants, 10,110 policies
     let small = tree([1, 1, 8]); // 1 + 1 + 1 + 8 = 11 tenants, 110 policies
-    let large_engine = Engine::new(&large).unwrap();
+    let large_engine =
+        tenantgate_engine::Worker::new(std::sync::Arc::new(Engine::new(&large).unwrap()));
     let small_t = TenantPath::parse("/t0/t0/t5").unwrap();
     let small_req = Request::new(small_t.clone(), "GET", "/svc7/items/1")
         .with_principal("alice", Some(small_t))
         .at(1_795_707_000_000_000_000);
-    let small_engine = Engine::new(&small).unwrap();
+    let small_engine =
+        tenantgate_engine::Worker::new(std::sync::Arc::new(Engine::new(&small).unwrap()));
     let req = request();
     assert!(large_engine.decide_policy(&req).is_allowed());
     assert!(small_engine.decide_policy(&small_req).is_allowed());

@@ -23,7 +23,9 @@ const NOW: u64 = 1_795_707_000_000_000_000;
 
 fn bench(c: &mut Criterion) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
-    let engine = Engine::new(&Bundle::from_dir(&dir).unwrap()).unwrap();
+    let engine = tenantgate_engine::Worker::new(std::sync::Arc::new(
+        Engine::new(&Bundle::from_dir(&dir).unwrap()).unwrap(),
+    ));
     let headers: Vec<(String, Vec<u8>)> = [
         (":authority", "api.example.com"),
         (":path", "/orders/1?page=2"),

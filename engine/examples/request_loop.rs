@@ -15,7 +15,7 @@ fn main() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
     let mut b = Bundle::from_dir(&dir).unwrap();
     b.settings.audit = tenantgate_engine::settings::Audit::Deny;
-    let engine = Engine::new(&b).unwrap();
+    let engine = tenantgate_engine::Worker::new(std::sync::Arc::new(Engine::new(&b).unwrap()));
     let headers: Vec<(String, Vec<u8>)> = [
         (":authority", "api.example.com"),
         (":path", "/orders/1"),

@@ -4,10 +4,12 @@
 
 pub mod bundle;
 mod cache;
+mod compile;
 pub mod decision;
 pub mod diag;
 mod engine;
 mod entities;
+pub mod flow;
 pub mod http;
 pub mod metrics;
 pub mod path;
@@ -17,6 +19,7 @@ pub mod settings;
 pub mod tenant;
 #[cfg(test)]
 mod testing;
+mod worker;
 
 pub use bundle::Bundle;
 pub use decision::{Decision, Outcome};
@@ -25,3 +28,4 @@ pub use engine::{Engine, PolicyInfo};
 pub use request::Request;
 pub use settings::Settings;
 pub use tenant::TenantPath;
+pub use worker::Worker;

@@ -19,10 +19,10 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use crate::decision::{Decision, Kind, TenantCounter};
+use crate::decision::{Counter, Decision, Kind, TenantCounter};
 use crate::quota::{BucketStore, Nanos, QuotaModel};
 use crate::tenant::TenantPath;
-use crate::Engine;
+use crate::{Engine, Worker};
 
 /// Metric names, shared with the filter, the docs and the tests.
 pub mod names {
@@ -134,6 +134,7 @@ pub mod names {
 pub enum MetricKind {
     Counter,
     Gauge,
+    Histogram,
 }
 
 /// One series the filter defines at configure time.
@@ -209,6 +210,15 @@ pub struct Layout {
     tenants: HashMap<TenantPath, TenantSeries>,
     limits: Vec<LimitSeries>,
     lease_refills: MetricRef,
+    /// The process-wide outcome counters, in the order of [`Counter`].
+    outcomes: [MetricRef; 6],
+    /// Histogram of decision times in microseconds (sampled).
+    pub decision_us: MetricRef,
+    /// Calls to the rate limit service, and those that failed.
+    pub fleet_calls: MetricRef,
+    pub fleet_errors: MetricRef,
+    /// Bundles loaded (incremented on each activation).
+    pub config_loaded: MetricRef,
     near_limit_ratio: f64,
 }
 
@@ -275,13 +285,56 @@ impl Layout {
             MetricKind::Gauge,
             Some(quotas.footprint().len() as u64),
         );
+        let outcomes = [
+            names::ALLOWED,
+            names::DENIED_POLICY,
+            names::DENIED_QUOTA,
+            names::BAD_REQUEST,
+            names::SHADOW_DENIED,
+            names::ERRORS,
+        ]
+        .map(|n| def(n.into(), MetricKind::Counter, None));
+        let decision_us = def(names::DECISION_US.into(), MetricKind::Histogram, None);
+        let fleet_calls = def(names::FLEET_CALLS.into(), MetricKind::Counter, None);
+        let fleet_errors = def(names::FLEET_ERRORS.into(), MetricKind::Counter, None);
+        let config_loaded = def(names::CONFIG_LOADED.into(), MetricKind::Counter, None);
+        // Defined before any rejection, so an alert sees it go from 0 to 1.
+        def(names::CONFIG_REJECTED.into(), MetricKind::Counter, None);
+        let version = engine.version();
+        def(
+            names::BUNDLE_VERSION.into(),
+            MetricKind::Gauge,
+            Some(names::bundle_version_value(version)),
+        );
+        // 1 while this bundle is loaded; a reload sets the previous
+        // bundle's to 0 ([`Layout::removed_gauges`]).
+        def(names::bundle(version), MetricKind::Gauge, Some(1));
+        def(names::bundle_active(version), MetricKind::Gauge, Some(1));
         Layout {
             defs,
             tenants,
             limits,
             lease_refills,
+            outcomes,
+            decision_us,
+            fleet_calls,
+            fleet_errors,
+            config_loaded,
             near_limit_ratio: engine.settings().near_limit_ratio.0,
         }
+    }
+
+    /// The process-wide counter of a decision's outcome.
+    pub fn outcome(&self, c: Counter) -> MetricRef {
+        let i = match c {
+            Counter::Allowed => 0,
+            Counter::DeniedPolicy => 1,
+            Counter::DeniedQuota => 2,
+            Counter::BadRequest => 3,
+            Counter::ShadowDenied => 4,
+            Counter::Error => 5,
+        };
+        self.outcomes.get(i).copied().unwrap_or(self.decision_us)
     }
 
     /// The gauges of `previous` this layout no longer has (tenants or limits
@@ -364,7 +417,7 @@ impl Layout {
     pub fn flush(
         &self,
         tally: &mut Tally,
-        engine: &Engine,
+        worker: &Worker,
         now: Nanos,
         store: &dyn BucketStore,
     ) -> Vec<Update> {
@@ -377,7 +430,7 @@ impl Layout {
                 }
             }
         }
-        let refills = engine.leases().refills();
+        let refills = worker.leases().refills();
         if refills > tally.refills_flushed {
             out.push(Update::Add(
                 self.lease_refills,
@@ -385,7 +438,7 @@ impl Layout {
             ));
             tally.refills_flushed = refills;
         }
-        self.refresh_remaining(tally, engine.quotas(), now, store, &mut out);
+        self.refresh_remaining(tally, worker.engine().quotas(), now, store, &mut out);
         out
     }
 

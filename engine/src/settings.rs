@@ -21,18 +21,13 @@ pub enum Source {
     Metadata(Vec<String>),
 }
 
-impl Source {
-    /// The names Envoy's `get_property` needs for a metadata source.
-    pub fn metadata_property_path(&self) -> Option<Vec<&str>> {
-        match self {
-            Source::Metadata(path) => {
-                let mut p = vec!["metadata", "filter_metadata"];
-                p.extend(path.iter().map(String::as_str));
-                Some(p)
-            }
-            _ => None,
-        }
-    }
+/// The names Envoy's `get_property` needs for a dynamic-metadata path
+/// (`["envoy.filters.http.jwt_authn", "payload", "tenant"]`).
+pub fn metadata_property(path: &[String]) -> Vec<&str> {
+    let mut p = Vec::with_capacity(path.len() + 2);
+    p.extend(["metadata", "filter_metadata"]);
+    p.extend(path.iter().map(String::as_str));
+    p
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

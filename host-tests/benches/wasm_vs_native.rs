@@ -86,7 +86,7 @@ fn scenarios() -> Result<Vec<Scenario>> {
 
 struct Native {
     step_ns: u64,
-    engine: Engine,
+    engine: tenantgate_engine::Worker,
     store: MemoryStore,
     headers: Vec<(String, Vec<u8>)>,
     now: u64,
@@ -94,7 +94,9 @@ struct Native {
 
 impl Native {
     fn new(s: &Scenario) -> Result<Native> {
-        let engine = Engine::new(&s.bundle).map_err(|d| anyhow!("{d}"))?;
+        let engine = tenantgate_engine::Worker::new(std::sync::Arc::new(
+            Engine::new(&s.bundle).map_err(|d| anyhow!("{d}"))?,
+        ));
         let headers = [
             (":authority", "api.example.com"),
             (":path", s.path),

@@ -22,8 +22,8 @@ use envoy_types::ext_authz::v3::pb::{
 use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
 use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
 use envoy_types::pb::google::rpc;
+use tenantgate_engine::flow::{Step, Verdict};
 use tenantgate_engine::http::{is_own_header, HttpInput, LocalReply, RawRequest};
-use tenantgate_engine::Decision;
 use tonic::{Request, Response, Status};
 
 use crate::{now_ns, State};
@@ -45,9 +45,10 @@ impl Authorization for Authz {
     }
 }
 
-/// Answers one `CheckRequest` (the RPC without the gRPC wrapping).
+/// Answers one `CheckRequest` (the RPC without the gRPC wrapping): the
+/// filter's own flow, policies only.
 pub fn check(state: &State, req: &CheckRequest, now: u64) -> CheckResponse {
-    let engine = state.engine();
+    let worker = state.worker();
     let raw = raw_request(req);
     let pairs = raw.pairs();
     let input = HttpInput {
@@ -56,77 +57,61 @@ pub fn check(state: &State, req: &CheckRequest, now: u64) -> CheckResponse {
         source_address: raw
             .source_address
             .as_deref()
-            .filter(|_| engine.uses_source_ip()),
+            .filter(|_| worker.engine().uses_source_ip()),
         now_ns: now,
     };
-    let (decision, mapped, tenant, request_id) = match engine.map_request(&input, &raw) {
-        Ok(m) => {
-            let decision = engine.decide_policy_cached(&m.request);
-            let tenant = Some(m.request.tenant.clone());
-            let request_id = m.request_id.clone();
-            (decision, Some(m), tenant, request_id)
-        }
-        Err(bad) => (
-            Decision::bad_request(bad.message),
-            None,
-            bad.tenant,
-            bad.request_id,
-        ),
+    // Without a store nothing is deferred: only the policies decide.
+    let effects = match worker.begin(&input, &raw, None) {
+        Step::Done(e) => e,
+        Step::Deferred(_) => return denied(&LocalReply::unavailable(503)),
     };
-    let blocks = decision.blocks(engine.settings().mode);
-    let audits = engine.audits(&decision);
-    let decision_id = (blocks || audits).then(|| state.next_id());
-    if audits {
-        state.audit(engine.audit_line_at(
-            &decision,
-            mapped.as_ref(),
-            tenant.as_ref(),
-            request_id.as_deref(),
-            decision_id.as_deref(),
-            now,
-        ));
+    state.audit(&effects.logs);
+    match effects.verdict {
+        Verdict::Continue {
+            path,
+            request_headers,
+            ..
+        } => allowed(&raw, path.as_deref(), &request_headers),
+        Verdict::Reply(reply) => denied(&reply),
     }
-    if !blocks {
-        let mut set: Vec<(&str, &str)> = Vec::new();
-        if let Some(m) = &mapped {
-            if let Some(p) = &m.forward_path {
-                set.push((":path", p));
-            }
-            set.extend(m.upstream_headers());
-        }
-        // Every spelling of ours the client sent, except the names set above
-        // (setting replaces every value of that name).
-        let remove: BTreeSet<String> = raw
-            .headers
-            .iter()
-            .map(|(k, _)| k.to_ascii_lowercase())
-            .filter(|k| is_own_header(k) && !set.iter().any(|(n, _)| n == k))
-            .collect();
-        return CheckResponse {
-            status: Some(rpc::Status {
-                code: 0,
-                ..Default::default()
-            }),
-            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-                headers: set
-                    .into_iter()
-                    .map(|(k, v)| header(k, v, HeaderAppendAction::OverwriteIfExistsOrAdd))
-                    .collect(),
-                headers_to_remove: remove.into_iter().collect(),
-                ..Default::default()
-            })),
+}
+
+/// An allowed request: the headers to set (the identity headers, `:path`
+/// when normalization changed it) and every client-sent spelling of ours to
+/// remove.
+fn allowed(
+    raw: &RawRequest,
+    path: Option<&str>,
+    request_headers: &[(&'static str, String)],
+) -> CheckResponse {
+    let mut set: Vec<(&str, &str)> = Vec::new();
+    if let Some(p) = path {
+        set.push((":path", p));
+    }
+    set.extend(request_headers.iter().map(|(k, v)| (*k, v.as_str())));
+    // Every spelling of ours the client sent, except the names set above
+    // (setting replaces every value of that name).
+    let remove: BTreeSet<String> = raw
+        .headers
+        .iter()
+        .map(|(k, _)| k.to_ascii_lowercase())
+        .filter(|k| is_own_header(k) && !set.iter().any(|(n, _)| n == k))
+        .collect();
+    CheckResponse {
+        status: Some(rpc::Status {
+            code: 0,
             ..Default::default()
-        };
+        }),
+        http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+            headers: set
+                .into_iter()
+                .map(|(k, v)| header(k, v, HeaderAppendAction::OverwriteIfExistsOrAdd))
+                .collect(),
+            headers_to_remove: remove.into_iter().collect(),
+            ..Default::default()
+        })),
+        ..Default::default()
     }
-    let reply = engine
-        .reply(
-            &decision,
-            tenant.as_ref(),
-            request_id.as_deref(),
-            decision_id.as_deref(),
-        )
-        .unwrap_or_else(|| LocalReply::unavailable(decision.status));
-    denied(&reply)
 }
 
 /// A denial carrying the filter's reply.

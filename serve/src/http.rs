@@ -93,26 +93,13 @@ async fn decide(
             )
         }
     };
-    let engine = state.engine();
-    let now = now_ns();
-    let (decision, mapped) = match engine.check_decision(&spec, now, None) {
+    let worker = state.worker();
+    let effects = match worker.check(&spec, now_ns(), None) {
         Ok(x) => x,
         Err(m) => return error(StatusCode::BAD_REQUEST, "bad_request", m),
     };
-    if engine.audits(&decision) {
-        let tenant = mapped.as_ref().map(|m| &m.request.tenant);
-        let request_id = mapped.as_ref().and_then(|m| m.request_id.as_deref());
-        let id = state.next_id();
-        state.audit(engine.audit_line_at(
-            &decision,
-            mapped.as_ref(),
-            tenant,
-            request_id,
-            Some(&id),
-            now,
-        ));
-    }
-    match engine.outcome_json(&decision, mapped.as_ref()) {
+    state.audit(&effects.logs);
+    match worker.engine().outcome_json(&effects) {
         Ok(v) => json(StatusCode::OK, &v),
         Err(m) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", m),
     }

@@ -25,11 +25,11 @@ pub mod xds;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tenantgate_engine::http::DecisionIds;
-use tenantgate_engine::{Bundle, Diagnostics, Engine};
+use tenantgate_engine::flow::LogLine;
+use tenantgate_engine::{Bundle, Diagnostics, Engine, Worker};
 
 use crate::xds::Plane;
 use tokio::signal::unix::{signal, SignalKind};
@@ -103,9 +103,10 @@ pub fn load_bundle(source: &Path) -> Result<(Bundle, Engine), String> {
 /// What the control plane pushes: [`load_bundle`] (as `tenantgate bundle`
 /// and `validate` do), then, for a policy folder with a `tests` folder, its
 /// policy tests (as `tenantgate test` runs them), which must all pass.
-pub fn load_checked(source: &Path) -> Result<(Bundle, Engine), Vec<String>> {
+pub fn load_checked(source: &Path) -> Result<(Bundle, Arc<Engine>), Vec<String>> {
     let lines = |e: String| e.lines().map(str::to_string).collect::<Vec<_>>();
     let (bundle, engine) = load_bundle(source).map_err(lines)?;
+    let engine = Arc::new(engine);
     if source.is_dir() && policytest::has_tests(source) {
         let tests = policytest::load(source).map_err(|errors| {
             errors
@@ -134,21 +135,26 @@ pub fn load_checked(source: &Path) -> Result<(Bundle, Engine), Vec<String>> {
     Ok((bundle, engine))
 }
 
-/// What both front ends share: the engine now serving and where it came from.
+/// What both front ends share: the bundle now serving (one worker: its
+/// decision cache and decision ids serve every request) and where it came
+/// from.
 pub struct State {
     source: PathBuf,
-    engine: watch::Sender<Arc<Engine>>,
-    ids: Mutex<DecisionIds>,
+    worker: watch::Sender<Arc<Worker>>,
     plane: Option<Arc<Plane>>,
 }
 
+/// A worker over `engine` whose decisions get ids.
+fn worker(engine: impl Into<Arc<Engine>>) -> Worker {
+    let seed = now_ns() ^ u64::from(std::process::id()).rotate_left(32);
+    Worker::with_ids(engine.into(), seed)
+}
+
 impl State {
-    pub fn new(source: PathBuf, engine: Engine) -> State {
-        let seed = now_ns() ^ u64::from(std::process::id()).rotate_left(32);
+    pub fn new(source: PathBuf, engine: impl Into<Arc<Engine>>) -> State {
         State {
             source,
-            engine: watch::Sender::new(Arc::new(engine)),
-            ids: Mutex::new(DecisionIds::new(seed)),
+            worker: watch::Sender::new(Arc::new(worker(engine))),
             plane: None,
         }
     }
@@ -158,9 +164,14 @@ impl State {
         self.plane.as_ref()
     }
 
-    /// The engine serving now (a reload does not affect decisions under way).
+    /// The bundle serving now (a reload does not affect decisions under way).
     pub fn engine(&self) -> Arc<Engine> {
-        Arc::clone(&self.engine.borrow())
+        self.worker.borrow().engine_arc()
+    }
+
+    /// The worker serving now.
+    pub fn worker(&self) -> Arc<Worker> {
+        Arc::clone(&self.worker.borrow())
     }
 
     /// Loads the source again. On success the new bundle serves from the next
@@ -174,13 +185,13 @@ impl State {
         let Some(plane) = &self.plane else {
             let engine = load(&self.source)?;
             let version = engine.version().to_string();
-            self.engine.send_replace(Arc::new(engine));
+            self.worker.send_replace(Arc::new(worker(engine)));
             return Ok(version);
         };
         match load_checked(&self.source) {
             Ok((bundle, engine)) => {
                 let version = engine.version().to_string();
-                self.engine.send_replace(Arc::new(engine));
+                self.worker.send_replace(Arc::new(worker(engine)));
                 if plane.loaded(&bundle) {
                     plane.notify();
                 }
@@ -194,21 +205,13 @@ impl State {
         }
     }
 
-    /// A fresh decision id (for replies and audit lines).
-    pub(crate) fn next_id(&self) -> String {
-        match self.ids.lock() {
-            Ok(ids) => ids.next_id(),
-            Err(poisoned) => poisoned.into_inner().next_id(),
-        }
-    }
-
-    /// Writes the audit line of a decision to standard output, when the
-    /// bundle's `audit` setting asks for one.
-    pub(crate) fn audit(&self, line: Option<String>) {
-        if let Some(line) = line {
-            use std::io::Write;
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{line}");
+    /// Writes a decision's log lines (its audit line, when the bundle's
+    /// `audit` setting asks for one) to standard output.
+    pub(crate) fn audit(&self, lines: &[LogLine]) {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        for l in lines {
+            let _ = writeln!(out, "{}", l.text);
         }
     }
 }

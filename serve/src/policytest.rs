@@ -6,7 +6,9 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use serde::Deserialize;
-use tenantgate_engine::{Decision, Engine, Outcome};
+use std::sync::Arc;
+
+use tenantgate_engine::{Decision, Engine, Outcome, Worker};
 
 use tenantgate_engine::http::RequestSpec as RequestArgs;
 
@@ -126,7 +128,7 @@ pub fn has_tests(dir: &Path) -> bool {
 
 /// Runs every test: how many passed, and one line per failure
 /// (`FAIL tests/FILE: NAME: what differed`).
-pub fn run_all(engine: &Engine, tests: &[LoadedTest]) -> (usize, Vec<String>) {
+pub fn run_all(engine: &Arc<Engine>, tests: &[LoadedTest]) -> (usize, Vec<String>) {
     let mut passed = 0;
     let mut failures = Vec::new();
     for t in tests {
@@ -139,7 +141,7 @@ pub fn run_all(engine: &Engine, tests: &[LoadedTest]) -> (usize, Vec<String>) {
 }
 
 /// Runs one test; `Err` says what differed.
-pub fn run(engine: &Engine, test: &PolicyTest) -> Result<Decision, String> {
+pub fn run(engine: &Arc<Engine>, test: &PolicyTest) -> Result<Decision, String> {
     let decision = decide_at(engine, test, crate::now_ns())?;
     check(test, &decision)?;
     Ok(decision)
@@ -147,15 +149,16 @@ pub fn run(engine: &Engine, test: &PolicyTest) -> Result<Decision, String> {
 
 /// The decision a test's expectation is about: its request at `now`, sent
 /// `repeat` times against one fresh set of quota buckets.
-pub fn decide_at(engine: &Engine, test: &PolicyTest, now: u64) -> Result<Decision, String> {
+pub fn decide_at(engine: &Arc<Engine>, test: &PolicyTest, now: u64) -> Result<Decision, String> {
     let n = test.repeat.unwrap_or(1);
     if !(1..=MAX_REPEAT).contains(&n) {
         return Err(format!("`repeat` must be from 1 to {MAX_REPEAT}, got {n}"));
     }
     let store = tenantgate_engine::quota::MemoryStore::new();
+    let worker = Worker::new(Arc::clone(engine));
     let mut last = None;
     for _ in 0..n {
-        last = Some(engine.check_decision(&test.request, now, Some(&store))?.0);
+        last = Some(worker.check(&test.request, now, Some(&store))?.decision);
     }
     last.ok_or_else(|| "no request was sent".to_string())
 }

@@ -38,14 +38,22 @@ async fn decide_answers_checks_json() {
                       "headers": {"x-request-id": "r-1"}});
     let a = decide(s.http, &deny).await;
     assert_eq!(a.status, 200);
+    // The reply carries the decision's id, as the filter's does (and as the
+    // audit line does).
+    let v = a.json();
+    let id = v["reply"]["body"]["decision_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(id.len(), 32);
     assert_eq!(
-        a.json(),
+        v,
         json!({"decision": "deny", "status": 403, "kind": "forbidden",
                "reasons": ["platform-internal-paths"], "errors": [], "quota": null,
                "reply": {"status": 403, "grpc_status": 7,
                          "headers": {"content-type": "application/json"},
                          "body": {"error": "forbidden", "tenant": "/acme/eu", "request_id": "r-1",
-                                  "decision_id": null, "reasons": ["platform-internal-paths"]}}})
+                                  "decision_id": id, "reasons": ["platform-internal-paths"]}}})
     );
     // A request the filter refuses with 400 is a decision too.
     let bad = json!({"tenant": "/acme/eu", "method": "get", "path": "/orders"});
@@ -65,6 +73,7 @@ async fn decide_agrees_with_check_on_every_policy_test() {
     // The same engine call as `tenantgate check`, policies only.
     let s = start(&policies()).await;
     let engine = tenantgate_serve::load(&policies()).unwrap();
+    let worker = tenantgate_engine::Worker::new(std::sync::Arc::new(engine));
     let mut n = 0;
     for entry in std::fs::read_dir(policies().join("tests")).unwrap() {
         let doc: serde_json::Value =
@@ -72,12 +81,18 @@ async fn decide_agrees_with_check_on_every_policy_test() {
         for t in doc["tests"].as_array().unwrap() {
             let spec: tenantgate_engine::http::RequestSpec =
                 serde_json::from_value(t["request"].clone()).unwrap();
-            let want = engine
+            let want = worker
                 .check_output(&spec, tenantgate_serve::now_ns(), None)
                 .unwrap();
             let got = decide(s.http, &t["request"]).await;
             assert_eq!(got.status, 200, "{}", t["name"]);
-            let got = got.json();
+            let mut got = got.json();
+            // `check` gives no decision ids (its output is the same every
+            // run); the service's replies carry one.
+            if let Some(body) = got.pointer_mut("/reply/body") {
+                let id = body["decision_id"].take();
+                assert_eq!(id.as_str().map(str::len), Some(32), "{}", t["name"]);
+            }
             assert_eq!(got, want, "{}", t["name"]);
             // The service decides policies only: a quota test (sent
             // `repeat` times until a limit refuses) expects what the

@@ -12,7 +12,7 @@ use crate::tenant::TenantPath;
 #[derive(Debug)]
 pub struct DecisionIds {
     vm: u64,
-    next: std::cell::Cell<u64>,
+    next: std::sync::atomic::AtomicU64,
 }
 
 impl DecisionIds {
@@ -21,15 +21,14 @@ impl DecisionIds {
     pub fn new(seed: u64) -> Self {
         DecisionIds {
             vm: splitmix64(seed),
-            next: std::cell::Cell::new(0),
+            next: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
     /// The next id: 32 lowercase hex digits. Two ids of one VM never repeat
     /// (the counter goes through a bijection).
     pub fn next_id(&self) -> String {
-        let n = self.next.get();
-        self.next.set(n.wrapping_add(1));
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         format!("{:016x}{:016x}", self.vm, splitmix64(n ^ self.vm))
     }
 }

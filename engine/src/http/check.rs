@@ -1,65 +1,61 @@
 //! What `tenantgate check` prints and the decision service answers: the
 //! decision, and what Envoy would do with the request (the headers and path
-//! the upstream gets, or the local reply).
+//! the upstream gets, or the local reply). Both go through the filter's own
+//! flow ([`Worker::begin`]'s steps), from a request given by its parts.
 
 use std::collections::BTreeMap;
 
-use super::{Mapped, RequestSpec};
-use crate::decision::Decision;
+use super::RequestSpec;
 use crate::engine::Engine;
+use crate::flow::{Effects, Step, Verdict};
 use crate::quota::BucketStore;
+use crate::worker::Worker;
 
-impl Engine {
+impl Worker {
     /// Maps a spec as the filter maps the raw request it stands for and
-    /// decides it. With a `store` the quotas are charged there (`check` uses
-    /// a fresh in-memory store); without one only the policies decide and
-    /// `quota` is `null` (the decision service). `Err`: the spec cannot be
+    /// decides it through the filter's flow. With a `store` the quotas are
+    /// charged there (`check` uses a fresh in-memory store); without one
+    /// only the policies decide and `quota` is `null` (the decision service).
+    /// No rate limit service is asked: a `per_request` fleet check is left
+    /// out and the local decision stands. `Err`: the spec cannot be
     /// expressed under this bundle's settings.
-    pub fn check_decision(
+    pub fn check(
         &self,
         spec: &RequestSpec,
         now_ns: u64,
         store: Option<&dyn BucketStore>,
-    ) -> Result<(Decision, Option<Mapped>), String> {
-        Ok(match self.map_spec(spec, now_ns)? {
-            Ok(m) => {
-                let d = match store {
-                    Some(s) => self.decide(&m.request, s),
-                    None => self.decide_policy_cached(&m.request),
-                };
-                (d, Some(m))
-            }
-            Err(bad) => (Decision::bad_request(bad.message), None),
+    ) -> Result<Effects, String> {
+        let mapped = self.engine.map_spec(spec, now_ns)?;
+        Ok(match self.decide_mapped(mapped, store, now_ns) {
+            Step::Done(effects) => effects,
+            Step::Deferred(d) => self.finish_locally(d.pending),
         })
     }
 
-    /// The JSON of `check`: [`Engine::check_decision`], then `reply` (a
-    /// blocking denial: status, gRPC status, headers, body) or `upstream`
-    /// (what the upstream gets when the request goes on).
+    /// The JSON of `check`: [`Worker::check`] as [`Engine::outcome_json`].
     pub fn check_output(
         &self,
         spec: &RequestSpec,
         now_ns: u64,
         store: Option<&dyn BucketStore>,
     ) -> Result<serde_json::Value, String> {
-        let (decision, mapped) = self.check_decision(spec, now_ns, store)?;
-        self.outcome_json(&decision, mapped.as_ref())
+        let effects = self.check(spec, now_ns, store)?;
+        self.engine.outcome_json(&effects)
     }
+}
 
-    /// The JSON of a decision and its mapping, as `check` prints it.
-    pub fn outcome_json(
-        &self,
-        decision: &Decision,
-        mapped: Option<&Mapped>,
-    ) -> Result<serde_json::Value, String> {
-        let mut out = serde_json::to_value(decision).map_err(|e| e.to_string())?;
+impl Engine {
+    /// The JSON of a decision and what Envoy does with the request, as
+    /// `check` prints it: the decision's fields, then `reply` (a blocking
+    /// denial: status, gRPC status, headers, body) or `upstream` (what the
+    /// upstream gets when a mapped request goes on).
+    pub fn outcome_json(&self, effects: &Effects) -> Result<serde_json::Value, String> {
+        let mut out = serde_json::to_value(&effects.decision).map_err(|e| e.to_string())?;
         let Some(obj) = out.as_object_mut() else {
             return Ok(out);
         };
-        if decision.blocks(self.settings().mode) {
-            let tenant = mapped.map(|m| &m.request.tenant);
-            let request_id = mapped.and_then(|m| m.request_id.as_deref());
-            if let Some(r) = self.reply(decision, tenant, request_id, None) {
+        match &effects.verdict {
+            Verdict::Reply(r) => {
                 obj.insert(
                     "reply".into(),
                     serde_json::json!({
@@ -70,12 +66,21 @@ impl Engine {
                     }),
                 );
             }
-        } else if let Some(m) = mapped {
-            let headers: BTreeMap<&str, &str> = m.upstream_headers().collect();
-            obj.insert(
-                "upstream".into(),
-                serde_json::json!({ "path": m.forward_path, "headers": headers }),
-            );
+            Verdict::Continue {
+                path,
+                request_headers,
+                ..
+            } if effects.mapped.is_some() => {
+                let headers: BTreeMap<&str, &str> = request_headers
+                    .iter()
+                    .map(|(k, v)| (*k, v.as_str()))
+                    .collect();
+                obj.insert(
+                    "upstream".into(),
+                    serde_json::json!({ "path": path, "headers": headers }),
+                );
+            }
+            Verdict::Continue { .. } => {}
         }
         Ok(out)
     }

@@ -12,7 +12,7 @@ use crate::settings::{Audit, Settings};
 use crate::testing::{bundle, file, tenant as t};
 
 /// `/` (members read), `/acme` (limit 2 per minute), `/acme/eu`, `/globex`.
-fn engine(settings: Settings) -> Engine {
+fn engine(settings: Settings) -> crate::Worker {
     let b = bundle(
         settings,
         vec![
@@ -34,7 +34,7 @@ fn engine(settings: Settings) -> Engine {
             t("/globex", None, vec![]),
         ],
     );
-    Engine::new(&b).unwrap()
+    crate::Worker::new(std::sync::Arc::new(Engine::new(&b).unwrap()))
 }
 
 fn headers(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
@@ -317,7 +317,7 @@ fn claims_come_from_the_forwarded_payload_header() {
 }
 
 fn decide(
-    e: &Engine,
+    e: &crate::Worker,
     store: &MemoryStore,
     tenant: &str,
     user: &str,

@@ -120,7 +120,9 @@ impl crate::Engine {
             cost,
         })
     }
+}
 
+impl crate::Worker {
     /// What the service's answer to `call` means. `answer` is the response
     /// message, or why there is none.
     pub fn fleet_answer(
@@ -133,7 +135,7 @@ impl crate::Engine {
             Ok(r) => r,
             Err(e) => return FleetOutcome::Failed(e),
         };
-        let all = self.fleet_limits().all();
+        let all = self.engine.fleet_limits().all();
         // The refusal of one limit: the server's status when it sent one.
         let refusal = |i: usize, status: Option<&rls_wire::Status>| {
             all.get(*call.limits.get(i)?)
@@ -194,20 +196,23 @@ impl crate::Engine {
             return None;
         }
         st.blocked.retain(|_, (until, _)| now < *until);
-        self.fleet_limits().indices_for(tenant).find_map(|i| {
-            st.blocked.get(&i).map(|(until, q)| {
-                let mut q = q.clone();
-                q.cost = cost;
-                q.retry_after_s = super::bucket::ceil_seconds(until.saturating_sub(now)).max(1);
-                q
+        self.engine
+            .fleet_limits()
+            .indices_for(tenant)
+            .find_map(|i| {
+                st.blocked.get(&i).map(|(until, q)| {
+                    let mut q = q.clone();
+                    q.cost = cost;
+                    q.retry_after_s = super::bucket::ceil_seconds(until.saturating_sub(now)).max(1);
+                    q
+                })
             })
-        })
     }
 
     /// `batched` mode: counts an admitted request to `tenant`.
     pub fn fleet_count(&self, tenant: &TenantPath, cost: u64) {
         if let Ok(mut st) = self.fleet_state().inner.lock() {
-            for i in self.fleet_limits().indices_for(tenant) {
+            for i in self.engine.fleet_limits().indices_for(tenant) {
                 let n = st.pending.entry(i).or_insert(0);
                 *n = n.saturating_add(cost);
             }
@@ -218,7 +223,7 @@ impl crate::Engine {
     /// and something was admitted since the last one (or `now_anyway`: the
     /// bundle is being replaced). Its hits are taken.
     pub fn fleet_report(&self, now: Nanos, now_anyway: bool) -> Option<FleetCall> {
-        let rls = self.rate_limit_service()?;
+        let rls = self.engine.rate_limit_service()?;
         if rls.mode != FleetMode::Batched {
             return None;
         }
@@ -230,7 +235,7 @@ impl crate::Engine {
         st.last_report = now;
         let mut taken: Vec<(usize, u64)> = st.pending.drain().filter(|(_, n)| *n > 0).collect();
         taken.sort_unstable();
-        let all = self.fleet_limits().all();
+        let all = self.engine.fleet_limits().all();
         let descriptors: Vec<WireDescriptor<'_>> = taken
             .iter()
             .filter_map(|(i, n)| all.get(*i).map(|l| (l, *n)))
@@ -306,7 +311,7 @@ mod tests {
 
     /// `/acme` has a local `rps` (rate 100) and a fleet `rpm` (rate 5 per
     /// minute); `/acme/eu` a fleet `rpm` of 3; everyone may read.
-    fn engine(mode: FleetMode) -> Engine {
+    fn engine(mode: FleetMode) -> crate::Worker {
         let settings = Settings {
             rate_limit_service: Some(RateLimitService {
                 mode,
@@ -346,7 +351,7 @@ mod tests {
                 t("/globex", None, vec![]),
             ],
         );
-        Engine::new(&b).unwrap()
+        crate::Worker::new(std::sync::Arc::new(Engine::new(&b).unwrap()))
     }
 
     fn request(e: &Engine, tenant: &str, now: Nanos) -> Request {

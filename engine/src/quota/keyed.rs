@@ -737,7 +737,7 @@ mod engine_tests {
 
     const SEC: u64 = 1_000_000_000;
 
-    fn engine(acme_limits: &str) -> Result<Engine, String> {
+    fn engine(acme_limits: &str) -> Result<crate::Worker, String> {
         let b = bundle(
             crate::settings::Settings::default(),
             vec![
@@ -760,7 +760,9 @@ mod engine_tests {
                 t("/acme/eu", None, vec![]),
             ],
         );
-        Engine::new(&b).map_err(|d| d.to_string())
+        Engine::new(&b)
+            .map(|e| crate::Worker::new(std::sync::Arc::new(e)))
+            .map_err(|d| d.to_string())
     }
 
     fn request(e: &Engine, user: Option<&str>, key: Option<&str>, now: u64) -> Request {
