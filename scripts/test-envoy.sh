@@ -23,5 +23,6 @@ export TENANTGATE_CLI="${CARGO_TARGET_DIR:-$PWD/target}/debug/tenantgate"
 [ $# -gt 0 ] || .venv/bin/python envoy/upstream_trust_test.py  # what upstreams may trust, full runs only
 [ $# -gt 0 ] || python3 envoy/differential_test.py  # check vs Envoy on one table of raw requests, full runs only
 [ $# -gt 0 ] || python3 envoy/ext_authz_test.py  # tenantgate serve behind ext_authz vs the filter, full runs only
+[ $# -gt 0 ] || python3 envoy/xds_test.py  # the control plane: serve --xds, four Envoys, rollouts, full runs only
 [ $# -gt 0 ] || python3 envoy/fleet_test.py  # fleet limits: Redis, tenantgate-rls, three Envoys, full runs only
 exec python3 envoy/e2e_test.py "$@"

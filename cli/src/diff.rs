@@ -25,7 +25,7 @@ use tenantgate_engine::bundle::{BundleTenant, TenantConfig};
 use tenantgate_engine::quota::LimitInfo;
 use tenantgate_engine::{Bundle, Decision, Engine, Outcome, TenantPath};
 
-use crate::policytest;
+use tenantgate_serve::policytest;
 
 /// One side of the comparison.
 pub struct Side {

@@ -13,7 +13,7 @@ use tenantgate_engine::{Bundle, Decision, Diagnostics, Engine, Worker};
 mod diff;
 mod fmt;
 mod limits;
-mod policytest;
+use tenantgate_serve::policytest;
 mod render;
 mod simulate;
 
@@ -108,7 +108,7 @@ enum Command {
         /// A bundle file or a policy folder.
         bundle: PathBuf,
         #[command(flatten)]
-        options: render::Options,
+        options: Box<render::Options>,
         /// Write here instead of standard output (atomically: a temporary file, then a rename).
         #[arg(short, long)]
         output: Option<PathBuf>,
@@ -129,7 +129,8 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
-    /// Serve policy decisions: an HTTP JSON API and, with `--grpc`, Envoy's ext_authz (policies only; SIGHUP reloads).
+    /// Serve policy decisions: an HTTP JSON API and, with `--grpc`, Envoy's ext_authz (policies only; SIGHUP reloads);
+    /// with `--xds`, the filter's configuration to a fleet of Envoys.
     #[command(
         after_help = "Exit status: 0 after a graceful shutdown (SIGTERM or SIGINT), 1 when it cannot start (the bundle, a listen address)."
     )]
@@ -142,7 +143,33 @@ enum Command {
         /// Address of Envoy's ext_authz gRPC service, e.g. `127.0.0.1:9191`.
         #[arg(long, value_name = "IP:PORT")]
         grpc: Option<std::net::SocketAddr>,
+        /// Serve the filter's configuration to Envoys over xDS (ECDS on ADS and
+        /// the extension config discovery service) at this address; the source
+        /// is watched and every change that validates and passes its policy
+        /// tests is pushed.
+        #[arg(long, value_name = "IP:PORT", requires = "wasm")]
+        xds: Option<std::net::SocketAddr>,
+        /// With `--xds`: the filter module as the Envoys see it (a path on their hosts).
+        #[arg(long, value_name = "PATH", requires = "xds")]
+        wasm: Option<String>,
+        /// With `--xds`: `auto` pushes every new version to all nodes; `manual`
+        /// keeps it until `POST /v1/rollout`.
+        #[arg(long, value_enum, default_value = "auto", requires = "xds")]
+        rollout: RolloutMode,
+        /// With `--xds`: how many versions to keep for rollouts and rollbacks.
+        #[arg(long, default_value_t = tenantgate_serve::rollout::DEFAULT_KEEP, value_name = "N", requires = "xds")]
+        keep: usize,
+        /// With `--xds`: let requests through when the filter cannot load or crashes (default: refuse them).
+        #[arg(long = "fail-open", requires = "xds")]
+        fail_open: bool,
     },
+}
+
+/// `serve --rollout`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum RolloutMode {
+    Auto,
+    Manual,
 }
 
 /// A request as `check` and the policy tests describe it: the engine's
@@ -211,10 +238,34 @@ fn run(command: Command) -> Result<ExitCode, String> {
             domain,
         } => limits::run(&source, format, &domain),
         Command::Fmt { dir, check } => fmt::run(&dir, check),
-        Command::Serve { source, http, grpc } => {
-            tenantgate_serve::run_blocking(tenantgate_serve::Config { source, http, grpc })
-                .map(|()| ExitCode::SUCCESS)
-                .map_err(|e| format!("tenantgate serve: error: {e}"))
+        Command::Serve {
+            source,
+            http,
+            grpc,
+            xds,
+            wasm,
+            rollout,
+            keep,
+            fail_open,
+        } => {
+            let xds = xds.map(|addr| tenantgate_serve::xds::Options {
+                addr,
+                wasm: wasm.unwrap_or_default(),
+                fail_open,
+                mode: match rollout {
+                    RolloutMode::Auto => tenantgate_serve::rollout::Mode::Auto,
+                    RolloutMode::Manual => tenantgate_serve::rollout::Mode::Manual,
+                },
+                keep,
+            });
+            tenantgate_serve::run_blocking(tenantgate_serve::Config {
+                source,
+                http,
+                grpc,
+                xds,
+            })
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| format!("tenantgate serve: error: {e}"))
         }
     }
 }
@@ -288,18 +339,12 @@ fn run_check(source: &Path, spec: &RequestSpec) -> Result<ExitCode, String> {
 fn run_test(dir: &Path) -> Result<ExitCode, String> {
     let (_, engine) = load(dir)?;
     let tests = policytest::load(dir).map_err(|e| e.join("\n"))?;
-    let (mut passed, mut failed) = (0, 0);
-    for t in &tests {
-        match policytest::run(&engine, &t.test) {
-            Ok(_) => passed += 1,
-            Err(why) => {
-                failed += 1;
-                println!("FAIL {}: {}: {why}", t.file, t.test.name);
-            }
-        }
+    let (passed, failures) = policytest::run_all(&engine, &tests);
+    for f in &failures {
+        println!("{f}");
     }
-    println!("{passed} passed, {failed} failed");
-    Ok(if failed == 0 && passed > 0 {
+    println!("{passed} passed, {} failed", failures.len());
+    Ok(if failures.is_empty() && passed > 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

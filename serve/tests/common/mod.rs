@@ -53,6 +53,7 @@ pub async fn start(source: &Path) -> Running {
         source: source.to_path_buf(),
         http: "127.0.0.1:0".parse().unwrap(),
         grpc: Some("127.0.0.1:0".parse().unwrap()),
+        xds: None,
     };
     let server = Server::bind(&config).await.unwrap();
     let http = server.http_addr().unwrap();

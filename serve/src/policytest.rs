@@ -1,4 +1,6 @@
 //! Policy tests: `DIR/tests/*.json`, each `{"tests": [{name, request, expect}]}`.
+//! `tenantgate test` and `diff` run them, and so does `serve --xds` before it
+//! pushes a policy folder's change (docs/reference.md).
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -8,7 +10,7 @@ use std::sync::Arc;
 
 use tenantgate_engine::{Decision, Engine, Outcome, Worker};
 
-use crate::RequestArgs;
+use tenantgate_engine::http::RequestSpec as RequestArgs;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -117,6 +119,25 @@ fn strip_location(msg: &str) -> &str {
     msg.rfind(" at line ")
         .and_then(|i| msg.get(..i))
         .unwrap_or(msg)
+}
+
+/// Whether a policy folder has policy tests (a `tests` folder).
+pub fn has_tests(dir: &Path) -> bool {
+    dir.join("tests").is_dir()
+}
+
+/// Runs every test: how many passed, and one line per failure
+/// (`FAIL tests/FILE: NAME: what differed`).
+pub fn run_all(engine: &Arc<Engine>, tests: &[LoadedTest]) -> (usize, Vec<String>) {
+    let mut passed = 0;
+    let mut failures = Vec::new();
+    for t in tests {
+        match run(engine, &t.test) {
+            Ok(_) => passed += 1,
+            Err(why) => failures.push(format!("FAIL {}: {}: {why}", t.file, t.test.name)),
+        }
+    }
+    (passed, failures)
 }
 
 /// Runs one test; `Err` says what differed.
