@@ -34,12 +34,27 @@ pub struct Config {
     pub bundle: PathBuf,
     pub redis: String,
     pub listen: SocketAddr,
-    /// The RLS domain this service answers for; other domains get OK, no limit.
-    pub domain: String,
+    /// The RLS domain this service answers for; other domains get OK, no
+    /// limit. `None`: the bundle's `rate_limit_service.domain`.
+    pub domain: Option<String>,
 }
 
 fn log(msg: impl std::fmt::Display) {
     eprintln!("tenantgate-rls: {msg}");
+}
+
+/// The warning for a `--domain` that is not the bundle's: the bundle's
+/// filters send the bundle's domain, which this service would answer OK
+/// with no limit.
+pub fn domain_mismatch(flag: Option<&str>, limits: &Limits) -> Option<String> {
+    let flag = flag?;
+    (flag != limits.domain).then(|| {
+        format!(
+            "warning: `--domain` `{flag}` differs from the bundle's `rate_limit_service.domain` `{}`: \
+             calls for `{}` (what the bundle's filters send) get OK with no limit",
+            limits.domain, limits.domain
+        )
+    })
 }
 
 /// A Redis URL without its password, for messages.
@@ -102,13 +117,32 @@ pub async fn run(config: Config) -> Result<(), String> {
         first.version,
         first.fleet.all().len()
     ));
+    if let Some(w) = domain_mismatch(config.domain.as_deref(), &first) {
+        log(w);
+    }
+    let domain = match &config.domain {
+        Some(d) => format!("domain `{d}`, from `--domain`"),
+        None => format!("domain `{}`, from the bundle", first.domain),
+    };
     let (tx, rx) = watch::channel(Arc::new(first));
     let bundle = config.bundle.clone();
+    let flag = config.domain.clone();
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            let old = tx.borrow().version.clone();
+            let (old, old_domain) = {
+                let cur = tx.borrow();
+                (cur.version.clone(), cur.domain.clone())
+            };
             match Limits::load(&bundle) {
                 Ok(new) => {
+                    if let Some(w) = domain_mismatch(flag.as_deref(), &new) {
+                        log(w);
+                    } else if flag.is_none() && new.domain != old_domain {
+                        log(format!(
+                            "the bundle's domain is now `{}` (was `{old_domain}`)",
+                            new.domain
+                        ));
+                    }
                     log(format!(
                         "reloaded bundle {} ({} fleet limits; was {old})",
                         new.version,
@@ -126,7 +160,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         Counters::new(conn, REDIS_TIMEOUT),
         config.domain.clone(),
     );
-    log(format!("listening on {addr} (domain `{}`)", config.domain));
+    log(format!("listening on {addr} ({domain})"));
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let shutdown = async move {
         tokio::select! {
