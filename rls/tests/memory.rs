@@ -5,6 +5,13 @@
 //! script and the binary; `store_matches_redis` in `rls.rs` checks that both
 //! stores answer alike.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
