@@ -124,6 +124,17 @@ impl Counters {
             timeout,
         }
     }
+
+    /// Loads the script into Redis (`SCRIPT LOAD`), so calls find it by hash.
+    pub async fn load(&self) -> Result<(), CounterError> {
+        let mut conn = self.conn.clone();
+        let invocation = self.script.prepare_invoke();
+        match tokio::time::timeout(self.timeout, invocation.load_async(&mut conn)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(CounterError::Redis(e)),
+            Err(_) => Err(CounterError::Timeout(self.timeout)),
+        }
+    }
 }
 
 impl CounterStore for Counters {
