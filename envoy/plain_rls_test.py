@@ -268,30 +268,72 @@ class PlainEnvoyRounds(unittest.TestCase):
                 self.check_headers(n, first, second, third)
 
 
-class RenderedConfig(unittest.TestCase):
-    """Envoy accepts what `limits --format envoy` renders for the other tenant sources."""
+class TenantSources(unittest.TestCase):
+    """Which descriptors a request carries, read from the service's counters:
+    the tenant from a header or a path prefix, with `default_tenant`."""
 
-    def validate(self, name, **settings):
+    def counts_after(self, name, requests, **settings):
+        """Sends `requests` ([(path, headers)]) one by one through plain Envoy
+        rendered for the example tree with `settings`; returns, per request,
+        the counters that moved ({"/acme/eu": 1, ...})."""
         work = WORK / name
         policies = h.copy_policies(work / "policies")
-        h.edit_settings(policies, **settings)
+        h.edit_settings(policies, rate_limit_service={"on_error": "deny", "timeout_ms": 1000}, **settings)
         bundle = work / "bundle.json"
         h.make_bundle(policies, bundle)
-        rendered = render_limits(bundle, 8081)
-        path = work / "envoy.json"
-        path.write_text(json.dumps(bootstrap(rendered, h.free_port(), h.free_port())))
-        proc = subprocess.run([str(h.envoy_bin()), "--mode", "validate", "-c", str(path)],
-                              capture_output=True, text=True)
-        self.assertEqual(proc.returncode, 0, proc.stdout[-2000:] + proc.stderr[-2000:])
-        return rendered
-
-    def test_a_path_prefix_with_a_default_tenant(self):
-        r = self.validate("prefix", tenant={"path_prefix": "/t"}, default_tenant="/acme/eu")
-        self.assertTrue(r["rate_limits"])
+        redis = Redis(work).start()
+        rls_port, listen, admin = h.free_port(), h.free_port(), h.free_port()
+        rls = Rls(bundle, redis.url, work, rls_port).start()
+        envoy = h.Envoy(json.dumps(bootstrap(render_limits(bundle, rls_port), listen, admin)), work,
+                        name="envoy", concurrency=1, admin_port=admin, listen_port=listen)
+        out = []
+        try:
+            envoy.start()
+            before = {}
+            for path, headers in requests:
+                r = h.request(listen, "GET", path, headers)
+                self.assertEqual(r.status, 200, (path, headers, r))
+                now = {t: redis.count(t, "rpm") for t in ("/acme", "/acme/eu")}
+                out.append({t: n - before.get(t, 0) for t, n in now.items() if n != before.get(t, 0)})
+                before = now
+        finally:
+            envoy.stop()
+            rls.stop()
+            redis.stop()
+        return out
 
     def test_a_header_with_a_default_tenant(self):
-        r = self.validate("default", default_tenant="/acme/eu")
-        self.assertTrue(r["rate_limits"])
+        cases = [
+            ({"x-tenant": "/acme/eu"}, {"/acme/eu": 1, "/acme": 1}),
+            ({"x-tenant": "/acme/eu/"}, {"/acme/eu": 1, "/acme": 1}),
+            ({"x-tenant": "/acme/eu/team-a"}, {"/acme/eu": 1, "/acme": 1}),
+            ({"x-tenant": "/acme/us"}, {"/acme": 1}),
+            ({"x-tenant": "/acme"}, {"/acme": 1}),
+            ({"x-tenant": "/acme/"}, {"/acme": 1}),
+            ({"x-tenant": "/acmeish"}, {}),
+            ({"x-tenant": "/globex"}, {}),
+            ({}, {"/acme/eu": 1, "/acme": 1}),  # no header: the default tenant
+            ({"x-tenant": ""}, {"/acme/eu": 1, "/acme": 1}),
+        ]
+        got = self.counts_after("header", [("/items", hd) for hd, _ in cases], default_tenant="/acme/eu")
+        self.assertEqual(got, [want for _, want in cases])
+
+    def test_a_path_prefix_with_a_default_tenant(self):
+        cases = [
+            ("/t/acme/eu/items/1", {"/acme/eu": 1, "/acme": 1}),
+            ("/t/acme/eu", {"/acme/eu": 1, "/acme": 1}),
+            ("/t/acme/eu?x=1", {"/acme/eu": 1, "/acme": 1}),
+            ("/t/acme/us/items", {"/acme": 1}),
+            ("/t/acme?x=1", {"/acme": 1}),
+            ("/t/acmeish/items", {}),
+            ("/t/globex/items", {}),
+            ("/t", {}),
+            ("/elsewhere", {"/acme/eu": 1, "/acme": 1}),  # outside the prefix: the default tenant
+            ("/tx/acme", {"/acme/eu": 1, "/acme": 1}),
+        ]
+        got = self.counts_after("prefix", [(p, {}) for p, _ in cases], tenant={"path_prefix": "/t"},
+                                default_tenant="/acme/eu")
+        self.assertEqual(got, [want for _, want in cases])
 
 
 if __name__ == "__main__":
