@@ -4,14 +4,14 @@
 
 The bundle is the example tree (`policies/`) with `rate_limit_service.on_error:
 "deny"`: fleet limits `rpm` of 6000 per minute on `/acme` and 2400 (40%) on
-`/acme/eu`. The requests are GETs (plain Envoy cannot apply `costs`). Envoy
-routes to a second listener of its own that answers 200, so only the rate
+`/acme/eu`, and `costs: {"POST": 2}` (rendered as a filter that sets the
+call's `hits_addend`). Envoy routes to a second listener of its own that answers 200, so only the rate
 limit filter decides. Each round starts a fresh Redis counter set,
 `tenantgate-rls` and Envoy, and at once (no warm-up) sends many requests on
 many connections:
 
-- admissions are exact: 2400 of 2500 requests to `/acme/eu` pass, then 3600
-  of 3650 to `/acme` (what `/acme/eu` left of its 6000), then every request
+- admissions are exact: 1200 of 1300 POSTs (2 each) to `/acme/eu` pass, then
+  3600 of 3650 GETs to `/acme` (what `/acme/eu` left of its 6000), then every request
   under `/acme` is refused; `/globex` (no fleet limit) is never refused and
   carries no `x-ratelimit-*` header;
 - every response is 200 or 429: no 5xx, and Envoy's `ratelimit.error`,
@@ -186,8 +186,8 @@ class PlainEnvoyRounds(unittest.TestCase):
         try:
             envoy.start()
             started = time.monotonic()
-            # 2500 requests to /acme/eu (2400 fit) with /globex's in between.
-            first = blast(listen, [("GET", "/acme/eu")] * (EU + 100) + [("GET", "/globex")] * 50)
+            # 1300 POSTs to /acme/eu (cost 2: 1200 fit its 2400) with /globex's in between.
+            first = blast(listen, [("POST", "/acme/eu")] * (EU // 2 + 100) + [("GET", "/globex")] * 50)
             # /acme has 6000 - 2400 = 3600 left.
             second = blast(listen, [("GET", "/acme")] * (ACME - EU + 50))
             # Everything under /acme is refused now, by /acme (and /acme/eu).
@@ -206,7 +206,7 @@ class PlainEnvoyRounds(unittest.TestCase):
         statuses = Counter(r[2] for r in every)
         self.assertEqual(set(statuses), {200, 429}, f"round {n}: {statuses}")
         by = lambda rows, m, t: Counter(r[2] for r in rows if (r[0], r[1]) == (m, t))  # noqa: E731
-        self.assertEqual(by(first, "GET", "/acme/eu"), Counter({200: EU, 429: 100}), f"round {n}")
+        self.assertEqual(by(first, "POST", "/acme/eu"), Counter({200: EU // 2, 429: 100}), f"round {n}")
         self.assertEqual(by(first, "GET", "/globex"), Counter({200: 50}), f"round {n}")
         self.assertEqual(by(second, "GET", "/acme"), Counter({200: ACME - EU, 429: 50}), f"round {n}")
         self.assertEqual(Counter(r[2] for r in third), Counter({429: 60}), f"round {n}")
@@ -218,7 +218,7 @@ class PlainEnvoyRounds(unittest.TestCase):
         self.assertEqual(rl.get("error", 0), 0, f"round {n}: {rl}")
         self.assertEqual(rl.get("failure_mode_allowed", 0), 0, f"round {n}: {rl}")
         self.assertEqual(rl.get("over_limit", 0), 100 + 50 + 60, f"round {n}: {rl}")
-        self.assertEqual(rl.get("ok", 0), ACME, f"round {n}: {rl}")
+        self.assertEqual(rl.get("ok", 0), EU // 2 + ACME - EU, f"round {n}: {rl}")
         failures = {k: stats.get(f"cluster.tenantgate_rls.{k}", 0) for k in CLUSTER_FAILURES}
         self.assertEqual(sum(failures.values()), 0, f"round {n}: {failures}")
 
@@ -228,7 +228,7 @@ class PlainEnvoyRounds(unittest.TestCase):
             if t == "/globex":
                 self.assertFalse([k for k in hdrs if k.startswith("x-ratelimit")], hdrs)
         # Every other response: the three fields, well formed, exact.
-        for rows, tenant, rate, text in [(first, "/acme/eu", EU, EU_LIMIT), (second, "/acme", ACME - EU, ACME_LIMIT)]:
+        for rows, tenant, cost, text in [(first, "/acme/eu", 2, EU_LIMIT), (second, "/acme", 1, ACME_LIMIT)]:
             remaining = []
             for m, t, status, hdrs in rows:
                 if t != tenant:
@@ -248,9 +248,9 @@ class PlainEnvoyRounds(unittest.TestCase):
                     self.assertEqual(r, 0, hdrs)
                     self.assertEqual(hdrs.get("x-envoy-ratelimited"), "true", hdrs)
             # The admitted requests saw each remaining count once: what is left
-            # of the limit (the deeper one for /acme/eu) after each.
+            # of the limit (the deeper one for /acme/eu) after each, in steps of the cost.
             top = EU if tenant == "/acme/eu" else ACME - EU
-            self.assertEqual(sorted(remaining), list(range(top - rate, top)), f"round {n}: {tenant}")
+            self.assertEqual(sorted(remaining), list(range(0, top, cost)), f"round {n}: {tenant}")
         for m, t, status, hdrs in third:
             self.assertEqual(parse("Item", hdrs["x-ratelimit-remaining"]).value, 0)
             self.assertEqual(hdrs["x-ratelimit-limit"], EU_LIMIT if t == "/acme/eu" else ACME_LIMIT)

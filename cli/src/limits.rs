@@ -182,19 +182,72 @@ fn check(l: &FleetLimit, errors: &mut Vec<String>) -> Option<&'static str> {
     unit
 }
 
-/// The warning for a bundle whose `costs` plain Envoy cannot apply.
+/// The warning for a bundle with a cost of 0, which plain Envoy counts as 1
+/// (the API reads a `hits_addend` of 0 as 1).
 pub fn costs_warning(settings: &Settings) -> Option<String> {
-    let costed: Vec<String> = settings
+    let free: Vec<&str> = settings
         .costs
         .iter()
-        .filter(|(_, c)| **c != 1)
-        .map(|(m, c)| format!("{m} {c}"))
+        .filter(|(_, c)| **c == 0)
+        .map(|(m, _)| m.as_str())
         .collect();
-    (!costed.is_empty()).then(|| {
+    (!free.is_empty()).then(|| {
         format!(
-            "warning: `costs` ({}) are not rendered: Envoy's rate limit filter does not send a route's `hits_addend` (Envoy 1.40), so every request counts 1 against the fleet limits in plain Envoy",
-            costed.join(", ")
+            "warning: `costs` of 0 ({}) count 1 in plain Envoy: the rate limit API reads a `hits_addend` of 0 as 1",
+            free.join(", ")
         )
+    })
+}
+
+/// The filter that gives a request its cost: Envoy's rate limit filter sends
+/// the filter state `envoy.ratelimit.hits_addend` as the call's
+/// `hits_addend` (a route's own `hits_addend` is not sent, Envoy 1.40), so a
+/// composite filter matches `:method` and sets it with `set_filter_state`.
+/// `None` when every method costs 1.
+fn costs_filter(settings: &Settings) -> Option<Value> {
+    let map: serde_json::Map<String, Value> = settings
+        .costs
+        .iter()
+        .filter(|(_, c)| **c > 1)
+        .map(|(method, cost)| {
+            let set = json!({
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.set_filter_state.v3.Config",
+                "on_request_headers": [{
+                    "object_key": "envoy.ratelimit.hits_addend",
+                    "format_string": { "text_format_source": { "inline_string": cost.to_string() } }
+                }]
+            });
+            let action = json!({ "action": {
+                "name": format!("cost-{cost}"),
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.ExecuteFilterAction",
+                    "typed_config": { "name": "envoy.filters.http.set_filter_state", "typed_config": set }
+                }
+            } });
+            (method.clone(), action)
+        })
+        .collect();
+    (!map.is_empty()).then(|| {
+        json!({
+            "name": "tenantgate.costs",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+                "extension_config": {
+                    "name": "composite",
+                    "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.Composite" }
+                },
+                "xds_matcher": { "matcher_tree": {
+                    "input": {
+                        "name": "method",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+                            "header_name": ":method"
+                        }
+                    },
+                    "exact_match_map": { "map": map }
+                } }
+            }
+        })
     })
 }
 
@@ -288,9 +341,9 @@ fn names_none(tenant: &TenantIn<'_>) -> Vec<Vec<Value>> {
 ///   regular expressions: one entry for `A` itself, one for `A/...`; with
 ///   `default_tenant`, one more for requests that name no tenant when `A`
 ///   is `default_tenant` or above it. So a request carries exactly the
-///   descriptors the Wasm filter would send, deepest first. Every request
-///   counts 1: Envoy 1.40's rate limit filter does not send a route's
-///   `hits_addend`, so `costs` cannot be rendered ([`costs_warning`]);
+///   descriptors the Wasm filter would send, deepest first;
+/// - with `costs`, a filter before it that sets the request's cost
+///   ([`costs_filter`]);
 /// - `clusters`: the service's HTTP/2 cluster, named as
 ///   `rate_limit_service.cluster`.
 pub fn envoy(
@@ -379,8 +432,10 @@ pub fn envoy(
             json!({ "code": "ServiceUnavailable" }),
         );
     }
+    let mut http_filters: Vec<Value> = costs_filter(settings).into_iter().collect();
+    http_filters.push(json!({ "name": "envoy.filters.http.ratelimit", "typed_config": filter }));
     Ok(json!({
-        "http_filters": [{ "name": "envoy.filters.http.ratelimit", "typed_config": filter }],
+        "http_filters": http_filters,
         "rate_limits": rate_limits,
         "clusters": [cluster]
     }))

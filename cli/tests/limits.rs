@@ -172,16 +172,48 @@ fn envoy_json(args: &[&str]) -> (serde_json::Value, String) {
 #[test]
 fn renders_the_example_tree_for_plain_envoy() {
     let (doc, stderr) = envoy_json(&["policies"]);
-    assert_eq!(
-        stderr,
-        "policies: warning: `costs` (POST 2) are not rendered: Envoy's rate limit filter does not send a route's `hits_addend` (Envoy 1.40), so every request counts 1 against the fleet limits in plain Envoy\n"
-    );
+    assert_eq!(stderr, "");
     let x = |v: &str| serde_json::json!([{ "name": "x-tenant", "string_match": { "exact": v } }]);
     let p = |v: &str| serde_json::json!([{ "name": "x-tenant", "string_match": { "prefix": v } }]);
     assert_eq!(
         doc,
         serde_json::json!({
             "http_filters": [{
+                // `costs: {"POST": 2}`: a POST's call has `hits_addend` 2.
+                "name": "tenantgate.costs",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+                    "extension_config": {
+                        "name": "composite",
+                        "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.Composite" }
+                    },
+                    "xds_matcher": { "matcher_tree": {
+                        "input": {
+                            "name": "method",
+                            "typed_config": {
+                                "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+                                "header_name": ":method"
+                            }
+                        },
+                        "exact_match_map": { "map": { "POST": { "action": {
+                            "name": "cost-2",
+                            "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.ExecuteFilterAction",
+                                "typed_config": {
+                                    "name": "envoy.filters.http.set_filter_state",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters.http.set_filter_state.v3.Config",
+                                        "on_request_headers": [{
+                                            "object_key": "envoy.ratelimit.hits_addend",
+                                            "format_string": { "text_format_source": { "inline_string": "2" } }
+                                        }]
+                                    }
+                                }
+                            }
+                        } } } }
+                    } }
+                }
+            }, {
                 "name": "envoy.filters.http.ratelimit",
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
@@ -243,6 +275,11 @@ fn plain_envoy_takes_the_bundles_service_settings() {
     let src = dir.path().to_str().unwrap();
     let (doc, stderr) = envoy_json(&[src, "--rls", "rls.internal:9000"]);
     assert_eq!(stderr, "");
+    assert_eq!(
+        doc["http_filters"].as_array().unwrap().len(),
+        1,
+        "no costs, no cost filter"
+    );
     let f = &doc["http_filters"][0]["typed_config"];
     assert_eq!(
         (&f["domain"], &f["timeout"], &f["failure_mode_deny"]),
@@ -350,5 +387,22 @@ fn plain_envoy_needs_a_header_for_a_metadata_tenant() {
             format!("{src}: error: `--tenant-header X Bad` is not a lowercase header name\n")
                 .as_str()
         )
+    );
+}
+
+#[test]
+fn plain_envoy_warns_that_a_cost_of_0_counts_1() {
+    let dir = tree_with(r#"{"costs": {"GET": 0, "HEAD": 0, "POST": 1, "PUT": 3}}"#);
+    let src = dir.path().to_str().unwrap();
+    let (doc, stderr) = envoy_json(&[src]);
+    assert_eq!(
+        stderr,
+        format!("{src}: warning: `costs` of 0 (GET, HEAD) count 1 in plain Envoy: the rate limit API reads a `hits_addend` of 0 as 1\n")
+    );
+    let map = &doc["http_filters"][0]["typed_config"]["xds_matcher"]["matcher_tree"]
+        ["exact_match_map"]["map"];
+    assert_eq!(
+        map.as_object().unwrap().keys().collect::<Vec<_>>(),
+        vec!["PUT"]
     );
 }
