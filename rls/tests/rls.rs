@@ -546,3 +546,67 @@ async fn the_memory_store_answers_as_the_script() {
         }
     }
 }
+
+/// The domain comes from the bundle and follows it across reloads; a
+/// `--domain` that differs from the bundle's is logged at start and on
+/// each reload (calls of the bundle's domain would get OK with no limit).
+#[tokio::test]
+#[ignore = "needs Redis: run scripts/test-rls.sh"]
+async fn the_domain_comes_from_the_bundle_and_a_different_flag_is_logged() {
+    let t = format!("/{}", unique("domain"));
+    let tree = Tree::new();
+    let edge = r#"{"rate_limit_service": {"domain": "edge"}}"#;
+    tree.write_with_settings(Some(edge), &[(&t, &fleet("rpm", "5", "1m"))]);
+    let mut rls = Rls::start(&tree.bundle_path(), &redis_url());
+    rls.wait_log("(domain `edge`, from the bundle)", Duration::from_secs(5));
+    let mut c = rls.client().await;
+    let mut req = request(vec![check(&t, "rpm")], 1);
+    req.domain = "edge".into();
+    assert_eq!(codes(&call(&mut c, req).await), vec![(OK, 4)]);
+    tree.write_with_settings(None, &[(&t, &fleet("rpm", "5", "1m"))]);
+    rls.signal("HUP");
+    rls.wait_log(
+        "the bundle's domain is now `tenantgate` (was `edge`)",
+        Duration::from_secs(10),
+    );
+    assert_eq!(
+        codes(&call(&mut c, request(vec![check(&t, "rpm")], 1)).await),
+        vec![(OK, 3)]
+    );
+    drop(rls);
+
+    tree.write_with_settings(Some(edge), &[(&t, &fleet("rpm", "5", "1m"))]);
+    let mut rls = Rls::start_with(
+        &tree.bundle_path(),
+        &redis_url(),
+        &["--domain", "tenantgate"],
+    );
+    let warning = "warning: `--domain` `tenantgate` differs from the bundle's `rate_limit_service.domain` `edge`";
+    rls.wait_log(warning, Duration::from_secs(5));
+    rls.wait_log(
+        "(domain `tenantgate`, from `--domain`)",
+        Duration::from_secs(5),
+    );
+    let mut c = rls.client().await;
+    assert_eq!(
+        codes(&call(&mut c, request(vec![check(&t, "rpm")], 1)).await),
+        vec![(OK, 2)]
+    );
+    let n = rls
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains(warning))
+        .count();
+    rls.signal("HUP");
+    rls.wait_log("reloaded bundle", Duration::from_secs(10));
+    let after = rls
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains(warning))
+        .count();
+    assert_eq!((n, after), (1, 2), "logged at start and on the reload");
+}

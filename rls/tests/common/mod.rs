@@ -136,6 +136,11 @@ pub fn collect_stderr(child: &mut Child) -> Arc<Mutex<Vec<String>>> {
 
 impl Rls {
     pub fn start(bundle: &Path, redis: &str) -> Rls {
+        Self::start_with(bundle, redis, &[])
+    }
+
+    /// [`Rls::start`] with more flags.
+    pub fn start_with(bundle: &Path, redis: &str, extra: &[&str]) -> Rls {
         let mut child = Command::new(bin())
             .args([
                 "--bundle",
@@ -145,6 +150,7 @@ impl Rls {
                 "--listen",
                 "127.0.0.1:0",
             ])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
