@@ -268,6 +268,16 @@ class PlainEnvoyRounds(unittest.TestCase):
                 self.check_headers(n, first, second, third)
 
 
+class Twice:
+    """Headers with one name sent twice (for `harness.request`)."""
+
+    def __init__(self, name, first, second):
+        self.pairs = [(name, first), (name, second)]
+
+    def items(self):
+        return self.pairs
+
+
 class TenantSources(unittest.TestCase):
     """Which descriptors a request carries, read from the service's counters:
     the tenant from a header or a path prefix, with `default_tenant`."""
@@ -314,6 +324,9 @@ class TenantSources(unittest.TestCase):
             ({"x-tenant": "/globex"}, {}),
             ({}, {"/acme/eu": 1, "/acme": 1}),  # no header: the default tenant
             ({"x-tenant": ""}, {"/acme/eu": 1, "/acme": 1}),
+            # Twice (the filter answers 400): a matcher matches when any value does.
+            (Twice("x-tenant", "/globex", "/acme/eu"), {"/acme/eu": 1, "/acme": 1}),
+            (Twice("x-tenant", "/acme/eu", "/globex"), {"/acme/eu": 1, "/acme": 1}),
         ]
         got = self.counts_after("header", [("/items", hd) for hd, _ in cases], default_tenant="/acme/eu")
         self.assertEqual(got, [want for _, want in cases])
