@@ -2,7 +2,8 @@
 //! request, so a request's descriptors are admitted together or not at all
 //! and concurrent requests cannot over-admit. [`Counters`] keeps them in
 //! Redis (one Lua script per step, [`SCRIPT`]); [`MemoryCounters`] keeps them
-//! in this process with the same semantics, for tests and a single replica.
+//! in this process with the same semantics, so the service's logic is tested
+//! without Redis (the binary always counts in Redis).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -185,8 +186,8 @@ struct Slot {
 
 /// The counters in this process, with exactly the semantics of [`SCRIPT`]
 /// (a key expires when its window ends; its time left is reported in whole
-/// milliseconds, as Redis' `PTTL`). One process's counts: for tests and a
-/// single replica, not a fleet. Expired windows are dropped as the map grows,
+/// milliseconds, as Redis' `PTTL`). One process's counts: for tests, not a
+/// fleet. Expired windows are dropped as the map grows,
 /// so memory follows the counters in use, not every key ever seen.
 pub struct MemoryCounters {
     slots: Mutex<(HashMap<String, Slot>, usize)>,
