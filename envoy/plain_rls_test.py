@@ -22,6 +22,11 @@ many connections:
   `2400, 2400;w=60;name="rpm", 6000;w=60;name="rpm"` for `/acme/eu`, the
   remaining counts exactly those of the admitted requests.
 
+Then, one request at a time, which counters each request moves: the tenant
+from a header, a path prefix or `jwt_authn`'s metadata (a JWT claim, copied
+into a header by the rendered filters; a client's copy does not count), with
+`default_tenant`.
+
     .venv/bin/python envoy/plain_rls_test.py [-v]
 
 Needs `redis-server` (scripts/install-redis.sh), the `tenantgate` and
@@ -29,6 +34,9 @@ Needs `redis-server` (scripts/install-redis.sh), the `tenantgate` and
 Envoy (scripts/install-envoy.sh) and `http_sfv` (envoy/requirements-test.txt).
 """
 
+import base64
+import hashlib
+import hmac
 import http.client
 import json
 import os
@@ -49,6 +57,7 @@ from fleet_test import Redis, Rls  # noqa: E402
 WORK = h.tempdir("tenantgate-plain-rls-")
 ROUNDS = int(os.environ.get("PLAIN_RLS_ROUNDS", "3"))
 CLIENTS = 24
+METADATA_HEADER = "x-tenantgate-ratelimit-tenant"
 EU, ACME = 2400, 6000
 EU_LIMIT = '2400, 2400;w=60;name="rpm", 6000;w=60;name="rpm"'
 ACME_LIMIT = '6000, 6000;w=60;name="rpm"'
@@ -81,7 +90,7 @@ def listener(name, port, filt):
             "filter_chains": [{"filters": [filt]}]}
 
 
-def bootstrap(rendered, listen, admin):
+def bootstrap(rendered, listen, admin, before=()):
     """A bootstrap around the rendered pieces, as an operator would paste them.
     The routes go to the cluster `upstream`, a second listener of the same
     Envoy that answers 200 (Envoy's rate limit filter skips routes with no
@@ -91,7 +100,7 @@ def bootstrap(rendered, listen, admin):
         "name": "all", "domains": ["*"],
         "rate_limits": rendered["rate_limits"],
         "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}],
-    }]}, rendered["http_filters"])
+    }]}, list(before) + rendered["http_filters"])
     answer = hcm("origin", {"virtual_hosts": [{
         "name": "all", "domains": ["*"],
         "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}],
@@ -278,11 +287,10 @@ class Twice:
         return self.pairs
 
 
-class TenantSources(unittest.TestCase):
-    """Which descriptors a request carries, read from the service's counters:
-    the tenant from a header or a path prefix, with `default_tenant`."""
+class CountsAfter:
+    """Runs requests one by one and reads which counters each one moved."""
 
-    def counts_after(self, name, requests, **settings):
+    def counts_after(self, name, requests, before=(), **settings):
         """Sends `requests` ([(path, headers)]) one by one through plain Envoy
         rendered for the example tree with `settings`; returns, per request,
         the counters that moved ({"/acme/eu": 1, ...})."""
@@ -294,23 +302,28 @@ class TenantSources(unittest.TestCase):
         redis = Redis(work).start()
         rls_port, listen, admin = h.free_port(), h.free_port(), h.free_port()
         rls = Rls(bundle, redis.url, work, rls_port).start()
-        envoy = h.Envoy(json.dumps(bootstrap(render_limits(bundle, rls_port), listen, admin)), work,
+        envoy = h.Envoy(json.dumps(bootstrap(render_limits(bundle, rls_port), listen, admin, before)), work,
                         name="envoy", concurrency=1, admin_port=admin, listen_port=listen)
         out = []
         try:
             envoy.start()
-            before = {}
+            seen = {}
             for path, headers in requests:
                 r = h.request(listen, "GET", path, headers)
                 self.assertEqual(r.status, 200, (path, headers, r))
                 now = {t: redis.count(t, "rpm") for t in ("/acme", "/acme/eu")}
-                out.append({t: n - before.get(t, 0) for t, n in now.items() if n != before.get(t, 0)})
-                before = now
+                out.append({t: n - seen.get(t, 0) for t, n in now.items() if n != seen.get(t, 0)})
+                seen = now
         finally:
             envoy.stop()
             rls.stop()
             redis.stop()
         return out
+
+
+class TenantSources(CountsAfter, unittest.TestCase):
+    """Which descriptors a request carries, read from the service's counters:
+    the tenant from a header or a path prefix, with `default_tenant`."""
 
     def test_a_header_with_a_default_tenant(self):
         cases = [
@@ -345,6 +358,48 @@ class TenantSources(unittest.TestCase):
             ("/tx/acme", {"/acme/eu": 1, "/acme": 1}),
         ]
         got = self.counts_after("prefix", [(p, {}) for p, _ in cases], tenant={"path_prefix": "/t"},
+                                default_tenant="/acme/eu")
+        self.assertEqual(got, [want for _, want in cases])
+
+
+def b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class JwtTenant(CountsAfter, unittest.TestCase):
+    """The tenant from `jwt_authn`'s metadata: the rendered filters copy it
+    into a header for the actions (a client's copy of that header is
+    replaced) and remove it after the rate limit filter."""
+
+    secret, issuer = b"plain-rls-test-secret", "https://idp.plain-rls.test"
+
+    def token(self, claims):
+        now = int(time.time())
+        head = b64url(json.dumps({"alg": "HS256", "typ": "JWT", "kid": "t"}).encode())
+        body = b64url(json.dumps({"iss": self.issuer, "iat": now, "exp": now + 300, **claims}).encode())
+        sig = hmac.new(self.secret, f"{head}.{body}".encode(), hashlib.sha256).digest()
+        return {"authorization": f"Bearer {head}.{body}.{b64url(sig)}"}
+
+    def test_the_tenant_claim(self):
+        jwks = {"keys": [{"kty": "oct", "alg": "HS256", "kid": "t", "k": b64url(self.secret)}]}
+        jwt = {"name": "envoy.filters.http.jwt_authn", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            "providers": {"idp": {"issuer": self.issuer, "local_jwks": {"inline_string": json.dumps(jwks)},
+                                  "payload_in_metadata": "payload", "forward": False}},
+            "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "idp"}}]}}
+        spoof = METADATA_HEADER
+        cases = [
+            (self.token({"tenant": "/acme/eu"}), {"/acme/eu": 1, "/acme": 1}),
+            (self.token({"tenant": "/acme/us"}), {"/acme": 1}),
+            (self.token({"tenant": "/globex"}), {}),
+            # A client's copy of the header does not count: the token's tenant does.
+            ({**self.token({"tenant": "/globex"}), spoof: "/acme/eu"}, {}),
+            ({**self.token({"tenant": "/acme"}), spoof: "/acme/eu"}, {"/acme": 1}),
+            # No tenant claim: the default tenant.
+            (self.token({"sub": "x"}), {"/acme/eu": 1, "/acme": 1}),
+        ]
+        got = self.counts_after("jwt", [("/items", hd) for hd, _ in cases], before=[jwt],
+                                tenant={"metadata": ["envoy.filters.http.jwt_authn", "payload", "tenant"]},
                                 default_tenant="/acme/eu")
         self.assertEqual(got, [want for _, want in cases])
 

@@ -257,9 +257,26 @@ pub struct EnvoyOptions {
     /// `--format envoy`: the address of `tenantgate-rls` (the cluster's endpoint).
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:8081")]
     pub rls: String,
-    /// `--format envoy`: the request header that carries the tenant path in plain Envoy, instead of the bundle's `tenant` source (needed when that source is dynamic metadata: copy it into this header first).
+    /// `--format envoy`: the request header that carries the tenant path in plain Envoy, instead of the bundle's `tenant` source.
     #[arg(long, value_name = "NAME")]
     pub tenant_header: Option<String>,
+}
+
+/// The request header that carries a tenant read from dynamic metadata to
+/// the rate limit actions (which cannot match metadata by prefix): set from
+/// the metadata before the rate limit filter (a client's copy removed
+/// first), removed after it.
+pub const METADATA_TENANT_HEADER: &str = "x-tenantgate-ratelimit-tenant";
+
+/// `envoy.filters.http.header_mutation` with these request mutations.
+fn header_mutation(name: &str, mutations: Value) -> Value {
+    json!({
+        "name": name,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": { "request_mutations": mutations }
+        }
+    })
 }
 
 /// Where plain Envoy finds the tenant.
@@ -343,7 +360,9 @@ fn names_none(tenant: &TenantIn<'_>) -> Vec<Vec<Value>> {
 ///   is `default_tenant` or above it. So a request carries exactly the
 ///   descriptors the Wasm filter would send, deepest first;
 /// - with `costs`, a filter before it that sets the request's cost
-///   ([`costs_filter`]);
+///   ([`costs_filter`]); with a tenant from dynamic metadata, filters
+///   around it that copy the tenant into [`METADATA_TENANT_HEADER`] and
+///   remove it again;
 /// - `clusters`: the service's HTTP/2 cluster, named as
 ///   `rate_limit_service.cluster`.
 pub fn envoy(
@@ -357,12 +376,7 @@ pub fn envoy(
         (Some(h), _) => TenantIn::Header(h.as_str()),
         (None, Source::Header(h)) => TenantIn::Header(h.as_str()),
         (None, Source::PathPrefix(p)) => TenantIn::Path(p.trim_end_matches('/')),
-        (None, Source::Metadata(path)) => {
-            return Err(format!(
-                "the tenant comes from dynamic metadata (`{}`), which Envoy's rate limit actions cannot match by prefix, so they cannot name the tenant's ancestors; copy it into a request header first (for example with the `envoy.filters.http.header_mutation` filter and `%DYNAMIC_METADATA(...)%`) and pass `--tenant-header NAME`",
-                path.join(":")
-            ))
-        }
+        (None, Source::Metadata(_)) => TenantIn::Header(METADATA_TENANT_HEADER),
     };
     if let Some(h) = &o.tenant_header {
         if h.is_empty()
@@ -432,8 +446,31 @@ pub fn envoy(
             json!({ "code": "ServiceUnavailable" }),
         );
     }
-    let mut http_filters: Vec<Value> = costs_filter(settings).into_iter().collect();
+    let metadata = match (&o.tenant_header, &settings.tenant) {
+        (None, Source::Metadata(path)) => Some(path.join(":")),
+        _ => None,
+    };
+    let mut http_filters = Vec::new();
+    if let Some(path) = &metadata {
+        http_filters.push(header_mutation(
+            "tenantgate.tenant",
+            json!([
+                { "remove": METADATA_TENANT_HEADER },
+                { "append": {
+                    "header": { "key": METADATA_TENANT_HEADER, "value": format!("%DYNAMIC_METADATA({path})%") },
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"
+                } }
+            ]),
+        ));
+    }
+    http_filters.extend(costs_filter(settings));
     http_filters.push(json!({ "name": "envoy.filters.http.ratelimit", "typed_config": filter }));
+    if metadata.is_some() {
+        http_filters.push(header_mutation(
+            "tenantgate.tenant.remove",
+            json!([{ "remove": METADATA_TENANT_HEADER }]),
+        ));
+    }
     Ok(json!({
         "http_filters": http_filters,
         "rate_limits": rate_limits,

@@ -356,18 +356,51 @@ fn plain_envoy_matches_the_default_tenant_and_path_prefixes() {
 }
 
 #[test]
-fn plain_envoy_needs_a_header_for_a_metadata_tenant() {
+fn plain_envoy_copies_a_metadata_tenant_into_a_header() {
     let dir = tree_with(
         r#"{"tenant": {"metadata": ["envoy.filters.http.jwt_authn", "payload", "tenant"]}}"#,
     );
     let src = dir.path().to_str().unwrap();
-    let r = tenantgate(&["limits", src, "--format", "envoy"]);
-    assert_eq!((r.code, r.stdout.as_str()), (1, ""));
+    let (doc, stderr) = envoy_json(&[src]);
+    assert_eq!(stderr, "");
+    let mutation = |name: &str, mutations: serde_json::Value| {
+        serde_json::json!({ "name": name, "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": { "request_mutations": mutations } } })
+    };
+    let filters = doc["http_filters"].as_array().unwrap();
+    assert_eq!(filters.len(), 3);
     assert_eq!(
-        r.stderr,
-        format!("{src}: error: the tenant comes from dynamic metadata (`envoy.filters.http.jwt_authn:payload:tenant`), which Envoy's rate limit actions cannot match by prefix, so they cannot name the tenant's ancestors; copy it into a request header first (for example with the `envoy.filters.http.header_mutation` filter and `%DYNAMIC_METADATA(...)%`) and pass `--tenant-header NAME`\n")
+        filters[0],
+        mutation(
+            "tenantgate.tenant",
+            serde_json::json!([
+                { "remove": "x-tenantgate-ratelimit-tenant" },
+                { "append": {
+                    "header": {
+                        "key": "x-tenantgate-ratelimit-tenant",
+                        "value": "%DYNAMIC_METADATA(envoy.filters.http.jwt_authn:payload:tenant)%"
+                    },
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"
+                } }
+            ])
+        )
     );
+    assert_eq!(filters[1]["name"], "envoy.filters.http.ratelimit");
+    assert_eq!(
+        filters[2],
+        mutation(
+            "tenantgate.tenant.remove",
+            serde_json::json!([{ "remove": "x-tenantgate-ratelimit-tenant" }])
+        )
+    );
+    assert_eq!(
+        doc["rate_limits"][0]["actions"][0]["header_value_match"]["headers"],
+        serde_json::json!([{ "name": "x-tenantgate-ratelimit-tenant", "string_match": { "exact": "/acme" } }])
+    );
+    // A header the operator fills instead.
     let (doc, _) = envoy_json(&[src, "--tenant-header", "x-jwt-tenant"]);
+    assert_eq!(doc["http_filters"].as_array().unwrap().len(), 1);
     assert_eq!(
         doc["rate_limits"][0]["actions"][0]["header_value_match"]["headers"],
         serde_json::json!([{ "name": "x-jwt-tenant", "string_match": { "exact": "/acme" } }])
