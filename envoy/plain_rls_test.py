@@ -90,12 +90,13 @@ def listener(name, port, filt):
             "filter_chains": [{"filters": [filt]}]}
 
 
-def bootstrap(rendered, listen, admin, before=()):
+def bootstrap(rendered, listen, admin, before=(), origin=None):
     """A bootstrap around the rendered pieces, as an operator would paste them.
     The routes go to the cluster `upstream`, a second listener of the same
     Envoy that answers 200 (Envoy's rate limit filter skips routes with no
     cluster, such as a `direct_response`)."""
-    origin = h.free_port()
+    own_origin = origin is None
+    origin = origin or h.free_port()
     ingress = hcm("ingress", {"virtual_hosts": [{
         "name": "all", "domains": ["*"],
         "rate_limits": rendered["rate_limits"],
@@ -113,7 +114,8 @@ def bootstrap(rendered, listen, admin, before=()):
         # Histograms (the service's call times) are read at the end of a round.
         "stats_flush_interval": "0.5s",
         "static_resources": {
-            "listeners": [listener("ingress", listen, ingress), listener("origin", origin, answer)],
+            "listeners": [listener("ingress", listen, ingress)]
+            + ([listener("origin", origin, answer)] if own_origin else []),
             "clusters": [upstream] + rendered["clusters"],
         },
     }
@@ -300,23 +302,27 @@ class CountsAfter:
         bundle = work / "bundle.json"
         h.make_bundle(policies, bundle)
         redis = Redis(work).start()
+        upstream = h.Upstream().start()
         rls_port, listen, admin = h.free_port(), h.free_port(), h.free_port()
         rls = Rls(bundle, redis.url, work, rls_port).start()
-        envoy = h.Envoy(json.dumps(bootstrap(render_limits(bundle, rls_port), listen, admin, before)), work,
-                        name="envoy", concurrency=1, admin_port=admin, listen_port=listen)
-        out = []
+        config = bootstrap(render_limits(bundle, rls_port), listen, admin, before, origin=upstream.port)
+        envoy = h.Envoy(json.dumps(config), work, name="envoy", concurrency=1, admin_port=admin,
+                        listen_port=listen)
+        out, self.upstream_saw = [], []
         try:
             envoy.start()
             seen = {}
             for path, headers in requests:
                 r = h.request(listen, "GET", path, headers)
                 self.assertEqual(r.status, 200, (path, headers, r))
+                self.upstream_saw.append(r.json()["headers"])
                 now = {t: redis.count(t, "rpm") for t in ("/acme", "/acme/eu")}
                 out.append({t: n - seen.get(t, 0) for t, n in now.items() if n != seen.get(t, 0)})
                 seen = now
         finally:
             envoy.stop()
             rls.stop()
+            upstream.stop()
             redis.stop()
         return out
 
@@ -402,6 +408,8 @@ class JwtTenant(CountsAfter, unittest.TestCase):
                                 tenant={"metadata": ["envoy.filters.http.jwt_authn", "payload", "tenant"]},
                                 default_tenant="/acme/eu")
         self.assertEqual(got, [want for _, want in cases])
+        # The copy is removed after the rate limit filter: the upstream never sees it.
+        self.assertEqual([spoof in hd for hd in self.upstream_saw], [False] * len(cases), self.upstream_saw)
 
 
 if __name__ == "__main__":
