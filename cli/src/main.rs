@@ -113,15 +113,17 @@ enum Command {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
-    /// The fleet limits as Limitador's limits file or envoyproxy/ratelimit's config (YAML).
+    /// The fleet limits as Limitador's limits file, envoyproxy/ratelimit's config, or plain Envoy's rate limit filter config.
     Limits {
         /// A policy folder or a bundle.
         source: PathBuf,
         #[arg(long, value_enum)]
         format: limits::Format,
-        /// The rate limit domain (Limitador's namespace) the filters send.
-        #[arg(long, default_value = "tenantgate")]
-        domain: String,
+        /// The rate limit domain (Limitador's namespace) the filters send (default: the bundle's `rate_limit_service.domain`).
+        #[arg(long)]
+        domain: Option<String>,
+        #[command(flatten)]
+        envoy: limits::EnvoyOptions,
     },
     /// Format the Cedar files under `DIR/tenants` in place; `--check` lists the files that would change (exit 1).
     Fmt {
@@ -236,7 +238,8 @@ fn run(command: Command) -> Result<ExitCode, String> {
             source,
             format,
             domain,
-        } => limits::run(&source, format, &domain),
+            envoy,
+        } => limits::run(&source, format, domain.as_deref(), &envoy),
         Command::Fmt { dir, check } => fmt::run(&dir, check),
         Command::Serve {
             source,

@@ -468,7 +468,7 @@ pub fn istio_proxy_config() -> Value {
 }
 
 /// A hostname is resolved by DNS; an IP address is used as is.
-fn cluster_type(host: &str) -> &'static str {
+pub(crate) fn cluster_type(host: &str) -> &'static str {
     if host.parse::<IpAddr>().is_ok() {
         "STATIC"
     } else {
@@ -518,7 +518,7 @@ pub fn ext_authz_filter(bundle: &Bundle, fail_open: bool) -> Value {
 }
 
 /// A cluster to `host:port`, with the protocol options `--upstream-protocol` asks for.
-fn upstream_cluster(
+pub(crate) fn upstream_cluster(
     name: &str,
     kind: &str,
     host: &str,
@@ -602,7 +602,7 @@ fn socket_address(s: &str, flag: &str) -> Result<Value, String> {
 }
 
 /// Splits `host:port` or `[v6]:port`.
-fn host_port(s: &str, flag: &str) -> Result<(String, u16), String> {
+pub(crate) fn host_port(s: &str, flag: &str) -> Result<(String, u16), String> {
     let bad = || format!("error: `{flag} {s}` is not `host:port`");
     let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
     let host = host

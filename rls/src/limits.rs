@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
-use tenantgate_engine::fleet::{FleetLimit, FleetLimits, LIMIT_KEY, REPORT_ENTRY, TENANT_KEY};
+use tenantgate_engine::fleet::{
+    FleetLimit, FleetLimits, DEFAULT_DOMAIN, LIMIT_KEY, REPORT_ENTRY, TENANT_KEY,
+};
 use tenantgate_engine::{Bundle, Engine};
 
 /// One loaded bundle's fleet limits. Immutable: a reload builds a new one.
@@ -12,6 +14,9 @@ pub struct Limits {
     /// The bundle's `sha256:` version.
     pub version: String,
     pub fleet: FleetLimits,
+    /// The bundle's rate limit domain (`rate_limit_service.domain`, else
+    /// `tenantgate`): what its filters send.
+    pub domain: String,
     /// The root tenant declares a fleet limit, so every request's chain holds
     /// the root's counter: every key then shares the hash tag `{/}`.
     root_declares: bool,
@@ -41,9 +46,16 @@ impl Limits {
         let engine = Engine::new(&bundle).map_err(|d| d.to_string())?;
         let fleet = engine.fleet_limits().clone();
         let root_declares = fleet.all().iter().any(|l| l.tenant.is_root());
+        let domain = bundle
+            .settings
+            .rate_limit_service
+            .as_ref()
+            .map_or(DEFAULT_DOMAIN, |r| r.domain.as_str())
+            .to_owned();
         Ok(Limits {
             version: bundle.version,
             fleet,
+            domain,
             root_declares,
         })
     }

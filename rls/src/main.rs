@@ -19,9 +19,9 @@ struct Args {
     /// Address to serve gRPC on, e.g. `0.0.0.0:8081` (port 0: any free port, logged).
     #[arg(long)]
     listen: SocketAddr,
-    /// The rate limit domain to answer for; descriptors of other domains get OK with no limit.
-    #[arg(long, default_value = "tenantgate")]
-    domain: String,
+    /// The rate limit domain to answer for (default: the bundle's `rate_limit_service.domain`); other domains get OK with no limit.
+    #[arg(long)]
+    domain: Option<String>,
 }
 
 #[tokio::main]

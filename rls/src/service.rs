@@ -14,23 +14,32 @@ use tenantgate_engine::fleet::{FleetLimit, REPORT_HEADER};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use crate::counter::{Count, Counters, Hit};
+use crate::counter::{Count, CounterStore, Counters, Hit};
 use crate::limits::{Limits, Match};
 
-/// The gRPC service. Holds no counter state: every count lives in Redis.
-pub struct Service {
+/// The gRPC service. Holds no counter state: every count lives in the
+/// store (Redis in production, [`crate::counter::MemoryCounters`] in tests).
+pub struct Service<C = Counters> {
     limits: watch::Receiver<Arc<Limits>>,
-    counters: Counters,
-    domain: String,
+    counters: C,
+    /// `--domain`: overrides the bundle's domain.
+    domain: Option<String>,
 }
 
-impl Service {
-    pub fn new(limits: watch::Receiver<Arc<Limits>>, counters: Counters, domain: String) -> Self {
+impl<C: CounterStore> Service<C> {
+    /// `domain`: the domain to answer for; `None` takes the loaded bundle's
+    /// (`rate_limit_service.domain`), following reloads.
+    pub fn new(limits: watch::Receiver<Arc<Limits>>, counters: C, domain: Option<String>) -> Self {
         Service {
             limits,
             counters,
             domain,
         }
+    }
+
+    /// The counter store.
+    pub fn counters(&self) -> &C {
+        &self.counters
     }
 
     /// Answers one request (the RPC without the gRPC wrapping); `report`
@@ -41,13 +50,14 @@ impl Service {
         report_call: bool,
     ) -> Result<RateLimitResponse, Status> {
         let limits = Arc::clone(&self.limits.borrow());
+        let domain = self.domain.as_deref().unwrap_or(&limits.domain);
         // The API: a request-level `hits_addend` of 0 means 1.
         let request_hits = u64::from(req.hits_addend.max(1));
         // Per descriptor: the index of its counter in `hits`, if it has one.
         let mut slot: Vec<Option<(usize, &FleetLimit)>> = Vec::with_capacity(req.descriptors.len());
         let mut hits: Vec<Hit> = Vec::new();
         for d in &req.descriptors {
-            let m = if req.domain == self.domain && !d.is_negative_hits {
+            let m = if req.domain == domain && !d.is_negative_hits {
                 limits
                     .match_descriptor(d.entries.iter().map(|e| (e.key.as_str(), e.value.as_str())))
             } else {
@@ -112,7 +122,7 @@ impl Service {
 }
 
 #[tonic::async_trait]
-impl RateLimitService for Service {
+impl<C: CounterStore> RateLimitService for Service<C> {
     async fn should_rate_limit(
         &self,
         request: Request<RateLimitRequest>,
@@ -142,15 +152,19 @@ pub fn unit_of(per_s: u64) -> Unit {
 
 /// One counted descriptor's status. `current_limit` carries the rate per
 /// window (`requests_per_unit`, saturated at 2^32-1), the window as a unit
-/// when it is exactly one (else `UNKNOWN`), and, in `name`, the limit as a
-/// RateLimit-Policy item (`"rpm";q=6000;w=60`), which states any window.
+/// when it is exactly one (else `UNKNOWN`), and, in `name`, the limit's name
+/// (`rpm`). Envoy's own rate limit filter writes that name into its
+/// `x-ratelimit-limit` header as a quoted string (`300;w=60;name="rpm"`), so
+/// it must be a bare token: limit names are (`[a-z0-9][a-z0-9_-]*`).
+/// tenantgate's filter reads only the numbers and takes the name from its own
+/// bundle.
 fn status(l: &FleetLimit, c: &Count) -> DescriptorStatus {
     let sat = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
     let reset = c.ttl.unwrap_or(Duration::from_secs(l.per_s));
     DescriptorStatus {
         code: if c.over { Code::OverLimit } else { Code::Ok } as i32,
         current_limit: Some(RateLimit {
-            name: format!("\"{}\";q={};w={}", l.name, l.rate, l.per_s),
+            name: l.name.clone(),
             requests_per_unit: sat(l.rate),
             unit: unit_of(l.per_s) as i32,
         }),

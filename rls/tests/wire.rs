@@ -77,7 +77,7 @@ fn the_filter_reads_prosts_answers() {
         |code: Code, rpu: u32, unit: Unit, remaining: u32, reset: Duration| DescriptorStatus {
             code: code as i32,
             current_limit: Some(RateLimit {
-                name: "\"rpm\";q=5;w=60".into(),
+                name: "rpm".into(),
                 requests_per_unit: rpu,
                 unit: unit as i32,
             }),

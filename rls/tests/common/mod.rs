@@ -70,9 +70,17 @@ impl Tree {
 
     /// Writes the tree (replacing the previous one) and its bundle; returns the version.
     pub fn write(&self, tenants: &[(&str, &str)]) -> String {
+        self.write_with_settings(None, tenants)
+    }
+
+    /// [`Tree::write`] with a `tenantgate.json`.
+    pub fn write_with_settings(&self, settings: Option<&str>, tenants: &[(&str, &str)]) -> String {
         let src = self.dir.path().join("src");
         let _ = std::fs::remove_dir_all(&src);
         std::fs::create_dir_all(src.join("tenants")).unwrap();
+        if let Some(s) = settings {
+            std::fs::write(src.join("tenantgate.json"), s).unwrap();
+        }
         for (path, json) in tenants {
             let d = src.join("tenants").join(path.trim_start_matches('/'));
             std::fs::create_dir_all(&d).unwrap();
@@ -128,6 +136,11 @@ pub fn collect_stderr(child: &mut Child) -> Arc<Mutex<Vec<String>>> {
 
 impl Rls {
     pub fn start(bundle: &Path, redis: &str) -> Rls {
+        Self::start_with(bundle, redis, &[])
+    }
+
+    /// [`Rls::start`] with more flags.
+    pub fn start_with(bundle: &Path, redis: &str, extra: &[&str]) -> Rls {
         let mut child = Command::new(bin())
             .args([
                 "--bundle",
@@ -137,6 +150,7 @@ impl Rls {
                 "--listen",
                 "127.0.0.1:0",
             ])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
