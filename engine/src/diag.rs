@@ -122,6 +122,7 @@ pub fn line_col(text: &str, offset: usize) -> (u32, u32) {
 }
 
 /// Byte offset of the first character of 1-based `line`/`column`.
+#[cfg(test)]
 pub fn offset_of(text: &str, line: usize, column: usize) -> usize {
     let mut offset = 0;
     for (i, l) in text.split_inclusive('\n').enumerate() {

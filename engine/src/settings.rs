@@ -418,14 +418,6 @@ pub fn is_header_name(h: &str) -> bool {
         })
 }
 
-/// An HTTP method token in upper case.
-pub fn is_method(m: &str) -> bool {
-    !m.is_empty()
-        && m.len() <= 32
-        && m.bytes()
-            .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_')
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -98,6 +98,9 @@ mod tests {
             None
         );
         // A name that is not UTF-8.
-        assert_eq!(decode(&[1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0xff, 0, 0]), None);
+        assert_eq!(
+            decode(&[1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0xff, 0, 0]),
+            None
+        );
     }
 }

@@ -595,7 +595,10 @@ mod authz {
         let mut problems = Vec::new();
         for row in rows {
             let id = row["id"].as_str().unwrap();
-            let (method, path) = (row["method"].as_str().unwrap(), row["path"].as_str().unwrap());
+            let (method, path) = (
+                row["method"].as_str().unwrap(),
+                row["path"].as_str().unwrap(),
+            );
             let headers: Vec<(&str, &str)> = row["headers"]
                 .as_array()
                 .unwrap()
@@ -611,7 +614,10 @@ mod authz {
                 )
                 .unwrap();
             if want["status"] != row["status"] {
-                problems.push(format!("{id}: check {}, the table {}", want["status"], row["status"]));
+                problems.push(format!(
+                    "{id}: check {}, the table {}",
+                    want["status"], row["status"]
+                ));
             }
             // HTTP: check's JSON, the reply carrying a decision id.
             let mut got = decide(srv.http, &spec).await.json();
