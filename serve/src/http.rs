@@ -6,7 +6,10 @@
 //!   request the bundle's settings cannot express; 413 above
 //!   [`MAX_BODY_BYTES`](crate::MAX_BODY_BYTES);
 //! - `GET /v1/bundle`: `{"version", "tenants", "policies"}`;
-//! - `GET /healthz`: `{"status": "ok", "version"}`.
+//! - `GET /healthz`: `{"status": "ok", "version"}`, plus `"last_reload":
+//!   {"status": "failed", "at_s", "error"}` while the last SIGHUP reload
+//!   failed (the previous bundle serving; still 200);
+//! - `GET /metrics`: Prometheus text (`tenantgate_serve_*`).
 //!
 //! Every error body is `{"error": ..., "message": ...}`.
 
@@ -26,9 +29,22 @@ use crate::{now_ns, State, MAX_BODY_BYTES};
 /// The API's routes over the shared state.
 pub fn router(state: Arc<State>) -> Router {
     Router::new()
-        .route("/v1/decide", post(decide))
-        .route("/v1/bundle", get(bundle))
-        .route("/healthz", get(healthz))
+        .route(
+            "/v1/decide",
+            post(decide).fallback(|| method_not_allowed("POST")),
+        )
+        .route(
+            "/v1/bundle",
+            get(bundle).fallback(|| method_not_allowed("GET,HEAD")),
+        )
+        .route(
+            "/healthz",
+            get(healthz).fallback(|| method_not_allowed("GET,HEAD")),
+        )
+        .route(
+            "/metrics",
+            get(metrics).fallback(|| method_not_allowed("GET,HEAD")),
+        )
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
@@ -90,6 +106,7 @@ async fn decide(
         Ok(x) => x,
         Err(m) => return error(StatusCode::BAD_REQUEST, "bad_request", m),
     };
+    state.count_decision(crate::Api::Http, decision.is_allowed());
     if engine.audits(&decision) {
         let tenant = mapped.as_ref().map(|m| &m.request.tenant);
         let request_id = mapped.as_ref().and_then(|m| m.request_id.as_deref());
@@ -123,10 +140,35 @@ async fn bundle(Extract(state): Extract<Arc<State>>) -> Response {
 }
 
 async fn healthz(Extract(state): Extract<Arc<State>>) -> Response {
-    json(
+    let mut body = serde_json::json!({ "status": "ok", "version": state.engine().version() });
+    if let (Some(f), Some(obj)) = (state.failed_reload(), body.as_object_mut()) {
+        obj.insert(
+            "last_reload".into(),
+            serde_json::json!({ "status": "failed", "at_s": f.at_s, "error": f.error }),
+        );
+    }
+    json(StatusCode::OK, &body)
+}
+
+async fn metrics(Extract(state): Extract<Arc<State>>) -> Response {
+    (
         StatusCode::OK,
-        &serde_json::json!({ "status": "ok", "version": state.engine().version() }),
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics_text(),
     )
+        .into_response()
+}
+
+/// 405 with the JSON error body and the `allow` header.
+async fn method_not_allowed(allow: &'static str) -> Response {
+    let mut r = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("this endpoint takes `{allow}`"),
+    );
+    r.headers_mut()
+        .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+    r
 }
 
 async fn not_found() -> Response {
