@@ -29,25 +29,29 @@ pub enum Match<'a> {
 }
 
 impl Limits {
-    /// Reads and validates a bundle file (the whole bundle, policies included,
-    /// as the filter would: one source of truth).
+    /// Reads and validates a bundle file or a policy folder (the whole
+    /// bundle, policies included, as the filter would: one source of truth).
+    /// Errors name the file, line and column as `tenantgate validate` does.
     pub fn load(path: &Path) -> Result<Limits, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read bundle `{}`: {e}", path.display()))?;
-        Self::from_json(&text).map_err(|e| format!("bundle `{}`:\n{e}", path.display()))
+        let loaded = Bundle::load(path).map_err(|d| format!("the bundle does not load:\n{d}"))?;
+        Ok(Self::from_engine(loaded.bundle.version, &loaded.engine))
+    }
+
+    fn from_engine(version: String, engine: &Engine) -> Limits {
+        let fleet = engine.fleet_limits().clone();
+        let root_declares = fleet.all().iter().any(|l| l.tenant.is_root());
+        Limits {
+            version,
+            fleet,
+            root_declares,
+        }
     }
 
     /// A bundle document's fleet limits.
     pub fn from_json(text: &str) -> Result<Limits, String> {
         let bundle = Bundle::from_json(text).map_err(|d| d.to_string())?;
         let engine = Engine::new(&bundle).map_err(|d| d.to_string())?;
-        let fleet = engine.fleet_limits().clone();
-        let root_declares = fleet.all().iter().any(|l| l.tenant.is_root());
-        Ok(Limits {
-            version: bundle.version,
-            fleet,
-            root_declares,
-        })
+        Ok(Self::from_engine(bundle.version, &engine))
     }
 
     /// Maps a descriptor's entries: `[("tenant", A), ("limit", N)]`, optionally
