@@ -60,7 +60,7 @@ fn a_failing_policy_test_exits_1() {
     assert_eq!(r.code, 1);
     assert!(
         r.stdout
-            .contains("FAIL tests/zz-wrong.json: wrong on purpose"),
+            .contains(&format!("FAIL {}/tests/zz-wrong.json: wrong on purpose", dir.path().display())),
         "{}",
         r.stdout
     );
