@@ -400,7 +400,7 @@ fn run_validate(source: &Path, strict: bool, format: ReportFormat) -> ExitCode {
                 source.display(),
                 l.bundle.tenants.len(),
                 l.engine.policy_count(),
-                if l.engine.quotas().is_empty() {
+                if l.engine.quotas().is_empty() && l.engine.fleet_limits().all().is_empty() {
                     ""
                 } else {
                     ", limits valid"
@@ -531,8 +531,50 @@ fn json_arg(
     .transpose()
 }
 
+/// The keys of the context tenantgate builds (docs/reference.md, "The Cedar
+/// entity model"); `--context` with another key gets a warning.
+const CONTEXT_KEYS: [&str; 7] = [
+    "method",
+    "path",
+    "time",
+    "headers",
+    "host",
+    "source_ip",
+    "claims",
+];
+const TIME_KEYS: [&str; 3] = ["epoch_s", "hour_utc", "weekday"];
+
+/// Warnings for `--context` keys no policy reads from the filter's context.
+fn context_warnings(context: Option<&serde_json::Map<String, serde_json::Value>>) -> Vec<String> {
+    let mut out = Vec::new();
+    let Some(context) = context else {
+        return out;
+    };
+    for (k, v) in context {
+        if !CONTEXT_KEYS.contains(&k.as_str()) {
+            out.push(format!(
+                "warning: `--context`: `{k}` is not a key of the context the filter builds ({}); a policy reading it would see it here only",
+                CONTEXT_KEYS.join(", ")
+            ));
+        } else if k == "time" {
+            for tk in v.as_object().into_iter().flat_map(|m| m.keys()) {
+                if !TIME_KEYS.contains(&tk.as_str()) {
+                    out.push(format!(
+                        "warning: `--context`: `time.{tk}` is not a key of `time` ({})",
+                        TIME_KEYS.join(", ")
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
 fn run_check(source: &Path, spec: &RequestSpec) -> Result<ExitCode, String> {
     let (_, engine) = load(source)?;
+    for w in context_warnings(spec.context.as_ref()) {
+        eprintln!("{w}");
+    }
     // Quotas charged in a fresh in-memory store: what a first request gets.
     let store = tenantgate_engine::quota::MemoryStore::new();
     let out = engine

@@ -43,7 +43,8 @@ enum SourceTagged {
     Metadata(Vec<String>),
 }
 
-const SOURCE_KEYS: &str = "`header`, `path_prefix` or `metadata` (docs/reference.md, \"tenantgate.json\")";
+const SOURCE_KEYS: &str =
+    "`header`, `path_prefix` or `metadata` (docs/reference.md, \"tenantgate.json\")";
 
 impl TryFrom<SourceRepr> for Source {
     type Error = String;
