@@ -1,0 +1,229 @@
+//! The command transcripts of README.md, docs/reference.md and
+//! policies/README.md run as written, and print what the docs show.
+//!
+//! A transcript is a ```` ```text ```` block whose lines start with `$ `: a
+//! `tenantgate` command (run with this build, from the repository root,
+//! standard error merged into standard output) or `echo $?`, each followed by
+//! its output. An output that is JSON is compared as JSON (the docs may print
+//! it more compactly); any other is compared line by line. Blocks that start
+//! a server or call `curl` are left to the suites that run them
+//! (`serve/tests/api.rs`, `cli/tests/guide.rs`, `scripts/demo.sh`), and so
+//! are blocks after a `<!-- not run ... -->` line (their test is named there).
+//!
+//! `TENANTGATE_BLESS_DOCS=1` rewrites, in place, every text (not JSON) output
+//! that differs, so a change that alters outputs (a bundle version) is one
+//! run; review the diff.
+//!
+//! When the binaries change what they print, this test names the doc, the
+//! line and the difference: the docs cannot drift.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+use common::*;
+
+use std::path::Path;
+use std::process::Command;
+
+/// One `$ command` of a transcript and the output the doc shows.
+struct Step {
+    line: usize,
+    command: String,
+    output: String,
+}
+
+/// The transcripts of a Markdown file, each with its first line number.
+fn transcripts(text: &str) -> Vec<Vec<Step>> {
+    let mut out = Vec::new();
+    let lines: Vec<&str> = text.lines().collect();
+    let mut i = 0;
+    while i < lines.len() {
+        if lines[i].trim_end() != "```text" {
+            i += 1;
+            continue;
+        }
+        // `<!-- not run ... -->` on the line before: checked elsewhere.
+        let marked = i > 0 && lines[i - 1].starts_with("<!-- not run");
+        let mut block = Vec::new();
+        i += 1;
+        while i < lines.len() && !lines[i].starts_with("```") {
+            block.push((i + 1, lines[i]));
+            i += 1;
+        }
+        i += 1;
+        if !block.first().is_some_and(|(_, l)| l.starts_with("$ ")) {
+            continue;
+        }
+        let runnable = block.iter().all(|(_, l)| {
+            !l.starts_with("$ ")
+                || (l.starts_with("$ tenantgate ") && !l.trim_end().ends_with('&'))
+                || l.trim_end() == "$ echo $?"
+        });
+        if !runnable || marked {
+            continue;
+        }
+        let mut steps: Vec<Step> = Vec::new();
+        for (n, l) in block {
+            if let Some(cmd) = l.strip_prefix("$ ") {
+                steps.push(Step {
+                    line: n,
+                    command: cmd.to_string(),
+                    output: String::new(),
+                });
+            } else if let Some(s) = steps.last_mut() {
+                s.output.push_str(l);
+                s.output.push('\n');
+            }
+        }
+        out.push(steps);
+    }
+    out
+}
+
+/// Whether the output printed matches the output shown.
+fn matches(shown: &str, printed: &str) -> bool {
+    if let (Ok(a), Ok(b)) = (
+        serde_json::from_str::<serde_json::Value>(shown),
+        serde_json::from_str::<serde_json::Value>(printed),
+    ) {
+        if shown.trim_start().starts_with(['{', '[']) {
+            return a == b;
+        }
+    }
+    shown.trim_end() == printed.trim_end()
+}
+
+fn run_doc(doc: &str) -> usize {
+    let root = repo();
+    let text = std::fs::read_to_string(root.join(doc)).unwrap();
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_tenantgate"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let bless = std::env::var_os("TENANTGATE_BLESS_DOCS").is_some();
+    let mut ran = 0;
+    let mut failures = Vec::new();
+    // (first line of the shown output, its line count, the printed output).
+    let mut rewrites: Vec<(usize, usize, String)> = Vec::new();
+    for steps in transcripts(&text) {
+        let mut last_status = 0;
+        for s in steps {
+            let printed = if s.command == "echo $?" {
+                format!("{last_status}\n")
+            } else {
+                let out = Command::new("bash")
+                    .arg("-c")
+                    .arg(format!("{{ {}; }} 2>&1", s.command))
+                    .env("PATH", &path)
+                    .current_dir(&root)
+                    .output()
+                    .unwrap();
+                last_status = out.status.code().unwrap_or(-1);
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            };
+            ran += 1;
+            let is_json = s.output.trim_start().starts_with(['{', '[']);
+            if bless && !is_json && !matches(&s.output, &printed) {
+                rewrites.push((s.line + 1, s.output.lines().count(), printed));
+                continue;
+            }
+            if !matches(&s.output, &printed) {
+                failures.push(format!(
+                    "{doc}:{}: `{}`\n--- the doc shows:\n{}--- the binary printed:\n{}",
+                    s.line, s.command, s.output, printed
+                ));
+            }
+        }
+    }
+    if !rewrites.is_empty() {
+        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+        for (first, count, printed) in rewrites.into_iter().rev() {
+            let new: Vec<String> = printed.lines().map(str::to_string).collect();
+            lines.splice(first - 1..first - 1 + count, new);
+        }
+        std::fs::write(root.join(doc), lines.join("\n") + "\n").unwrap();
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    ran
+}
+
+#[test]
+fn readme_transcripts_run_as_written() {
+    assert!(run_doc("README.md") >= 2);
+}
+
+#[test]
+fn reference_transcripts_run_as_written() {
+    assert!(run_doc("docs/reference.md") >= 5);
+}
+
+#[test]
+fn policies_readme_transcripts_run_as_written() {
+    assert!(run_doc("policies/README.md") >= 2);
+}
+
+/// README's broken-tree example: its output, exactly, for the file it names.
+#[test]
+fn readme_broken_tree_example() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let after = readme
+        .split("A broken tree names the place")
+        .nth(1)
+        .expect("README's broken-tree example");
+    let block = after.split("```").nth(1).unwrap();
+    let (source, shown) = block.split_once('\n').unwrap();
+    let source = source.strip_prefix("text").unwrap_or(source);
+    assert!(source.is_empty(), "{source}");
+    // The command and the file the example is about.
+    let (cmd, shown) = shown.split_once('\n').unwrap();
+    assert_eq!(cmd, "$ tenantgate validate policies");
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&repo().join("policies"), &dir.path().join("policies"));
+    std::fs::write(
+        dir.path().join("policies/tenants/acme/eu/reuse.cedar"),
+        "// Reuses a root policy's id.\n\n@id(\"platform-isolation\")\npermit (principal, action, resource);\n",
+    )
+    .unwrap();
+    let r = tenantgate_in(dir.path(), &["validate", "policies"], "");
+    assert_eq!((r.code, r.stdout.as_str()), (1, ""));
+    // Notes and warnings before the errors are not part of the example.
+    let errors: String = r
+        .stderr
+        .lines()
+        .filter(|l| !l.contains(": note: ") && !l.contains(": warning: "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(errors, shown);
+}
+
+#[test]
+fn the_transcript_reader_finds_commands_and_outputs() {
+    let doc = "x\n```text\n$ tenantgate validate p\np: ok\n$ echo $?\n0\n```\n```text\n$ curl x\ny\n```\n";
+    let t = transcripts(doc);
+    assert_eq!(t.len(), 1);
+    assert_eq!(
+        t[0].iter()
+            .map(|s| (s.line, s.command.as_str(), s.output.as_str()))
+            .collect::<Vec<_>>(),
+        vec![
+            (3, "tenantgate validate p", "p: ok\n"),
+            (5, "echo $?", "0\n")
+        ]
+    );
+    assert!(matches(
+        "{\"a\": [1,\n 2]}\n",
+        "{\n  \"a\": [\n    1,\n    2\n  ]\n}\n"
+    ));
+    assert!(!matches("{\"a\": 1}\n", "{\"a\": 2}\n"));
+    assert!(!matches("p: ok\n", "p: ok, 2\n"));
+}
