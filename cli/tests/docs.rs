@@ -227,3 +227,70 @@ fn the_transcript_reader_finds_commands_and_outputs() {
     assert!(!matches("{\"a\": 1}\n", "{\"a\": 2}\n"));
     assert!(!matches("p: ok\n", "p: ok, 2\n"));
 }
+
+/// The bundle versions docs/operators-guide.md shows in forms its transcript
+/// test cannot compare (a gauge as an integer, a 12-digit label) are the
+/// example tree's.
+#[test]
+fn operators_guide_versions_are_the_example_trees() {
+    let guide = std::fs::read_to_string(repo().join("docs/operators-guide.md")).unwrap();
+    let version = tenantgate_engine::Bundle::from_dir(&repo().join("policies"))
+        .unwrap()
+        .version;
+    let hex = version.strip_prefix("sha256:").unwrap();
+    let gauge = u64::from_str_radix(&hex[..8], 16).unwrap();
+    for want in [
+        format!("wasmcustom.tenantgate.bundle_version: {gauge}\n"),
+        format!("\nsha256:{}\n", &hex[..8]),
+        format!(
+            "`printf 'sha256:%08x\\n' {gauge}` prints `sha256:{}`",
+            &hex[..8]
+        ),
+        format!("{{bundle=\"{}\", instance=", &hex[..12]),
+    ] {
+        assert!(
+            guide.contains(&want),
+            "docs/operators-guide.md lacks `{want}`"
+        );
+    }
+}
+
+/// The Istio stats matcher the guide recommends is the one `tenantgate envoy
+/// --istio` renders, and it keeps the labelled series (whose names start with
+/// `wasmcustom.tenant=.=`, not `wasmcustom.tenantgate`).
+#[test]
+fn the_istio_stats_matcher_keeps_the_labelled_series() {
+    let guide = std::fs::read_to_string(repo().join("docs/operators-guide.md")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = dir.path().join("f.wasm");
+    std::fs::write(&wasm, b"\0asm").unwrap();
+    let r = tenantgate(&[
+        "envoy",
+        "policies",
+        "--istio",
+        "--wasm",
+        wasm.to_str().unwrap(),
+        "--namespace",
+        "shop",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let config = v["metadata"]["annotations"]["tenantgate/proxy-config"]
+        .as_str()
+        .unwrap();
+    let config: serde_json::Value = serde_json::from_str(config).unwrap();
+    let regexps = config["proxyStatsMatcher"]["inclusionRegexps"]
+        .as_array()
+        .unwrap();
+    assert_eq!(regexps, &[serde_json::json!(".*tenantgate\\..*")]);
+    // The guide's YAML and prose give the same regex.
+    assert!(guide.contains(r#"{"proxyStatsMatcher":{"inclusionRegexps":[".*tenantgate\\..*"]},"#));
+    assert!(guide.contains(r#"`proxyStatsMatcher: {inclusionRegexps: [".*tenantgate\\..*"]}`"#));
+    // `.*tenantgate\..*` matches a name that contains `tenantgate.`: every
+    // series the reference lists, labelled ones included.
+    // docs/operators-guide.md, "Labels", shows such a name.
+    let labelled = "wasmcustom.tenant=.=/acme/eu;.;parent=.=/acme;.;tenantgate.tenant.allowed";
+    assert!(guide.contains(labelled));
+    assert!(labelled.contains("tenantgate."));
+    assert!(!labelled.starts_with("wasmcustom.tenantgate"));
+}
