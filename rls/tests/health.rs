@@ -1,6 +1,8 @@
 //! `tenantgate-rls`'s command line and `grpc.health.v1.Health`: the real
 //! binary; the Redis test is `#[ignore]`d (`scripts/test-rls.sh` runs it).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::time::Duration;
