@@ -158,6 +158,30 @@ impl Options {
 /// The flag combinations and values that cannot work, checked before the
 /// bundle is read (a usage error: exit 2).
 pub fn usage(o: &Options) -> Result<(), String> {
+    if let Some(want) = &o.sha256 {
+        if want.len() != 64
+            || !want
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(format!(
+                "error: `--sha256 {want}` is not 64 lowercase hex digits"
+            ));
+        }
+    }
+    if o.istio {
+        for kv in &o.selector {
+            if kv.split_once('=').is_none_or(|(k, _)| k.is_empty()) {
+                return Err(format!("error: `--selector {kv}` must be `key=value`"));
+            }
+        }
+        if !is_dns_label(&o.name) {
+            return Err(format!(
+                "error: `--name {}` is not a valid resource name (lowercase letters, digits and `-`, at most 63)",
+                o.name
+            ));
+        }
+    }
     if o.ext_authz.is_some() {
         for (flag, set) in [
             ("--istio", o.istio),
