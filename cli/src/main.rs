@@ -141,6 +141,10 @@ enum Command {
         /// Draw admitted requests per second per tenant over time into this SVG file.
         #[arg(long)]
         svg: Option<PathBuf>,
+        /// Write offered and admitted requests per second per tenant to this file:
+        /// CSV (`second,tenant,offered,admitted`), or JSON when it ends in `.json`.
+        #[arg(long, value_name = "FILE")]
+        series: Option<PathBuf>,
     },
     /// What changed between two policy folders or bundles, and which policy-test decisions change.
     ///
@@ -323,7 +327,13 @@ fn run(command: Command) -> Result<ExitCode, Failure> {
             source,
             traffic,
             svg,
-        } => Ok(run_simulate(&source, &traffic, svg.as_deref())?),
+            series,
+        } => Ok(run_simulate(
+            &source,
+            &traffic,
+            svg.as_deref(),
+            series.as_deref(),
+        )?),
         Command::Diff {
             old,
             new,
@@ -710,11 +720,16 @@ fn junit(
     out
 }
 
-fn run_simulate(source: &Path, traffic: &Path, svg: Option<&Path>) -> Result<ExitCode, String> {
+fn run_simulate(
+    source: &Path,
+    traffic: &Path,
+    svg: Option<&Path>,
+    series: Option<&Path>,
+) -> Result<ExitCode, String> {
     let (bundle, engine) = load(source)?;
     let text = std::fs::read_to_string(traffic)
         .map_err(|e| format!("{}: error: cannot read: {e}", traffic.display()))?;
-    let out = simulate::run(&bundle, &engine, &text, svg)
+    let out = simulate::run_with(&bundle, &engine, &text, svg, series)
         .map_err(|e| format!("{}: error: {e}", traffic.display()))?;
     println!(
         "{}",

@@ -158,6 +158,19 @@ pub fn run(
     plan_text: &str,
     svg: Option<&Path>,
 ) -> Result<serde_json::Value, String> {
+    run_with(bundle, engine, plan_text, svg, None)
+}
+
+/// [`run`], and with `series` the per-second table of every tenant written
+/// to that file: CSV (`second,tenant,offered,admitted`) unless the name ends
+/// in `.json` (`[{"second", "tenant", "offered", "admitted"}, ...]`).
+pub fn run_with(
+    bundle: &Bundle,
+    engine: &Engine,
+    plan_text: &str,
+    svg: Option<&Path>,
+    series: Option<&Path>,
+) -> Result<serde_json::Value, String> {
     let plan: Plan = serde_json::from_str(plan_text).map_err(|e| format!("traffic plan: {e}"))?;
     if plan.duration_s == 0 || plan.duration_s > MAX_DURATION_S {
         return Err(format!(
@@ -242,6 +255,10 @@ pub fn run(
 
     if let Some(path) = svg {
         draw(path, plan.duration_s, &counts)?;
+    }
+    if let Some(path) = series {
+        std::fs::write(path, series_text(path, plan.duration_s, &counts))
+            .map_err(|e| format!("{}: error: cannot write: {e}", path.display()))?;
     }
     let tenants: serde_json::Map<String, serde_json::Value> = counts
         .iter()
@@ -395,6 +412,34 @@ fn check_flows(bundle: &Bundle, engine: &Engine, plan: &Plan) -> Result<Vec<Read
 }
 
 /// Admitted (solid) and offered (faint) requests per second, one color per tenant.
+/// The per-second table `--series` writes (see [`run_with`]).
+fn series_text(path: &Path, duration_s: u64, counts: &BTreeMap<TenantPath, Counts>) -> String {
+    let json = path.extension().is_some_and(|e| e == "json");
+    let mut rows = Vec::new();
+    for second in 0..usize::try_from(duration_s).unwrap_or(0) {
+        for (tenant, c) in counts {
+            let offered = c.offered_per_s.get(second).copied().unwrap_or(0);
+            let admitted = c.admitted_per_s.get(second).copied().unwrap_or(0);
+            rows.push((second, tenant.to_string(), offered, admitted));
+        }
+    }
+    if json {
+        let v: Vec<serde_json::Value> = rows
+            .into_iter()
+            .map(|(second, tenant, offered, admitted)| {
+                serde_json::json!({"second": second, "tenant": tenant, "offered": offered, "admitted": admitted})
+            })
+            .collect();
+        serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
+    } else {
+        let mut out = String::from("second,tenant,offered,admitted\n");
+        for (second, tenant, offered, admitted) in rows {
+            out.push_str(&format!("{second},{tenant},{offered},{admitted}\n"));
+        }
+        out
+    }
+}
+
 fn draw(path: &Path, duration_s: u64, counts: &BTreeMap<TenantPath, Counts>) -> Result<(), String> {
     use plotters::prelude::*;
 
@@ -826,6 +871,41 @@ mod tests {
         assert!(
             e.contains("flow 1: `keys` spreads the flow over key values, but no keyed limit applies to `/`"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn writes_the_per_second_series() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("p");
+        std::fs::create_dir_all(tree.join("tenants/a")).unwrap();
+        std::fs::write(
+            tree.join("tenants/a/tenant.json"),
+            r#"{"limits": {"rps": {"rate": 3}}}"#,
+        )
+        .unwrap();
+        let b = Bundle::from_dir(&tree).unwrap();
+        let engine = Engine::new(&b).unwrap();
+        let plan = r#"{"duration_s": 2, "flows": [{"tenant": "/a", "rps": 5}]}"#;
+        let csv = dir.path().join("s.csv");
+        run_with(&b, &engine, plan, None, Some(&csv)).unwrap();
+        // 5 offered a second, 0.2 s apart; the bucket of 3 (full at start)
+        // refills 0.6 between two: all 5 of the first second pass (3 - 5 +
+        // 4 x 0.6 = 0.4 left), then 3 a second.
+        assert_eq!(
+            std::fs::read_to_string(&csv).unwrap(),
+            "second,tenant,offered,admitted\n0,/a,5,5\n1,/a,5,3\n"
+        );
+        let json = dir.path().join("s.json");
+        run_with(&b, &engine, plan, None, Some(&json)).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!([
+                {"second": 0, "tenant": "/a", "offered": 5, "admitted": 5},
+                {"second": 1, "tenant": "/a", "offered": 5, "admitted": 3}
+            ])
         );
     }
 
