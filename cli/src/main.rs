@@ -189,10 +189,19 @@ enum Command {
         domain: String,
     },
     /// Format the Cedar files under `DIR/tenants` in place; `--check` lists the files that would change (exit 1).
+    #[command(
+        after_help = "Exit status: 0 every file is formatted (or was rewritten), 1 `--check` or `--diff` found a file to format, a file does not parse or cannot be read or written, 2 usage error.\n\nExamples:\n  tenantgate fmt policies --check\n  tenantgate fmt policies/tenants/acme/defaults.cedar --diff"
+    )]
     Fmt {
+        /// A policy folder (every `.cedar` file under `tenants/`) or one `.cedar` file.
+        #[arg(value_name = "DIR|FILE")]
         dir: PathBuf,
+        /// Write nothing; list the files that would change (exit 1 if any).
         #[arg(long)]
         check: bool,
+        /// Write nothing; print a unified diff of each file that would change (exit 1 if any).
+        #[arg(long)]
+        diff: bool,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     #[command(
@@ -353,7 +362,7 @@ fn run(command: Command) -> Result<ExitCode, Failure> {
             format,
             domain,
         } => Ok(limits::run(&source, format, &domain)?),
-        Command::Fmt { dir, check } => Ok(fmt::run(&dir, check)?),
+        Command::Fmt { dir, check, diff } => Ok(fmt::run(&dir, check, diff)?),
         Command::Serve { source, http, grpc } => {
             tenantgate_serve::run_blocking(tenantgate_serve::Config { source, http, grpc })
                 .map(|()| ExitCode::SUCCESS)

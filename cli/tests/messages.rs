@@ -501,3 +501,37 @@ fn completions_and_help() {
         assert!(undocumented.is_empty(), "{verb}: {undocumented:?}\n{help}");
     }
 }
+
+#[test]
+fn fmt_takes_one_file_and_shows_a_diff() {
+    let t = small_tree(&[(
+        "one.cedar",
+        "@id(\"x\")\npermit(principal,action,resource) when { principal == User::\"a\" };\n// keep\n@id(\"y\") forbid(principal, action, resource);\n",
+    )]);
+    let diff = "\
+--- p/one.cedar
++++ p/one.cedar (formatted)
+@@ -1,4 +1,7 @@
+ @id(\"x\")
+-permit(principal,action,resource) when { principal == User::\"a\" };
++permit (principal, action, resource)
++when { principal == User::\"a\" };
++
+ // keep
+-@id(\"y\") forbid(principal, action, resource);
++@id(\"y\")
++forbid (principal, action, resource);
+";
+    assert_eq!(
+        run(&t, &["fmt", "p/one.cedar", "--diff"]),
+        (1, diff.to_string(), String::new())
+    );
+    assert_eq!(
+        run(&t, &["fmt", "p/one.cedar"]),
+        (0, "formatted p/one.cedar\n".into(), String::new())
+    );
+    assert_eq!(
+        run(&t, &["fmt", "p/one.cedar", "--diff"]),
+        (0, String::new(), String::new())
+    );
+}
