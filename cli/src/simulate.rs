@@ -151,18 +151,8 @@ impl Counts {
 /// Returns `{"tenants": {"/acme/eu": {"admitted": N, "denied": M,
 /// "denied_by": {"rps": M}}, ...}, "flows": [{"tenant": "/acme/eu", ...}]}`;
 /// with `svg`, also draws admitted (solid) and offered (faint) requests per
-/// second per tenant into that file.
-pub fn run(
-    bundle: &Bundle,
-    engine: &Engine,
-    plan_text: &str,
-    svg: Option<&Path>,
-) -> Result<serde_json::Value, String> {
-    run_with(bundle, engine, plan_text, svg, None)
-}
-
-/// [`run`], and with `series` the per-second table of every tenant written
-/// to that file: CSV (`second,tenant,offered,admitted`) unless the name ends
+/// second per tenant into that file; with `series`, writes the per-second
+/// table of every tenant to that file: CSV (`second,tenant,offered,admitted`) unless the name ends
 /// in `.json` (`[{"second", "tenant", "offered", "admitted"}, ...]`).
 pub fn run_with(
     bundle: &Bundle,
@@ -555,7 +545,7 @@ mod tests {
         let mut b = b.clone();
         b.version = b.compute_version();
         let engine = Engine::new(&b).map_err(|e| format!("{e:?}"))?;
-        run(&b, &engine, plan, None)
+        run_with(&b, &engine, plan, None, None)
     }
 
     fn counts(v: &serde_json::Value, tenant: &str) -> (u64, u64) {
@@ -924,11 +914,12 @@ mod tests {
         let mut b = b;
         b.version = b.compute_version();
         let engine = Engine::new(&b).unwrap();
-        run(
+        run_with(
             &b,
             &engine,
             r#"{"duration_s": 5, "flows": [{"tenant": "/a", "rps": 30}, {"tenant": "/", "rps": 5}]}"#,
             Some(&out),
+            None,
         )
         .unwrap();
         let svg = std::fs::read_to_string(&out).unwrap();
@@ -951,7 +942,7 @@ mod tests {
 
         // /acme/us and /acme/eu/team-a at their rates next to two floods:
         // never refused.
-        let v = run(&b, &model, &plan("traffic-guarantee.json"), None).unwrap();
+        let v = run_with(&b, &model, &plan("traffic-guarantee.json"), None, None).unwrap();
         assert_eq!(counts(&v, "/acme/us"), (30 * 200, 0), "{v}");
         assert_eq!(counts(&v, "/acme/eu/team-a"), (30 * 100, 0), "{v}");
         assert!(
@@ -962,7 +953,7 @@ mod tests {
         // /acme/eu (rate 200, ceil 500) gets far above its rate by borrowing,
         // never above its ceil (plus the initial bursts); /acme/us at 150 is
         // never refused.
-        let v = run(&b, &model, &plan("traffic-borrow.json"), None).unwrap();
+        let v = run_with(&b, &model, &plan("traffic-borrow.json"), None, None).unwrap();
         let (eu, _) = counts(&v, "/acme/eu");
         assert!(eu > 60 * 400 && eu <= 60 * 500 + 500 + 2000, "{v}");
         assert_eq!(counts(&v, "/acme/us"), (20 * 150, 0), "{v}");
@@ -978,7 +969,7 @@ mod tests {
         // one key at 2 a second gets its 3 and the tokens of 20, 40, 60, 80
         // and 100 s; 10 keys taking 1 a second in turn get 8 each; keyless
         // traffic is not counted by key.
-        let v = run(&b, &model, &plan("traffic-keys.json"), None).unwrap();
+        let v = run_with(&b, &model, &plan("traffic-keys.json"), None, None).unwrap();
         assert_eq!(
             (0..3).map(|i| flow(&v, i)).collect::<Vec<_>>(),
             [
