@@ -133,6 +133,9 @@ enum Command {
         format: TestFormat,
     },
     /// Replay a traffic plan against the quotas on a virtual clock (policies are not evaluated).
+    #[command(
+        after_help = "Exit status: 0 the counts were printed, 1 the source or the plan does not load, 2 usage error.\n\nExample: tenantgate simulate policies --traffic policies/traffic-borrow.json --svg borrow.svg --series borrow.csv"
+    )]
     Simulate {
         source: PathBuf,
         /// The traffic plan (JSON).
@@ -169,6 +172,9 @@ enum Command {
         tests: Option<PathBuf>,
     },
     /// Render an Envoy bootstrap, or an Istio `WasmPlugin`, that loads the filter with this bundle.
+    #[command(
+        after_help = "Exit status: 0 rendered, 1 the bundle or the module cannot be read, 2 usage error (flags that do not go together, a malformed address, `--sha256`, `--selector` or `--name`).\n\nExamples:\n  tenantgate envoy policies --wasm dist/tenantgate.wasm -o envoy.json\n  tenantgate envoy policies --istio --wasm dist/tenantgate.wasm --namespace shop --selector app=orders"
+    )]
     Envoy {
         /// A bundle file or a policy folder.
         bundle: PathBuf,
@@ -179,6 +185,9 @@ enum Command {
         output: Option<PathBuf>,
     },
     /// The fleet limits as Limitador's limits file or envoyproxy/ratelimit's config (YAML).
+    #[command(
+        after_help = "Exit status: 0 printed, 1 the source does not load, 2 usage error.\n\nExample: tenantgate limits policies --format ratelimit"
+    )]
     Limits {
         /// A policy folder or a bundle.
         source: PathBuf,

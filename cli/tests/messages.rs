@@ -535,3 +535,30 @@ fn fmt_takes_one_file_and_shows_a_diff() {
         (0, String::new(), String::new())
     );
 }
+
+/// A policy inherited by several tenants is compiled once per tenant; its
+/// problem is reported once.
+#[test]
+fn a_duplicate_id_is_reported_once() {
+    let t = small_tree(&[
+        ("schema.cedarschema", SCHEMA),
+        ("tenants/acme/tenant.json", "{}"),
+        ("tenants/acme/eu/tenant.json", "{}"),
+        ("tenants/acme/us/tenant.json", "{}"),
+        (
+            "tenants/acme/dup.cedar",
+            "@id(\"dup\")\npermit (principal, action, resource);\n@id(\"dup\")\nforbid (principal, action, resource);\n",
+        ),
+    ]);
+    let (code, out, err) = run(&t, &["validate", "p"]);
+    assert_eq!((code, out.as_str()), (1, ""));
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(
+        lines[0],
+        "p/tenants/acme/dup.cedar:3:1: error: policy id `dup` is already used at tenants/acme/dup.cedar:1:1"
+    );
+    let mut unique = lines.clone();
+    unique.dedup();
+    assert_eq!(unique, lines, "a line repeated:\n{err}");
+    assert!(lines.len() <= 3, "{err}");
+}

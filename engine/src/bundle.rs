@@ -507,8 +507,17 @@ impl Bundle {
             Bundle::from_json(&text)
                 .map_err(|d| Diagnostics(d.0.into_iter().map(place).collect()))?
         };
-        let engine = crate::Engine::new(&bundle)
-            .map_err(|d| Diagnostics(d.0.into_iter().map(place).collect()))?;
+        let engine = crate::Engine::new(&bundle).map_err(|d| {
+            // A problem of a policy inherited by several tenants is found
+            // once per tenant: say it once.
+            let mut seen = Vec::new();
+            for diag in d.0.into_iter().map(place) {
+                if !seen.contains(&diag) {
+                    seen.push(diag);
+                }
+            }
+            Diagnostics(seen)
+        })?;
         warnings.extend(notes(&bundle, &engine));
         let warnings = warnings.into_iter().map(place).collect();
         Ok(Loaded {
