@@ -4,11 +4,12 @@
 //! A transcript is a ```` ```text ```` block whose lines start with `$ `: a
 //! `tenantgate` command (run with this build, from the repository root,
 //! standard error merged into standard output) or `echo $?`, each followed by
-//! its output. An output that is JSON is compared as JSON (the docs may print
-//! it more compactly); any other is compared line by line. Blocks that start
-//! a server or call `curl` are left to the suites that run them
-//! (`serve/tests/api.rs`, `cli/tests/guide.rs`, `scripts/demo.sh`), and so
-//! are blocks after a `<!-- not run ... -->` line (their test is named there).
+//! its output; `tenantgate serve ... &` starts the service (until the block
+//! ends) for the block's `curl` lines. An output that is JSON is compared as
+//! JSON (the docs may print it more compactly); any other is compared line by
+//! line. Blocks with other commands (Envoy's demo: `cli/tests/guide.rs`,
+//! `scripts/demo.sh`) are left to the suites that run them, and so are blocks
+//! after a `<!-- not run ... -->` line (their test is named there).
 //!
 //! `TENANTGATE_BLESS_DOCS=1` rewrites, in place, every text (not JSON) output
 //! that differs, so a change that alters outputs (a bundle version) is one
@@ -59,10 +60,17 @@ fn transcripts(text: &str) -> Vec<Vec<Step>> {
         if !block.first().is_some_and(|(_, l)| l.starts_with("$ ")) {
             continue;
         }
+        // `tenantgate serve ... &` starts a server the block's `curl`s call.
+        let mut serving = false;
         let runnable = block.iter().all(|(_, l)| {
+            if l.starts_with("$ tenantgate serve ") && l.trim_end().ends_with('&') {
+                serving = true;
+                return true;
+            }
             !l.starts_with("$ ")
                 || (l.starts_with("$ tenantgate ") && !l.trim_end().ends_with('&'))
                 || l.trim_end() == "$ echo $?"
+                || (serving && l.starts_with("$ curl "))
         });
         if !runnable || marked {
             continue;
@@ -98,6 +106,34 @@ fn matches(shown: &str, printed: &str) -> bool {
     shown.trim_end() == printed.trim_end()
 }
 
+/// Starts `tenantgate serve ... --http ADDR` in the background and waits
+/// until ADDR accepts connections.
+fn start_server(cmd: &str, path: &str, root: &Path) -> std::process::Child {
+    let child = Command::new("bash")
+        .arg("-c")
+        .arg(format!("exec {cmd}"))
+        .env("PATH", path)
+        .current_dir(root)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = cmd
+        .split_whitespace()
+        .skip_while(|w| *w != "--http")
+        .nth(1)
+        .expect("a server started by the docs names its `--http` address");
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "`{cmd}` did not listen on {addr} within 20 s (is the port in use?)"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child
+}
+
 fn run_doc(doc: &str) -> usize {
     let root = repo();
     let text = std::fs::read_to_string(root.join(doc)).unwrap();
@@ -117,7 +153,12 @@ fn run_doc(doc: &str) -> usize {
     let mut rewrites: Vec<(usize, usize, String)> = Vec::new();
     for steps in transcripts(&text) {
         let mut last_status = 0;
+        let mut servers = Vec::new();
         for s in steps {
+            if let Some(cmd) = s.command.trim_end().strip_suffix('&') {
+                servers.push(start_server(cmd, &path, &root));
+                continue;
+            }
             let printed = if s.command == "echo $?" {
                 format!("{last_status}\n")
             } else {
@@ -144,6 +185,10 @@ fn run_doc(doc: &str) -> usize {
                 ));
             }
         }
+        for mut child in servers {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
     if !rewrites.is_empty() {
         let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
@@ -159,7 +204,8 @@ fn run_doc(doc: &str) -> usize {
 
 #[test]
 fn readme_transcripts_run_as_written() {
-    assert!(run_doc("README.md") >= 2);
+    // `test`, `check`, and `curl` against `tenantgate serve` (port 8181).
+    assert!(run_doc("README.md") >= 3);
 }
 
 #[test]

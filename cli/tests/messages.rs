@@ -562,3 +562,21 @@ fn a_duplicate_id_is_reported_once() {
     assert_eq!(unique, lines, "a line repeated:\n{err}");
     assert!(lines.len() <= 3, "{err}");
 }
+
+/// A misspelled action is one error, at its place, with the fix.
+#[test]
+fn a_misspelled_action_is_one_error() {
+    let t = tempfile::tempdir().unwrap();
+    copy_dir(&repo().join("policies"), &t.path().join("p"));
+    let file = t.path().join("p/tenants/acme/defaults.cedar");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        text.replacen("Action::\"read\"", "Action::\"raed\"", 1),
+    )
+    .unwrap();
+    assert_eq!(
+        run(&t, &["validate", "p"]),
+        (1, String::new(), "p/tenants/acme/defaults.cedar:9:13: error: schema: unrecognized action `Action::\"raed\"` (help: did you mean `Action::\"read\"`?)\n1 error\n".into())
+    );
+}
