@@ -174,6 +174,9 @@ pub async fn run(config: Config) -> Result<(), String> {
         first.version,
         first.fleet.all().len()
     ));
+    for w in &first.warnings {
+        log(w);
+    }
     let (tx, rx) = watch::channel(Arc::new(first));
     let bundle = config.bundle.clone();
     tokio::spawn(async move {
@@ -186,6 +189,9 @@ pub async fn run(config: Config) -> Result<(), String> {
                         new.version,
                         new.fleet.all().len()
                     ));
+                    for w in &new.warnings {
+                        log(w);
+                    }
                     tx.send_replace(Arc::new(new));
                 }
                 Err(e) => log(format!("reload failed, keeping bundle {old}: {e}")),

@@ -17,6 +17,10 @@ pub struct Limits {
     /// The root tenant declares a fleet limit, so every request's chain holds
     /// the root's counter: every key then shares the hash tag `{/}`.
     root_declares: bool,
+    /// The bundle's warnings and notes (docs/reference.md, "Warnings and
+    /// notes"), for the log: fleet limits without `rate_limit_service` are
+    /// never sent here.
+    pub warnings: Vec<String>,
 }
 
 /// What one request descriptor is.
@@ -34,7 +38,9 @@ impl Limits {
     /// Errors name the file, line and column as `tenantgate validate` does.
     pub fn load(path: &Path) -> Result<Limits, String> {
         let loaded = Bundle::load(path).map_err(|d| format!("the bundle does not load:\n{d}"))?;
-        Ok(Self::from_engine(loaded.bundle.version, &loaded.engine))
+        let mut limits = Self::from_engine(loaded.bundle.version, &loaded.engine);
+        limits.warnings = loaded.warnings.iter().map(ToString::to_string).collect();
+        Ok(limits)
     }
 
     fn from_engine(version: String, engine: &Engine) -> Limits {
@@ -44,6 +50,7 @@ impl Limits {
             version,
             fleet,
             root_declares,
+            warnings: Vec::new(),
         }
     }
 

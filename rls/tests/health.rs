@@ -114,6 +114,13 @@ async fn health_follows_redis_and_the_loss_is_logged() {
     let tree = Tree::new();
     tree.write(&[("/acme", &fleet("rpm", "100", "1m"))]);
     let mut rls = Rls::start(&tree.bundle_path(), &redis.url());
+    // The bundle sets no `rate_limit_service`: the filters would never call
+    // this service, and the log says so.
+    let note = rls.wait_log("note: fleet limits", Duration::from_secs(1));
+    assert!(
+        note.ends_with(" (tenantgate.json): note: fleet limits are not enforced by the filter without `rate_limit_service`: `rpm` on `/acme` (docs/fleet.md)"),
+        "{note}"
+    );
     let service = "envoy.service.ratelimit.v3.RateLimitService";
     assert_eq!(status(rls.addr, "").await, ServingStatus::Serving);
     assert_eq!(status(rls.addr, service).await, ServingStatus::Serving);

@@ -59,10 +59,14 @@ pub fn now_ns() -> u64 {
 /// Loads a policy folder or a bundle file and compiles it; the error names
 /// the file, line and column of every problem (in the Cedar or JSON text a
 /// bundle carries: `bundle.json (tenants/acme/a.cedar):3:5`).
+/// Its warnings and notes (docs/reference.md, "Warnings and notes") go to
+/// the log.
 pub fn load(source: &Path) -> Result<Engine, String> {
-    Bundle::load(source)
-        .map(|l| l.engine)
-        .map_err(|d| d.to_string())
+    let loaded = Bundle::load(source).map_err(|d| d.to_string())?;
+    for w in &loaded.warnings {
+        log(w);
+    }
+    Ok(loaded.engine)
 }
 
 /// The last reload that failed, for `/healthz`; cleared by a successful one.
