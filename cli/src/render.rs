@@ -185,8 +185,33 @@ impl Options {
     }
 }
 
-/// The rendered document.
-pub fn render(bundle: &Bundle, o: &Options) -> Result<Value, String> {
+/// The flag combinations and values that cannot work, checked before the
+/// bundle is read (a usage error: exit 2).
+pub fn usage(o: &Options) -> Result<(), String> {
+    if let Some(want) = &o.sha256 {
+        if want.len() != 64
+            || !want
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(format!(
+                "error: `--sha256 {want}` is not 64 lowercase hex digits"
+            ));
+        }
+    }
+    if o.istio {
+        for kv in &o.selector {
+            if kv.split_once('=').is_none_or(|(k, _)| k.is_empty()) {
+                return Err(format!("error: `--selector {kv}` must be `key=value`"));
+            }
+        }
+        if !is_dns_label(&o.name) {
+            return Err(format!(
+                "error: `--name {}` is not a valid resource name (lowercase letters, digits and `-`, at most 63)",
+                o.name
+            ));
+        }
+    }
     if o.ext_authz.is_some() {
         for (flag, set) in [
             ("--istio", o.istio),
@@ -208,7 +233,7 @@ pub fn render(bundle: &Bundle, o: &Options) -> Result<Value, String> {
         if o.ecds.is_some() || o.discovery_response {
             return Err("error: `--ecds` and `--discovery-response` render Envoy configs; they do not apply with `--istio`".into());
         }
-        return wasm_plugin(bundle, o);
+        return Ok(());
     }
     for (flag, set) in [
         ("--url", o.url.is_some()),
@@ -219,6 +244,18 @@ pub fn render(bundle: &Bundle, o: &Options) -> Result<Value, String> {
         if set {
             return Err(format!("error: `{flag}` only applies with `--istio`"));
         }
+    }
+    socket_address(&o.listen, "--listen")?;
+    socket_address(&o.admin, "--admin")?;
+    host_port(&o.upstream, "--upstream")?;
+    Ok(())
+}
+
+/// The rendered document.
+pub fn render(bundle: &Bundle, o: &Options) -> Result<Value, String> {
+    usage(o)?;
+    if o.istio {
+        return wasm_plugin(bundle, o);
     }
     if let Some(want) = &o.sha256 {
         // Envoy loads a local module without a checksum; check it here.

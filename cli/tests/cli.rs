@@ -59,8 +59,10 @@ fn a_failing_policy_test_exits_1() {
     let r = tenantgate(&["test", dir.path().to_str().unwrap()]);
     assert_eq!(r.code, 1);
     assert!(
-        r.stdout
-            .contains("FAIL tests/zz-wrong.json: wrong on purpose"),
+        r.stdout.contains(&format!(
+            "FAIL {}/tests/zz-wrong.json: wrong on purpose",
+            dir.path().display()
+        )),
         "{}",
         r.stdout
     );

@@ -179,8 +179,16 @@ async fn bundle_health_and_unknown_routes() {
     );
     let a = send(s.http, "GET", "/v1/decide", None).await;
     assert_eq!((a.status, a.header("allow")), (405, Some("POST")));
+    assert_eq!(
+        a.json(),
+        json!({"error": "method_not_allowed", "message": "this endpoint takes `POST`"})
+    );
     let a = send(s.http, "POST", "/v1/bundle", Some(b"{}")).await;
     assert_eq!((a.status, a.header("allow")), (405, Some("GET,HEAD")));
+    assert_eq!(
+        a.json(),
+        json!({"error": "method_not_allowed", "message": "this endpoint takes `GET,HEAD`"})
+    );
     let a = send(s.http, "GET", "/v2/decide", None).await;
     assert_eq!(
         (a.status, a.json()),
@@ -230,10 +238,39 @@ async fn reload_swaps_the_bundle_and_keeps_the_last_good_one() {
     let err = s.state.reload().unwrap_err();
     assert!(err.contains("p.cedar:1:"), "{err}");
     assert_eq!(s.state.engine().version(), v2);
+    // `/healthz` says the last reload failed, and why; `/metrics` counts it.
+    let h = send(s.http, "GET", "/healthz", None).await;
+    let h = (h.status, h.json());
+    assert_eq!(
+        (h.0, &h.1["status"], &h.1["version"]),
+        (200, &json!("ok"), &json!(v2))
+    );
+    assert_eq!(h.1["last_reload"]["status"], json!("failed"));
+    assert_eq!(h.1["last_reload"]["error"], json!(err));
+    let m = send(s.http, "GET", "/metrics", None).await;
+    let text = m.body.clone();
+    assert!(
+        text.contains("tenantgate_serve_reloads_total{result=\"ok\"} 1\n")
+            && text.contains("tenantgate_serve_reloads_total{result=\"failed\"} 1\n")
+            && text.contains("tenantgate_serve_last_reload_failed 1\n")
+            && text
+                .contains("tenantgate_serve_decisions_total{api=\"http\",decision=\"deny\"} 1\n")
+            && text
+                .contains("tenantgate_serve_decisions_total{api=\"http\",decision=\"allow\"} 1\n"),
+        "{text}"
+    );
     assert_eq!(
         decide(s.http, &req).await.json()["reasons"],
         json!(["closed"])
     );
+    // A good reload clears it.
+    tree.write(
+        "{}",
+        &[("acme/tenant.json", "{}"), ("acme/p.cedar", PERMIT)],
+    );
+    s.state.reload().unwrap();
+    let h = send(s.http, "GET", "/healthz", None).await.json();
+    assert_eq!(h.get("last_reload"), None);
     s.stop().await.unwrap();
 }
 
