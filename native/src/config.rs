@@ -150,12 +150,20 @@ pub fn new(c: &mut Config<'_>, name: &[u8], config: &[u8]) -> Option<Arc<Shared>
             .iter()
             .map(|l| format!("`{}` at {}", l.name, l.tenant))
             .collect();
-        abi::log(
-            LogLevel::Error,
-            &format!(
-                "tenantgate: fleet limits ({}) cannot be checked by the native build yet: requests they apply to get `rate_limit_service.on_error` (see docs/reference.md, \"Native build\")",
-                names.join(", ")
+        let (level, why) = match engine.rate_limit_service() {
+            // As the Wasm filter says.
+            None => (
+                LogLevel::Warn,
+                "are not enforced: the bundle has no `rate_limit_service` setting (see docs/fleet.md)",
             ),
+            Some(_) => (
+                LogLevel::Error,
+                "cannot be checked by the native build yet: requests they apply to get `rate_limit_service.on_error` (see docs/reference.md, \"Native build\")",
+            ),
+        };
+        abi::log(
+            level,
+            &format!("tenantgate: fleet limits ({}) {why}", names.join(", ")),
         );
     }
     let metrics = Metrics::define(c);
