@@ -64,6 +64,32 @@ def native_path():
     return Path(os.environ.get("TENANTGATE_NATIVE") or REPO / "dist" / "libtenantgate.so")
 
 
+def stat_namespace():
+    """Where Envoy puts the filter's metrics at /stats: `wasmcustom` (Wasm) or
+    `dynamicmodulescustom` (native; at /stats/prometheus these keep Envoy's
+    `envoy_` prefix, see docs/reference.md, "Native build")."""
+    return "dynamicmodulescustom" if build() == "native" else "wasmcustom"
+
+
+def refused_config_log():
+    """What Envoy logs when a static config's filter refuses its bundle and
+    Envoy fails closed (does not start)."""
+    if build() == "native":
+        return "Failed to initialize dynamic module"
+    return "fail closed"
+
+
+def native_gap(reason):
+    """Marks a test the native build does not pass yet, for `reason` (the
+    run prints it as a known gap, and says so when the test starts passing)."""
+    def wrap(test):
+        if build() != "native":
+            return test
+        test.__doc__ = f"native gap: {reason}"
+        return unittest.expectedFailure(test)
+    return wrap
+
+
 def module_path():
     """The module the suites load: dist/tenantgate.wasm, or dist/libtenantgate.so."""
     return native_path() if build() == "native" else wasm_path()
