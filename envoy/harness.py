@@ -64,6 +64,13 @@ def native_path():
     return Path(os.environ.get("TENANTGATE_NATIVE") or REPO / "dist" / "libtenantgate.so")
 
 
+def module_args():
+    """`tenantgate envoy`'s flag for the build under test: `--wasm PATH` or `--native PATH`."""
+    if build() == "native":
+        return ["--native", str(native_path().resolve())]
+    return ["--wasm", str(wasm_path().resolve())]
+
+
 def stat_namespace():
     """Where Envoy puts the filter's metrics at /stats: `wasmcustom` (Wasm) or
     `dynamicmodulescustom` (native; at /stats/prometheus these keep Envoy's

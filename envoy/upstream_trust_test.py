@@ -64,7 +64,7 @@ def rendered_envoy(bundle_path, upstream_port, name, *extra):
     """Envoy started from `tenantgate envoy` output (the config under test)."""
     listen, admin = h.free_port(), h.free_port()
     cmd = h.cli_command() + [
-        "envoy", str(bundle_path), "--wasm", str(h.wasm_path().resolve()),
+        "envoy", str(bundle_path), *h.module_args(),
         "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}",
         "--upstream", f"127.0.0.1:{upstream_port}", *extra,
     ]
