@@ -16,7 +16,8 @@ use std::ffi::{c_char, c_void, CStr};
 use std::marker::PhantomData;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::{null, null_mut};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::Duration;
 
 use crate::host::{
     callout_init, check_labels, metrics_result, Attribute, BodyStatus, CalloutResult, HeaderKind,
@@ -144,6 +145,35 @@ extern "C" {
         result: *mut EnvoyBuffer,
     ) -> bool;
 
+    fn envoy_dynamic_module_callback_http_filter_continue_decoding(f: EnvoyFilterPtr);
+    fn envoy_dynamic_module_callback_http_filter_start_http_stream(
+        f: EnvoyFilterPtr,
+        stream_id_out: *mut u64,
+        cluster: ModuleBuffer,
+        headers: *mut ModuleHeader,
+        headers_size: usize,
+        body: ModuleBuffer,
+        end_stream: bool,
+        timeout_ms: u64,
+    ) -> u32;
+    fn envoy_dynamic_module_callback_http_filter_config_scheduler_new(
+        c: EnvoyConfigPtr,
+    ) -> *mut c_void;
+    fn envoy_dynamic_module_callback_http_filter_config_scheduler_commit(
+        scheduler: *mut c_void,
+        event_id: u64,
+    );
+    fn envoy_dynamic_module_callback_http_filter_config_scheduler_delete(scheduler: *mut c_void);
+    fn envoy_dynamic_module_callback_http_filter_config_start_http_stream(
+        c: EnvoyConfigPtr,
+        stream_id_out: *mut u64,
+        cluster: ModuleBuffer,
+        headers: *mut ModuleHeader,
+        headers_size: usize,
+        body: ModuleBuffer,
+        end_stream: bool,
+        timeout_ms: u64,
+    ) -> u32;
     fn envoy_dynamic_module_callback_http_filter_config_define_counter(
         c: EnvoyConfigPtr,
         name: ModuleBuffer,
@@ -202,8 +232,8 @@ extern "C" {
     ) -> u32;
 }
 
-// Declared for the fleet checks (rate limit service calls) and the
-// paused-request flow, which the native build does not run yet (see
+// Declared for batched fleet reports and RLQS streams, which the native
+// build does not run yet (see
 // `docs/reference.md`, "Native build"); checked against Envoy 1.40 like the others.
 #[allow(dead_code)]
 extern "C" {
@@ -215,7 +245,6 @@ extern "C" {
         index: usize,
         optional_size: *mut usize,
     ) -> bool;
-    fn envoy_dynamic_module_callback_http_filter_continue_decoding(f: EnvoyFilterPtr);
 
     fn envoy_dynamic_module_callback_http_filter_http_callout(
         f: EnvoyFilterPtr,
@@ -224,16 +253,6 @@ extern "C" {
         headers: *mut ModuleHeader,
         headers_size: usize,
         body: ModuleBuffer,
-        timeout_ms: u64,
-    ) -> u32;
-    fn envoy_dynamic_module_callback_http_filter_start_http_stream(
-        f: EnvoyFilterPtr,
-        stream_id_out: *mut u64,
-        cluster: ModuleBuffer,
-        headers: *mut ModuleHeader,
-        headers_size: usize,
-        body: ModuleBuffer,
-        end_stream: bool,
         timeout_ms: u64,
     ) -> u32;
     fn envoy_dynamic_module_callback_http_stream_send_data(
@@ -329,7 +348,7 @@ impl Filter<'_> {
     }
 
     /// The first value of header `name`, if any.
-    #[allow(dead_code)] // for the fleet checks, not wired yet
+    #[allow(dead_code)] // for batched reports and RLQS streams, not wired yet
     pub fn header(&self, kind: HeaderKind, name: &str) -> Option<&[u8]> {
         let mut value = EnvoyBuffer::EMPTY;
         // SAFETY: `value` outlives the call; the count pointer may be null.
@@ -468,7 +487,6 @@ impl Filter<'_> {
     }
 
     /// Resumes a request paused in its headers hook.
-    #[allow(dead_code)] // for the fleet checks, not wired yet
     pub fn continue_decoding(&mut self) {
         // SAFETY: `raw` is the live filter of the current hook.
         unsafe { envoy_dynamic_module_callback_http_filter_continue_decoding(self.raw) }
@@ -504,7 +522,7 @@ impl Filter<'_> {
 
     /// Starts a one-shot HTTP call to `cluster` (its answer comes to
     /// [`crate::request::Stream::on_callout_done`]); the callout id.
-    #[allow(dead_code)] // for the fleet checks, not wired yet
+    #[allow(dead_code)] // for batched reports and RLQS streams, not wired yet
     pub fn http_callout(
         &mut self,
         cluster: &str,
@@ -531,7 +549,6 @@ impl Filter<'_> {
 
     /// Starts a streamed HTTP call (headers, data and trailers of the answer
     /// come to the `http_stream_*` hooks); the stream id.
-    #[allow(dead_code)] // for the fleet checks, not wired yet
     pub fn start_http_stream(
         &mut self,
         cluster: &str,
@@ -559,7 +576,7 @@ impl Filter<'_> {
     }
 
     /// Sends more request body on a stream started by [`Filter::start_http_stream`].
-    #[allow(dead_code)] // for the fleet checks, not wired yet
+    #[allow(dead_code)] // for batched reports and RLQS streams, not wired yet
     pub fn stream_send(
         &mut self,
         stream: u64,
@@ -579,15 +596,17 @@ impl Filter<'_> {
     }
 
     /// Cancels a stream started by [`Filter::start_http_stream`].
-    #[allow(dead_code)] // for the fleet checks, not wired yet
+    #[allow(dead_code)] // for batched reports and RLQS streams, not wired yet
     pub fn reset_stream(&mut self, stream: u64) {
         // SAFETY: a plain value call on the live filter.
         unsafe { envoy_dynamic_module_callback_http_filter_reset_http_stream(self.raw, stream) }
     }
 }
 
-/// The filter configuration on Envoy's side, valid inside `config_new`
-/// (metrics can only be defined there: afterwards Envoy answers `Frozen`).
+/// The filter configuration on Envoy's side, valid for the hook that made
+/// it (`config_new`, `config_scheduled`, the config's stream hooks; all on
+/// the main thread). Metrics can only be defined in `config_new`:
+/// afterwards Envoy answers `Frozen`.
 pub struct Config<'hook> {
     raw: EnvoyConfigPtr,
     _hook: PhantomData<&'hook mut ()>,
@@ -660,9 +679,82 @@ impl Config<'_> {
         metrics_result(raw, metric.id)
     }
 
+    /// A streamed HTTP call owned by the configuration, not by a request
+    /// (batched fleet reports): the answer comes to the `config_http_stream_*`
+    /// hooks, on the main thread; the stream id.
+    pub fn start_http_stream(
+        &mut self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        timeout_ms: u64,
+    ) -> Result<u64, HostError> {
+        let mut h = module_headers(headers);
+        let mut id = 0u64;
+        // SAFETY: every buffer is live for the call; `id` outlives it.
+        let raw = unsafe {
+            envoy_dynamic_module_callback_http_filter_config_start_http_stream(
+                self.raw,
+                &mut id,
+                ModuleBuffer::of(cluster.as_bytes()),
+                h.as_mut_ptr(),
+                h.len(),
+                ModuleBuffer::of(body),
+                true,
+                timeout_ms,
+            )
+        };
+        callout_init(raw, cluster).map(|()| id)
+    }
+
+    /// Starts a thread that wakes this configuration on Envoy's main thread
+    /// every `period_ms` (the `config_scheduled` hook): the ABI has no timer
+    /// for HTTP filters. Stopped when the [`Ticker`] is dropped.
+    pub fn ticker(&mut self, period_ms: u64) -> Option<Ticker> {
+        // SAFETY: `raw` is the live config of this hook.
+        let scheduler =
+            unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_new(self.raw) };
+        if scheduler.is_null() {
+            return None;
+        }
+        let scheduler = Scheduler(scheduler);
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let (stop2, sched) = (Arc::clone(&stop), scheduler);
+        let thread = std::thread::Builder::new()
+            .name("tenantgate-tick".into())
+            .spawn(move || {
+                let (lock, cv) = &*stop2;
+                let mut stopped = lock.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut event = 0u64;
+                loop {
+                    let (guard, _) = cv
+                        .wait_timeout(stopped, Duration::from_millis(period_ms))
+                        .unwrap_or_else(PoisonError::into_inner);
+                    stopped = guard;
+                    if *stopped {
+                        return;
+                    }
+                    event = event.wrapping_add(1);
+                    sched.commit(event);
+                }
+            })
+            .ok();
+        match thread {
+            Some(thread) => Some(Ticker {
+                stop,
+                thread: Some(thread),
+                scheduler,
+            }),
+            None => {
+                scheduler.delete();
+                None
+            }
+        }
+    }
+
     /// A one-shot HTTP call owned by the configuration, not by a request
     /// (batched fleet reports); the callout id.
-    #[allow(dead_code)] // for the fleet checks, not wired yet
+    #[allow(dead_code)] // for batched reports and RLQS streams, not wired yet
     pub fn http_callout(
         &mut self,
         cluster: &str,
@@ -688,6 +780,48 @@ impl Config<'_> {
     }
 }
 
+/// Envoy's config scheduler (`DynamicModuleHttpFilterConfigScheduler`).
+#[derive(Clone, Copy)]
+struct Scheduler(*mut c_void);
+
+// SAFETY: `scheduler_commit` is documented safe to call from any thread;
+// `delete` is only called once, by the `Ticker` after its thread stopped.
+unsafe impl Send for Scheduler {}
+// SAFETY: as above: the pointer is only passed to thread-safe calls.
+unsafe impl Sync for Scheduler {}
+
+impl Scheduler {
+    fn commit(self, event: u64) {
+        // SAFETY: a live scheduler (deleted only after this thread is joined).
+        unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_commit(self.0, event) }
+    }
+    fn delete(self) {
+        // SAFETY: made by `scheduler_new`, deleted once.
+        unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_delete(self.0) }
+    }
+}
+
+/// The thread behind [`Config::ticker`]. Dropping it stops and joins the
+/// thread, then deletes the scheduler: drop it on the main thread (the
+/// config's destroy hook does).
+pub struct Ticker {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    scheduler: Scheduler,
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.stop;
+        *lock.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.scheduler.delete();
+    }
+}
+
 /// Runs a hook body; a panic (caught only in builds that unwind) becomes
 /// `fallback` instead of unwinding into Envoy.
 fn guard<T>(fallback: T, body: impl FnOnce() -> T) -> T {
@@ -702,6 +836,23 @@ fn guard<T>(fallback: T, body: impl FnOnce() -> T) -> T {
 unsafe fn stream<'a>(ptr: ModuleFilterPtr) -> Option<&'a mut crate::request::Stream> {
     // SAFETY: per the function's contract.
     unsafe { (ptr as *mut crate::request::Stream).as_mut() }
+}
+
+/// The module's configuration behind a config pointer Envoy hands back.
+///
+/// # Safety
+/// `ptr` must come from [`envoy_dynamic_module_on_http_filter_config_new`]
+/// and not be destroyed yet.
+unsafe fn shared<'a>(ptr: ModuleConfigPtr) -> Option<&'a Arc<crate::config::Shared>> {
+    // SAFETY: per the function's contract.
+    unsafe { (ptr as *const Arc<crate::config::Shared>).as_ref() }
+}
+
+fn config_handle<'a>(raw: EnvoyConfigPtr) -> Config<'a> {
+    Config {
+        raw,
+        _hook: PhantomData,
+    }
 }
 
 fn filter<'a>(raw: EnvoyFilterPtr) -> Filter<'a> {
@@ -747,7 +898,10 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: Mod
         if !config.is_null() {
             // SAFETY: made by `config_new` with `Box::into_raw`; Envoy
             // destroys it once.
-            drop(unsafe { Box::from_raw(config as *mut Arc<crate::config::Shared>) });
+            let shared = unsafe { Box::from_raw(config as *mut Arc<crate::config::Shared>) };
+            // Streams may hold the config a little longer; its ticker stops
+            // now, on the main thread.
+            shared.stop_ticker();
         }
     })
 }
@@ -935,50 +1089,87 @@ unsafe fn buffers<'a>(ptr: *const EnvoyBuffer, n: usize) -> Vec<&'a [u8]> {
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(
     _f: EnvoyFilterPtr,
-    _s: ModuleFilterPtr,
-    _stream_id: u64,
-    _headers: *const EnvoyHeader,
-    _headers_size: usize,
+    s: ModuleFilterPtr,
+    stream_id: u64,
+    headers: *const EnvoyHeader,
+    headers_size: usize,
     _end_stream: bool,
 ) {
+    guard((), || {
+        // SAFETY: Envoy's array and bytes live for this hook; see `stream`.
+        let (headers, st) = unsafe { (header_slice(headers, headers_size), stream(s)) };
+        if let Some(st) = st {
+            st.on_http_stream_headers(stream_id, &headers);
+        }
+    })
 }
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(
     _f: EnvoyFilterPtr,
-    _s: ModuleFilterPtr,
-    _stream_id: u64,
-    _data: *const EnvoyBuffer,
-    _data_count: usize,
+    s: ModuleFilterPtr,
+    stream_id: u64,
+    data: *const EnvoyBuffer,
+    data_count: usize,
     _end_stream: bool,
 ) {
+    guard((), || {
+        // SAFETY: Envoy's array and bytes live for this hook; see `stream`.
+        let (data, st) = unsafe { (buffers(data, data_count), stream(s)) };
+        if let Some(st) = st {
+            st.on_http_stream_data(stream_id, &data);
+        }
+    })
 }
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(
     _f: EnvoyFilterPtr,
-    _s: ModuleFilterPtr,
-    _stream_id: u64,
-    _trailers: *const EnvoyHeader,
-    _trailers_size: usize,
+    s: ModuleFilterPtr,
+    stream_id: u64,
+    trailers: *const EnvoyHeader,
+    trailers_size: usize,
 ) {
+    guard((), || {
+        // SAFETY: Envoy's array and bytes live for this hook; see `stream`.
+        let (trailers, st) = unsafe { (header_slice(trailers, trailers_size), stream(s)) };
+        if let Some(st) = st {
+            st.on_http_stream_trailers(stream_id, &trailers);
+        }
+    })
 }
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(
-    _f: EnvoyFilterPtr,
-    _s: ModuleFilterPtr,
-    _stream_id: u64,
+    f: EnvoyFilterPtr,
+    s: ModuleFilterPtr,
+    stream_id: u64,
 ) {
+    guard((), || {
+        // SAFETY: see `stream`.
+        if let Some(st) = unsafe { stream(s) } {
+            st.on_http_stream_done(&mut filter(f), stream_id, None);
+        }
+    })
 }
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(
-    _f: EnvoyFilterPtr,
-    _s: ModuleFilterPtr,
-    _stream_id: u64,
-    _reason: u32,
+    f: EnvoyFilterPtr,
+    s: ModuleFilterPtr,
+    stream_id: u64,
+    reason: u32,
 ) {
+    guard((), || {
+        // SAFETY: see `stream`.
+        if let Some(st) = unsafe { stream(s) } {
+            let why = format!(
+                "the call was reset ({}; past timeout_ms?)",
+                crate::host::reset_reason(reason)
+            );
+            st.on_http_stream_done(&mut filter(f), stream_id, Some(why));
+        }
+    })
 }
 
 #[no_mangle]
@@ -1005,10 +1196,16 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buf
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
-    _config_envoy: EnvoyConfigPtr,
-    _config: ModuleConfigPtr,
+    config_envoy: EnvoyConfigPtr,
+    config: ModuleConfigPtr,
     _event_id: u64,
 ) {
+    guard((), || {
+        // SAFETY: made by `config_new`, alive until its destroy hook.
+        if let Some(shared) = unsafe { shared(config) } {
+            crate::config::on_tick(&mut config_handle(config_envoy), shared);
+        }
+    })
 }
 
 #[no_mangle]
@@ -1027,48 +1224,85 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_headers(
     _config_envoy: EnvoyConfigPtr,
-    _config: ModuleConfigPtr,
-    _stream_id: u64,
-    _headers: *const EnvoyHeader,
-    _headers_size: usize,
+    config: ModuleConfigPtr,
+    stream_id: u64,
+    headers: *const EnvoyHeader,
+    headers_size: usize,
     _end_stream: bool,
 ) {
+    guard((), || {
+        // SAFETY: Envoy's array and bytes live for this hook; see `shared`.
+        let (headers, sh) = unsafe { (header_slice(headers, headers_size), shared(config)) };
+        if let Some(sh) = sh {
+            sh.on_report_headers(stream_id, &headers);
+        }
+    })
 }
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_data(
     _config_envoy: EnvoyConfigPtr,
-    _config: ModuleConfigPtr,
-    _stream_id: u64,
-    _data: *const EnvoyBuffer,
-    _data_count: usize,
+    config: ModuleConfigPtr,
+    stream_id: u64,
+    data: *const EnvoyBuffer,
+    data_count: usize,
     _end_stream: bool,
 ) {
+    guard((), || {
+        // SAFETY: Envoy's array and bytes live for this hook; see `shared`.
+        let (data, sh) = unsafe { (buffers(data, data_count), shared(config)) };
+        if let Some(sh) = sh {
+            sh.on_report_data(stream_id, &data);
+        }
+    })
 }
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_trailers(
     _config_envoy: EnvoyConfigPtr,
-    _config: ModuleConfigPtr,
-    _stream_id: u64,
-    _trailers: *const EnvoyHeader,
-    _trailers_size: usize,
+    config: ModuleConfigPtr,
+    stream_id: u64,
+    trailers: *const EnvoyHeader,
+    trailers_size: usize,
 ) {
+    guard((), || {
+        // SAFETY: Envoy's array and bytes live for this hook; see `shared`.
+        let (trailers, sh) = unsafe { (header_slice(trailers, trailers_size), shared(config)) };
+        if let Some(sh) = sh {
+            sh.on_report_headers(stream_id, &trailers);
+        }
+    })
 }
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_complete(
-    _config_envoy: EnvoyConfigPtr,
-    _config: ModuleConfigPtr,
-    _stream_id: u64,
+    config_envoy: EnvoyConfigPtr,
+    config: ModuleConfigPtr,
+    stream_id: u64,
 ) {
+    guard((), || {
+        // SAFETY: see `shared`.
+        if let Some(sh) = unsafe { shared(config) } {
+            sh.on_report_done(&config_handle(config_envoy), stream_id, None);
+        }
+    })
 }
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_reset(
-    _config_envoy: EnvoyConfigPtr,
-    _config: ModuleConfigPtr,
-    _stream_id: u64,
-    _reason: u32,
+    config_envoy: EnvoyConfigPtr,
+    config: ModuleConfigPtr,
+    stream_id: u64,
+    reason: u32,
 ) {
+    guard((), || {
+        // SAFETY: see `shared`.
+        if let Some(sh) = unsafe { shared(config) } {
+            let why = format!(
+                "the report was reset ({}; past timeout_ms?)",
+                crate::host::reset_reason(reason)
+            );
+            sh.on_report_done(&config_handle(config_envoy), stream_id, Some(why));
+        }
+    })
 }

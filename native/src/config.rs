@@ -8,11 +8,13 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use tenantgate_engine::decision::Counter;
 use tenantgate_engine::http::DecisionIds;
 use tenantgate_engine::metrics::names;
+use tenantgate_engine::quota::fleet::REPORT_HEADER;
 use tenantgate_engine::quota::footprint::Footprint;
+use tenantgate_engine::quota::{FleetCall, FleetOutcome, LEASE_TTL_NS, RLS_METHOD, RLS_SERVICE};
 use tenantgate_engine::{Bundle, Engine};
 
-use crate::abi::{self, Config};
-use crate::host::{now_ns, LogLevel, Metric, MetricKind};
+use crate::abi::{self, Config, RawHeader, Ticker};
+use crate::host::{grpc_answer, grpc_frame, now_ns, LogLevel, Metric, MetricKind};
 use crate::store::NativeStore;
 
 /// What every stream of one filter configuration shares.
@@ -24,6 +26,141 @@ pub struct Shared {
     /// Ids of this configuration's decisions (replies, audit lines).
     pub ids: Mutex<DecisionIds>,
     pub metrics: Metrics,
+    /// Wakes the config on the main thread: expired leases go back, and
+    /// batched fleet reports go out.
+    ticker: Mutex<Option<Ticker>>,
+    /// Batched reports in flight, by stream id (main thread only).
+    reports: Mutex<HashMap<u64, Report>>,
+}
+
+/// A batched report waiting for its answer.
+struct Report {
+    call: FleetCall,
+    http_status: Option<String>,
+    grpc_status: Option<String>,
+    body: Vec<u8>,
+}
+
+impl Shared {
+    /// Stops the ticker (from the config's destroy hook, on the main thread).
+    pub fn stop_ticker(&self) {
+        let t = self
+            .ticker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        drop(t);
+    }
+
+    pub fn on_report_headers(&self, stream: u64, headers: &[RawHeader<'_>]) {
+        let mut reports = self.reports.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(r) = reports.get_mut(&stream) {
+            for (k, v) in headers {
+                match *k {
+                    b":status" => r.http_status = Some(String::from_utf8_lossy(v).into_owned()),
+                    b"grpc-status" => r.grpc_status = Some(String::from_utf8_lossy(v).into_owned()),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    pub fn on_report_data(&self, stream: u64, data: &[&[u8]]) {
+        let mut reports = self.reports.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(r) = reports.get_mut(&stream) {
+            for chunk in data {
+                r.body.extend_from_slice(chunk);
+            }
+        }
+    }
+
+    /// A report's call ended (`failure`: reset, with why): what the service
+    /// said goes to the engine (limits over, for the next requests).
+    pub fn on_report_done(&self, c: &Config<'_>, stream: u64, failure: Option<String>) {
+        let Some(r) = self
+            .reports
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&stream)
+        else {
+            return;
+        };
+        let answer = match failure {
+            Some(why) => Err(why),
+            None => grpc_answer(r.http_status.as_deref(), r.grpc_status.as_deref(), &r.body),
+        };
+        let outcome =
+            self.engine
+                .fleet_answer(&r.call, answer.as_deref().map_err(Clone::clone), now_ns());
+        if let FleetOutcome::Failed(why) = outcome {
+            if let Some(m) = self.metrics.fleet_errors {
+                let _ = c.update(m, &[], 1);
+            }
+            abi::log(
+                LogLevel::Warn,
+                &format!("tenantgate: rate limit service call failed: {why}"),
+            );
+        }
+    }
+}
+
+/// The tick: expired quota leases go back to the store, and a batched fleet
+/// report goes out when one is due.
+pub fn on_tick(c: &mut Config<'_>, shared: &Shared) {
+    let engine = &shared.engine;
+    let now = now_ns();
+    if let Err(e) = engine.return_expired_leases(now, &*shared.store) {
+        abi::log(
+            LogLevel::Error,
+            &format!("tenantgate: cannot return expired quota leases: {e}"),
+        );
+    }
+    let (Some(rls), Some(call)) = (engine.rate_limit_service(), engine.fleet_report(now, false))
+    else {
+        return;
+    };
+    let path = format!("/{RLS_SERVICE}/{RLS_METHOD}");
+    let headers = [
+        (":method", "POST"),
+        (":path", path.as_str()),
+        ("host", rls.cluster.as_str()),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+        REPORT_HEADER,
+    ];
+    let body = grpc_frame(&call.message);
+    match c.start_http_stream(&rls.cluster, &headers, &body, u64::from(rls.timeout_ms)) {
+        Ok(stream) => {
+            if let Some(m) = shared.metrics.fleet_calls {
+                let _ = c.update(m, &[], 1);
+            }
+            shared
+                .reports
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(
+                    stream,
+                    Report {
+                        call,
+                        http_status: None,
+                        grpc_status: None,
+                        body: Vec::new(),
+                    },
+                );
+        }
+        Err(e) => {
+            if let Some(m) = shared.metrics.fleet_errors {
+                let _ = c.update(m, &[], 1);
+            }
+            abi::log(
+                LogLevel::Warn,
+                &format!(
+                    "tenantgate: rate limit service call failed: cannot call cluster `{}`: {e}",
+                    rls.cluster
+                ),
+            );
+        }
+    }
 }
 
 /// The outcome counters, defined while the configuration loads (Envoy
@@ -36,6 +173,9 @@ pub struct Metrics {
     bad_request: Option<Metric>,
     shadow_denied: Option<Metric>,
     errors: Option<Metric>,
+    /// Calls to the rate limit service, and the ones that failed.
+    pub fleet_calls: Option<Metric>,
+    pub fleet_errors: Option<Metric>,
 }
 
 impl Metrics {
@@ -48,6 +188,8 @@ impl Metrics {
             bad_request: counter(names::BAD_REQUEST),
             shadow_denied: counter(names::SHADOW_DENIED),
             errors: counter(names::ERRORS),
+            fleet_calls: counter(names::FLEET_CALLS),
+            fleet_errors: counter(names::FLEET_ERRORS),
         }
     }
 
@@ -156,10 +298,7 @@ pub fn new(c: &mut Config<'_>, name: &[u8], config: &[u8]) -> Option<Arc<Shared>
                 LogLevel::Warn,
                 "are not enforced: the bundle has no `rate_limit_service` setting (see docs/fleet.md)",
             ),
-            Some(_) => (
-                LogLevel::Error,
-                "cannot be checked by the native build yet: requests they apply to get `rate_limit_service.on_error` (see docs/reference.md, \"Native build\")",
-            ),
+            Some(_) => (LogLevel::Info, "are enforced with the rate limit service"),
         };
         abi::log(
             level,
@@ -187,10 +326,24 @@ pub fn new(c: &mut Config<'_>, name: &[u8], config: &[u8]) -> Option<Arc<Shared>
         h.write(name.as_bytes());
         h.finish()
     };
+    // The tick: as often as leases expire, or reports are due if sooner.
+    let lease_ms = LEASE_TTL_NS / 1_000_000;
+    let period = engine
+        .rate_limit_service()
+        .map_or(lease_ms, |r| lease_ms.min(u64::from(r.report_interval_ms)));
+    let ticker = c.ticker(period);
+    if ticker.is_none() {
+        abi::log(
+            LogLevel::Error,
+            "tenantgate: cannot start the tick thread: expired leases are not returned early and batched fleet reports are not sent",
+        );
+    }
     Some(Arc::new(Shared {
         engine,
         store,
         ids: Mutex::new(DecisionIds::new(seed)),
         metrics,
+        ticker: Mutex::new(ticker),
+        reports: Mutex::new(HashMap::new()),
     }))
 }

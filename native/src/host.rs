@@ -201,6 +201,75 @@ pub fn grpc_message(text: &str) -> String {
     out
 }
 
+/// `envoy_dynamic_module_type_http_stream_reset_reason` in words.
+pub fn reset_reason(raw: u32) -> String {
+    match raw {
+        0 => "connection failure".into(),
+        1 => "connection termination".into(),
+        2 => "local reset".into(),
+        3 => "local refused stream reset".into(),
+        4 => "overflow".into(),
+        5 => "remote reset".into(),
+        6 => "remote refused stream reset".into(),
+        7 => "protocol error".into(),
+        n => format!("reason {n}"),
+    }
+}
+
+/// A gRPC message on the wire: the uncompressed flag, the length (4 bytes,
+/// big-endian) and the message.
+pub fn grpc_frame(message: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(message.len()).unwrap_or(u32::MAX);
+    let mut out = Vec::with_capacity(message.len() + 5);
+    out.push(0);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(message);
+    out
+}
+
+/// The message of a unary gRPC answer's body (one uncompressed frame).
+pub fn grpc_unframe(body: &[u8]) -> Result<&[u8], String> {
+    let (Some(&flag), Some(len)) = (body.first(), body.get(1..5)) else {
+        return Err(format!(
+            "a gRPC answer of {} bytes has no frame",
+            body.len()
+        ));
+    };
+    if flag != 0 {
+        return Err("the gRPC answer is compressed".into());
+    }
+    let mut n = [0u8; 4];
+    n.copy_from_slice(len);
+    let n = u32::from_be_bytes(n) as usize;
+    body.get(5..5 + n)
+        .ok_or_else(|| format!("a gRPC frame of {n} bytes is cut short"))
+}
+
+/// What a unary gRPC call answered: the message, or why there is none (as
+/// the Wasm filter words it). `status` is `grpc-status` from the trailers
+/// (or the headers of a trailers-only answer), `http` the `:status`.
+pub fn grpc_answer(
+    http: Option<&str>,
+    status: Option<&str>,
+    body: &[u8],
+) -> Result<Vec<u8>, String> {
+    match status.map(str::trim) {
+        Some("0") => grpc_unframe(body).map(<[u8]>::to_vec),
+        Some(code) => Err(format!(
+            "gRPC status {code} ({})",
+            match code {
+                "4" => "past timeout_ms",
+                "14" => "unavailable, or past timeout_ms",
+                _ => "see the service's log",
+            }
+        )),
+        None => Err(format!(
+            "no gRPC status (HTTP status {}; is the cluster HTTP/2?)",
+            http.unwrap_or("none")
+        )),
+    }
+}
+
 /// The wall clock in nanoseconds since the Unix epoch (what the Wasm filter
 /// reads from the host; a native module reads it itself).
 pub fn now_ns() -> u64 {
@@ -280,6 +349,41 @@ mod tests {
     fn grpc_messages_are_percent_encoded() {
         assert_eq!(grpc_message("over quota: 100%"), "over quota: 100%25");
         assert_eq!(grpc_message("é\n"), "%C3%A9%0A");
+    }
+
+    #[test]
+    fn grpc_frames_round_trip() {
+        let framed = grpc_frame(b"abc");
+        assert_eq!(framed, vec![0, 0, 0, 0, 3, b'a', b'b', b'c']);
+        assert_eq!(grpc_unframe(&framed), Ok(&b"abc"[..]));
+        assert_eq!(grpc_unframe(&[0, 0, 0, 0, 0]), Ok(&b""[..]));
+        assert!(grpc_unframe(&[0, 0, 0, 0, 9, 1])
+            .unwrap_err()
+            .contains("cut short"));
+        assert!(grpc_unframe(&[1, 0, 0, 0, 0])
+            .unwrap_err()
+            .contains("compressed"));
+        assert!(grpc_unframe(&[]).unwrap_err().contains("no frame"));
+    }
+
+    #[test]
+    fn grpc_answers_say_why_they_failed() {
+        assert_eq!(
+            grpc_answer(Some("200"), Some("0"), &grpc_frame(b"m")),
+            Ok(b"m".to_vec())
+        );
+        assert_eq!(
+            grpc_answer(Some("200"), Some("14"), b""),
+            Err("gRPC status 14 (unavailable, or past timeout_ms)".into())
+        );
+        assert_eq!(
+            grpc_answer(Some("200"), Some("4"), b""),
+            Err("gRPC status 4 (past timeout_ms)".into())
+        );
+        assert_eq!(
+            grpc_answer(Some("503"), None, b""),
+            Err("no gRPC status (HTTP status 503; is the cluster HTTP/2?)".into())
+        );
     }
 
     #[test]

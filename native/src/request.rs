@@ -6,14 +6,15 @@
 use std::sync::{Arc, PoisonError};
 
 use tenantgate_engine::http::{own_headers, HttpInput, LocalReply, Mapped, MetadataSource};
+use tenantgate_engine::quota::{FleetCall, FleetOutcome, Refund, RLS_METHOD, RLS_SERVICE};
 use tenantgate_engine::settings::OnError;
 use tenantgate_engine::{Decision, Engine, TenantPath};
 
-use crate::abi::{self, Filter};
+use crate::abi::{self, Filter, RawHeader};
 use crate::config::Shared;
 use crate::host::{
-    grpc_message, header_pairs, is_grpc, now_ns, Attribute, BodyStatus, CalloutResult, HeaderKind,
-    HeadersStatus, LogLevel, TrailersStatus,
+    grpc_answer, grpc_frame, grpc_message, header_pairs, is_grpc, now_ns, Attribute, BodyStatus,
+    CalloutResult, HeaderKind, HeadersStatus, LogLevel, TrailersStatus,
 };
 
 /// The response code details Envoy logs for our replies.
@@ -24,6 +25,67 @@ pub struct Stream {
     shared: Arc<Shared>,
     /// Headers to add to the response (RateLimit fields on allowed requests).
     response_headers: Vec<(&'static str, String)>,
+    /// The request waits for the rate limit service.
+    pending: Option<Pending>,
+}
+
+/// A request paused for its `per_request` fleet check: what finishing it
+/// needs, and the answer as it arrives (headers, data, trailers).
+struct Pending {
+    stream: u64,
+    call: FleetCall,
+    decision: Decision,
+    mapped: Mapped,
+    /// What the local limits charged, given back if the fleet refuses.
+    refund: Option<Refund>,
+    start: u64,
+    grpc: bool,
+    http_status: Option<String>,
+    grpc_status: Option<String>,
+    body: Vec<u8>,
+}
+
+fn find<'a>(headers: &[RawHeader<'a>], name: &str) -> Option<String> {
+    headers
+        .iter()
+        .find(|(k, _)| *k == name.as_bytes())
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+}
+
+/// Gives back a local charge (the fleet refused, or the stream ended).
+fn give_back(shared: &Shared, refund: Option<&Refund>) {
+    if let Some(r) = refund {
+        if let Err(e) = shared.engine.refund(r, &*shared.store) {
+            abi::log(
+                LogLevel::Error,
+                &format!("tenantgate: cannot give back local quota tokens: {e}"),
+            );
+        }
+    }
+}
+
+/// The decision when the fleet check failed: `rate_limit_service.on_error`.
+fn fleet_failed(
+    shared: &Shared,
+    f: &Filter<'_>,
+    local: Decision,
+    refund: Option<&Refund>,
+    why: String,
+) -> Decision {
+    if let Some(m) = shared.metrics.fleet_errors {
+        let _ = f.update(m, &[], 1);
+    }
+    abi::log(
+        LogLevel::Warn,
+        &format!("tenantgate: rate limit service call failed: {why}"),
+    );
+    match shared.engine.rate_limit_service().map(|r| r.on_error) {
+        Some(OnError::Allow) => local,
+        _ => {
+            give_back(shared, refund);
+            Decision::error(OnError::Deny, format!("rate limit service: {why}"))
+        }
+    }
 }
 
 /// Dynamic metadata through the ABI: `[namespace, key]` paths (a string
@@ -51,6 +113,7 @@ impl Stream {
         Stream {
             shared,
             response_headers: Vec::new(),
+            pending: None,
         }
     }
 
@@ -107,25 +170,11 @@ impl Stream {
         match mapped {
             Ok(m) => {
                 let (decision, refund) = engine.decide_refundable(&m.request, &*shared.store);
-                let decision = if decision.is_allowed() && engine.fleet_check(&m.request).is_some()
-                {
-                    // The ABI can call the rate limit service (HTTP streams),
-                    // but this build does not yet: the check fails, and
-                    // `rate_limit_service.on_error` decides.
-                    let why =
-                        "the native build does not call the rate limit service yet".to_string();
-                    match engine.rate_limit_service().map(|r| r.on_error) {
-                        Some(OnError::Allow) => decision,
-                        _ => {
-                            if let Some(r) = refund.as_ref() {
-                                let _ = engine.refund(r, &*shared.store);
-                            }
-                            Decision::error(OnError::Deny, format!("rate limit service: {why}"))
-                        }
+                if decision.is_allowed() {
+                    if let Some(call) = engine.fleet_check(&m.request) {
+                        return self.check_fleet(f, call, decision, m, refund, start, grpc);
                     }
-                } else {
-                    decision
-                };
+                }
                 let (tenant, request_id) = (Some(&m.request.tenant), m.request_id.as_deref());
                 self.finish(f, decision, Some(&m), tenant, request_id, start, grpc)
             }
@@ -145,7 +194,13 @@ impl Stream {
     }
 
     pub fn on_request_body(&mut self, _f: &mut Filter<'_>, _end_of_stream: bool) -> BodyStatus {
-        BodyStatus::Continue
+        // While the fleet check is pending the body waits too, or it would
+        // release the request upstream.
+        if self.pending.is_some() {
+            BodyStatus::StopIterationAndWatermark
+        } else {
+            BodyStatus::Continue
+        }
     }
 
     pub fn on_request_trailers(&mut self, f: &mut Filter<'_>) -> TrailersStatus {
@@ -160,7 +215,11 @@ impl Stream {
         for name in &strip {
             let _ = f.remove_header(HeaderKind::RequestTrailers, name);
         }
-        TrailersStatus::Continue
+        if self.pending.is_some() {
+            TrailersStatus::StopIteration
+        } else {
+            TrailersStatus::Continue
+        }
     }
 
     pub fn on_response_headers(&mut self, f: &mut Filter<'_>) {
@@ -169,17 +228,155 @@ impl Stream {
         }
     }
 
-    pub fn on_stream_complete(&mut self) {}
+    /// The downstream stream ended: a fleet check still pending gives back
+    /// the local tokens its request was charged.
+    pub fn on_stream_complete(&mut self) {
+        if let Some(p) = self.pending.take() {
+            give_back(&self.shared, p.refund.as_ref());
+        }
+    }
 
-    /// The answer to a callout this stream started (fleet checks: not yet).
+    /// The answer to a one-shot callout (none is made yet).
     pub fn on_callout_done(
         &mut self,
         _f: &mut Filter<'_>,
         _id: u64,
         _result: CalloutResult,
-        _headers: &[(&[u8], &[u8])],
+        _headers: &[RawHeader<'_>],
         _body: &[&[u8]],
     ) {
+    }
+
+    /// Pauses an admitted request and asks the rate limit service over a
+    /// streamed HTTP/2 call (gRPC framed here); the answer finishes it.
+    #[allow(clippy::too_many_arguments)]
+    fn check_fleet(
+        &mut self,
+        f: &mut Filter<'_>,
+        call: FleetCall,
+        decision: Decision,
+        mapped: Mapped,
+        refund: Option<Refund>,
+        start: u64,
+        grpc: bool,
+    ) -> HeadersStatus {
+        let shared = Arc::clone(&self.shared);
+        let Some(rls) = shared.engine.rate_limit_service() else {
+            let (tenant, rid) = (Some(&mapped.request.tenant), mapped.request_id.as_deref());
+            return self.finish(f, decision, Some(&mapped), tenant, rid, start, grpc);
+        };
+        let path = format!("/{RLS_SERVICE}/{RLS_METHOD}");
+        let headers = [
+            (":method", "POST"),
+            (":path", path.as_str()),
+            ("host", rls.cluster.as_str()),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ];
+        let body = grpc_frame(&call.message);
+        match f.start_http_stream(
+            &rls.cluster,
+            &headers,
+            &body,
+            true,
+            u64::from(rls.timeout_ms),
+        ) {
+            Ok(stream) => {
+                if let Some(m) = shared.metrics.fleet_calls {
+                    let _ = f.update(m, &[], 1);
+                }
+                self.pending = Some(Pending {
+                    stream,
+                    call,
+                    decision,
+                    mapped,
+                    refund,
+                    start,
+                    grpc,
+                    http_status: None,
+                    grpc_status: None,
+                    body: Vec::new(),
+                });
+                HeadersStatus::StopAllIterationAndWatermark
+            }
+            Err(e) => {
+                let why = format!("cannot call cluster `{}`: {e}", rls.cluster);
+                let decision = fleet_failed(&shared, f, decision, refund.as_ref(), why);
+                let (tenant, rid) = (Some(&mapped.request.tenant), mapped.request_id.as_deref());
+                self.finish(f, decision, Some(&mapped), tenant, rid, start, grpc)
+            }
+        }
+    }
+
+    fn pending_for(&mut self, stream: u64) -> Option<&mut Pending> {
+        self.pending.as_mut().filter(|p| p.stream == stream)
+    }
+
+    pub fn on_http_stream_headers(&mut self, stream: u64, headers: &[RawHeader<'_>]) {
+        if let Some(p) = self.pending_for(stream) {
+            p.http_status = find(headers, ":status");
+            // A trailers-only answer (an error) has its status here.
+            if let Some(s) = find(headers, "grpc-status") {
+                p.grpc_status = Some(s);
+            }
+        }
+    }
+
+    pub fn on_http_stream_data(&mut self, stream: u64, data: &[&[u8]]) {
+        if let Some(p) = self.pending_for(stream) {
+            for chunk in data {
+                p.body.extend_from_slice(chunk);
+            }
+        }
+    }
+
+    pub fn on_http_stream_trailers(&mut self, stream: u64, trailers: &[RawHeader<'_>]) {
+        if let Some(p) = self.pending_for(stream) {
+            if let Some(s) = find(trailers, "grpc-status") {
+                p.grpc_status = Some(s);
+            }
+        }
+    }
+
+    /// The fleet check's call ended (`failure`: reset, with why).
+    pub fn on_http_stream_done(
+        &mut self,
+        f: &mut Filter<'_>,
+        stream: u64,
+        failure: Option<String>,
+    ) {
+        if self.pending_for(stream).is_none() {
+            return;
+        }
+        let Some(p) = self.pending.take() else {
+            return;
+        };
+        let shared = Arc::clone(&self.shared);
+        let engine = &shared.engine;
+        let answer = match failure {
+            Some(why) => Err(why),
+            None => grpc_answer(p.http_status.as_deref(), p.grpc_status.as_deref(), &p.body),
+        };
+        let decision =
+            match engine.fleet_answer(&p.call, answer.as_deref().map_err(Clone::clone), now_ns()) {
+                FleetOutcome::Admitted => p.decision,
+                FleetOutcome::Refused(q) => {
+                    give_back(&shared, p.refund.as_ref());
+                    Decision::over_quota(q)
+                }
+                FleetOutcome::Failed(why) => {
+                    fleet_failed(&shared, f, p.decision, p.refund.as_ref(), why)
+                }
+            };
+        let (tenant, rid) = (
+            Some(&p.mapped.request.tenant),
+            p.mapped.request_id.as_deref(),
+        );
+        if self.finish(f, decision, Some(&p.mapped), tenant, rid, p.start, p.grpc)
+            == HeadersStatus::Continue
+        {
+            f.continue_decoding();
+        }
     }
 
     /// Counts, audits and carries out a decision: continue (with the
