@@ -7,14 +7,14 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use tenantgate_engine::decision::Counter;
 use tenantgate_engine::http::DecisionIds;
-use tenantgate_engine::metrics::names;
+use tenantgate_engine::metrics::{self as m, names, Layout, Tally, Update};
 use tenantgate_engine::quota::fleet::REPORT_HEADER;
 use tenantgate_engine::quota::footprint::Footprint;
 use tenantgate_engine::quota::{FleetCall, FleetOutcome, LEASE_TTL_NS, RLS_METHOD, RLS_SERVICE};
 use tenantgate_engine::{Bundle, Engine};
 
 use crate::abi::{self, Config, RawHeader, Ticker};
-use crate::host::{grpc_answer, grpc_frame, now_ns, LogLevel, Metric, MetricKind};
+use crate::host::{grpc_answer, grpc_frame, now_ns, split_tags, LogLevel, Metric, MetricKind};
 use crate::store::NativeStore;
 
 /// What every stream of one filter configuration shares.
@@ -26,6 +26,10 @@ pub struct Shared {
     /// Ids of this configuration's decisions (replies, audit lines).
     pub ids: Mutex<DecisionIds>,
     pub metrics: Metrics,
+    /// The bundle's per-tenant and per-limit series, with real labels.
+    pub series: Series,
+    /// Requests decided (one in [`names::DECISION_TIME_SAMPLE`] is timed).
+    pub requests: std::sync::atomic::AtomicU64,
     /// Wakes the config on the main thread: expired leases go back, and
     /// batched fleet reports go out.
     ticker: Mutex<Option<Ticker>>,
@@ -108,6 +112,7 @@ impl Shared {
 /// report goes out when one is due.
 pub fn on_tick(c: &mut Config<'_>, shared: &Shared) {
     let engine = &shared.engine;
+    shared.series.flush(c, engine, &shared.store);
     let now = now_ns();
     if let Err(e) = engine.return_expired_leases(now, &*shared.store) {
         abi::log(
@@ -163,6 +168,104 @@ pub fn on_tick(c: &mut Config<'_>, shared: &Shared) {
     }
 }
 
+/// The engine's metrics layout (the series a bundle defines), each series
+/// defined once per name with its tags as Envoy labels (`tenant`, `parent`,
+/// `limit`, `reason`; empty where a series has no such tag, which
+/// Prometheus reads as no label).
+pub struct Series {
+    pub layout: Layout,
+    /// For each of `layout.defs`: the Envoy metric and its label values.
+    refs: Vec<Option<(Metric, Vec<String>)>>,
+    /// Per-limit counts since the last tick (every worker's).
+    pub tally: Mutex<Tally>,
+}
+
+impl Series {
+    fn define(c: &mut Config<'_>, engine: &Engine) -> Series {
+        let layout = Layout::new(engine);
+        // Each name's label names: every tag any of its series carries, in
+        // the order of `names::TAGS`.
+        let mut labels: HashMap<&str, (m::MetricKind, Vec<&str>)> = HashMap::new();
+        for d in &layout.defs {
+            let (base, tags) = split_tags(&d.name);
+            let entry = labels.entry(base).or_insert((d.kind, Vec::new()));
+            for (t, _) in tags {
+                if !entry.1.contains(&t) {
+                    entry.1.push(t);
+                }
+            }
+        }
+        let mut defined: HashMap<&str, (Metric, Vec<&str>)> = HashMap::new();
+        for (base, (kind, mut tags)) in labels {
+            tags.sort_by_key(|t| names::TAGS.iter().position(|x| x == t));
+            let kind = match kind {
+                m::MetricKind::Counter => MetricKind::Counter,
+                m::MetricKind::Gauge => MetricKind::Gauge,
+            };
+            match c.define(kind, base, &tags) {
+                Ok(metric) => {
+                    defined.insert(base, (metric, tags));
+                }
+                Err(e) => abi::log(
+                    LogLevel::Warn,
+                    &format!("tenantgate: cannot define metric `{base}`: {e}"),
+                ),
+            }
+        }
+        let refs: Vec<Option<(Metric, Vec<String>)>> = layout
+            .defs
+            .iter()
+            .map(|d| {
+                let (base, tags) = split_tags(&d.name);
+                let (metric, names) = defined.get(base)?;
+                let values = names
+                    .iter()
+                    .map(|n| {
+                        tags.iter()
+                            .find(|(t, _)| t == n)
+                            .map_or(String::new(), |(_, v)| (*v).to_string())
+                    })
+                    .collect();
+                Some((*metric, values))
+            })
+            .collect();
+        for (d, r) in layout.defs.iter().zip(&refs) {
+            if let (Some(v), Some((metric, values))) = (d.initial, r) {
+                let values: Vec<&str> = values.iter().map(String::as_str).collect();
+                let _ = c.update(*metric, &values, v);
+            }
+        }
+        let tally = Mutex::new(layout.tally());
+        Series {
+            layout,
+            refs,
+            tally,
+        }
+    }
+
+    /// The Envoy metric and label values of a layout series.
+    pub fn target(&self, r: m::MetricRef) -> Option<(Metric, Vec<&str>)> {
+        let (metric, values) = self.refs.get(r)?.as_ref()?;
+        Some((*metric, values.iter().map(String::as_str).collect()))
+    }
+
+    /// Sends what the tally holds (on the tick).
+    fn flush(&self, c: &Config<'_>, engine: &Engine, store: &NativeStore) {
+        let updates = {
+            let mut tally = self.tally.lock().unwrap_or_else(PoisonError::into_inner);
+            self.layout.flush(&mut tally, engine, now_ns(), store)
+        };
+        for u in updates {
+            let (r, v) = match u {
+                Update::Add(r, n) | Update::Set(r, n) => (r, n),
+            };
+            if let Some((metric, values)) = self.target(r) {
+                let _ = c.update(metric, &values, v);
+            }
+        }
+    }
+}
+
 /// The outcome counters, defined while the configuration loads (Envoy
 /// freezes metric definitions afterwards). Per-tenant and per-limit series
 /// with labels are not defined yet (see `docs/reference.md`, "Native build").
@@ -176,6 +279,8 @@ pub struct Metrics {
     /// Calls to the rate limit service, and the ones that failed.
     pub fleet_calls: Option<Metric>,
     pub fleet_errors: Option<Metric>,
+    /// Decision time in microseconds (one request in 8, the first always).
+    pub decision_us: Option<Metric>,
 }
 
 impl Metrics {
@@ -190,6 +295,9 @@ impl Metrics {
             errors: counter(names::ERRORS),
             fleet_calls: counter(names::FLEET_CALLS),
             fleet_errors: counter(names::FLEET_ERRORS),
+            decision_us: c
+                .define(MetricKind::Histogram, names::DECISION_US, &[])
+                .ok(),
         }
     }
 
@@ -204,6 +312,17 @@ impl Metrics {
             Counter::Error => self.errors,
         }
     }
+}
+
+/// [`split_tags`] with owned parts.
+fn split_tags_owned(name: &str) -> (String, Vec<(String, String)>) {
+    let (base, tags) = split_tags(name);
+    (
+        base.to_string(),
+        tags.into_iter()
+            .map(|(t, v)| (t.to_string(), v.to_string()))
+            .collect(),
+    )
 }
 
 /// The process-wide bucket store.
@@ -306,8 +425,18 @@ pub fn new(c: &mut Config<'_>, name: &[u8], config: &[u8]) -> Option<Arc<Shared>
         );
     }
     let metrics = Metrics::define(c);
+    let series = Series::define(c, &engine);
     if let Some(m) = loaded {
         let _ = c.update(m, &[], 1);
+    }
+    if let Ok(g) = c.define(MetricKind::Gauge, names::BUNDLE_VERSION, &[]) {
+        let _ = c.update(g, &[], names::bundle_version_value(engine.version()));
+    }
+    let (active, tags) = split_tags_owned(&names::bundle_active(engine.version()));
+    let tag_names: Vec<&str> = tags.iter().map(|(t, _)| t.as_str()).collect();
+    let tag_values: Vec<&str> = tags.iter().map(|(_, v)| v.as_str()).collect();
+    if let Ok(g) = c.define(MetricKind::Gauge, &active, &tag_names) {
+        let _ = c.update(g, &tag_values, 1);
     }
     abi::log(
         LogLevel::Info,
@@ -343,6 +472,8 @@ pub fn new(c: &mut Config<'_>, name: &[u8], config: &[u8]) -> Option<Arc<Shared>
         store,
         ids: Mutex::new(DecisionIds::new(seed)),
         metrics,
+        series,
+        requests: std::sync::atomic::AtomicU64::new(0),
         ticker: Mutex::new(ticker),
         reports: Mutex::new(HashMap::new()),
     }))

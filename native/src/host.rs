@@ -201,6 +201,26 @@ pub fn grpc_message(text: &str) -> String {
     out
 }
 
+/// A series name of the engine's metrics layout split into its base name
+/// and its Istio-style tags (`tag=.=value;.;` before the name): the Wasm
+/// filter puts labels in the name for Envoy's `stats_tags`; the native build
+/// gives them to Envoy as real labels.
+pub fn split_tags(name: &str) -> (&str, Vec<(&str, &str)>) {
+    let mut tags = Vec::new();
+    let mut rest = name;
+    while let Some((tag, after)) = rest.split_once("=.=") {
+        if tag.contains('.') {
+            break;
+        }
+        let Some((value, tail)) = after.split_once(";.;") else {
+            break;
+        };
+        tags.push((tag, value));
+        rest = tail;
+    }
+    (rest, tags)
+}
+
 /// `envoy_dynamic_module_type_http_stream_reset_reason` in words.
 pub fn reset_reason(raw: u32) -> String {
     match raw {
@@ -349,6 +369,31 @@ mod tests {
     fn grpc_messages_are_percent_encoded() {
         assert_eq!(grpc_message("over quota: 100%"), "over quota: 100%25");
         assert_eq!(grpc_message("é\n"), "%C3%A9%0A");
+    }
+
+    #[test]
+    fn series_names_split_into_name_and_labels() {
+        assert_eq!(
+            split_tags(
+                "tenant=.=/acme/eu;.;parent=.=/acme;.;limit=.=rps;.;tenantgate.limit.admitted"
+            ),
+            (
+                "tenantgate.limit.admitted",
+                vec![
+                    ("tenant", "/acme/eu"),
+                    ("parent", "/acme"),
+                    ("limit", "rps")
+                ]
+            )
+        );
+        assert_eq!(
+            split_tags("tenantgate.allowed"),
+            ("tenantgate.allowed", vec![])
+        );
+        assert_eq!(
+            split_tags("bundle=.=0123456789ab;.;tenantgate.bundle_active"),
+            ("tenantgate.bundle_active", vec![("bundle", "0123456789ab")])
+        );
     }
 
     #[test]

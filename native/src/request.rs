@@ -398,6 +398,14 @@ impl Stream {
         if let Some(m) = shared.metrics.outcome(decision.counter(mode)) {
             let _ = f.update(m, &[], 1);
         }
+        let series = &shared.series;
+        let tenant_series = {
+            let mut tally = series.tally.lock().unwrap_or_else(PoisonError::into_inner);
+            series.layout.record(&mut tally, tenant, &decision)
+        };
+        if let Some((m, values)) = tenant_series.and_then(|r| series.target(r)) {
+            let _ = f.update(m, &values, 1);
+        }
         let blocks = decision.blocks(mode);
         let audits = engine.audits(&decision) && abi::log_enabled(LogLevel::Info);
         let decision_id = (blocks || audits).then(|| {
@@ -419,6 +427,7 @@ impl Stream {
                 abi::log(LogLevel::Info, &line);
             }
         }
+        self.record_time(f, start);
         if !blocks {
             if let Some(m) = mapped {
                 // The upstream sees the path that was judged.
@@ -437,6 +446,23 @@ impl Stream {
             .unwrap_or_else(|| LocalReply::unavailable(decision.status));
         send(f, &reply, grpc);
         HeadersStatus::StopIteration
+    }
+}
+
+impl Stream {
+    /// Records the decision time of one request in 8 (the first always),
+    /// as the Wasm filter does.
+    fn record_time(&self, f: &Filter<'_>, start: u64) {
+        let n = self
+            .shared
+            .requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if !n.is_multiple_of(tenantgate_engine::metrics::names::DECISION_TIME_SAMPLE) {
+            return;
+        }
+        if let Some(m) = self.shared.metrics.decision_us {
+            let _ = f.update(m, &[], now_ns().saturating_sub(start) / 1_000);
+        }
     }
 }
 
