@@ -78,6 +78,24 @@ def stat_namespace():
     return "dynamicmodulescustom" if build() == "native" else "wasmcustom"
 
 
+def series_stat(name, **tags):
+    """A per-tenant or per-limit series' name at /stats, without the namespace:
+    the Wasm filter's carries its tags in the name (`tenant=.=/acme;.;name`),
+    the native build's has real labels, which /stats appends (`name.tenant./acme`)."""
+    order = ("tenant", "parent", "limit", "reason", "bundle")
+    items = [(t, tags[t]) for t in order if t in tags]
+    if build() == "native":
+        return name + "".join(f".{t}.{v}" for t, v in items)
+    return "".join(f"{t}=.={v};.;" for t, v in items) + name
+
+
+def prometheus_prefix():
+    """What precedes `tenantgate_` at /stats/prometheus: nothing for the Wasm
+    filter (Envoy strips `wasmcustom`), `envoy_dynamicmodulescustom_` for the
+    native build (Envoy 1.40 does not strip the dynamic modules' namespace)."""
+    return "envoy_dynamicmodulescustom_" if build() == "native" else ""
+
+
 def refused_config_log():
     """What Envoy logs when a static config's filter refuses its bundle and
     Envoy fails closed (does not start)."""

@@ -229,11 +229,18 @@ impl Series {
                 Some((*metric, values))
             })
             .collect();
+        // Every series exists from the start, as the Wasm filter's (Envoy
+        // creates a labelled series on its first update: counters get 0).
         for (d, r) in layout.defs.iter().zip(&refs) {
-            if let (Some(v), Some((metric, values))) = (d.initial, r) {
-                let values: Vec<&str> = values.iter().map(String::as_str).collect();
-                let _ = c.update(*metric, &values, v);
-            }
+            let Some((metric, values)) = r else { continue };
+            let value = match (metric.kind, d.initial) {
+                (_, Some(v)) => v,
+                (MetricKind::Counter, None) => 0,
+                // Gauges without a configured value wait for the first tick.
+                _ => continue,
+            };
+            let values: Vec<&str> = values.iter().map(String::as_str).collect();
+            let _ = c.update(*metric, &values, value);
         }
         let tally = Mutex::new(layout.tally());
         Series {
