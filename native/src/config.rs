@@ -345,6 +345,12 @@ fn footprints() -> &'static Mutex<HashMap<String, Footprint>> {
     F.get_or_init(Default::default)
 }
 
+/// The bundle version each filter name loaded last.
+fn last_versions() -> &'static Mutex<HashMap<String, String>> {
+    static V: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
+    V.get_or_init(Default::default)
+}
+
 /// Called once when Envoy loads the module.
 pub fn on_program_init() {
     // Release builds abort on panic; a build that unwinds reports it first.
@@ -439,11 +445,25 @@ pub fn new(c: &mut Config<'_>, name: &[u8], config: &[u8]) -> Option<Arc<Shared>
     if let Ok(g) = c.define(MetricKind::Gauge, names::BUNDLE_VERSION, &[]) {
         let _ = c.update(g, &[], names::bundle_version_value(engine.version()));
     }
-    let (active, tags) = split_tags_owned(&names::bundle_active(engine.version()));
-    let tag_names: Vec<&str> = tags.iter().map(|(t, _)| t.as_str()).collect();
-    let tag_values: Vec<&str> = tags.iter().map(|(_, v)| v.as_str()).collect();
-    if let Ok(g) = c.define(MetricKind::Gauge, &active, &tag_names) {
-        let _ = c.update(g, &tag_values, 1);
+    // The bundle gauges: this version's read 1, the version this filter
+    // name ran before reads 0 (Envoy keeps one stat per name and labels).
+    let previous_version = last_versions()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(name.clone(), engine.version().to_string());
+    let mut versions = vec![(engine.version().to_string(), 1)];
+    if let Some(p) = previous_version.filter(|p| p != engine.version()) {
+        versions.push((p, 0));
+    }
+    for (version, value) in &versions {
+        for series in [names::bundle(version), names::bundle_active(version)] {
+            let (base, tags) = split_tags_owned(&series);
+            let tag_names: Vec<&str> = tags.iter().map(|(t, _)| t.as_str()).collect();
+            let tag_values: Vec<&str> = tags.iter().map(|(_, v)| v.as_str()).collect();
+            if let Ok(g) = c.define(MetricKind::Gauge, &base, &tag_names) {
+                let _ = c.update(g, &tag_values, *value);
+            }
+        }
     }
     abi::log(
         LogLevel::Info,
