@@ -585,7 +585,9 @@ class SchemaInvalidBundle(EnvoyCase):
 
     def test_the_bundle_loads_and_the_erroring_policy_denies(self):
         version = json.loads(self.bundle)["version"]
-        self.assertIn(f"loaded bundle {version}", self.envoy.log())
+        # Envoy writes its log file in batches: wait for the line.
+        self.assertTrue(wait_for(lambda: f"loaded bundle {version}" in self.envoy.log(), 5),
+                        self.envoy.log()[-2000:])
         r = self.req("GET", "/docs/intro", who("paul", "/public", "/public"))
         self.assertJsonError(r, 403, "forbidden")
         # the rest of the bundle is unaffected
