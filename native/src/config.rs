@@ -100,10 +100,7 @@ impl Shared {
             if let Some(m) = self.metrics.fleet_errors {
                 let _ = c.update(m, &[], 1);
             }
-            abi::log(
-                LogLevel::Warn,
-                &format!("tenantgate: rate limit service call failed: {why}"),
-            );
+            crate::request::log_fleet_error(&why);
         }
     }
 }
@@ -157,13 +154,7 @@ pub fn on_tick(c: &mut Config<'_>, shared: &Shared) {
             if let Some(m) = shared.metrics.fleet_errors {
                 let _ = c.update(m, &[], 1);
             }
-            abi::log(
-                LogLevel::Warn,
-                &format!(
-                    "tenantgate: rate limit service call failed: cannot call cluster `{}`: {e}",
-                    rls.cluster
-                ),
-            );
+            crate::request::log_fleet_error(&format!("cannot call cluster `{}`: {e}", rls.cluster));
         }
     }
 }

@@ -52,6 +52,25 @@ fn find<'a>(headers: &[RawHeader<'a>], name: &str) -> Option<String> {
         .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
 }
 
+/// Logs a failed fleet call, at most once a second for the process (each
+/// one is counted in `tenantgate.fleet_errors`).
+pub fn log_fleet_error(why: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = now_ns();
+    let last = LAST.load(Ordering::Relaxed);
+    if now.saturating_sub(last) >= 1_000_000_000
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        abi::log(
+            LogLevel::Warn,
+            &format!("tenantgate: rate limit service call failed: {why}"),
+        );
+    }
+}
+
 /// Gives back a local charge (the fleet refused, or the stream ended).
 fn give_back(shared: &Shared, refund: Option<&Refund>) {
     if let Some(r) = refund {
@@ -75,10 +94,7 @@ fn fleet_failed(
     if let Some(m) = shared.metrics.fleet_errors {
         let _ = f.update(m, &[], 1);
     }
-    abi::log(
-        LogLevel::Warn,
-        &format!("tenantgate: rate limit service call failed: {why}"),
-    );
+    log_fleet_error(&why);
     match shared.engine.rate_limit_service().map(|r| r.on_error) {
         Some(OnError::Allow) => local,
         _ => {
