@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
-use tenantgate_engine::flow::{self, Deferred, Effects, Pending, Step, Verdict};
 use tenantgate_engine::fleet::{RLS_METHOD, RLS_SERVICE};
+use tenantgate_engine::flow::{self, Deferred, Effects, Pending, Step, Verdict};
 use tenantgate_engine::http::{own_headers, HttpInput, LocalReply, MetadataSource};
 use tenantgate_engine::metrics::Update;
 
