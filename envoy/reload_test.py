@@ -501,6 +501,34 @@ class VersionGaugeAfterReload(V1ThenV2):
         self.assertEqual(stats.get(version_gauge(self.v1)), 0, stats)
 
 
+def edit_drop_labs_limit(d):
+    """v1 with /globex/labs's `window` limit removed."""
+    edit_base(d)
+    (d / "tenants" / "globex" / "labs" / "tenant.json").write_text(json.dumps({
+        "attributes": {"tier": "bronze", "sandbox": True}}))
+
+
+class RemovedLimitGaugesAfterReload(EcdsCase):
+    """A reload that removes a limit sets its gauges to 0 (its series stay
+    in Envoy's stats, which a dashboard would otherwise keep reading)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.v1_text, cls.v1 = bundle_of("v1", edit_base)
+        cls.v3_text, cls.v3 = bundle_of("v3-no-labs-limit", edit_drop_labs_limit)
+        cls.start_envoy(cls.v1_text, "v1")
+
+    def test_removed_limit_gauges_drop_to_zero(self):
+        def gauge(what):
+            name = h.series_stat(f"tenantgate.limit.{what}", tenant="/globex/labs", parent="/globex",
+                                 limit="window")
+            return self.envoy.stats("tenantgate\\.limit").get(f"{h.stat_namespace()}.{name}")
+        threads = self.loaded_by_all(self.v1)
+        self.assertEqual((gauge("rate"), gauge("burst"), gauge("window_seconds")), (5, 5, 3600))
+        self.roll_out(self.v3_text, "v3", self.v3, threads)
+        self.assertEqual((gauge("rate"), gauge("burst"), gauge("window_seconds")), (0, 0, 0))
+
+
 # ---------------------------------------------------------------------------
 # Quota state across reloads
 

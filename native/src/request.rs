@@ -1,21 +1,21 @@
-//! One HTTP stream: headers in, engine decision, continue or reply. The same
-//! steps as the Wasm filter's HTTP context (`filter/src/wasm.rs`), over the
-//! engine's public API; kept in this one file so it can move to the
-//! engine's request flow as a whole.
+//! One HTTP stream: headers in, the engine's flow
+//! (`tenantgate_engine::flow`), its effects carried out with host calls, as
+//! the Wasm filter's HTTP context (`filter/src/wasm.rs`) does. What is
+//! native here: the gRPC framing of the fleet check over an HTTP stream, and
+//! gRPC requests' local replies as trailers-only responses.
 
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 
-use tenantgate_engine::fleet::{FleetCall, FleetOutcome, RLS_METHOD, RLS_SERVICE};
-use tenantgate_engine::http::{own_headers, HttpInput, LocalReply, Mapped, MetadataSource};
-use tenantgate_engine::quota::Refund;
-use tenantgate_engine::settings::OnError;
-use tenantgate_engine::{Decision, TenantPath, Worker};
+use tenantgate_engine::fleet::{RLS_METHOD, RLS_SERVICE};
+use tenantgate_engine::flow::{self, Deferred, Effects, Pending, Step, Verdict};
+use tenantgate_engine::http::{own_headers, HttpInput, LocalReply, MetadataSource};
+use tenantgate_engine::metrics::Update;
 
-use crate::abi::{self, Filter, RawHeader};
-use crate::config::Shared;
+use crate::abi::{Filter, RawHeader};
+use crate::config::{write_logs, Shared};
 use crate::host::{
     grpc_answer, grpc_frame, grpc_message, header_pairs, is_grpc, now_ns, Attribute, BodyStatus,
-    CalloutResult, HeaderKind, HeadersStatus, LogLevel, TrailersStatus,
+    CalloutResult, HeaderKind, HeadersStatus, TrailersStatus,
 };
 
 /// The response code details Envoy logs for our replies.
@@ -24,85 +24,29 @@ const DETAILS: &str = "tenantgate";
 /// One stream's state.
 pub struct Stream {
     shared: Arc<Shared>,
+    /// Whether the request is a gRPC call (its replies are trailers-only).
+    grpc: bool,
     /// Headers to add to the response (RateLimit fields on allowed requests).
     response_headers: Vec<(&'static str, String)>,
     /// The request waits for the rate limit service.
-    pending: Option<Pending>,
+    waiting: Option<Waiting>,
 }
 
-/// A request paused for its `per_request` fleet check: what finishing it
-/// needs, and the answer as it arrives (headers, data, trailers).
-struct Pending {
+/// A request paused for its fleet check: the engine's [`Pending`] and the
+/// answer as it arrives (headers, data, trailers).
+struct Waiting {
     stream: u64,
-    call: FleetCall,
-    decision: Decision,
-    mapped: Mapped,
-    /// What the local limits charged, given back if the fleet refuses.
-    refund: Option<Refund>,
-    start: u64,
-    grpc: bool,
+    pending: Pending,
     http_status: Option<String>,
     grpc_status: Option<String>,
     body: Vec<u8>,
 }
 
-fn find<'a>(headers: &[RawHeader<'a>], name: &str) -> Option<String> {
+fn find(headers: &[RawHeader<'_>], name: &str) -> Option<String> {
     headers
         .iter()
         .find(|(k, _)| *k == name.as_bytes())
         .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-}
-
-/// Logs a failed fleet call, at most once a second for the process (each
-/// one is counted in `tenantgate.fleet_errors`).
-pub fn log_fleet_error(why: &str) {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = now_ns();
-    let last = LAST.load(Ordering::Relaxed);
-    if now.saturating_sub(last) >= 1_000_000_000
-        && LAST
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
-        abi::log(
-            LogLevel::Warn,
-            &format!("tenantgate: rate limit service call failed: {why}"),
-        );
-    }
-}
-
-/// Gives back a local charge (the fleet refused, or the stream ended).
-fn give_back(shared: &Shared, refund: Option<&Refund>) {
-    if let Some(r) = refund {
-        if let Err(e) = shared.engine.refund(r, &*shared.store) {
-            abi::log(
-                LogLevel::Error,
-                &format!("tenantgate: cannot give back local quota tokens: {e}"),
-            );
-        }
-    }
-}
-
-/// The decision when the fleet check failed: `rate_limit_service.on_error`.
-fn fleet_failed(
-    shared: &Shared,
-    f: &Filter<'_>,
-    local: Decision,
-    refund: Option<&Refund>,
-    why: String,
-) -> Decision {
-    if let Some(m) = shared.metrics.fleet_errors {
-        let _ = f.update(m, &[], 1);
-    }
-    log_fleet_error(&why);
-    match shared.engine.rate_limit_service().map(|r| r.on_error) {
-        Some(OnError::Allow) => local,
-        _ => {
-            give_back(shared, refund);
-            Decision::error(OnError::Deny, format!("rate limit service: {why}"))
-        }
-    }
 }
 
 /// Dynamic metadata through the ABI: `[namespace, key]` paths (a string
@@ -119,18 +63,20 @@ impl MetadataSource for HostMetadata<'_, '_> {
     }
 }
 
-/// A request with no state to decide with: a plain 503 (fail closed).
+/// A request with no state to decide with (fail closed).
 pub fn fail_closed(f: &mut Filter<'_>) {
-    let reply = LocalReply::unavailable(503);
-    send(f, &reply, false);
+    if let Verdict::Reply(r) = flow::no_bundle() {
+        send(f, &r, false);
+    }
 }
 
 impl Stream {
     pub fn new(shared: Arc<Shared>) -> Stream {
         Stream {
             shared,
+            grpc: false,
             response_headers: Vec::new(),
-            pending: None,
+            waiting: None,
         }
     }
 
@@ -140,31 +86,19 @@ impl Stream {
         _end_of_stream: bool,
     ) -> HeadersStatus {
         let shared = Arc::clone(&self.shared);
-        let engine = &shared.engine;
+        let worker = &shared.worker;
         let start = now_ns();
-        let (mapped, strip, grpc) = {
-            let raw = match f.headers(HeaderKind::RequestHeaders) {
-                Ok(raw) => raw,
-                Err(e) => {
-                    let d = Decision::error(
-                        engine.settings().on_error,
-                        format!("cannot read request headers: {e}"),
-                    );
-                    return self.finish(f, d, None, None, None, start, false);
-                }
-            };
-            let headers = match header_pairs(&raw) {
+        let (step, strip) = {
+            let raw = f.headers(HeaderKind::RequestHeaders);
+            let headers = match raw.and_then(|raw| header_pairs(&raw)) {
                 Ok(h) => h,
                 Err(e) => {
-                    let d = Decision::error(
-                        engine.settings().on_error,
-                        format!("cannot read request headers: {e}"),
-                    );
-                    return self.finish(f, d, None, None, None, start, false);
+                    let msg = format!("cannot read request headers: {e}");
+                    return self.carry_out(f, worker.host_error(msg, start));
                 }
             };
             let strip: Vec<String> = own_headers(&headers).map(str::to_owned).collect();
-            let source = if engine.uses_source_ip() {
+            let source = if worker.uses_source_ip() {
                 f.attribute(Attribute::SourceAddress)
                     .and_then(|b| std::str::from_utf8(b).ok())
             } else {
@@ -175,45 +109,23 @@ impl Stream {
                 source_address: source,
                 now_ns: start,
             };
-            (
-                engine.map_request(&input, &HostMetadata(f)),
-                strip,
-                is_grpc(&headers),
-            )
+            self.grpc = is_grpc(&headers);
+            let step = worker.begin(&input, &HostMetadata(f), Some(&*shared.store));
+            (step, strip)
         };
         for name in &strip {
             let _ = f.remove_header(HeaderKind::RequestHeaders, name);
         }
-        match mapped {
-            Ok(m) => {
-                let (decision, refund) = engine.decide_refundable(&m.request, &*shared.store);
-                if decision.is_allowed() {
-                    if let Some(call) = engine.fleet_check(&m.request) {
-                        return self.check_fleet(f, call, decision, m, refund, start, grpc);
-                    }
-                }
-                let (tenant, request_id) = (Some(&m.request.tenant), m.request_id.as_deref());
-                self.finish(f, decision, Some(&m), tenant, request_id, start, grpc)
-            }
-            Err(bad) => {
-                let decision = Decision::bad_request(bad.message);
-                self.finish(
-                    f,
-                    decision,
-                    None,
-                    bad.tenant.as_ref(),
-                    bad.request_id.as_deref(),
-                    start,
-                    grpc,
-                )
-            }
+        match step {
+            Step::Done(effects) => self.carry_out(f, effects),
+            Step::Deferred(d) => self.check_fleet(f, d),
         }
     }
 
     pub fn on_request_body(&mut self, _f: &mut Filter<'_>, _end_of_stream: bool) -> BodyStatus {
         // While the fleet check is pending the body waits too, or it would
         // release the request upstream.
-        if self.pending.is_some() {
+        if self.waiting.is_some() {
             BodyStatus::StopIterationAndWatermark
         } else {
             BodyStatus::Continue
@@ -232,7 +144,7 @@ impl Stream {
         for name in &strip {
             let _ = f.remove_header(HeaderKind::RequestTrailers, name);
         }
-        if self.pending.is_some() {
+        if self.waiting.is_some() {
             TrailersStatus::StopIteration
         } else {
             TrailersStatus::Continue
@@ -248,8 +160,10 @@ impl Stream {
     /// The downstream stream ended: a fleet check still pending gives back
     /// the local tokens its request was charged.
     pub fn on_stream_complete(&mut self) {
-        if let Some(p) = self.pending.take() {
-            give_back(&self.shared, p.refund.as_ref());
+        if let Some(w) = self.waiting.take() {
+            let shared = &self.shared;
+            let line = shared.worker.abandon(w.pending, &*shared.store);
+            write_logs(line.as_slice());
         }
     }
 
@@ -264,52 +178,27 @@ impl Stream {
     ) {
     }
 
-    /// Pauses an admitted request and asks the rate limit service over a
-    /// streamed HTTP/2 call (gRPC framed here); the answer finishes it.
-    #[allow(clippy::too_many_arguments)]
-    fn check_fleet(
-        &mut self,
-        f: &mut Filter<'_>,
-        call: FleetCall,
-        decision: Decision,
-        mapped: Mapped,
-        refund: Option<Refund>,
-        start: u64,
-        grpc: bool,
-    ) -> HeadersStatus {
+    /// Pauses the request and sends the engine's fleet check over a
+    /// streamed HTTP/2 call (gRPC framed here); the answer resumes it.
+    fn check_fleet(&mut self, f: &mut Filter<'_>, d: Deferred) -> HeadersStatus {
         let shared = Arc::clone(&self.shared);
-        let Some(rls) = shared.engine.rate_limit_service() else {
-            let (tenant, rid) = (Some(&mapped.request.tenant), mapped.request_id.as_deref());
-            return self.finish(f, decision, Some(&mapped), tenant, rid, start, grpc);
-        };
         let path = format!("/{RLS_SERVICE}/{RLS_METHOD}");
         let headers = [
             (":method", "POST"),
             (":path", path.as_str()),
-            ("host", rls.cluster.as_str()),
+            ("host", d.cluster.as_str()),
             ("content-type", "application/grpc"),
             ("te", "trailers"),
         ];
-        let body = grpc_frame(&call.message);
-        match f.start_http_stream(
-            &rls.cluster,
-            &headers,
-            &body,
-            true,
-            u64::from(rls.timeout_ms),
-        ) {
+        let body = grpc_frame(&d.call);
+        let timeout_ms = u64::from(d.timeout_ms);
+        match f.start_http_stream(&d.cluster, &headers, &body, true, timeout_ms) {
             Ok(stream) => {
-                if let Some(m) = shared.metrics.fleet_calls {
-                    let _ = f.update(m, &[], 1);
-                }
-                self.pending = Some(Pending {
+                let calls = Update::Add(shared.worker.layout().fleet_calls, 1);
+                shared.metrics.apply(calls, |m, l, v| f.update(m, l, v));
+                self.waiting = Some(Waiting {
                     stream,
-                    call,
-                    decision,
-                    mapped,
-                    refund,
-                    start,
-                    grpc,
+                    pending: d.pending,
                     http_status: None,
                     grpc_status: None,
                     body: Vec::new(),
@@ -317,168 +206,104 @@ impl Stream {
                 HeadersStatus::StopAllIterationAndWatermark
             }
             Err(e) => {
-                let why = format!("cannot call cluster `{}`: {e}", rls.cluster);
-                let decision = fleet_failed(&shared, f, decision, refund.as_ref(), why);
-                let (tenant, rid) = (Some(&mapped.request.tenant), mapped.request_id.as_deref());
-                self.finish(f, decision, Some(&mapped), tenant, rid, start, grpc)
+                let why = format!("cannot call cluster `{}`: {e}", d.cluster);
+                let effects = shared
+                    .worker
+                    .resume(d.pending, Err(why), now_ns(), &*shared.store);
+                self.carry_out(f, effects)
             }
         }
     }
 
-    fn pending_for(&mut self, stream: u64) -> Option<&mut Pending> {
-        self.pending.as_mut().filter(|p| p.stream == stream)
+    fn waiting_for(&mut self, stream: u64) -> Option<&mut Waiting> {
+        self.waiting.as_mut().filter(|w| w.stream == stream)
     }
 
     pub fn on_http_stream_headers(&mut self, stream: u64, headers: &[RawHeader<'_>]) {
-        if let Some(p) = self.pending_for(stream) {
-            p.http_status = find(headers, ":status");
+        if let Some(w) = self.waiting_for(stream) {
+            w.http_status = find(headers, ":status");
             // A trailers-only answer (an error) has its status here.
             if let Some(s) = find(headers, "grpc-status") {
-                p.grpc_status = Some(s);
+                w.grpc_status = Some(s);
             }
         }
     }
 
     pub fn on_http_stream_data(&mut self, stream: u64, data: &[&[u8]]) {
-        if let Some(p) = self.pending_for(stream) {
+        if let Some(w) = self.waiting_for(stream) {
             for chunk in data {
-                p.body.extend_from_slice(chunk);
+                w.body.extend_from_slice(chunk);
             }
         }
     }
 
     pub fn on_http_stream_trailers(&mut self, stream: u64, trailers: &[RawHeader<'_>]) {
-        if let Some(p) = self.pending_for(stream) {
+        if let Some(w) = self.waiting_for(stream) {
             if let Some(s) = find(trailers, "grpc-status") {
-                p.grpc_status = Some(s);
+                w.grpc_status = Some(s);
             }
         }
     }
 
-    /// The fleet check's call ended (`failure`: reset, with why).
+    /// The fleet check's call ended (`failure`: reset, with why): the
+    /// engine finishes the request with the answer.
     pub fn on_http_stream_done(
         &mut self,
         f: &mut Filter<'_>,
         stream: u64,
         failure: Option<String>,
     ) {
-        if self.pending_for(stream).is_none() {
-            return;
-        }
-        let Some(p) = self.pending.take() else {
+        let Some(w) = self.waiting.take_if(|w| w.stream == stream) else {
             return;
         };
         let shared = Arc::clone(&self.shared);
-        let engine = &shared.engine;
         let answer = match failure {
             Some(why) => Err(why),
-            None => grpc_answer(p.http_status.as_deref(), p.grpc_status.as_deref(), &p.body),
+            None => grpc_answer(w.http_status.as_deref(), w.grpc_status.as_deref(), &w.body),
         };
-        let decision =
-            match engine.fleet_answer(&p.call, answer.as_deref().map_err(Clone::clone), now_ns()) {
-                FleetOutcome::Admitted => p.decision,
-                FleetOutcome::Refused(q) => {
-                    give_back(&shared, p.refund.as_ref());
-                    Decision::over_quota(q)
-                }
-                FleetOutcome::Failed(why) => {
-                    fleet_failed(&shared, f, p.decision, p.refund.as_ref(), why)
-                }
-            };
-        let (tenant, rid) = (
-            Some(&p.mapped.request.tenant),
-            p.mapped.request_id.as_deref(),
+        let effects = shared.worker.resume(
+            w.pending,
+            answer.as_deref().map_err(Clone::clone),
+            now_ns(),
+            &*shared.store,
         );
-        if self.finish(f, decision, Some(&p.mapped), tenant, rid, p.start, p.grpc)
-            == HeadersStatus::Continue
-        {
+        if self.carry_out(f, effects) == HeadersStatus::Continue {
             f.continue_decoding();
         }
     }
 
-    /// Counts, audits and carries out a decision: continue (with the
-    /// identity headers when the request was mapped) or send the reply.
-    #[allow(clippy::too_many_arguments)]
-    fn finish(
-        &mut self,
-        f: &mut Filter<'_>,
-        decision: Decision,
-        mapped: Option<&Mapped>,
-        tenant: Option<&TenantPath>,
-        request_id: Option<&str>,
-        start: u64,
-        grpc: bool,
-    ) -> HeadersStatus {
-        let shared = Arc::clone(&self.shared);
-        let engine: &Worker = &shared.engine;
-        let mode = engine.settings().mode;
-        if let Some(m) = shared.metrics.outcome(decision.counter(mode)) {
-            let _ = f.update(m, &[], 1);
+    /// Carries out a decided request's effects: logs, metrics, then the
+    /// verdict (continue with the engine's headers and path, or reply).
+    fn carry_out(&mut self, f: &mut Filter<'_>, effects: Effects) -> HeadersStatus {
+        let metrics = &self.shared.metrics;
+        write_logs(&effects.logs);
+        for u in &effects.metrics {
+            metrics.apply(*u, |m, l, v| f.update(m, l, v));
         }
-        let series = &shared.series;
-        let tenant_series = {
-            let mut tally = series.tally.lock().unwrap_or_else(PoisonError::into_inner);
-            series.layout.record(&mut tally, tenant, &decision)
-        };
-        if let Some((m, values)) = tenant_series.and_then(|r| series.target(r)) {
-            let _ = f.update(m, &values, 1);
+        if let Some((r, start)) = effects.sample_time {
+            let us = now_ns().saturating_sub(start) / 1_000;
+            metrics.apply(Update::Set(r, us), |m, l, v| f.update(m, l, v));
         }
-        let blocks = decision.blocks(mode);
-        let audits = engine.audits(&decision) && abi::log_enabled(LogLevel::Info);
-        let decision_id = (blocks || audits).then(|| {
-            shared
-                .ids
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .next_id()
-        });
-        if audits {
-            if let Some(line) = engine.audit_line_at(
-                &decision,
-                mapped,
-                tenant,
-                request_id,
-                decision_id.as_deref(),
-                start,
-            ) {
-                abi::log(LogLevel::Info, &line);
-            }
-        }
-        self.record_time(f, start);
-        if !blocks {
-            if let Some(m) = mapped {
+        match effects.verdict {
+            Verdict::Continue {
+                path,
+                request_headers,
+                response_headers,
+            } => {
                 // The upstream sees the path that was judged.
-                if let Some(p) = &m.forward_path {
-                    let _ = f.set_header(HeaderKind::RequestHeaders, ":path", p);
+                if let Some(p) = path {
+                    let _ = f.set_header(HeaderKind::RequestHeaders, ":path", &p);
                 }
-                for (name, value) in m.upstream_headers() {
+                for (name, value) in &request_headers {
                     let _ = f.add_header(HeaderKind::RequestHeaders, name, value);
                 }
+                self.response_headers = response_headers;
+                HeadersStatus::Continue
             }
-            self.response_headers = engine.allow_response_headers(&decision);
-            return HeadersStatus::Continue;
-        }
-        let reply = engine
-            .reply(&decision, tenant, request_id, decision_id.as_deref())
-            .unwrap_or_else(|| LocalReply::unavailable(decision.status));
-        send(f, &reply, grpc);
-        HeadersStatus::StopIteration
-    }
-}
-
-impl Stream {
-    /// Records the decision time of one request in 8 (the first always),
-    /// as the Wasm filter does.
-    fn record_time(&self, f: &Filter<'_>, start: u64) {
-        let n = self
-            .shared
-            .requests
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if !n.is_multiple_of(tenantgate_engine::metrics::names::DECISION_TIME_SAMPLE) {
-            return;
-        }
-        if let Some(m) = self.shared.metrics.decision_us {
-            let _ = f.update(m, &[], now_ns().saturating_sub(start) / 1_000);
+            Verdict::Reply(r) => {
+                send(f, &r, self.grpc);
+                HeadersStatus::StopIteration
+            }
         }
     }
 }
