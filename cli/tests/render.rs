@@ -362,6 +362,20 @@ fn bad_flags_are_refused_with_a_message() {
             vec!["--istio", "--discovery-response"],
             "do not apply with `--istio`",
         ),
+        // The example tree does not set `filter_state` (envoy/accesslog_test.py
+        // runs a rendered `--access-log` bootstrap in real Envoy).
+        (
+            vec!["--access-log", "/tmp/access.log"],
+            "set `\"filter_state\": true` in tenantgate.json",
+        ),
+        (
+            vec!["--istio", "--access-log", "/tmp/access.log"],
+            "with Istio, use its `Telemetry` API",
+        ),
+        (
+            vec!["--discovery-response", "--access-log", "/tmp/access.log"],
+            "it does not apply with `--discovery-response`",
+        ),
     ] {
         let mut all = vec!["envoy", "policies", "--wasm", w];
         all.extend(args.iter().copied());
