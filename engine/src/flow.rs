@@ -442,9 +442,11 @@ impl Worker {
                     &decision,
                     mapped,
                     tenant,
-                    request_id,
-                    trace_id,
-                    decision_id.as_deref(),
+                    crate::http::AuditIds {
+                        request_id,
+                        trace_id,
+                        decision_id: decision_id.as_deref(),
+                    },
                     start,
                 )
             })

@@ -40,6 +40,16 @@ fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The ids an audit line carries (`None`: absent).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AuditIds<'a> {
+    /// The client's `x-request-id`.
+    pub request_id: Option<&'a str>,
+    /// The W3C trace id of a valid `traceparent` header.
+    pub trace_id: Option<&'a str>,
+    pub decision_id: Option<&'a str>,
+}
+
 impl Engine {
     /// One JSON audit line, or `None` when the `audit` setting leaves it out.
     pub fn audit_line(
@@ -49,8 +59,12 @@ impl Engine {
         request_id: Option<&str>,
     ) -> Option<String> {
         let now = mapped.map(|m| m.request.time_ns).unwrap_or(0);
-        let trace_id = mapped.and_then(|m| m.trace_id.as_deref());
-        self.audit_line_at(decision, mapped, None, request_id, trace_id, None, now)
+        let ids = AuditIds {
+            request_id,
+            trace_id: mapped.and_then(|m| m.trace_id.as_deref()),
+            decision_id: None,
+        };
+        self.audit_line_at(decision, mapped, None, ids, now)
     }
 
     /// True when the `audit` setting asks for a line for this decision.
@@ -70,9 +84,7 @@ impl Engine {
         decision: &Decision,
         mapped: Option<&Mapped>,
         tenant: Option<&TenantPath>,
-        request_id: Option<&str>,
-        trace_id: Option<&str>,
-        decision_id: Option<&str>,
+        ids: AuditIds<'_>,
         now_ns: u64,
     ) -> Option<String> {
         if !self.audits(decision) {
@@ -81,9 +93,9 @@ impl Engine {
         let req = mapped.map(|m| &m.request);
         let line = AuditLine {
             time: now_ns / 1_000_000_000,
-            decision_id,
-            request_id,
-            trace_id,
+            decision_id: ids.decision_id,
+            request_id: ids.request_id,
+            trace_id: ids.trace_id,
             tenant: req.map(|r| &r.tenant).or(tenant).map(TenantPath::as_str),
             principal: req.and_then(|r| r.principal.as_ref().map(|p| p.id.as_str())),
             principal_tenant: req.and_then(|r| r.principal.as_ref().map(|p| p.tenant.as_str())),

@@ -12,8 +12,8 @@ mod map;
 mod reply;
 mod spec;
 
-pub use audit::filter_state_keys;
 pub use audit::DecisionIds;
+pub use audit::{filter_state_keys, AuditIds};
 pub use claims::{decode_claims, MAX_CLAIMS_LEN};
 pub use map::{trace_id, MAX_REQUEST_ID_LEN};
 pub use reply::{grpc_status, LocalReply};
