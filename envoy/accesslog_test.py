@@ -8,7 +8,7 @@ same filter state) with Envoy's Zipkin tracer sending to a collector in this
 test. One request of each kind:
 
 - allowed (alice at `/acme/eu`), forbidden (carol from `/acme`), rate-limited
-  (lena's sixth request at `/globex/labs`, 5 per second), bad (tenant `/Acme`);
+  (lena's sixth request at `/globex/labs`, here 5 an hour), bad (tenant `/Acme`);
 - the access log file has one JSON line per request with exactly the
   decision's fields (tenant, principal, decision, kind, policies, limit,
   decision id, bundle version; `null` where a decision has none), the same
@@ -115,6 +115,11 @@ class AccessLog(unittest.TestCase):
     def setUpClass(cls):
         policies = h.copy_policies(WORK / "policies")
         h.edit_settings(policies, filter_state=True)
+        # 5 an hour at /globex/labs: the sixth request is refused however slowly they go.
+        labs = policies / "tenants" / "globex" / "labs" / "tenant.json"
+        config = json.loads(labs.read_text())
+        config["limits"] = {"hourly": {"rate": 5, "per": "1h", "burst": 5}}
+        labs.write_text(json.dumps(config))
         cls.bundle_path = WORK / "bundle.json"
         cls.version = json.loads(h.make_bundle(policies, cls.bundle_path))["version"]
         cls.log_path = WORK / "access.log"
@@ -239,7 +244,7 @@ class AccessLog(unittest.TestCase):
     def test_rate_limited(self):
         audit = self.check("limited", rid(3), 429, {
             "tenant": "/globex/labs", "principal": "lena", "decision": "deny", "kind": "quota_exceeded",
-            "policies": None, "limit": "rps"})
+            "policies": None, "limit": "hourly"})
         self.assertNotIn("trace_id", audit)  # malformed
 
     def test_bad_request(self):
