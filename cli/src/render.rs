@@ -17,6 +17,9 @@
 //!   named by `--node-id`;
 //! - `--native PATH`: the native build (`libtenantgate.so`, an Envoy dynamic
 //!   module) instead of the Wasm filter, with the same bundle;
+//! - `--access-log PATH`: a JSON access log (one line per request) to PATH
+//!   with each decision's fields, read from the filter state the filter sets
+//!   with the bundle's `filter_state` setting (`access_log_format`);
 //! - `--ext-authz HOST:PORT`: no Wasm filter; Envoy's `ext_authz` filter asks
 //!   `tenantgate serve --grpc` at HOST:PORT (policies only).
 
@@ -185,6 +188,10 @@ pub struct Options {
     /// Envoy: print the ECDS file's content (a `DiscoveryResponse`) for this bundle instead of a bootstrap.
     #[arg(long = "discovery-response")]
     pub discovery_response: bool,
+    /// Envoy: write a JSON access log to PATH (`/dev/stdout` works), one line per
+    /// request with its decision's fields (needs `"filter_state": true` in tenantgate.json).
+    #[arg(long = "access-log", value_name = "PATH")]
+    pub access_log: Option<PathBuf>,
 }
 
 impl Options {
@@ -240,6 +247,7 @@ pub fn usage(o: &Options) -> Result<(), String> {
             ("--ecds", o.ecds.is_some()),
             ("--discovery-response", o.discovery_response),
             ("--sha256", o.sha256.is_some()),
+            ("--access-log", o.access_log.is_some()),
         ] {
             if set {
                 return Err(format!(
@@ -260,6 +268,11 @@ pub fn usage(o: &Options) -> Result<(), String> {
                 o.fail_open,
                 "a dynamic module has no failure policy: it runs in Envoy's process",
             ),
+            (
+                "--access-log",
+                o.access_log.is_some(),
+                "the native build does not set the decisions' filter state yet",
+            ),
         ] {
             if set {
                 return Err(format!(
@@ -275,6 +288,9 @@ pub fn usage(o: &Options) -> Result<(), String> {
         if o.ecds.is_some() || o.discovery_response {
             return Err("error: `--ecds` and `--discovery-response` render Envoy configs; they do not apply with `--istio`".into());
         }
+        if o.access_log.is_some() {
+            return Err("error: `--access-log` adds an access log to an Envoy bootstrap; with Istio, use its `Telemetry` API with the format in docs/reference.md".into());
+        }
         return Ok(());
     }
     for (flag, set) in [
@@ -286,6 +302,9 @@ pub fn usage(o: &Options) -> Result<(), String> {
         if set {
             return Err(format!("error: `{flag}` only applies with `--istio`"));
         }
+    }
+    if o.discovery_response && o.access_log.is_some() {
+        return Err("error: `--access-log` adds an access log to an Envoy bootstrap; it does not apply with `--discovery-response`".into());
     }
     socket_address(&o.listen, "--listen")?;
     socket_address(&o.admin, "--admin")?;
@@ -308,7 +327,49 @@ pub fn render(bundle: &Bundle, o: &Options) -> Result<Value, String> {
     if o.discovery_response {
         return Ok(discovery_response(bundle, o));
     }
+    if o.access_log.is_some() && !bundle.settings.filter_state {
+        return Err("error: `--access-log` logs each decision from the filter state the filter sets; set `\"filter_state\": true` in tenantgate.json (see docs/reference.md)".into());
+    }
     bootstrap(bundle, o)
+}
+
+/// The access log's JSON format: the request, Envoy's answer and the
+/// decision's fields (`%FILTER_STATE(wasm.tenantgate.*:PLAIN)%`, `null` when
+/// a decision has no such value). See docs/reference.md.
+pub fn access_log_format() -> Value {
+    use tenantgate_engine::http::filter_state_keys as k;
+    let mut format = Map::new();
+    for (name, operator) in [
+        ("start_time", "%START_TIME%"),
+        ("method", "%REQ(:METHOD)%"),
+        ("path", "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%"),
+        ("status", "%RESPONSE_CODE%"),
+        ("duration_ms", "%DURATION%"),
+        ("request_id", "%REQ(X-REQUEST-ID)%"),
+        ("traceparent", "%REQ(TRACEPARENT)%"),
+    ] {
+        format.insert(name.into(), json!(operator));
+    }
+    for key in k::ALL {
+        let name = key.strip_prefix("tenantgate.").unwrap_or(key);
+        format.insert(
+            name.into(),
+            json!(format!("%FILTER_STATE(wasm.{key}:PLAIN)%")),
+        );
+    }
+    Value::Object(format)
+}
+
+/// The HTTP connection manager's `access_log` for `--access-log PATH`.
+fn access_log(path: &Path) -> Value {
+    json!([{
+        "name": "envoy.access_loggers.file",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": path.display().to_string(),
+            "log_format": { "json_format": access_log_format() }
+        }
+    }])
 }
 
 /// The `Wasm` HTTP filter config (`typed_config` of the filter or of its
@@ -515,6 +576,13 @@ fn bootstrap(bundle: &Bundle, o: &Options) -> Result<Value, String> {
     });
     if let (Some(d), Some(obj)) = (dynamic, doc.as_object_mut()) {
         obj.insert("dynamic_resources".into(), d);
+    }
+    if let (Some(path), Some(hcm)) = (
+        &o.access_log,
+        doc.pointer_mut("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config")
+            .and_then(Value::as_object_mut),
+    ) {
+        hcm.insert("access_log".into(), access_log(path));
     }
     Ok(doc)
 }

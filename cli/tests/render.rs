@@ -377,13 +377,28 @@ fn bad_flags_are_refused_with_a_message() {
             vec!["--istio", "--discovery-response"],
             "do not apply with `--istio`",
         ),
+        // The example tree does not set `filter_state` (envoy/accesslog_test.py
+        // runs a rendered `--access-log` bootstrap in real Envoy).
+        (
+            vec!["--access-log", "/tmp/access.log"],
+            "set `\"filter_state\": true` in tenantgate.json",
+        ),
+        (
+            vec!["--istio", "--access-log", "/tmp/access.log"],
+            "with Istio, use its `Telemetry` API",
+        ),
+        (
+            vec!["--discovery-response", "--access-log", "/tmp/access.log"],
+            "it does not apply with `--discovery-response`",
+        ),
     ] {
         let mut all = vec!["envoy", "policies", "--wasm", w];
         all.extend(args.iter().copied());
         let r = tenantgate(&all);
         // Usage errors (docs/reference.md, "Exit statuses") are 2; a module
-        // whose sha256 differs is found reading it: 1.
-        let want_code = if want == "the module's sha256 is" {
+        // whose sha256 differs is found reading it, and a bundle without
+        // `filter_state` reading the bundle: 1.
+        let want_code = if want == "the module's sha256 is" || want.contains("filter_state") {
             1
         } else {
             2
@@ -974,12 +989,22 @@ fn native_flags_that_do_not_apply_are_refused() {
             vec!["--fail-open"],
             "`--fail-open` does not apply with `--native`",
         ),
+        (
+            vec!["--access-log", "/tmp/access.log"],
+            "`--access-log` does not apply with `--native`",
+        ),
         (vec!["--sha256", &"0".repeat(64)], "the module's sha256 is"),
     ] {
         let mut all = vec!["envoy", "policies", "--native", n];
         all.extend(args.iter().copied());
         let r = tenantgate(&all);
-        assert_eq!(r.code, 1, "{all:?}: {}", r.stdout);
+        // Usage errors are 2; a module whose sha256 differs is found reading it: 1.
+        let want_code = if want == "the module's sha256 is" {
+            1
+        } else {
+            2
+        };
+        assert_eq!(r.code, want_code, "{all:?}: {}", r.stdout);
         assert!(
             r.stderr.contains(want),
             "{all:?}: no `{want}` in {}",

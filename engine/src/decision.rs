@@ -13,6 +13,16 @@ pub enum Outcome {
     Deny,
 }
 
+impl Outcome {
+    /// As in audit lines and check's JSON: `allow` or `deny`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allow => "allow",
+            Outcome::Deny => "deny",
+        }
+    }
+}
+
 /// Why the decision came out as it did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -27,6 +37,19 @@ pub enum Kind {
     BadRequest,
     /// No decision could be made (store failure, internal error); `on_error` decided.
     Error,
+}
+
+impl Kind {
+    /// As in audit lines and check's JSON (`quota_exceeded`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Allowed => "allowed",
+            Kind::Forbidden => "forbidden",
+            Kind::QuotaExceeded => "quota_exceeded",
+            Kind::BadRequest => "bad_request",
+            Kind::Error => "error",
+        }
+    }
 }
 
 /// The per-tenant counters.
@@ -178,6 +201,22 @@ mod tests {
             status: 429,
             kind: Kind::QuotaExceeded,
             ..Decision::forbid(vec![], vec![])
+        }
+    }
+
+    #[test]
+    fn names_are_the_serialized_ones() {
+        for k in [
+            Kind::Allowed,
+            Kind::Forbidden,
+            Kind::QuotaExceeded,
+            Kind::BadRequest,
+            Kind::Error,
+        ] {
+            assert_eq!(serde_json::to_value(k).unwrap(), k.as_str());
+        }
+        for o in [Outcome::Allow, Outcome::Deny] {
+            assert_eq!(serde_json::to_value(o).unwrap(), o.as_str());
         }
     }
 

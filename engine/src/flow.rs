@@ -90,9 +90,12 @@ pub struct Effects {
     /// report more than the verdict.
     pub decision: Decision,
     pub mapped: Option<Mapped>,
-    /// The decision's id, when the worker gives ids and the decision blocks
-    /// or is audited.
+    /// The decision's id, when the worker gives ids and the decision blocks,
+    /// is audited or goes to filter state.
     pub decision_id: Option<String>,
+    /// Envoy filter state to set (key, value), with the `filter_state`
+    /// setting; empty without it. Keys: [`crate::http::filter_state_keys`].
+    pub filter_state: Vec<(&'static str, String)>,
 }
 
 /// The outcome of [`Worker::begin`].
@@ -223,7 +226,7 @@ impl Worker {
     /// `on_error` decides.
     pub fn host_error(&self, message: impl Into<String>, start: u64) -> Effects {
         let decision = Decision::error(self.engine.settings().on_error, message);
-        self.effects(decision, None, None, None, start)
+        self.effects(decision, None, None, None, None, start)
     }
 
     /// Finishes a deferred request with the service's answer: the message,
@@ -378,7 +381,15 @@ impl Worker {
     fn finish(&self, decision: Decision, mapped: Option<Mapped>, start: u64) -> Effects {
         let tenant = mapped.as_ref().map(|m| &m.request.tenant);
         let request_id = mapped.as_ref().and_then(|m| m.request_id.as_deref());
-        let mut effects = self.effects(decision, mapped.as_ref(), tenant, request_id, start);
+        let trace_id = mapped.as_ref().and_then(|m| m.trace_id.as_deref());
+        let mut effects = self.effects(
+            decision,
+            mapped.as_ref(),
+            tenant,
+            request_id,
+            trace_id,
+            start,
+        );
         effects.mapped = mapped;
         effects
     }
@@ -391,6 +402,7 @@ impl Worker {
             None,
             bad.tenant.as_ref(),
             bad.request_id.as_deref(),
+            bad.trace_id.as_deref(),
             start,
         )
     }
@@ -404,6 +416,7 @@ impl Worker {
         mapped: Option<&Mapped>,
         tenant: Option<&TenantPath>,
         request_id: Option<&str>,
+        trace_id: Option<&str>,
         start: u64,
     ) -> Effects {
         let engine = &*self.engine;
@@ -417,7 +430,8 @@ impl Worker {
         metrics.push(Update::Add(self.layout.outcome(decision.counter(mode)), 1));
         let blocks = decision.blocks(mode);
         let audits = engine.audits(&decision) && self.logs_info.load(Ordering::Relaxed);
-        let decision_id = if blocks || audits {
+        let filter_state = engine.settings().filter_state;
+        let decision_id = if blocks || audits || filter_state {
             self.next_id()
         } else {
             None
@@ -428,12 +442,20 @@ impl Worker {
                     &decision,
                     mapped,
                     tenant,
-                    request_id,
-                    decision_id.as_deref(),
+                    crate::http::AuditIds {
+                        request_id,
+                        trace_id,
+                        decision_id: decision_id.as_deref(),
+                    },
                     start,
                 )
             })
             .flatten();
+        let filter_state = if filter_state {
+            engine.filter_state(&decision, mapped, tenant, decision_id.as_deref())
+        } else {
+            Vec::new()
+        };
         let n = self.requests.fetch_add(1, Ordering::Relaxed);
         let sample_time = n
             .is_multiple_of(names::DECISION_TIME_SAMPLE)
@@ -467,6 +489,7 @@ impl Worker {
             decision,
             mapped: None,
             decision_id,
+            filter_state,
         }
     }
 

@@ -323,6 +323,11 @@ pub struct Settings {
     /// by the filter (it logs a warning naming them).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limit_service: Option<RateLimitService>,
+    /// Each decision's fields set as Envoy filter state
+    /// (`wasm.tenantgate.*`, read by access logs and tracing tags): a few
+    /// host calls per request, so off unless asked for.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub filter_state: bool,
 }
 
 impl Default for Settings {
@@ -344,6 +349,7 @@ impl Default for Settings {
             costs: BTreeMap::new(),
             grpc: None,
             rate_limit_service: None,
+            filter_state: false,
         }
     }
 }

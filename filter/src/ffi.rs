@@ -78,6 +78,12 @@ extern "C" {
         return_data: *mut *mut u8,
         return_size: *mut usize,
     ) -> u32;
+    fn proxy_set_property(
+        path_data: *const u8,
+        path_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
     fn proxy_define_metric(
         metric_type: u32,
         name_data: *const u8,
@@ -258,6 +264,14 @@ pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
         NOT_FOUND => Ok(None),
         s => Err(HostError::Status(s)),
     }
+}
+
+/// Sets a property of the request. Envoy keeps a one-part `path` as the
+/// filter state `wasm.<path>` (bytes, read as text by
+/// `%FILTER_STATE(wasm.<path>:PLAIN)%`).
+pub fn set_property(path: &str, value: &str) -> Result<(), HostError> {
+    // SAFETY: pointers describe live memory for the whole call.
+    check(unsafe { proxy_set_property(path.as_ptr(), path.len(), value.as_ptr(), value.len()) })
 }
 
 thread_local! {

@@ -478,6 +478,9 @@ impl Http {
     /// verdict (continue with the engine's headers and path, or reply).
     fn carry_out(&mut self, loaded: &Loaded, effects: Effects) -> Action {
         write_logs(&effects.logs);
+        for (key, value) in &effects.filter_state {
+            let _ = ffi::set_property(key, value);
+        }
         loaded.apply(&effects.metrics);
         if let Some((r, start)) = effects.sample_time {
             if let Ok(end) = ffi::now_ns() {

@@ -40,6 +40,16 @@ fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The ids an audit line carries (`None`: absent).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AuditIds<'a> {
+    /// The client's `x-request-id`.
+    pub request_id: Option<&'a str>,
+    /// The W3C trace id of a valid `traceparent` header.
+    pub trace_id: Option<&'a str>,
+    pub decision_id: Option<&'a str>,
+}
+
 impl Engine {
     /// One JSON audit line, or `None` when the `audit` setting leaves it out.
     pub fn audit_line(
@@ -49,7 +59,12 @@ impl Engine {
         request_id: Option<&str>,
     ) -> Option<String> {
         let now = mapped.map(|m| m.request.time_ns).unwrap_or(0);
-        self.audit_line_at(decision, mapped, None, request_id, None, now)
+        let ids = AuditIds {
+            request_id,
+            trace_id: mapped.and_then(|m| m.trace_id.as_deref()),
+            decision_id: None,
+        };
+        self.audit_line_at(decision, mapped, None, ids, now)
     }
 
     /// True when the `audit` setting asks for a line for this decision.
@@ -69,8 +84,7 @@ impl Engine {
         decision: &Decision,
         mapped: Option<&Mapped>,
         tenant: Option<&TenantPath>,
-        request_id: Option<&str>,
-        decision_id: Option<&str>,
+        ids: AuditIds<'_>,
         now_ns: u64,
     ) -> Option<String> {
         if !self.audits(decision) {
@@ -79,8 +93,9 @@ impl Engine {
         let req = mapped.map(|m| &m.request);
         let line = AuditLine {
             time: now_ns / 1_000_000_000,
-            decision_id,
-            request_id,
+            decision_id: ids.decision_id,
+            request_id: ids.request_id,
+            trace_id: ids.trace_id,
             tenant: req.map(|r| &r.tenant).or(tenant).map(TenantPath::as_str),
             principal: req.and_then(|r| r.principal.as_ref().map(|p| p.id.as_str())),
             principal_tenant: req.and_then(|r| r.principal.as_ref().map(|p| p.tenant.as_str())),
@@ -102,12 +117,87 @@ impl Engine {
     }
 }
 
+/// The filter state keys of a decision (with the `filter_state` setting):
+/// Envoy prefixes them with `wasm.`, so an access log reads
+/// `%FILTER_STATE(wasm.tenantgate.tenant:PLAIN)%`. A key without a value
+/// (no principal, no limit, ...) is not set. See docs/reference.md.
+pub mod filter_state_keys {
+    pub const TENANT: &str = "tenantgate.tenant";
+    pub const PRINCIPAL: &str = "tenantgate.principal";
+    pub const DECISION: &str = "tenantgate.decision";
+    pub const KIND: &str = "tenantgate.kind";
+    /// The determining policies' ids, joined with `,`.
+    pub const POLICIES: &str = "tenantgate.policies";
+    /// The limit that refused the request.
+    pub const LIMIT: &str = "tenantgate.limit";
+    pub const DECISION_ID: &str = "tenantgate.decision_id";
+    pub const BUNDLE: &str = "tenantgate.bundle";
+    /// Every key, in the order they are set.
+    pub const ALL: [&str; 8] = [
+        TENANT,
+        PRINCIPAL,
+        DECISION,
+        KIND,
+        POLICIES,
+        LIMIT,
+        DECISION_ID,
+        BUNDLE,
+    ];
+}
+
+impl Engine {
+    /// The filter state a decision sets, or nothing when the `filter_state`
+    /// setting is off (the default: each key is a host call).
+    pub fn filter_state(
+        &self,
+        decision: &Decision,
+        mapped: Option<&Mapped>,
+        tenant: Option<&TenantPath>,
+        decision_id: Option<&str>,
+    ) -> Vec<(&'static str, String)> {
+        use filter_state_keys as k;
+        if !self.settings().filter_state {
+            return Vec::new();
+        }
+        let req = mapped.map(|m| &m.request);
+        let tenant = req.map(|r| &r.tenant).or(tenant);
+        let mut out = Vec::with_capacity(k::ALL.len());
+        let mut put = |key: &'static str, value: Option<String>| {
+            if let Some(v) = value.filter(|v| !v.is_empty()) {
+                out.push((key, v));
+            }
+        };
+        put(k::TENANT, tenant.map(|t| t.as_str().to_string()));
+        put(
+            k::PRINCIPAL,
+            req.and_then(|r| r.principal.as_ref().map(|p| p.id.clone())),
+        );
+        put(k::DECISION, Some(decision.decision.as_str().to_string()));
+        put(k::KIND, Some(decision.kind.as_str().to_string()));
+        put(k::POLICIES, Some(decision.reasons.join(",")));
+        put(
+            k::LIMIT,
+            decision
+                .quota
+                .as_ref()
+                .filter(|q| !q.admitted)
+                .and_then(|q| q.limit.clone()),
+        );
+        put(k::DECISION_ID, decision_id.map(str::to_string));
+        put(k::BUNDLE, Some(self.version().to_string()));
+        out
+    }
+}
+
 /// One audit line, serialized straight from borrowed fields.
 #[derive(serde::Serialize)]
 struct AuditLine<'a> {
     time: u64,
     decision_id: Option<&'a str>,
     request_id: Option<&'a str>,
+    /// The W3C trace id of a valid `traceparent` header.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace_id: Option<&'a str>,
     tenant: Option<&'a str>,
     principal: Option<&'a str>,
     principal_tenant: Option<&'a str>,

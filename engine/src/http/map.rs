@@ -23,10 +23,16 @@ impl Engine {
             .ok()
             .flatten()
             .map(clip_request_id);
+        let trace_id = header(input, "traceparent")
+            .ok()
+            .flatten()
+            .and_then(trace_id)
+            .map(str::to_string);
         let bad = |tenant: Option<&TenantPath>, message: String| BadRequest {
             tenant: tenant.cloned(),
             message,
             request_id: request_id.clone(),
+            trace_id: trace_id.clone(),
         };
         let method = map_method(input).map_err(|m| bad(None, m))?;
         let raw_path = header(input, ":path")
@@ -68,6 +74,7 @@ impl Engine {
         Ok(Mapped {
             request,
             request_id,
+            trace_id,
             forward_path,
         })
     }
@@ -283,6 +290,26 @@ fn clip_request_id(v: &str) -> String {
     v.get(..end).unwrap_or_default().to_string()
 }
 
+/// The trace id of a W3C `traceparent` header value
+/// (`00-<32 hex>-<16 hex>-<2 hex>`, lowercase, neither id all zeros), or
+/// `None` when it is malformed. It only joins an audit line to its trace:
+/// nothing decides on it.
+pub fn trace_id(traceparent: &str) -> Option<&str> {
+    let v = traceparent.trim_matches([' ', '\t']).as_bytes();
+    let hex = |s: &[u8]| s.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+    let nonzero = |s: &[u8]| s.iter().any(|&c| c != b'0');
+    if v.len() != 55 || !v.starts_with(b"00-") {
+        return None;
+    }
+    let (id, parent, flags) = (v.get(3..35)?, v.get(36..52)?, v.get(53..55)?);
+    let dashes = v.get(35) == Some(&b'-') && v.get(52) == Some(&b'-');
+    if dashes && hex(id) && hex(parent) && hex(flags) && nonzero(id) && nonzero(parent) {
+        traceparent.trim_matches([' ', '\t']).get(3..35)
+    } else {
+        None
+    }
+}
+
 /// A gRPC call: `content-type: application/grpc` or `application/grpc+...`.
 fn is_grpc(input: &HttpInput<'_>) -> bool {
     match header(input, "content-type") {
@@ -335,6 +362,66 @@ fn ip_of(addr: &str) -> Option<String> {
     addr.parse::<std::net::IpAddr>()
         .ok()
         .map(|ip| ip.to_string())
+}
+
+#[cfg(test)]
+mod trace_tests {
+    use super::trace_id;
+
+    #[test]
+    fn a_valid_traceparent_gives_its_trace_id_and_anything_else_none() {
+        let id = "0af7651916cd43dd8448eb211c80319c";
+        for (value, want) in [
+            (
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                Some(id),
+            ),
+            (
+                " 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00\t",
+                Some(id),
+            ),
+            (
+                "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+                None,
+            ),
+            (
+                "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+                None,
+            ),
+            (
+                "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+                None,
+            ),
+            (
+                "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                None,
+            ),
+            (
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-x",
+                None,
+            ),
+            (
+                "00-0af7651916cd43dd8448eb211c80319-cb7ad6b7169203331-01",
+                None,
+            ),
+            (
+                "00_0af7651916cd43dd8448eb211c80319c_b7ad6b7169203331_01",
+                None,
+            ),
+            (
+                "00-0af7651916cd43dd8448eb211c80319g-b7ad6b7169203331-01",
+                None,
+            ),
+            (
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-0z",
+                None,
+            ),
+            ("", None),
+            ("garbage", None),
+        ] {
+            assert_eq!(trace_id(value), want, "{value:?}");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -13,8 +13,9 @@ mod reply;
 mod spec;
 
 pub use audit::DecisionIds;
+pub use audit::{filter_state_keys, AuditIds};
 pub use claims::{decode_claims, MAX_CLAIMS_LEN};
-pub use map::MAX_REQUEST_ID_LEN;
+pub use map::{trace_id, MAX_REQUEST_ID_LEN};
 pub use reply::{grpc_status, LocalReply};
 pub use spec::{RawRequest, RequestSpec};
 
@@ -85,6 +86,8 @@ pub struct BadRequest {
     pub message: String,
     /// The request id, when the request had one.
     pub request_id: Option<String>,
+    /// The W3C trace id of a valid `traceparent` header (see [`trace_id`]).
+    pub trace_id: Option<String>,
 }
 
 /// The mapped request and what else the reply needs.
@@ -92,6 +95,9 @@ pub struct BadRequest {
 pub struct Mapped {
     pub request: Request,
     pub request_id: Option<String>,
+    /// The W3C trace id of a valid `traceparent` header, for audit lines
+    /// only (see [`trace_id`]).
+    pub trace_id: Option<String>,
     /// The `:path` to forward when normalization changed it (the normalized
     /// path and the original query), so the upstream sees the path that was
     /// judged; `None` when the request's path is already normal.

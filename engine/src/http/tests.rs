@@ -617,3 +617,169 @@ fn near_limit_headers_only_below_the_ratio() {
         ]
     );
 }
+
+/// Decides a request through the worker's flow, as the filter does.
+fn effects(w: &crate::Worker, store: &MemoryStore, pairs: &[(&str, &str)]) -> crate::flow::Effects {
+    let h = headers(pairs);
+    let pairs = borrowed(&h);
+    let input = HttpInput {
+        headers: &pairs,
+        source_address: None,
+        now_ns: 1_000_000_000,
+    };
+    match w.begin(&input, &NoMetadata, Some(store)) {
+        crate::flow::Step::Done(e) => e,
+        crate::flow::Step::Deferred(_) => panic!("no fleet limits here"),
+    }
+}
+
+#[test]
+fn filter_state_carries_each_decisions_fields_when_asked_for() {
+    use filter_state_keys as k;
+    let settings = Settings {
+        filter_state: true,
+        audit: Audit::All,
+        ..Settings::default()
+    };
+    let b = engine(settings.clone());
+    let w = crate::Worker::with_ids(b.engine_arc(), 7);
+    let store = MemoryStore::new();
+    let req = |tenant: &str, user: &str, path: &str| {
+        vec![
+            (":method", "GET"),
+            (":path", path),
+            ("x-tenant", tenant),
+            ("x-user", user),
+        ]
+        .into_iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect::<Vec<_>>()
+    };
+    let run = |r: Vec<(String, String)>| {
+        let pairs: Vec<(&str, &str)> = r.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        let e = effects(&w, &store, &pairs);
+        let id = e.decision_id.clone().expect("an id for every decision");
+        (e.filter_state, id)
+    };
+    let version = w.engine().version().to_string();
+    let fields = |pairs: &[(&'static str, &str)], id: &str| {
+        let mut v: Vec<(&'static str, String)> =
+            pairs.iter().map(|(a, b)| (*a, b.to_string())).collect();
+        v.push((k::DECISION_ID, id.to_string()));
+        v.push((k::BUNDLE, version.clone()));
+        v
+    };
+    // Allowed: no limit.
+    let (fs, id) = run(req("/acme", "alice", "/orders"));
+    assert_eq!(
+        fs,
+        fields(
+            &[
+                (k::TENANT, "/acme"),
+                (k::PRINCIPAL, "alice"),
+                (k::DECISION, "allow"),
+                (k::KIND, "allowed"),
+                (k::POLICIES, "members-read"),
+            ],
+            &id
+        )
+    );
+    // Forbidden.
+    let (fs, id) = run(req("/acme", "alice", "/admin"));
+    assert_eq!(
+        fs,
+        fields(
+            &[
+                (k::TENANT, "/acme"),
+                (k::PRINCIPAL, "alice"),
+                (k::DECISION, "deny"),
+                (k::KIND, "forbidden"),
+                (k::POLICIES, "no-admin"),
+            ],
+            &id
+        )
+    );
+    // Refused by `/acme`'s 2 per minute (one admitted above).
+    let _ = run(req("/acme", "alice", "/orders"));
+    let (fs, id) = run(req("/acme", "alice", "/orders"));
+    assert_eq!(
+        fs,
+        fields(
+            &[
+                (k::TENANT, "/acme"),
+                (k::PRINCIPAL, "alice"),
+                (k::DECISION, "deny"),
+                (k::KIND, "quota_exceeded"),
+                (k::LIMIT, "rpm"),
+            ],
+            &id
+        )
+    );
+    // Bad: the tenant is not read.
+    let (fs, id) = run(req("/Acme", "alice", "/orders"));
+    assert_eq!(
+        fs,
+        fields(&[(k::DECISION, "deny"), (k::KIND, "bad_request")], &id)
+    );
+    // Off (the default): nothing, and no id for an allowed request that is not audited.
+    let off = engine(Settings::default());
+    let w = crate::Worker::with_ids(off.engine_arc(), 7);
+    let pairs = [
+        (":path", "/orders"),
+        ("x-tenant", "/globex"),
+        ("x-user", "gus"),
+    ];
+    let e = effects(&w, &store, &pairs);
+    assert!(e.filter_state.is_empty());
+    assert_eq!(e.decision_id, None);
+}
+
+#[test]
+fn audit_lines_carry_the_trace_id_of_a_valid_traceparent_only() {
+    let w = engine(Settings {
+        audit: Audit::All,
+        ..Settings::default()
+    });
+    let store = MemoryStore::new();
+    let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    for (traceparent, tenant, want) in [
+        (valid, "/globex", Some("4bf92f3577b34da6a3ce929d0e0e4736")),
+        (valid, "/Globex", Some("4bf92f3577b34da6a3ce929d0e0e4736")),
+        (
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "/globex",
+            None,
+        ),
+        (
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "/globex",
+            None,
+        ),
+    ] {
+        let pairs = [
+            (":path", "/x"),
+            ("x-tenant", tenant),
+            ("x-user", "gus"),
+            ("traceparent", traceparent),
+        ];
+        let e = effects(&w, &store, &pairs);
+        let line: serde_json::Value = serde_json::from_str(&e.logs[0].text).unwrap();
+        assert_eq!(
+            line["trace_id"].as_str(),
+            want,
+            "{traceparent} {tenant}: {line}"
+        );
+    }
+    // Two traceparent headers: none is trusted, and the request is decided as without one.
+    let pairs = [
+        (":path", "/x"),
+        ("x-tenant", "/globex"),
+        ("x-user", "gus"),
+        ("traceparent", valid),
+        ("traceparent", valid),
+    ];
+    let e = effects(&w, &store, &pairs);
+    assert!(e.decision.is_allowed());
+    let line: serde_json::Value = serde_json::from_str(&e.logs[0].text).unwrap();
+    assert_eq!(line.get("trace_id"), None);
+}

@@ -15,8 +15,12 @@ use crate::support::*;
 /// requests (`audit: deny`), limits raised so nothing is refused unless a
 /// scenario wants it.
 fn bench_like(labs_rate: u64) -> String {
+    bench_like_with(labs_rate, json!({ "audit": "deny" }))
+}
+
+fn bench_like_with(labs_rate: u64, settings: serde_json::Value) -> String {
     example_variant_with(
-        json!({ "audit": "deny" }),
+        settings,
         &[
             (
                 "/",
@@ -142,6 +146,60 @@ fn calls_per_request_stay_within_the_budget() {
             "{name}: {all} calls ({dear_calls} returning data), budget {max_all} ({max_dear}):\n  {}",
             report.join("\n  ")
         );
+    }
+}
+
+/// The `filter_state` setting (off by default) adds one
+/// `proxy_set_property` per key a decision has, and nothing else: no call
+/// that returns data.
+#[test]
+fn filter_state_adds_one_call_per_key() {
+    let host = host();
+    let off = bench_like(5);
+    let on = bench_like_with(5, json!({ "audit": "deny", "filter_state": true }));
+    let mut per_setting = Vec::new();
+    for bundle in [off, on] {
+        let mut vm = configured_vm(&host, &bundle);
+        for _ in 0..3 {
+            expect_continue(&get(&mut vm, "/acme/eu", "alice", "/acme/eu", "/orders/1"));
+        }
+        let allowed = calls_of(&host, || {
+            expect_continue(&get(&mut vm, "/acme/eu", "alice", "/acme/eu", "/orders/1"));
+        });
+        let denied = calls_of(&host, || {
+            expect_reply(
+                &get(&mut vm, "/acme/eu", "carol", "/acme", "/orders/1"),
+                403,
+            );
+        });
+        let bad = calls_of(&host, || {
+            expect_reply(
+                &get(&mut vm, "/Acme", "alice", "/acme/eu", "/orders/1"),
+                400,
+            );
+        });
+        per_setting.push([allowed, denied, bad]);
+    }
+    let sets = |c: &BTreeMap<&'static str, u64>| c.get("proxy_set_property").copied().unwrap_or(0);
+    // Off: none. On: allowed (tenant, principal, decision, kind, policies,
+    // decision id, bundle) 7; the 403 (its forbid's id as the policies) 7;
+    // the 400 (no principal, no policy; the tenant `/Acme` is not read): 4.
+    for (i, want) in [7, 7, 4].into_iter().enumerate() {
+        let (off, on) = (&per_setting[0][i], &per_setting[1][i]);
+        assert_eq!(sets(off), 0, "{off:?}");
+        assert_eq!(sets(on), want, "{on:?}");
+        // The decision-time histogram samples one request in 8: compare
+        // without its clock read and record.
+        let rest = |c: &BTreeMap<&'static str, u64>| {
+            total(c)
+                - sets(c)
+                - c.get("proxy_record_metric").copied().unwrap_or(0)
+                - c.get("proxy_get_current_time_nanoseconds")
+                    .copied()
+                    .unwrap_or(0)
+        };
+        assert_eq!(rest(on), rest(off), "{off:?} {on:?}");
+        assert_eq!(dear(on), dear(off), "{off:?} {on:?}");
     }
 }
 
