@@ -26,4 +26,5 @@ export TENANTGATE_CLI="${CARGO_TARGET_DIR:-$PWD/target}/debug/tenantgate"
 [ $# -gt 0 ] || python3 envoy/xds_test.py  # the control plane: serve --xds, four Envoys, rollouts, full runs only
 [ $# -gt 0 ] || python3 envoy/fleet_test.py  # fleet limits: Redis, tenantgate-rls, three Envoys, full runs only
 [ $# -gt 0 ] || .venv/bin/python envoy/plain_rls_test.py  # plain Envoy's rate limit filter + tenantgate-rls (limits --format envoy), full runs only
+[ $# -gt 0 ] || python3 envoy/rlqs_test.py  # Envoy's own RLQS filter + tenantgate-rls in mode assigned (about 25 s), full runs only
 exec python3 envoy/e2e_test.py "$@"

@@ -25,6 +25,7 @@ use envoy_types::pb::envoy::service::rate_limit_quota::v3::rate_limit_quota_resp
 };
 use envoy_types::pb::envoy::service::rate_limit_quota::v3::rate_limit_quota_response::BucketAction;
 use envoy_types::pb::envoy::service::rate_limit_quota::v3::rate_limit_quota_service_server::RateLimitQuotaService;
+use envoy_types::pb::envoy::service::rate_limit_quota::v3::rate_limit_quota_usage_reports::BucketQuotaUsage;
 use envoy_types::pb::envoy::service::rate_limit_quota::v3::{
     BucketId, RateLimitQuotaResponse, RateLimitQuotaUsageReports,
 };
@@ -40,8 +41,15 @@ use crate::counter::CounterError;
 use crate::limits::Limits;
 
 /// Reports live this many report intervals; assignments too
-/// (`assignment_time_to_live`).
+/// (`assignment_time_to_live`). A client's interval is the bundle's
+/// `report_interval_ms` or the longest `time_elapsed` it reported, whichever
+/// is longer: Envoy's own RLQS filter reports every 5 s whatever its
+/// `reporting_interval` says.
 pub const TTL_INTERVALS: u64 = 3;
+
+/// The longest a report is kept: [`TTL_INTERVALS`] of the longest interval
+/// (60 s). Also the TTL of the Redis hash, renewed by every write.
+pub const MAX_REPORT_TTL_MS: u64 = TTL_INTERVALS * 60_000;
 
 /// The Redis hash of a domain's latest reports. One key (one Cluster slot):
 /// each field is one client's latest report for one bucket.
@@ -56,6 +64,8 @@ pub struct Stored {
     pub limit: String,
     pub client: String,
     pub usage: Usage,
+    /// How long the report counts, from `usage.at_ms`.
+    pub ttl_ms: u64,
 }
 
 impl Stored {
@@ -68,7 +78,10 @@ impl Stored {
 
     fn value(&self) -> String {
         let u = &self.usage;
-        format!("{} {} {} {}", u.allowed, u.denied, u.elapsed_ms, u.at_ms)
+        format!(
+            "{} {} {} {} {}",
+            u.allowed, u.denied, u.elapsed_ms, u.at_ms, self.ttl_ms
+        )
     }
 
     fn parse(field: &str, value: &str) -> Option<Stored> {
@@ -79,7 +92,7 @@ impl Stored {
             .map(str::parse)
             .collect::<Result<_, _>>()
             .ok()?;
-        let [allowed, denied, elapsed_ms, at_ms] = n.as_slice() else {
+        let [allowed, denied, elapsed_ms, at_ms, ttl_ms] = n.as_slice() else {
             return None;
         };
         Some(Stored {
@@ -92,6 +105,7 @@ impl Stored {
                 elapsed_ms: *elapsed_ms,
                 at_ms: *at_ms,
             },
+            ttl_ms: *ttl_ms,
         })
     }
 }
@@ -99,12 +113,11 @@ impl Stored {
 /// Where the latest reports live.
 pub trait ReportStore: Send + Sync + 'static {
     /// Stores one client's reports (replacing its earlier ones for the same
-    /// buckets); they live at least `ttl_ms`.
+    /// buckets); they live at least their `ttl_ms`.
     fn put(
         &self,
         domain: &str,
         reports: &[Stored],
-        ttl_ms: u64,
     ) -> impl Future<Output = Result<(), CounterError>> + Send;
     /// Every report received at or after `since_ms`; older ones may be dropped.
     fn live(
@@ -141,7 +154,7 @@ impl RedisReports {
 }
 
 impl ReportStore for RedisReports {
-    async fn put(&self, domain: &str, reports: &[Stored], ttl_ms: u64) -> Result<(), CounterError> {
+    async fn put(&self, domain: &str, reports: &[Stored]) -> Result<(), CounterError> {
         if reports.is_empty() {
             return Ok(());
         }
@@ -152,7 +165,7 @@ impl ReportStore for RedisReports {
         pipe.atomic()
             .hset_multiple(&key, &fields)
             .ignore()
-            .pexpire(&key, i64::try_from(ttl_ms).unwrap_or(i64::MAX))
+            .pexpire(&key, i64::try_from(MAX_REPORT_TTL_MS).unwrap_or(i64::MAX))
             .ignore();
         self.run::<()>(&pipe).await
     }
@@ -189,12 +202,7 @@ pub struct MemoryReports {
 }
 
 impl ReportStore for MemoryReports {
-    async fn put(
-        &self,
-        domain: &str,
-        reports: &[Stored],
-        _ttl_ms: u64,
-    ) -> Result<(), CounterError> {
+    async fn put(&self, domain: &str, reports: &[Stored]) -> Result<(), CounterError> {
         let mut d = self.domains.lock().unwrap_or_else(|e| e.into_inner());
         let m = d.entry(domain.to_owned()).or_default();
         for r in reports {
@@ -230,6 +238,8 @@ pub struct Client {
     pub id: String,
     /// `(tenant, limit)` of every bucket this stream holds an assignment for.
     assigned: BTreeSet<(String, String)>,
+    /// The longest `time_elapsed` it reported, in milliseconds (at most 60 s).
+    interval_ms: u64,
 }
 
 impl Client {
@@ -237,6 +247,7 @@ impl Client {
         Client {
             id: id.into(),
             assigned: BTreeSet::new(),
+            interval_ms: 0,
         }
     }
 }
@@ -290,9 +301,25 @@ impl<R: ReportStore> QuotaService<R> {
     ) -> Result<RateLimitQuotaResponse, CounterError> {
         let limits = Arc::clone(&self.limits.borrow());
         let domain = self.domain.as_deref().unwrap_or(&limits.domain).to_owned();
-        let interval_ms = limits.report_interval_ms.max(1);
-        let ttl_ms = interval_ms.saturating_mul(TTL_INTERVALS);
         let now = (self.clock)();
+        let elapsed = |u: &BucketQuotaUsage| {
+            u.time_elapsed.as_ref().map_or(0, |d| {
+                let ms = d
+                    .seconds
+                    .saturating_mul(1000)
+                    .saturating_add(i64::from(d.nanos) / 1_000_000);
+                u64::try_from(ms).unwrap_or(0)
+            })
+        };
+        let longest = msg
+            .bucket_quota_usages
+            .iter()
+            .map(elapsed)
+            .max()
+            .unwrap_or(0);
+        client.interval_ms = client.interval_ms.max(longest).min(60_000);
+        let interval_ms = limits.report_interval_ms.max(client.interval_ms).max(1);
+        let ttl_ms = interval_ms.saturating_mul(TTL_INTERVALS);
         let mine = domain == msg.domain;
         let mut stored = Vec::new();
         let mut unknown = Vec::new();
@@ -306,13 +333,7 @@ impl<R: ReportStore> QuotaService<R> {
                 unknown.push(id);
                 continue;
             }
-            let elapsed_ms = u.time_elapsed.as_ref().map_or(0, |d| {
-                let ms = d
-                    .seconds
-                    .saturating_mul(1000)
-                    .saturating_add(i64::from(d.nanos) / 1_000_000);
-                u64::try_from(ms).unwrap_or(0)
-            });
+            let elapsed_ms = elapsed(u);
             stored.push(Stored {
                 tenant: tenant.to_owned(),
                 limit: name.to_owned(),
@@ -323,23 +344,28 @@ impl<R: ReportStore> QuotaService<R> {
                     elapsed_ms,
                     at_ms: now,
                 },
+                ttl_ms,
             });
         }
         let mut actions = Vec::new();
         if mine {
-            self.reports.put(&domain, &stored, ttl_ms).await?;
+            self.reports.put(&domain, &stored).await?;
             let live = self
                 .reports
-                .live(&domain, now.saturating_sub(ttl_ms))
+                .live(&domain, now.saturating_sub(MAX_REPORT_TTL_MS))
                 .await?;
             let all = limits.fleet.all();
             let mut reports = Reports::new();
-            for s in live {
+            // Each report lives its own TTL (its client's interval).
+            for s in live
+                .into_iter()
+                .filter(|s| s.usage.at_ms.saturating_add(s.ttl_ms) >= now)
+            {
                 if let Some(i) = index_of(all, &s.tenant, &s.limit) {
                     reports.insert((i, s.client), s.usage);
                 }
             }
-            let a = allocate(all, &reports, now, ttl_ms);
+            let a = allocate(all, &reports, now, MAX_REPORT_TTL_MS);
             // This client's buckets: those it reported now, and those it
             // holds an assignment for (refreshed, or abandoned if gone).
             let mut buckets: BTreeSet<(String, String)> = std::mem::take(&mut client.assigned);

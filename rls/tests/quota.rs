@@ -302,3 +302,33 @@ async fn a_zero_assignment_is_deny_all() {
     let got = f.report(&mut y, &[("/b", "rps", 0, 0)]).await;
     assert_eq!(got, [g("/b", "rps", "deny-all, ttl 1500")]);
 }
+
+#[tokio::test]
+async fn a_slow_client_gets_ttls_of_its_own_interval() {
+    // Envoy's own RLQS filter reports every 5 s: its reports and assignments
+    // live 3 of its intervals (15 s), not 3 of the bundle's 500 ms. `/a`
+    // asks 200/s, its rate: it gets it and 66 of headroom (2:1 with `/b`).
+    let f = Fixture::new(&siblings());
+    let mut slow = Client::new("slow");
+    let msg = RateLimitQuotaUsageReports {
+        domain: "tg".into(),
+        bucket_quota_usages: vec![BucketQuotaUsage {
+            bucket_id: Some(bucket_id("/a", "rps")),
+            time_elapsed: Some(PbDuration {
+                seconds: 5,
+                nanos: 0,
+            }),
+            num_requests_allowed: 500,
+            num_requests_denied: 500,
+        }],
+    };
+    let r = f.service.on_report(&mut slow, &msg).await.unwrap();
+    assert_eq!(got(&r), [g("/a", "rps", "266/60 per 1000 ms, ttl 15000")]);
+    // 10 s later a fast client still shares with it: `/a` asks 200/s from
+    // the slow one, 10/s from the fast one: `/a` gets 210 and 60 of headroom
+    // (2:1 with `/b`), its clients their demands and 30 each.
+    f.advance(10_000);
+    let mut fast = Client::new("fast");
+    let got_fast = f.report(&mut fast, &[("/a", "rps", 5, 0)]).await;
+    assert_eq!(got_fast, [g("/a", "rps", "40/8 per 1000 ms, ttl 1500")]);
+}
