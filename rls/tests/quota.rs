@@ -332,3 +332,36 @@ async fn a_slow_client_gets_ttls_of_its_own_interval() {
     let got_fast = f.report(&mut fast, &[("/a", "rps", 5, 0)]).await;
     assert_eq!(got_fast, [g("/a", "rps", "40/8 per 1000 ms, ttl 1500")]);
 }
+
+#[test]
+fn ceil_on_a_fleet_limit_needs_mode_assigned() {
+    let tree = Tree::new();
+    let tenants = [(
+        "/",
+        r#"{"limits": {"rps": {"rate": 10, "ceil": 20, "scope": "fleet"}}}"#,
+    )];
+    tree.write_with_settings(Some(ASSIGNED), &tenants);
+    let l = Limits::load(&tree.bundle_path()).unwrap();
+    assert_eq!(
+        l.fleet.get("/", "rps").map(|x| (x.rate, x.ceil)),
+        Some((10, 20))
+    );
+    assert_eq!(l.report_interval_ms, 500);
+    let batched = r#"{"rate_limit_service": {"mode": "batched"}}"#;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("tenants")).unwrap();
+    std::fs::write(dir.path().join("tenantgate.json"), batched).unwrap();
+    std::fs::write(dir.path().join("tenants/tenant.json"), tenants[0].1).unwrap();
+    let err = tenantgate_engine::Bundle::from_dir(dir.path())
+        .map_err(|d| d.to_string())
+        .and_then(|b| {
+            tenantgate_engine::Engine::new(&b)
+                .map(|_| ())
+                .map_err(|d| d.to_string())
+        })
+        .unwrap_err();
+    assert!(
+        err.contains("tenants/tenant.json:1:33: error: limit `rps`: `ceil` is a local notion and cannot be set on a fleet limit"),
+        "{err}"
+    );
+}
