@@ -723,3 +723,74 @@ async fn rlqs_reports_live_in_redis_and_a_restart_resumes() {
     let (c, _keep_c) = rlqs_report(rls.addr, &domain, &[("/", "rps", 10)]).await;
     assert_eq!(c, [("/".to_string(), "rps".to_string(), 13)]);
 }
+
+#[tokio::test]
+#[ignore = "needs Redis: run scripts/test-rls.sh"]
+#[allow(clippy::unwrap_used)]
+async fn rlqs_stream_survives_redis_down_and_answers_again() {
+    use envoy_types::pb::envoy::service::rate_limit_quota::v3::rate_limit_quota_service_client::RateLimitQuotaServiceClient;
+    use envoy_types::pb::envoy::service::rate_limit_quota::v3::rate_limit_quota_usage_reports::BucketQuotaUsage;
+    use envoy_types::pb::envoy::service::rate_limit_quota::v3::RateLimitQuotaUsageReports;
+    let port = free_port();
+    let mut redis = RedisServer::start(port);
+    let tree = Tree::new();
+    tree.write_with_settings(
+        Some(r#"{"rate_limit_service": {"mode": "assigned", "report_interval_ms": 500}}"#),
+        &[(
+            "/",
+            r#"{"limits": {"rps": {"rate": 50, "scope": "fleet"}}}"#,
+        )],
+    );
+    let rls = Rls::start(&tree.bundle_path(), &redis.url());
+    let report = || RateLimitQuotaUsageReports {
+        domain: "tenantgate".into(),
+        bucket_quota_usages: vec![BucketQuotaUsage {
+            bucket_id: Some(tenantgate_rls::quota::bucket_id("/", "rps")),
+            time_elapsed: Some(envoy_types::pb::google::protobuf::Duration {
+                seconds: 0,
+                nanos: 500_000_000,
+            }),
+            num_requests_allowed: 10,
+            num_requests_denied: 0,
+        }],
+    };
+    let mut c = RateLimitQuotaServiceClient::connect(format!("http://{}", rls.addr))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(report()).await.unwrap();
+    let mut answers = c
+        .stream_rate_limit_quotas(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), answers.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.bucket_action.len(), 1);
+    // Redis down: a report gets no answer (within 3 s; the Redis timeout is
+    // 1 s), and the stream stays open.
+    redis.stop();
+    tx.send(report()).await.unwrap();
+    let quiet = tokio::time::timeout(Duration::from_secs(3), answers.message()).await;
+    assert!(quiet.is_err(), "an answer with Redis down: {quiet:?}");
+    let mut redis = RedisServer::start(port);
+    // Redis back: a later report on the same stream is answered.
+    let start = Instant::now();
+    loop {
+        tx.send(report()).await.unwrap();
+        if let Ok(Ok(Some(r))) =
+            tokio::time::timeout(Duration::from_secs(2), answers.message()).await
+        {
+            assert_eq!(r.bucket_action.len(), 1);
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "no answer within 15 s of Redis' return"
+        );
+    }
+    redis.stop();
+}
