@@ -348,6 +348,7 @@ impl<R: ReportStore> QuotaService<R> {
             });
         }
         let mut actions = Vec::new();
+        let mut abandoned = BTreeSet::new();
         if mine {
             self.reports.put(&domain, &stored).await?;
             let live = self
@@ -375,6 +376,7 @@ impl<R: ReportStore> QuotaService<R> {
                 let found = index_of(all, &tenant, &name).and_then(|i| all.get(i).map(|l| (i, l)));
                 let Some((i, l)) = found else {
                     actions.push(abandon(id));
+                    abandoned.insert((tenant, name));
                     continue;
                 };
                 let Some(x) = a.get(i, &client.id) else {
@@ -384,7 +386,11 @@ impl<R: ReportStore> QuotaService<R> {
                 client.assigned.insert((tenant, name));
             }
         }
-        for id in unknown {
+        // A removed bucket still reported is abandoned, not allowed.
+        let was_abandoned = |id: &BucketId| {
+            bucket_of(id).is_some_and(|(t, l)| abandoned.contains(&(t.to_owned(), l.to_owned())))
+        };
+        for id in unknown.into_iter().filter(|id| !was_abandoned(id)) {
             actions.push(BucketAction {
                 bucket_id: Some(id),
                 bucket_action: Some(Action::QuotaAssignmentAction(QuotaAssignmentAction {
