@@ -244,7 +244,13 @@ class Reload(unittest.TestCase):
         self.assertTrue(h.wait_for(lambda: "reload failed" in self.serve.log()), self.serve.log())
         self.assertIn(f"reload failed, keeping bundle {v2}: ", self.serve.log())
         self.assertIn("p.cedar:1:", self.serve.log())
-        self.assertEqual(self.serve.get("/healthz"), {"status": "ok", "version": v2})
+        # Still healthy (v2 serves); the failed reload is said, with its error.
+        health = self.serve.get("/healthz")
+        self.assertEqual(
+            (health["status"], health["version"], health["last_reload"]["status"]),
+            ("ok", v2, "failed"),
+        )
+        self.assertIn("p.cedar:1:", health["last_reload"]["error"])
         self.assertEqual(self.status(), 403)
 
         self.serve.proc.send_signal(signal.SIGTERM)

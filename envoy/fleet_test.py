@@ -130,7 +130,7 @@ def fleet_policies(dest, **rls):
 def render(bundle, workdir, name, upstream_port, rls_port, concurrency=2):
     listen, admin = h.free_port(), h.free_port()
     out = Path(workdir) / f"{name}.json"
-    cmd = h.cli_command() + ["envoy", str(bundle), "--wasm", str(h.wasm_path().resolve()),
+    cmd = h.cli_command() + ["envoy", str(bundle), *h.module_args(),
                              "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}",
                              "--upstream", f"127.0.0.1:{upstream_port}", "--rls", f"127.0.0.1:{rls_port}",
                              "-o", str(out)]
@@ -193,7 +193,7 @@ class Fleet:
 
     def counter(self, name):
         """A filter counter (`tenantgate.fleet_calls`) summed over the Envoys."""
-        return sum(e.counter("wasmcustom." + name) or 0 for e in self.envoys)
+        return sum(e.counter(f"{h.stat_namespace()}." + name) or 0 for e in self.envoys)
 
 
 def statuses(responses):

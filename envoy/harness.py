@@ -10,7 +10,10 @@ started it.
 
 Environment overrides: ENVOY_BIN (default .venv/bin/envoy), TENANTGATE_WASM
 (default dist/tenantgate.wasm), TENANTGATE_CLI (default target/debug/tenantgate,
-else `cargo run -q -p tenantgate-cli --`).
+else `cargo run -q -p tenantgate-cli --`), TENANTGATE_BUILD (`wasm`, the
+default, or `native`: every config this module renders then loads the native
+build, TENANTGATE_NATIVE, default dist/libtenantgate.so, in place of the Wasm
+filter).
 """
 
 import argparse
@@ -33,6 +36,8 @@ REPO = Path(__file__).resolve().parent.parent
 ENVOY_DIR = REPO / "envoy"
 POLICIES = REPO / "policies"
 WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
+NATIVE_TYPE = "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
+STRING_VALUE_TYPE = "type.googleapis.com/google.protobuf.StringValue"
 
 
 # --------------------------------------------------------------------------
@@ -45,6 +50,74 @@ def envoy_bin():
 
 def wasm_path():
     return Path(os.environ.get("TENANTGATE_WASM") or REPO / "dist" / "tenantgate.wasm")
+
+
+def build():
+    """Which build the suites run against: `wasm` (default) or `native` (TENANTGATE_BUILD)."""
+    b = os.environ.get("TENANTGATE_BUILD") or "wasm"
+    if b not in ("wasm", "native"):
+        raise SystemExit(f"TENANTGATE_BUILD must be `wasm` or `native`, not `{b}`")
+    return b
+
+
+def native_path():
+    return Path(os.environ.get("TENANTGATE_NATIVE") or REPO / "dist" / "libtenantgate.so")
+
+
+def module_args():
+    """`tenantgate envoy`'s flag for the build under test: `--wasm PATH` or `--native PATH`."""
+    if build() == "native":
+        return ["--native", str(native_path().resolve())]
+    return ["--wasm", str(wasm_path().resolve())]
+
+
+def stat_namespace():
+    """Where Envoy puts the filter's metrics at /stats: `wasmcustom` (Wasm) or
+    `dynamicmodulescustom` (native; at /stats/prometheus these keep Envoy's
+    `envoy_` prefix, see docs/reference.md, "Native build")."""
+    return "dynamicmodulescustom" if build() == "native" else "wasmcustom"
+
+
+def series_stat(name, **tags):
+    """A per-tenant or per-limit series' name at /stats, without the namespace:
+    the Wasm filter's carries its tags in the name (`tenant=.=/acme;.;name`),
+    the native build's has real labels, which /stats appends (`name.tenant./acme`)."""
+    order = ("tenant", "parent", "limit", "reason", "bundle")
+    items = [(t, tags[t]) for t in order if t in tags]
+    if build() == "native":
+        return name + "".join(f".{t}.{v}" for t, v in items)
+    return "".join(f"{t}=.={v};.;" for t, v in items) + name
+
+
+def prometheus_prefix():
+    """What precedes `tenantgate_` at /stats/prometheus: nothing for the Wasm
+    filter (Envoy strips `wasmcustom`), `envoy_dynamicmodulescustom_` for the
+    native build (Envoy 1.40 does not strip the dynamic modules' namespace)."""
+    return "envoy_dynamicmodulescustom_" if build() == "native" else ""
+
+
+def refused_config_log():
+    """What Envoy logs when a static config's filter refuses its bundle and
+    Envoy fails closed (does not start)."""
+    if build() == "native":
+        return "Failed to initialize dynamic module"
+    return "fail closed"
+
+
+def native_gap(reason):
+    """Marks a test the native build does not pass yet, for `reason` (the
+    run prints it as a known gap, and says so when the test starts passing)."""
+    def wrap(test):
+        if build() != "native":
+            return test
+        test.__doc__ = f"native gap: {reason}"
+        return unittest.expectedFailure(test)
+    return wrap
+
+
+def module_path():
+    """The module the suites load: dist/tenantgate.wasm, or dist/libtenantgate.so."""
+    return native_path() if build() == "native" else wasm_path()
 
 
 def cli_command():
@@ -138,7 +211,8 @@ def render(template, values):
             lines.append(line)
         else:
             lines.append(re.sub(r"\{\{([A-Z_]+)\}\}", sub, line))
-    return "".join(lines)
+    text = "".join(lines)
+    return to_native(text) if build() == "native" else text
 
 
 def wasm_filter_config(bundle_text, wasm=None, name="tenantgate"):
@@ -157,8 +231,68 @@ def wasm_filter_config(bundle_text, wasm=None, name="tenantgate"):
     }
 
 
+def native_filter_config(bundle_text, name="tenantgate"):
+    """The `envoy.filters.http.dynamic_modules` config loading the native build."""
+    return {
+        "@type": NATIVE_TYPE,
+        "dynamic_module_config": {"module": {"local": {"filename": str(native_path().resolve())}}},
+        "filter_name": name,
+        "filter_config": {"@type": STRING_VALUE_TYPE, "value": bundle_text},
+    }
+
+
+def filter_config(bundle_text, wasm=None, name="tenantgate"):
+    """The filter config of the build under test (TENANTGATE_BUILD)."""
+    if build() == "native":
+        return native_filter_config(bundle_text, name)
+    return wasm_filter_config(bundle_text, wasm, name)
+
+
+_WASM_ITEM = re.compile(r"^(?P<ind>[ \t]*)- name: envoy\.filters\.http\.wasm[ \t]*$", re.M)
+
+
+def to_native(text):
+    """A rendered config with each Wasm filter of tenantgate replaced by the
+    native build with the same bundle and name (and ECDS type URLs switched)."""
+    out = []
+    pos = 0
+    for m in _WASM_ITEM.finditer(text):
+        if m.start() < pos:
+            continue
+        ind = m.group("ind")
+        lines = text[m.end() + 1:].split("\n")
+        block = []
+        for line in lines:
+            if line.strip() and (len(line) - len(line.lstrip())) <= len(ind):
+                break
+            block.append(line)
+        end = m.end() + 1 + sum(len(line) + 1 for line in block)
+        body = "\n".join(block)
+        value = re.search(r"configuration:\s*\n(?:.*\n)*?\s*value:[ \t]*(.+)", body)
+        name = re.search(r"^\s*config:\s*\n(?:\s*#.*\n)*\s*name:[ \t]*(\S+)", body, re.M)
+        if value is None:
+            raise ValueError("to_native: a Wasm filter without `configuration.value`")
+        native = [
+            f"{ind}- name: envoy.filters.http.dynamic_modules",
+            f"{ind}  typed_config:",
+            f'{ind}    "@type": {NATIVE_TYPE}',
+            f"{ind}    dynamic_module_config:",
+            f"{ind}      module: {{ local: {{ filename: {yaml_string(str(native_path().resolve()))} }} }}",
+            f"{ind}    filter_name: {name.group(1) if name else 'tenantgate'}",
+            f"{ind}    filter_config:",
+            f'{ind}      "@type": {STRING_VALUE_TYPE}',
+            f"{ind}      value: {value.group(1)}",
+        ]
+        out.append(text[pos:m.start()])
+        out.append("\n".join(native) + "\n")
+        pos = min(end, len(text))
+    out.append(text[pos:])
+    return "".join(out).replace(WASM_TYPE, NATIVE_TYPE)
+
+
 def write_ecds(path, bundle_text, version, wasm=None, name="tenantgate"):
-    """Writes an ECDS DiscoveryResponse for the Wasm filter atomically (temp + rename)."""
+    """Writes an ECDS DiscoveryResponse for the filter of the build under test
+    atomically (temp + rename)."""
     path = Path(path)
     doc = {
         "version_info": version,
@@ -166,7 +300,7 @@ def write_ecds(path, bundle_text, version, wasm=None, name="tenantgate"):
             {
                 "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
                 "name": name,
-                "typed_config": wasm_filter_config(bundle_text, wasm, name),
+                "typed_config": filter_config(bundle_text, wasm, name),
             }
         ],
     }
@@ -471,10 +605,12 @@ def run_tests(module, label, work):
     Envoy are there) and prints `<label>: N passed, M failed[, K skipped]` as
     the last line. A test with failing subtests counts once. Returns the exit
     status: 0 all passed, 1 some failed, 2 something missing."""
-    if not wasm_path().exists():
-        print(f"{label}: {wasm_path()} is missing: run scripts/build-wasm.sh (or scripts/test-envoy.sh)",
+    if not module_path().exists():
+        script = "build-native.sh" if build() == "native" else "build-wasm.sh"
+        print(f"{label}: {module_path()} is missing: run scripts/{script} (or scripts/test-envoy.sh)",
               file=sys.stderr)
         return 2
+    label = f"{label} ({build()})"
     if not envoy_bin().exists():
         print(f"{label}: {envoy_bin()} is missing: run scripts/install-envoy.sh", file=sys.stderr)
         return 2

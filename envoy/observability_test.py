@@ -176,7 +176,7 @@ class Observability(unittest.TestCase):
         cls.upstream = h.Upstream().start()
         listen, admin = h.free_port(), h.free_port()
         out = cls.work / "envoy.json"
-        cmd = h.cli_command() + ["envoy", str(h.POLICIES), "--wasm", str(h.wasm_path()),
+        cmd = h.cli_command() + ["envoy", str(h.POLICIES), *h.module_args(),
                                  "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}",
                                  "--upstream", f"127.0.0.1:{cls.upstream.port}", "-o", str(out)]
         proc = subprocess.run(cmd, cwd=h.REPO, capture_output=True, text=True)
@@ -220,14 +220,17 @@ class Observability(unittest.TestCase):
 
     def test_stats_prometheus_has_tenant_labels(self):
         prom = self.envoy.prometheus()
-        line = re.search(r'(?m)^tenantgate_tenant_allowed\{tenant="/acme/eu",parent="/acme"\} (\d+)$', prom)
+        # The native build's names carry Envoy's prefix here; Prometheus
+        # renames them (envoy/observability/prometheus.yml).
+        p = h.prometheus_prefix()
+        line = re.search(rf'(?m)^{p}tenantgate_tenant_allowed\{{tenant="/acme/eu",parent="/acme"\}} (\d+)$', prom)
         self.assertIsNotNone(line, [ln for ln in prom.splitlines() if "/acme/eu" in ln][:10])
         self.assertGreater(int(line.group(1)), 0)
         print(f"\nobservability: {line.group(0)}", file=sys.stderr)
-        self.assertRegex(prom, r'(?m)^tenantgate_limit_refused\{tenant="/globex/labs",parent="/globex",limit="rps"\} [1-9]')
-        self.assertRegex(prom, r'(?m)^tenantgate_limit_rate\{tenant="/globex/labs",parent="/globex",limit="rps"\} 5$')
-        self.assertRegex(prom, r'(?m)^tenantgate_tenant_refused\{tenant="/acme/eu",parent="/acme",reason="policy"\} [1-9]')
-        self.assertRegex(prom, r'(?m)^tenantgate_allowed(\{\})? [1-9]')
+        self.assertRegex(prom, rf'(?m)^{p}tenantgate_limit_refused\{{tenant="/globex/labs",parent="/globex",limit="rps"\}} [1-9]')
+        self.assertRegex(prom, rf'(?m)^{p}tenantgate_limit_rate\{{tenant="/globex/labs",parent="/globex",limit="rps"\}} 5$')
+        self.assertRegex(prom, rf'(?m)^{p}tenantgate_tenant_refused\{{tenant="/acme/eu",parent="/acme",reason="policy"\}} [1-9]')
+        self.assertRegex(prom, rf'(?m)^{p}tenantgate_allowed(\{{\}})? [1-9]')
 
     def test_near_limit_alert_fires_for_the_driven_tenant(self):
         self.assertTrue(self.alert, "TenantgateTenantNearLimit never fired")

@@ -64,7 +64,7 @@ def rendered_envoy(bundle_path, upstream_port, name, *extra):
     """Envoy started from `tenantgate envoy` output (the config under test)."""
     listen, admin = h.free_port(), h.free_port()
     cmd = h.cli_command() + [
-        "envoy", str(bundle_path), "--wasm", str(h.wasm_path().resolve()),
+        "envoy", str(bundle_path), *h.module_args(),
         "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}",
         "--upstream", f"127.0.0.1:{upstream_port}", *extra,
     ]
@@ -263,7 +263,7 @@ class RenderedConfigHttp2(RenderedConfigCase):
         with grpc.insecure_channel(f"127.0.0.1:{self.envoy.listen_port}", options=options) as ch:
             get = ch.unary_unary("/acme.Orders/GetOrder")
             time.sleep(1.1)  # a full labs bucket
-            quota_before = self.envoy.counter("wasmcustom.tenantgate.denied_quota")
+            quota_before = self.envoy.counter(f"{h.stat_namespace()}.tenantgate.denied_quota")
             codes = []
             for _ in range(10):
                 try:
@@ -280,7 +280,7 @@ class RenderedConfigHttp2(RenderedConfigCase):
             self.assertGreaterEqual(refused, 3, codes)
             self.assertEqual(set(codes), {"OK", "RESOURCE_EXHAUSTED"}, codes)
             # No refused call came back: one denial counted per refused call.
-            self.assertEqual(self.envoy.counter("wasmcustom.tenantgate.denied_quota") - quota_before, refused)
+            self.assertEqual(self.envoy.counter(f"{h.stat_namespace()}.tenantgate.denied_quota") - quota_before, refused)
             # A write RPC by someone who may only read: PERMISSION_DENIED, with the JSON.
             create = ch.unary_unary("/acme.Orders/CreateOrder")
             carol = (("x-tenant", "/acme/eu"), ("x-user", "alice"), ("x-user-tenant", "/acme/eu"))

@@ -3,8 +3,9 @@
 # promtool checks the scrape config and the rules and runs the rules' unit
 # tests, then envoy/observability_test.py runs real Envoy with tenantgate and
 # a real Prometheus scraping it (every dashboard query returns data, the
-# near-limit alert fires). Installs Debian's `prometheus` (Prometheus and
-# promtool) when missing. About 30 s.
+# near-limit alert fires), once with the native build and once with the Wasm
+# filter. Installs Debian's `prometheus` (Prometheus and promtool) when
+# missing. About 45 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,8 +22,9 @@ promtool check config "$obs/prometheus.yml"
 promtool check rules "$obs/tenantgate.rules.yml"
 (cd "$obs" && promtool test rules tenantgate.rules.test.yml)
 
-# The live test needs the filter, the CLI and Envoy.
+# The live test needs both builds, the CLI and Envoy.
 [ -f dist/tenantgate.wasm ] || scripts/build-wasm.sh >&2
+[ -f dist/libtenantgate.so ] || scripts/build-native.sh >&2
 if [ -z "${TENANTGATE_CLI:-}" ]; then
   cargo build -q -p tenantgate-cli
   target="${CARGO_TARGET_DIR:-target}"
@@ -30,4 +32,5 @@ if [ -z "${TENANTGATE_CLI:-}" ]; then
   export TENANTGATE_CLI="$target/debug/tenantgate"
 fi
 scripts/install-envoy.sh
+TENANTGATE_BUILD=native python3 envoy/observability_test.py "$@"  # the native build
 exec python3 envoy/observability_test.py "$@"

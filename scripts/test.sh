@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Quick-start command 2: every test. Builds tenantgate.wasm first (the host
-# tests and the Envoy tests load it), then runs the Rust tests, the example
+# Quick-start command 2: every test. Builds tenantgate.wasm and
+# libtenantgate.so first (the host tests, `tenantgate envoy`'s tests and the
+# Envoy tests load them), then runs the Rust tests, the example
 # tree's policy tests, and the end-to-end tests against real Envoy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== build tenantgate.wasm"
+echo "== build tenantgate.wasm and libtenantgate.so"
 ./scripts/build-wasm.sh
+./scripts/build-native.sh
 
-echo "== cargo test (engine, cli, filter, host-tests)"
+echo "== cargo test (engine, cli, filter, native, host-tests)"
 cargo test --workspace
 
 echo "== tenantgate-rls against a real Redis (scripts/test-rls.sh)"

@@ -72,12 +72,45 @@ pub fn embedded_bundle(text: &str) -> Result<Option<String>, String> {
     let mut found = Vec::new();
     find_bundles(&v, &mut found);
     match found.len() {
+        0 if !ecds_paths(&v).is_empty() => Err(format!(
+            "holds no tenantgate bundle: its filter configuration comes from the ECDS file {} (`config_discovery`); diff that file",
+            ecds_paths(&v)
+                .iter()
+                .map(|p| format!("`{p}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
         0 => Err("holds no tenantgate bundle: expected a bundle, an Envoy config or `/config_dump` with the Wasm filter's configuration, or an Istio `WasmPlugin`".into()),
         1 => Ok(found.pop()),
         n => Err(format!(
             "holds {n} different tenantgate bundles; extract the one to compare"
         )),
     }
+}
+
+/// The files of `path_config_source`s (ECDS) in an Envoy config.
+fn ecds_paths(v: &Value) -> Vec<String> {
+    fn walk(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(p) = m
+                    .get("path_config_source")
+                    .and_then(|s| s.get("path"))
+                    .and_then(Value::as_str)
+                {
+                    if !out.iter().any(|q| q == p) {
+                        out.push(p.to_string());
+                    }
+                }
+                m.values().for_each(|v| walk(v, out));
+            }
+            Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(v, &mut out);
+    out
 }
 
 fn find_bundles(v: &Value, out: &mut Vec<String>) {

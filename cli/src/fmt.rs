@@ -1,5 +1,5 @@
-//! `tenantgate fmt DIR [--check]`: formats every `.cedar` file under
-//! `DIR/tenants` in the style of `cedar-policy-formatter` (80 columns, two
+//! `tenantgate fmt DIR|FILE [--check] [--diff]`: formats every `.cedar` file
+//! under `DIR/tenants` (or the one FILE) in the style of `cedar-policy-formatter` (80 columns, two
 //! spaces of indentation).
 //!
 //! Without `--check` each file that changes is rewritten in place and named on
@@ -16,17 +16,22 @@ use std::str::FromStr;
 use cedar_policy_formatter::{policies_str_to_pretty, Config};
 use tenantgate_engine::Diagnostic;
 
-/// Formats (or, with `check`, checks) the Cedar files of the tree at `dir`.
-pub fn run(dir: &Path, check: bool) -> Result<ExitCode, String> {
-    let tenants = dir.join("tenants");
-    if !tenants.is_dir() {
-        return Err(format!(
-            "{}: error: not a policy folder (no `tenants/` folder)",
-            dir.display()
-        ));
-    }
+/// Formats (or, with `check`, checks; with `diff`, shows) the Cedar files of
+/// the tree at `dir`, or the one `.cedar` file `dir` names.
+pub fn run(dir: &Path, check: bool, diff: bool) -> Result<ExitCode, String> {
     let mut files = Vec::new();
-    cedar_files(&tenants, &mut files)?;
+    if dir.is_file() && dir.extension().is_some_and(|x| x == "cedar") {
+        files.push(dir.to_path_buf());
+    } else {
+        let tenants = dir.join("tenants");
+        if !tenants.is_dir() {
+            return Err(format!(
+                "{}: error: not a policy folder (no `tenants/` folder) or a `.cedar` file",
+                dir.display()
+            ));
+        }
+        cedar_files(&tenants, &mut files)?;
+    }
     let config = Config::default();
     let mut errors = Vec::new();
     let mut changed = Vec::new();
@@ -46,7 +51,10 @@ pub fn run(dir: &Path, check: bool) -> Result<ExitCode, String> {
         return Err(lines.join("\n"));
     }
     for (path, formatted) in &changed {
-        if check {
+        if diff {
+            let old = std::fs::read_to_string(path).unwrap_or_default();
+            print!("{}", unified(&path.display().to_string(), &old, formatted));
+        } else if check {
             println!("{}", path.display());
         } else {
             std::fs::write(path, formatted)
@@ -54,11 +62,91 @@ pub fn run(dir: &Path, check: bool) -> Result<ExitCode, String> {
             println!("formatted {}", path.display());
         }
     }
-    Ok(if check && !changed.is_empty() {
+    Ok(if (check || diff) && !changed.is_empty() {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// A unified diff (3 lines of context) from `old` to `new`, headed by `file`.
+pub fn unified(file: &str, old: &str, new: &str) -> String {
+    let a: Vec<&str> = old.lines().collect();
+    let b: Vec<&str> = new.lines().collect();
+    // Longest common subsequence table, from the end.
+    let mut lcs = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for i in (0..a.len()).rev() {
+        for j in (0..b.len()).rev() {
+            let v = if a.get(i) == b.get(j) {
+                lcs.get(i + 1)
+                    .and_then(|r| r.get(j + 1))
+                    .copied()
+                    .unwrap_or(0)
+                    + 1
+            } else {
+                let down = lcs.get(i + 1).and_then(|r| r.get(j)).copied().unwrap_or(0);
+                let right = lcs.get(i).and_then(|r| r.get(j + 1)).copied().unwrap_or(0);
+                down.max(right)
+            };
+            if let Some(cell) = lcs.get_mut(i).and_then(|r| r.get_mut(j)) {
+                *cell = v;
+            }
+        }
+    }
+    // The edit script: (tag, old line index, new line index, text).
+    let mut ops: Vec<(char, usize, usize, &str)> = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    let at = |i: usize, j: usize| lcs.get(i).and_then(|r| r.get(j)).copied().unwrap_or(0);
+    while i < a.len() || j < b.len() {
+        match (a.get(i), b.get(j)) {
+            (Some(x), Some(y)) if x == y => {
+                ops.push((' ', i, j, x));
+                i += 1;
+                j += 1;
+            }
+            (Some(x), Some(_)) if at(i + 1, j) >= at(i, j + 1) => {
+                ops.push(('-', i, j, x));
+                i += 1;
+            }
+            (_, Some(y)) => {
+                ops.push(('+', i, j, y));
+                j += 1;
+            }
+            (Some(x), None) => {
+                ops.push(('-', i, j, x));
+                i += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    let mut out = format!("--- {file}\n+++ {file} (formatted)\n");
+    let changed: Vec<usize> = (0..ops.len())
+        .filter(|k| ops.get(*k).is_some_and(|o| o.0 != ' '))
+        .collect();
+    let mut k = 0;
+    while let Some(&first) = changed.get(k) {
+        // A hunk: changes closer than 7 lines apart, with 3 lines of context.
+        let mut last = first;
+        while let Some(&next) = changed.get(k + 1) {
+            if next - last > 6 {
+                break;
+            }
+            last = next;
+            k += 1;
+        }
+        k += 1;
+        let from = first.saturating_sub(3);
+        let to = (last + 4).min(ops.len());
+        let hunk = ops.get(from..to).unwrap_or_default();
+        let (oi, nj) = hunk.first().map(|o| (o.1, o.2)).unwrap_or((0, 0));
+        let olen = hunk.iter().filter(|o| o.0 != '+').count();
+        let nlen = hunk.iter().filter(|o| o.0 != '-').count();
+        out.push_str(&format!("@@ -{},{olen} +{},{nlen} @@\n", oi + 1, nj + 1));
+        for (tag, _, _, text) in hunk {
+            out.push_str(&format!("{tag}{text}\n"));
+        }
+    }
+    out
 }
 
 /// Every `.cedar` file under `dir`, sorted by path.

@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
+use tenantgate_engine::diag::Severity;
 use tenantgate_engine::http::RequestSpec;
-use tenantgate_engine::{Bundle, Decision, Diagnostics, Engine, Worker};
+use tenantgate_engine::{Bundle, Decision, Diagnostic, Diagnostics, Engine, Worker};
 
 mod diff;
 mod fmt;
@@ -17,11 +18,25 @@ use tenantgate_serve::policytest;
 mod render;
 mod simulate;
 
+/// The exit statuses of every verb (docs/reference.md, "Exit statuses").
+const EXIT_STATUSES: &str = "\
+Exit status: 0 success; 1 the source does not load, a test failed, a check found something \
+(per verb: docs/reference.md, \"Exit statuses\"); 2 a usage error (an unknown flag, a missing \
+or malformed argument). `diff`: 0 no decision changes, 1 some, 2 an error.
+
+Examples:
+  tenantgate validate policies
+  tenantgate test policies --run 'acme reads'
+  tenantgate check policies --tenant /acme/eu --method GET --path /orders/1 --principal alice
+  tenantgate bundle policies -o bundle.json
+  tenantgate completions bash > /etc/bash_completion.d/tenantgate";
+
 #[derive(Parser)]
 #[command(
     name = "tenantgate",
     version,
-    about = "Cedar policies and hierarchical quotas for nested tenants, in Envoy"
+    about = "Cedar policies and hierarchical quotas for nested tenants, in Envoy",
+    after_help = EXIT_STATUSES
 )]
 struct Cli {
     #[command(subcommand)]
@@ -31,13 +46,32 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Parse and validate a policy folder or bundle; every error with file, line and column.
-    Validate { source: PathBuf },
+    #[command(
+        after_help = "Warnings (a file in the folder that is not read, `default_tenant` naming no tenant) and notes (no schema, fleet limits without `rate_limit_service`) go to standard error; `--strict` makes warnings errors.\n\nExit status: 0 valid, 1 errors (or warnings with `--strict`), 2 usage error.\n\nExample: tenantgate validate policies --strict"
+    )]
+    Validate {
+        /// A policy folder or a bundle file.
+        source: PathBuf,
+        /// Refuse warnings as errors.
+        #[arg(long)]
+        strict: bool,
+        /// `text`, or `json`: one object on standard output, `{"ok", "source", "version", "tenants", "policies", "diagnostics"}`.
+        #[arg(long, value_enum, default_value = "text")]
+        format: ReportFormat,
+    },
     /// Compile a policy folder into the bundle (the filter's plugin configuration).
+    #[command(
+        after_help = "Exit status: 0 written, 1 the folder does not load (or has warnings, with `--strict`), 2 usage error.\n\nExample: tenantgate bundle policies -o bundle.json"
+    )]
     Bundle {
+        /// The policy folder.
         dir: PathBuf,
         /// Write the bundle here instead of standard output.
         #[arg(short, long)]
         output: Option<PathBuf>,
+        /// Refuse warnings as errors.
+        #[arg(long)]
+        strict: bool,
     },
     /// Decide one request exactly as the filter would and print the decision as JSON.
     ///
@@ -45,18 +79,30 @@ enum Command {
     /// `--principal` and `--principal-tenant` are placed where the bundle reads
     /// them (a header, the path after the prefix, or metadata); `--header`
     /// adds raw headers, so a request can also be given entirely as Envoy sees it.
+    #[command(
+        after_help = "Exit status: 0 a decision was printed (whatever it is), 1 the source does not load or the request cannot be expressed with the bundle's settings, 2 usage error (a malformed `--header`, `--claims`, `--context` or `--request`).\n\nExamples:\n  tenantgate check policies --tenant /acme/eu --method GET --path /orders/1 --principal alice\n  echo '{\"tenant\": \"/acme\", \"method\": \"GET\", \"path\": \"/orders\"}' | tenantgate check policies --request -"
+    )]
     Check {
+        /// A policy folder or a bundle file.
         source: PathBuf,
+        /// A request as JSON, the shape of a policy test's `request` and of
+        /// `serve`'s `POST /v1/decide` (`-`: standard input). The flags below
+        /// are then not given.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["tenant", "method", "path", "principal", "principal_tenant", "headers", "claims", "context"])]
+        request: Option<PathBuf>,
+        /// The tenant as a client sends it (`/acme/eu`), placed where the bundle reads it.
         #[arg(long)]
         tenant: Option<String>,
         /// The method as sent (`get` is refused with 400, as in Envoy).
-        #[arg(long)]
-        method: String,
+        #[arg(long, required_unless_present = "request")]
+        method: Option<String>,
         /// The raw path, query included.
-        #[arg(long)]
-        path: String,
+        #[arg(long, required_unless_present = "request")]
+        path: Option<String>,
+        /// The principal id; none or empty: anonymous.
         #[arg(long)]
         principal: Option<String>,
+        /// The principal's home tenant, placed where the bundle's `principal_tenant` source reads it.
         #[arg(long = "principal-tenant")]
         principal_tenant: Option<String>,
         /// A raw request header, `name=value` (the value as sent); repeatable.
@@ -70,8 +116,29 @@ enum Command {
         context: Option<String>,
     },
     /// Run the policy tests in `DIR/tests/*.json`.
-    Test { dir: PathBuf },
+    #[command(
+        after_help = "Exit status: 0 every test that ran passed and at least one ran, 1 a test failed, none ran, or the folder or a test file does not load, 2 usage error.\n\nExamples:\n  tenantgate test policies\n  tenantgate test policies --run residency -v\n  tenantgate test policies --format junit > report.xml"
+    )]
+    Test {
+        /// The policy folder (tests in `DIR/tests/*.json`).
+        dir: PathBuf,
+        /// Run only the tests whose name contains this text.
+        #[arg(long, value_name = "TEXT")]
+        run: Option<String>,
+        /// Print every test, passed ones too.
+        #[arg(short, long)]
+        verbose: bool,
+        /// Refuse the folder's warnings as errors.
+        #[arg(long)]
+        strict: bool,
+        /// `text`, `json` (one object: `passed`, `failed`, `tests`) or `junit` (JUnit XML for CI).
+        #[arg(long, value_enum, default_value = "text")]
+        format: TestFormat,
+    },
     /// Replay a traffic plan against the quotas on a virtual clock (policies are not evaluated).
+    #[command(
+        after_help = "Exit status: 0 the counts were printed, 1 the source or the plan does not load, 2 usage error.\n\nExample: tenantgate simulate policies --traffic policies/traffic-borrow.json --svg borrow.svg --series borrow.csv"
+    )]
     Simulate {
         source: PathBuf,
         /// The traffic plan (JSON).
@@ -80,6 +147,10 @@ enum Command {
         /// Draw admitted requests per second per tenant over time into this SVG file.
         #[arg(long)]
         svg: Option<PathBuf>,
+        /// Write offered and admitted requests per second per tenant to this file:
+        /// CSV (`second,tenant,offered,admitted`), or JSON when it ends in `.json`.
+        #[arg(long, value_name = "FILE")]
+        series: Option<PathBuf>,
     },
     /// What changed between two policy folders or bundles, and which policy-test decisions change.
     ///
@@ -104,6 +175,9 @@ enum Command {
         tests: Option<PathBuf>,
     },
     /// Render an Envoy bootstrap, or an Istio `WasmPlugin`, that loads the filter with this bundle.
+    #[command(
+        after_help = "Exit status: 0 rendered, 1 the bundle or the module cannot be read, 2 usage error (flags that do not go together, a malformed address, `--sha256`, `--selector` or `--name`).\n\nExamples:\n  tenantgate envoy policies --wasm dist/tenantgate.wasm -o envoy.json\n  tenantgate envoy policies --istio --wasm dist/tenantgate.wasm --namespace shop --selector app=orders"
+    )]
     Envoy {
         /// A bundle file or a policy folder.
         bundle: PathBuf,
@@ -114,6 +188,9 @@ enum Command {
         output: Option<PathBuf>,
     },
     /// The fleet limits as Limitador's limits file, envoyproxy/ratelimit's config, or plain Envoy's rate limit filter config.
+    #[command(
+        after_help = "Exit status: 0 printed, 1 the source does not load, 2 usage error.\n\nExamples:\n  tenantgate limits policies --format ratelimit\n  tenantgate limits policies --format envoy --rls 127.0.0.1:8081"
+    )]
     Limits {
         /// A policy folder or a bundle.
         source: PathBuf,
@@ -126,10 +203,27 @@ enum Command {
         envoy: limits::EnvoyOptions,
     },
     /// Format the Cedar files under `DIR/tenants` in place; `--check` lists the files that would change (exit 1).
+    #[command(
+        after_help = "Exit status: 0 every file is formatted (or was rewritten), 1 `--check` or `--diff` found a file to format, a file does not parse or cannot be read or written, 2 usage error.\n\nExamples:\n  tenantgate fmt policies --check\n  tenantgate fmt policies/tenants/acme/defaults.cedar --diff"
+    )]
     Fmt {
+        /// A policy folder (every `.cedar` file under `tenants/`) or one `.cedar` file.
+        #[arg(value_name = "DIR|FILE")]
         dir: PathBuf,
+        /// Write nothing; list the files that would change (exit 1 if any).
         #[arg(long)]
         check: bool,
+        /// Write nothing; print a unified diff of each file that would change (exit 1 if any).
+        #[arg(long)]
+        diff: bool,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(
+        after_help = "Examples:\n  tenantgate completions bash > ~/.local/share/bash-completion/completions/tenantgate\n  tenantgate completions zsh > \"${fpath[1]}/_tenantgate\"\n  tenantgate completions fish > ~/.config/fish/completions/tenantgate.fish"
+    )]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
     /// Serve policy decisions: an HTTP JSON API and, with `--grpc`, Envoy's ext_authz (policies only; SIGHUP reloads);
     /// with `--xds`, the filter's configuration to a fleet of Envoys.
@@ -174,27 +268,74 @@ enum RolloutMode {
     Manual,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ReportFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TestFormat {
+    Text,
+    Json,
+    Junit,
+}
+
 /// A request as `check` and the policy tests describe it: the engine's
 /// [`RequestSpec`], mapped by the filter's own code.
 pub type RequestArgs = RequestSpec;
+
+/// Why a command line cannot run, found before any file is read.
+struct Usage(String);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli.command) {
         Ok(code) => code,
-        Err(message) => {
+        Err(Failure::Usage(message)) => {
+            eprintln!("{message}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Error(message)) => {
             eprintln!("{message}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn run(command: Command) -> Result<ExitCode, String> {
+/// A failed command: a usage error (exit 2) or any other (exit 1).
+enum Failure {
+    Usage(String),
+    Error(String),
+}
+
+impl From<String> for Failure {
+    fn from(m: String) -> Self {
+        Failure::Error(m)
+    }
+}
+
+impl From<Usage> for Failure {
+    fn from(u: Usage) -> Self {
+        Failure::Usage(u.0)
+    }
+}
+
+fn run(command: Command) -> Result<ExitCode, Failure> {
     match command {
-        Command::Validate { source } => run_validate(&source),
-        Command::Bundle { dir, output } => run_bundle(&dir, output.as_deref()),
+        Command::Validate {
+            source,
+            strict,
+            format,
+        } => Ok(run_validate(&source, strict, format)),
+        Command::Bundle {
+            dir,
+            output,
+            strict,
+        } => Ok(run_bundle(&dir, output.as_deref(), strict)?),
         Command::Check {
             source,
+            request,
             tenant,
             method,
             path,
@@ -204,25 +345,45 @@ fn run(command: Command) -> Result<ExitCode, String> {
             claims,
             context,
         } => {
-            let spec = RequestSpec {
-                tenant,
-                method,
-                path,
-                principal,
-                principal_tenant,
-                headers: header_args(&headers)?,
-                claims: json_arg("--claims", claims.as_deref())?.map(serde_json::Value::Object),
-                context: json_arg("--context", context.as_deref())?,
-                ..RequestSpec::default()
+            let spec = match request {
+                Some(file) => request_file(&file)?,
+                None => RequestSpec {
+                    tenant,
+                    method: method.unwrap_or_default(),
+                    path: path.unwrap_or_default(),
+                    principal,
+                    principal_tenant,
+                    headers: header_args(&headers)?,
+                    claims: json_arg("--claims", claims.as_deref())?.map(serde_json::Value::Object),
+                    context: json_arg("--context", context.as_deref())?,
+                    ..RequestSpec::default()
+                },
             };
-            run_check(&source, &spec)
+            Ok(run_check(&source, &spec)?)
         }
-        Command::Test { dir } => run_test(&dir),
+        Command::Test {
+            dir,
+            run,
+            verbose,
+            strict,
+            format,
+        } => Ok(run_test(&dir, run.as_deref(), verbose, strict, format)?),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "tenantgate", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Simulate {
             source,
             traffic,
             svg,
-        } => run_simulate(&source, &traffic, svg.as_deref()),
+            series,
+        } => Ok(run_simulate(
+            &source,
+            &traffic,
+            svg.as_deref(),
+            series.as_deref(),
+        )?),
         Command::Diff {
             old,
             new,
@@ -233,14 +394,17 @@ fn run(command: Command) -> Result<ExitCode, String> {
             bundle,
             options,
             output,
-        } => run_envoy(&bundle, &options, output.as_deref()),
+        } => {
+            render::usage(&options).map_err(Usage)?;
+            Ok(run_envoy(&bundle, &options, output.as_deref())?)
+        }
         Command::Limits {
             source,
             format,
             domain,
             envoy,
-        } => limits::run(&source, format, domain.as_deref(), &envoy),
-        Command::Fmt { dir, check } => fmt::run(&dir, check),
+        } => Ok(limits::run(&source, format, domain.as_deref(), &envoy)?),
+        Command::Fmt { dir, check, diff } => Ok(fmt::run(&dir, check, diff)?),
         Command::Serve {
             source,
             http,
@@ -268,30 +432,117 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 xds,
             })
             .map(|()| ExitCode::SUCCESS)
-            .map_err(|e| format!("tenantgate serve: error: {e}"))
+            .map_err(|e| Failure::Error(format!("tenantgate serve: {e}")))
         }
     }
 }
 
-fn run_validate(source: &Path) -> Result<ExitCode, String> {
-    let (bundle, engine) = load(source)?;
-    let limits = engine.quotas().is_empty();
-    println!(
-        "{}: ok: {} tenants, {} policies{}, version {}",
-        source.display(),
-        bundle.tenants.len(),
-        engine.policy_count(),
-        if limits { "" } else { ", limits valid" },
-        bundle.version
-    );
-    Ok(ExitCode::SUCCESS)
+fn run_validate(source: &Path, strict: bool, format: ReportFormat) -> ExitCode {
+    let loaded = Bundle::load(source);
+    let (ok, diagnostics) = match &loaded {
+        Ok(l) => {
+            let strict_errors = if strict {
+                l.strict_errors()
+            } else {
+                Vec::new()
+            };
+            let mut all = l.warnings.clone();
+            if strict {
+                all.retain(|w| w.severity != Severity::Warning);
+                all.extend(strict_errors.iter().cloned());
+            }
+            (strict_errors.is_empty(), all)
+        }
+        Err(d) => (false, d.0.clone()),
+    };
+    if format == ReportFormat::Json {
+        let l = loaded.as_ref().ok().filter(|_| ok);
+        let report = serde_json::json!({
+            "ok": ok,
+            "source": source.display().to_string(),
+            "version": l.map(|l| l.bundle.version.clone()),
+            "tenants": l.map(|l| l.bundle.tenants.len()),
+            "policies": l.map(|l| l.engine.policy_count()),
+            "diagnostics": diagnostics,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+        return if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
+    match loaded {
+        Ok(l) if ok => {
+            for w in &l.warnings {
+                eprintln!("{w}");
+            }
+            println!(
+                "{}: ok: {} tenants, {} policies{}, version {}",
+                source.display(),
+                l.bundle.tenants.len(),
+                l.engine.policy_count(),
+                if l.engine.quotas().is_empty() && l.engine.fleet_limits().all().is_empty() {
+                    ""
+                } else {
+                    ", limits valid"
+                },
+                l.bundle.version
+            );
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprintln!("{}", report(&diagnostics));
+            ExitCode::FAILURE
+        }
+    }
 }
 
-fn run_bundle(dir: &Path, output: Option<&Path>) -> Result<ExitCode, String> {
-    if !dir.is_dir() {
-        return Err(format!("{}: error: not a policy folder", dir.display()));
+/// Diagnostics, then `N error(s)` (warnings and notes not counted).
+fn report(diagnostics: &[Diagnostic]) -> String {
+    let mut out: Vec<String> = diagnostics.iter().map(|d| d.to_string()).collect();
+    let n = diagnostics
+        .iter()
+        .filter(|d| d.severity == Severity::Error)
+        .count();
+    out.push(format!("{n} error{}", if n == 1 { "" } else { "s" }));
+    out.join("\n")
+}
+
+/// Loads SOURCE for `bundle` and `test`: warnings and notes printed to
+/// standard error; with `strict`, warnings are errors.
+fn load_reporting(source: &Path, strict: bool) -> Result<(Bundle, Arc<Engine>), String> {
+    let l = Bundle::load(source).map_err(|d| report(&d.0))?;
+    if strict {
+        let errors = l.strict_errors();
+        if !errors.is_empty() {
+            let mut all: Vec<Diagnostic> = l
+                .warnings
+                .iter()
+                .filter(|w| w.severity != Severity::Warning)
+                .cloned()
+                .collect();
+            all.extend(errors);
+            return Err(report(&all));
+        }
     }
-    let (bundle, _) = load(dir)?;
+    for w in &l.warnings {
+        eprintln!("{w}");
+    }
+    Ok((l.bundle, Arc::new(l.engine)))
+}
+
+fn run_bundle(dir: &Path, output: Option<&Path>, strict: bool) -> Result<ExitCode, String> {
+    if !dir.is_dir() {
+        return Err(format!(
+            "{}: error: not a policy folder (`bundle` compiles a folder; `validate` checks a bundle file)",
+            dir.display()
+        ));
+    }
+    let (bundle, _) = load_reporting(dir, strict)?;
     let json = bundle.to_json();
     match output {
         Some(path) => {
@@ -304,13 +555,50 @@ fn run_bundle(dir: &Path, output: Option<&Path>) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `check --request FILE` (`-`: standard input).
+fn request_file(file: &Path) -> Result<RequestSpec, Usage> {
+    let shown = if file == Path::new("-") {
+        "standard input".to_string()
+    } else {
+        format!("`{}`", file.display())
+    };
+    let text = if file == Path::new("-") {
+        let mut t = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)
+            .map_err(|e| Usage(format!("error: `--request`: cannot read {shown}: {e}")))?;
+        t
+    } else {
+        std::fs::read_to_string(file)
+            .map_err(|e| Usage(format!("error: `--request`: cannot read {shown}: {e}")))?
+    };
+    if !text.trim_start().starts_with('{') {
+        return Err(Usage(format!(
+            "error: `--request`: {shown} is not a JSON object (a request: `{{\"tenant\", \"method\", \"path\", ...}}`, as in a policy test)"
+        )));
+    }
+    serde_json::from_str(&text).map_err(|e| {
+        Usage(format!(
+            "error: `--request`: {shown}:{}:{}: {}",
+            e.line(),
+            e.column(),
+            strip_location(&e.to_string())
+        ))
+    })
+}
+
+fn strip_location(msg: &str) -> &str {
+    msg.rfind(" at line ")
+        .and_then(|i| msg.get(..i))
+        .unwrap_or(msg)
+}
+
 /// `--header name=value` flags as raw headers (names lowercased, values as given).
-fn header_args(headers: &[String]) -> Result<Vec<(String, String)>, String> {
+fn header_args(headers: &[String]) -> Result<Vec<(String, String)>, Usage> {
     let mut out = Vec::new();
     for h in headers {
         let (k, v) = h
             .split_once('=')
-            .ok_or_else(|| format!("error: `--header {h}` must be `name=value`"))?;
+            .ok_or_else(|| Usage(format!("error: `--header {h}` must be `name=value`")))?;
         out.push((k.trim().to_ascii_lowercase(), v.to_string()));
     }
     Ok(out)
@@ -320,18 +608,63 @@ fn header_args(headers: &[String]) -> Result<Vec<(String, String)>, String> {
 fn json_arg(
     flag: &str,
     text: Option<&str>,
-) -> Result<Option<serde_json::Map<String, serde_json::Value>>, String> {
+) -> Result<Option<serde_json::Map<String, serde_json::Value>>, Usage> {
     text.map(|t| {
-        serde_json::from_str(t).map_err(|e| format!("error: `{flag}` is not a JSON object: {e}"))
+        serde_json::from_str(t)
+            .map_err(|e| Usage(format!("error: `{flag}` is not a JSON object: {e}")))
     })
     .transpose()
 }
 
+/// The keys of the context tenantgate builds (docs/reference.md, "The Cedar
+/// entity model"); `--context` with another key gets a warning.
+const CONTEXT_KEYS: [&str; 7] = [
+    "method",
+    "path",
+    "time",
+    "headers",
+    "host",
+    "source_ip",
+    "claims",
+];
+const TIME_KEYS: [&str; 3] = ["epoch_s", "hour_utc", "weekday"];
+
+/// Warnings for `--context` keys no policy reads from the filter's context.
+fn context_warnings(context: Option<&serde_json::Map<String, serde_json::Value>>) -> Vec<String> {
+    let mut out = Vec::new();
+    let Some(context) = context else {
+        return out;
+    };
+    for (k, v) in context {
+        if !CONTEXT_KEYS.contains(&k.as_str()) {
+            out.push(format!(
+                "warning: `--context`: `{k}` is not a key of the context the filter builds ({}); a policy reading it would see it here only",
+                CONTEXT_KEYS.join(", ")
+            ));
+        } else if k == "time" {
+            for tk in v.as_object().into_iter().flat_map(|m| m.keys()) {
+                if !TIME_KEYS.contains(&tk.as_str()) {
+                    out.push(format!(
+                        "warning: `--context`: `time.{tk}` is not a key of `time` ({})",
+                        TIME_KEYS.join(", ")
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
 fn run_check(source: &Path, spec: &RequestSpec) -> Result<ExitCode, String> {
     let (_, engine) = load(source)?;
+    for w in context_warnings(spec.context.as_ref()) {
+        eprintln!("{w}");
+    }
     // Quotas charged in a fresh in-memory store: what a first request gets.
     let store = tenantgate_engine::quota::MemoryStore::new();
-    let out = Worker::new(engine).check_output(spec, now_ns(), Some(&store))?;
+    let out = Worker::new(engine)
+        .check_output(spec, now_ns(), Some(&store))
+        .map_err(|e| format!("error: {e}"))?;
     println!(
         "{}",
         serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?
@@ -339,26 +672,139 @@ fn run_check(source: &Path, spec: &RequestSpec) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_test(dir: &Path) -> Result<ExitCode, String> {
-    let (_, engine) = load(dir)?;
+fn run_test(
+    dir: &Path,
+    only: Option<&str>,
+    verbose: bool,
+    strict: bool,
+    format: TestFormat,
+) -> Result<ExitCode, String> {
+    let (_, engine) = load_reporting(dir, strict)?;
     let tests = policytest::load(dir).map_err(|e| e.join("\n"))?;
-    let (passed, failures) = policytest::run_all(&engine, &tests);
-    for f in &failures {
-        println!("{f}");
+    let total = tests.len();
+    let selected: Vec<_> = tests
+        .iter()
+        .filter(|t| only.is_none_or(|o| t.test.name.contains(o)))
+        .collect();
+    if selected.is_empty() {
+        return Err(if total == 0 {
+            format!(
+                "{}: error: no test ran: no test in `*.json` files of this folder (docs/reference.md, \"Policy tests\")",
+                dir.join("tests").display()
+            )
+        } else {
+            format!(
+                "error: no test ran: no test name contains `{}` ({total} tests)",
+                only.unwrap_or_default()
+            )
+        });
     }
-    println!("{passed} passed, {} failed", failures.len());
-    Ok(if failures.is_empty() && passed > 0 {
+    let results: Vec<(&policytest::LoadedTest, Result<(), String>)> = selected
+        .iter()
+        .map(|t| (*t, policytest::run(&engine, &t.test).map(|_| ())))
+        .collect();
+    let failed = results.iter().filter(|(_, r)| r.is_err()).count();
+    let passed = results.len() - failed;
+    match format {
+        TestFormat::Text => {
+            for (t, r) in &results {
+                match r {
+                    Ok(()) if verbose => println!("ok   {}: {}", t.file, t.test.name),
+                    Ok(()) => {}
+                    Err(why) => println!("FAIL {}: {}: {why}", t.file, t.test.name),
+                }
+            }
+            let skipped = total - results.len();
+            if skipped > 0 {
+                println!("{passed} passed, {failed} failed, {skipped} not run (`--run`)");
+            } else {
+                println!("{passed} passed, {failed} failed");
+            }
+        }
+        TestFormat::Json => {
+            let tests: Vec<_> = results
+                .iter()
+                .map(|(t, r)| {
+                    serde_json::json!({
+                        "file": t.file,
+                        "name": t.test.name,
+                        "passed": r.is_ok(),
+                        "failure": r.as_ref().err(),
+                    })
+                })
+                .collect();
+            let out = serde_json::json!({ "passed": passed, "failed": failed, "tests": tests });
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?
+            );
+        }
+        TestFormat::Junit => print!("{}", junit(dir, &results, failed)),
+    }
+    Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
 }
 
-fn run_simulate(source: &Path, traffic: &Path, svg: Option<&Path>) -> Result<ExitCode, String> {
+/// JUnit XML: one `testsuite` per tests file.
+fn junit(
+    dir: &Path,
+    results: &[(&policytest::LoadedTest, Result<(), String>)],
+    failed: usize,
+) -> String {
+    fn esc(s: &str) -> String {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+    }
+    let mut out = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites name=\"{}\" tests=\"{}\" failures=\"{failed}\">\n",
+        esc(&dir.display().to_string()),
+        results.len()
+    );
+    let mut files: Vec<&str> = results.iter().map(|(t, _)| t.file.as_str()).collect();
+    files.dedup();
+    for file in files {
+        let suite: Vec<_> = results.iter().filter(|(t, _)| t.file == file).collect();
+        let fails = suite.iter().filter(|(_, r)| r.is_err()).count();
+        out.push_str(&format!(
+            "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{fails}\">\n",
+            esc(file),
+            suite.len()
+        ));
+        for (t, r) in suite {
+            let name = esc(&t.test.name);
+            match r {
+                Ok(()) => out.push_str(&format!(
+                    "    <testcase name=\"{name}\" classname=\"{}\"/>\n",
+                    esc(file)
+                )),
+                Err(why) => out.push_str(&format!(
+                    "    <testcase name=\"{name}\" classname=\"{}\">\n      <failure message=\"{}\"/>\n    </testcase>\n",
+                    esc(file),
+                    esc(why)
+                )),
+            }
+        }
+        out.push_str("  </testsuite>\n");
+    }
+    out.push_str("</testsuites>\n");
+    out
+}
+
+fn run_simulate(
+    source: &Path,
+    traffic: &Path,
+    svg: Option<&Path>,
+    series: Option<&Path>,
+) -> Result<ExitCode, String> {
     let (bundle, engine) = load(source)?;
     let text = std::fs::read_to_string(traffic)
         .map_err(|e| format!("{}: error: cannot read: {e}", traffic.display()))?;
-    let out = simulate::run(&bundle, &engine, &text, svg)
+    let out = simulate::run_with(&bundle, &engine, &text, svg, series)
         .map_err(|e| format!("{}: error: {e}", traffic.display()))?;
     println!(
         "{}",
@@ -432,17 +878,10 @@ fn write_atomically(path: &Path, text: &str) -> Result<(), String> {
     })
 }
 
-/// Loads a policy folder or a bundle file and compiles it.
+/// Loads a policy folder or a bundle file and compiles it (warnings not shown).
 pub fn load(source: &Path) -> Result<(Bundle, Arc<Engine>), String> {
-    let bundle = if source.is_dir() {
-        Bundle::from_dir(source).map_err(|d| prefix(source, &d))?
-    } else {
-        let text = std::fs::read_to_string(source)
-            .map_err(|e| format!("{}: error: cannot read: {e}", source.display()))?;
-        return load_text(source, &text);
-    };
-    let engine = Engine::new(&bundle).map_err(|d| prefix(source, &d))?;
-    Ok((bundle, Arc::new(engine)))
+    let l = Bundle::load(source).map_err(|d| report(&d.0))?;
+    Ok((l.bundle, Arc::new(l.engine)))
 }
 
 /// Compiles a bundle document read from `source`.

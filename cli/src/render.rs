@@ -1,5 +1,5 @@
-//! `tenantgate envoy BUNDLE --wasm PATH`: configs that load the filter with a
-//! bundle. Output is JSON, which Envoy reads from a `.json` or `.yaml` file
+//! `tenantgate envoy BUNDLE --wasm PATH` (or `--native PATH`): configs that
+//! load the filter with a bundle. Output is JSON, which Envoy reads from a `.json` or `.yaml` file
 //! and `kubectl` applies as it is.
 //!
 //! - default: an Envoy bootstrap (listener, HTTP connection manager, the Wasm
@@ -15,6 +15,8 @@
 //!   `tenantgate serve --xds` at HOST:PORT (ECDS over ADS, or over the
 //!   extension config discovery service with `--xds-api ecds`), the node
 //!   named by `--node-id`;
+//! - `--native PATH`: the native build (`libtenantgate.so`, an Envoy dynamic
+//!   module) instead of the Wasm filter, with the same bundle;
 //! - `--ext-authz HOST:PORT`: no Wasm filter; Envoy's `ext_authz` filter asks
 //!   `tenantgate serve --grpc` at HOST:PORT (policies only).
 
@@ -29,6 +31,9 @@ use tenantgate_engine::Bundle;
 
 pub const WASM_FILTER: &str = "envoy.filters.http.wasm";
 pub const WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+pub const NATIVE_FILTER: &str = "envoy.filters.http.dynamic_modules";
+pub const NATIVE_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter";
 const HCM_TYPE: &str =
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const ROUTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
@@ -96,10 +101,14 @@ pub struct Options {
     #[arg(
         long,
         value_name = "PATH",
-        required_unless_present_any = ["ext_authz", "xds"],
-        conflicts_with_all = ["ext_authz", "xds"]
+        required_unless_present_any = ["ext_authz", "xds", "native"],
+        conflicts_with_all = ["ext_authz", "xds", "native"]
     )]
     pub wasm: Option<PathBuf>,
+    /// Load the native build (`dist/libtenantgate.so`, an Envoy dynamic
+    /// module, Envoy 1.40+) at PATH instead of the Wasm filter.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["ext_authz", "xds"])]
+    pub native: Option<PathBuf>,
     /// Take the filter's config (module and bundle) from `tenantgate serve --xds`
     /// at HOST:PORT; the bundle given only names the rate limit cluster.
     #[arg(
@@ -179,14 +188,52 @@ pub struct Options {
 }
 
 impl Options {
-    /// The module path (`--wasm`; required by clap unless `--ext-authz`).
+    /// The module path (`--wasm`; required by clap unless `--ext-authz` or `--native`).
     fn wasm_path(&self) -> &Path {
         self.wasm.as_deref().unwrap_or(Path::new(""))
     }
+
+    /// The module file `--sha256` checks: the native one, else the Wasm one.
+    fn module_path(&self) -> &Path {
+        self.native.as_deref().unwrap_or(self.wasm_path())
+    }
+
+    /// The filter config for this build (the Wasm filter's or the native one's).
+    fn filter_config(&self, bundle: &Bundle) -> Value {
+        match &self.native {
+            Some(path) => native_filter(bundle, path),
+            None => wasm_filter(bundle, self),
+        }
+    }
 }
 
-/// The rendered document.
-pub fn render(bundle: &Bundle, o: &Options) -> Result<Value, String> {
+/// The flag combinations and values that cannot work, checked before the
+/// bundle is read (a usage error: exit 2).
+pub fn usage(o: &Options) -> Result<(), String> {
+    if let Some(want) = &o.sha256 {
+        if want.len() != 64
+            || !want
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(format!(
+                "error: `--sha256 {want}` is not 64 lowercase hex digits"
+            ));
+        }
+    }
+    if o.istio {
+        for kv in &o.selector {
+            if kv.split_once('=').is_none_or(|(k, _)| k.is_empty()) {
+                return Err(format!("error: `--selector {kv}` must be `key=value`"));
+            }
+        }
+        if !is_dns_label(&o.name) {
+            return Err(format!(
+                "error: `--name {}` is not a valid resource name (lowercase letters, digits and `-`, at most 63)",
+                o.name
+            ));
+        }
+    }
     if o.ext_authz.is_some() {
         for (flag, set) in [
             ("--istio", o.istio),
@@ -201,6 +248,26 @@ pub fn render(bundle: &Bundle, o: &Options) -> Result<Value, String> {
             }
         }
     }
+    if o.native.is_some() {
+        for (flag, set, why) in [
+            (
+                "--istio",
+                o.istio,
+                "Istio loads Wasm plugins, not dynamic modules",
+            ),
+            (
+                "--fail-open",
+                o.fail_open,
+                "a dynamic module has no failure policy: it runs in Envoy's process",
+            ),
+        ] {
+            if set {
+                return Err(format!(
+                    "error: `{flag}` does not apply with `--native`: {why}"
+                ));
+            }
+        }
+    }
     if o.istio {
         if o.rls.is_some() {
             return Err("error: `--rls` adds a cluster to an Envoy bootstrap; with Istio, add the service as a `ServiceEntry` (see docs/fleet.md)".into());
@@ -208,7 +275,7 @@ pub fn render(bundle: &Bundle, o: &Options) -> Result<Value, String> {
         if o.ecds.is_some() || o.discovery_response {
             return Err("error: `--ecds` and `--discovery-response` render Envoy configs; they do not apply with `--istio`".into());
         }
-        return wasm_plugin(bundle, o);
+        return Ok(());
     }
     for (flag, set) in [
         ("--url", o.url.is_some()),
@@ -220,11 +287,23 @@ pub fn render(bundle: &Bundle, o: &Options) -> Result<Value, String> {
             return Err(format!("error: `{flag}` only applies with `--istio`"));
         }
     }
+    socket_address(&o.listen, "--listen")?;
+    socket_address(&o.admin, "--admin")?;
+    host_port(&o.upstream, "--upstream")?;
+    Ok(())
+}
+
+/// The rendered document.
+pub fn render(bundle: &Bundle, o: &Options) -> Result<Value, String> {
+    usage(o)?;
+    if o.istio {
+        return wasm_plugin(bundle, o);
+    }
     if let Some(want) = &o.sha256 {
         // Envoy loads a local module without a checksum; check it here.
-        let wasm = o.wasm_path();
-        let got = file_sha256(wasm)?;
-        check_sha256(want, &got, wasm)?;
+        let module = o.module_path();
+        let got = file_sha256(module)?;
+        check_sha256(want, &got, module)?;
     }
     if o.discovery_response {
         return Ok(discovery_response(bundle, o));
@@ -258,6 +337,22 @@ pub fn wasm_filter(bundle: &Bundle, o: &Options) -> Value {
     })
 }
 
+/// The dynamic-module HTTP filter config loading the native build at `path`
+/// (`libtenantgate.so`) with the bundle as its `filter_config`.
+pub fn native_filter(bundle: &Bundle, path: &Path) -> Value {
+    json!({
+        "@type": NATIVE_TYPE,
+        "dynamic_module_config": {
+            "module": { "local": { "filename": path.display().to_string() } }
+        },
+        "filter_name": FILTER_NAME,
+        "filter_config": {
+            "@type": STRING_VALUE_TYPE,
+            "value": compact(bundle)
+        }
+    })
+}
+
 /// The bundle as one line of JSON, the filter's plugin configuration.
 fn compact(bundle: &Bundle) -> String {
     serde_json::to_string(bundle).unwrap_or_default()
@@ -271,7 +366,7 @@ pub fn discovery_response(bundle: &Bundle, o: &Options) -> Value {
         "resources": [{
             "@type": TYPED_EXTENSION_CONFIG_TYPE,
             "name": FILTER_NAME,
-            "typed_config": wasm_filter(bundle, o)
+            "typed_config": o.filter_config(bundle)
         }]
     })
 }
@@ -346,7 +441,10 @@ fn bootstrap(bundle: &Bundle, o: &Options) -> Result<Value, String> {
             ));
             ext_authz_filter(bundle, o.fail_open)
         }
-        (None, None) => json!({ "name": WASM_FILTER, "typed_config": wasm_filter(bundle, o) }),
+        (None, None) => json!({
+            "name": if o.native.is_some() { NATIVE_FILTER } else { WASM_FILTER },
+            "typed_config": o.filter_config(bundle)
+        }),
         (None, Some(path)) => json!({
             "name": FILTER_NAME,
             "config_discovery": {
@@ -354,7 +452,7 @@ fn bootstrap(bundle: &Bundle, o: &Options) -> Result<Value, String> {
                     "resource_api_version": "V3",
                     "path_config_source": { "path": path.display().to_string() }
                 },
-                "type_urls": [WASM_TYPE]
+                "type_urls": [if o.native.is_some() { NATIVE_TYPE } else { WASM_TYPE }]
             }
         }),
     };

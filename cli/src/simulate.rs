@@ -152,12 +152,15 @@ impl Counts {
 /// Returns `{"tenants": {"/acme/eu": {"admitted": N, "denied": M,
 /// "denied_by": {"rps": M}}, ...}, "flows": [{"tenant": "/acme/eu", ...}]}`;
 /// with `svg`, also draws admitted (solid) and offered (faint) requests per
-/// second per tenant into that file.
-pub fn run(
+/// second per tenant into that file; with `series`, writes the per-second
+/// table of every tenant to that file: CSV (`second,tenant,offered,admitted`) unless the name ends
+/// in `.json` (`[{"second", "tenant", "offered", "admitted"}, ...]`).
+pub fn run_with(
     bundle: &Bundle,
     engine: &Arc<Engine>,
     plan_text: &str,
     svg: Option<&Path>,
+    series: Option<&Path>,
 ) -> Result<serde_json::Value, String> {
     let plan: Plan = serde_json::from_str(plan_text).map_err(|e| format!("traffic plan: {e}"))?;
     if plan.duration_s == 0 || plan.duration_s > MAX_DURATION_S {
@@ -244,6 +247,10 @@ pub fn run(
 
     if let Some(path) = svg {
         draw(path, plan.duration_s, &counts)?;
+    }
+    if let Some(path) = series {
+        std::fs::write(path, series_text(path, plan.duration_s, &counts))
+            .map_err(|e| format!("{}: error: cannot write: {e}", path.display()))?;
     }
     let tenants: serde_json::Map<String, serde_json::Value> = counts
         .iter()
@@ -397,6 +404,34 @@ fn check_flows(bundle: &Bundle, engine: &Engine, plan: &Plan) -> Result<Vec<Read
 }
 
 /// Admitted (solid) and offered (faint) requests per second, one color per tenant.
+/// The per-second table `--series` writes (see [`run_with`]).
+fn series_text(path: &Path, duration_s: u64, counts: &BTreeMap<TenantPath, Counts>) -> String {
+    let json = path.extension().is_some_and(|e| e == "json");
+    let mut rows = Vec::new();
+    for second in 0..usize::try_from(duration_s).unwrap_or(0) {
+        for (tenant, c) in counts {
+            let offered = c.offered_per_s.get(second).copied().unwrap_or(0);
+            let admitted = c.admitted_per_s.get(second).copied().unwrap_or(0);
+            rows.push((second, tenant.to_string(), offered, admitted));
+        }
+    }
+    if json {
+        let v: Vec<serde_json::Value> = rows
+            .into_iter()
+            .map(|(second, tenant, offered, admitted)| {
+                serde_json::json!({"second": second, "tenant": tenant, "offered": offered, "admitted": admitted})
+            })
+            .collect();
+        serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
+    } else {
+        let mut out = String::from("second,tenant,offered,admitted\n");
+        for (second, tenant, offered, admitted) in rows {
+            out.push_str(&format!("{second},{tenant},{offered},{admitted}\n"));
+        }
+        out
+    }
+}
+
 fn draw(path: &Path, duration_s: u64, counts: &BTreeMap<TenantPath, Counts>) -> Result<(), String> {
     use plotters::prelude::*;
 
@@ -512,7 +547,7 @@ mod tests {
         let mut b = b.clone();
         b.version = b.compute_version();
         let engine = Arc::new(Engine::new(&b).map_err(|e| format!("{e:?}"))?);
-        run(&b, &engine, plan, None)
+        run_with(&b, &engine, plan, None, None)
     }
 
     fn counts(v: &serde_json::Value, tenant: &str) -> (u64, u64) {
@@ -832,6 +867,41 @@ mod tests {
     }
 
     #[test]
+    fn writes_the_per_second_series() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("p");
+        std::fs::create_dir_all(tree.join("tenants/a")).unwrap();
+        std::fs::write(
+            tree.join("tenants/a/tenant.json"),
+            r#"{"limits": {"rps": {"rate": 3}}}"#,
+        )
+        .unwrap();
+        let b = Bundle::from_dir(&tree).unwrap();
+        let engine = Arc::new(Engine::new(&b).unwrap());
+        let plan = r#"{"duration_s": 2, "flows": [{"tenant": "/a", "rps": 5}]}"#;
+        let csv = dir.path().join("s.csv");
+        run_with(&b, &engine, plan, None, Some(&csv)).unwrap();
+        // 5 offered a second, 0.2 s apart; the bucket of 3 (full at start)
+        // refills 0.6 between two: all 5 of the first second pass (3 - 5 +
+        // 4 x 0.6 = 0.4 left), then 3 a second.
+        assert_eq!(
+            std::fs::read_to_string(&csv).unwrap(),
+            "second,tenant,offered,admitted\n0,/a,5,5\n1,/a,5,3\n"
+        );
+        let json = dir.path().join("s.json");
+        run_with(&b, &engine, plan, None, Some(&json)).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!([
+                {"second": 0, "tenant": "/a", "offered": 5, "admitted": 5},
+                {"second": 1, "tenant": "/a", "offered": 5, "admitted": 3}
+            ])
+        );
+    }
+
+    #[test]
     fn draws_an_svg() {
         let b = bundle(&[
             ("/", r#"{"limits": {"rps": {"rate": 20}}}"#),
@@ -846,11 +916,12 @@ mod tests {
         let mut b = b;
         b.version = b.compute_version();
         let engine = Arc::new(Engine::new(&b).unwrap());
-        run(
+        run_with(
             &b,
             &engine,
             r#"{"duration_s": 5, "flows": [{"tenant": "/a", "rps": 30}, {"tenant": "/", "rps": 5}]}"#,
             Some(&out),
+            None,
         )
         .unwrap();
         let svg = std::fs::read_to_string(&out).unwrap();
@@ -873,7 +944,7 @@ mod tests {
 
         // /acme/us and /acme/eu/team-a at their rates next to two floods:
         // never refused.
-        let v = run(&b, &model, &plan("traffic-guarantee.json"), None).unwrap();
+        let v = run_with(&b, &model, &plan("traffic-guarantee.json"), None, None).unwrap();
         assert_eq!(counts(&v, "/acme/us"), (30 * 200, 0), "{v}");
         assert_eq!(counts(&v, "/acme/eu/team-a"), (30 * 100, 0), "{v}");
         assert!(
@@ -884,7 +955,7 @@ mod tests {
         // /acme/eu (rate 200, ceil 500) gets far above its rate by borrowing,
         // never above its ceil (plus the initial bursts); /acme/us at 150 is
         // never refused.
-        let v = run(&b, &model, &plan("traffic-borrow.json"), None).unwrap();
+        let v = run_with(&b, &model, &plan("traffic-borrow.json"), None, None).unwrap();
         let (eu, _) = counts(&v, "/acme/eu");
         assert!(eu > 60 * 400 && eu <= 60 * 500 + 500 + 2000, "{v}");
         assert_eq!(counts(&v, "/acme/us"), (20 * 150, 0), "{v}");
@@ -900,7 +971,7 @@ mod tests {
         // one key at 2 a second gets its 3 and the tokens of 20, 40, 60, 80
         // and 100 s; 10 keys taking 1 a second in turn get 8 each; keyless
         // traffic is not counted by key.
-        let v = run(&b, &model, &plan("traffic-keys.json"), None).unwrap();
+        let v = run_with(&b, &model, &plan("traffic-keys.json"), None, None).unwrap();
         assert_eq!(
             (0..3).map(|i| flow(&v, i)).collect::<Vec<_>>(),
             [

@@ -59,8 +59,10 @@ fn a_failing_policy_test_exits_1() {
     let r = tenantgate(&["test", dir.path().to_str().unwrap()]);
     assert_eq!(r.code, 1);
     assert!(
-        r.stdout
-            .contains("FAIL tests/zz-wrong.json: wrong on purpose"),
+        r.stdout.contains(&format!(
+            "FAIL {}/tests/zz-wrong.json: wrong on purpose",
+            dir.path().display()
+        )),
         "{}",
         r.stdout
     );
@@ -375,12 +377,17 @@ fn serve_xds_refuses_to_start_on_a_tree_whose_policy_tests_fail() {
         "dist/tenantgate.wasm",
     ]);
     assert_eq!(r.code, 1, "{}", r.stderr);
-    let first = r.stderr.lines().next().unwrap();
+    // The tree's notes first (as for every load), then the failing test.
+    let lines: Vec<&str> = r.stderr.lines().collect();
     assert_eq!(
-        first,
-        format!(
-            "tenantgate serve: error: {dir}/tests/defaults.json: error: policy test failed: two permits: gus GET /healthz in /globex: decision: want Allow, got Deny; status: want 200, got 403; reasons: want {{\"globex-read\", \"platform-healthz\"}}, got {{\"globex-read\"}}"
-        )
+        lines.first().copied(),
+        Some(format!("tenantgate serve: {dir}/tenantgate.json: note: fleet limits are not enforced by the filter without `rate_limit_service`: `rpm` on `/acme`, `rpm` on `/acme/eu` (docs/fleet.md)").as_str())
+    );
+    assert_eq!(
+        lines.get(1).copied(),
+        Some(format!(
+            "tenantgate serve: {dir}/tests/defaults.json: error: policy test failed: two permits: gus GET /healthz in /globex: decision: want allow, got deny; status: want 200, got 403; reasons: want {{\"globex-read\", \"platform-healthz\"}}, got {{\"globex-read\"}}"
+        ).as_str())
     );
     assert!(
         r.stderr.trim_end().ends_with("policy tests failed"),

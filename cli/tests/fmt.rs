@@ -90,7 +90,7 @@ fn a_folder_without_tenants_is_an_error() {
     assert_eq!(
         r.stderr,
         format!(
-            "{}: error: not a policy folder (no `tenants/` folder)\n",
+            "{}: error: not a policy folder (no `tenants/` folder) or a `.cedar` file\n",
             dir.path().display()
         )
     );

@@ -4,7 +4,8 @@
 //! and the Istio `WasmPlugin` checked against the CRD's field names.
 //!
 //! Needs `dist/tenantgate.wasm` (`scripts/build-wasm.sh`, or set
-//! `TENANTGATE_WASM`) and Envoy (`$ENVOY_BIN`, else `.venv/bin/envoy`, which
+//! `TENANTGATE_WASM`), `dist/libtenantgate.so` (`scripts/build-native.sh`, or
+//! set `TENANTGATE_NATIVE`) and Envoy (`$ENVOY_BIN`, else `.venv/bin/envoy`, which
 //! `scripts/install-envoy.sh` installs; the tests run it when Envoy is missing).
 
 #![allow(
@@ -74,6 +75,20 @@ fn wasm() -> PathBuf {
     assert!(
         path.is_file(),
         "tenantgate.wasm not found at {}: run scripts/build-wasm.sh (or set TENANTGATE_WASM)",
+        path.display()
+    );
+    path
+}
+
+/// `libtenantgate.so`: `$TENANTGATE_NATIVE`, else `dist/libtenantgate.so`.
+fn native() -> PathBuf {
+    let path = match std::env::var_os("TENANTGATE_NATIVE") {
+        Some(p) => PathBuf::from(p),
+        None => repo().join("dist/libtenantgate.so"),
+    };
+    assert!(
+        path.is_file(),
+        "libtenantgate.so not found at {}: run scripts/build-native.sh (or set TENANTGATE_NATIVE)",
         path.display()
     );
     path
@@ -366,7 +381,14 @@ fn bad_flags_are_refused_with_a_message() {
         let mut all = vec!["envoy", "policies", "--wasm", w];
         all.extend(args.iter().copied());
         let r = tenantgate(&all);
-        assert_eq!(r.code, 1, "{all:?}: {}", r.stdout);
+        // Usage errors (docs/reference.md, "Exit statuses") are 2; a module
+        // whose sha256 differs is found reading it: 1.
+        let want_code = if want == "the module's sha256 is" {
+            1
+        } else {
+            2
+        };
+        assert_eq!(r.code, want_code, "{all:?}: {}", r.stdout);
         assert!(
             r.stderr.contains(want),
             "{all:?}: no `{want}` in {}",
@@ -836,4 +858,139 @@ fn xds_bootstraps_take_the_filter_config_from_the_server_and_pass_envoy_validate
     let r = tenantgate(&["envoy", "policies", "--xds", "nowhere"]);
     assert_eq!(r.code, 1);
     assert_eq!(r.stderr.trim(), "error: `--xds nowhere` is not `host:port`");
+}
+
+#[test]
+fn native_bootstrap_passes_envoy_validate_and_the_module_loads_the_bundle() {
+    let native = native();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("envoy.json");
+    let r = tenantgate(&[
+        "envoy",
+        "policies",
+        "--native",
+        native.to_str().unwrap(),
+        "-o",
+        config.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    let filters = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        ["typed_config"]["http_filters"]
+        .as_array()
+        .unwrap();
+    assert_eq!(filters[0]["name"], "envoy.filters.http.dynamic_modules");
+    let cfg = &filters[0]["typed_config"];
+    assert_eq!(
+        cfg["@type"],
+        "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
+    );
+    assert_eq!(
+        cfg["dynamic_module_config"]["module"]["local"]["filename"],
+        native.to_str().unwrap()
+    );
+    assert_eq!(cfg["filter_name"], "tenantgate");
+    assert_eq!(
+        cfg["filter_config"]["@type"],
+        "type.googleapis.com/google.protobuf.StringValue"
+    );
+    let bundle: Value =
+        serde_json::from_str(cfg["filter_config"]["value"].as_str().unwrap()).unwrap();
+    assert_eq!(bundle["version"], version_of("policies").as_str());
+    assert_eq!(filters[1]["name"], "envoy.filters.http.router");
+
+    let (ok, log) = envoy_validate(&config);
+    assert!(ok, "envoy --mode validate refused the config:\n{log}");
+    assert!(
+        log.contains("Dynamic module ABI version v0.2.0 matched"),
+        "{log}"
+    );
+    let loaded = format!("tenantgate: loaded bundle {}", version_of("policies"));
+    assert!(log.contains(&loaded), "no `{loaded}` in:\n{log}");
+
+    // The ECDS forms carry the native filter and its type.
+    let ecds = render(&[
+        "envoy",
+        "policies",
+        "--native",
+        native.to_str().unwrap(),
+        "--discovery-response",
+    ]);
+    assert_eq!(
+        ecds["resources"][0]["typed_config"]["filter_name"],
+        "tenantgate"
+    );
+    let boot = render(&[
+        "envoy",
+        "policies",
+        "--native",
+        native.to_str().unwrap(),
+        "--ecds",
+        "/tmp/x.json",
+    ]);
+    let f = &boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        ["typed_config"]["http_filters"][0];
+    assert_eq!(
+        f["config_discovery"]["type_urls"][0],
+        "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
+    );
+}
+
+#[test]
+fn a_bundle_the_native_module_refuses_stops_envoy_with_the_located_errors() {
+    let native = native();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("envoy.json");
+    let r = tenantgate(&[
+        "envoy",
+        "policies",
+        "--native",
+        native.to_str().unwrap(),
+        "-o",
+        config.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // The bundle's version no longer matches its content.
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replacen("permit", "forbid", 1);
+    std::fs::write(&config, text).unwrap();
+    let (ok, log) = envoy_validate(&config);
+    assert!(!ok, "envoy accepted a tampered bundle:\n{log}");
+    assert!(
+        log.contains("tenantgate: bundle refused (1 errors)"),
+        "{log}"
+    );
+    assert!(log.contains("Failed to initialize dynamic module"), "{log}");
+}
+
+#[test]
+fn native_flags_that_do_not_apply_are_refused() {
+    let native = native();
+    let n = native.to_str().unwrap();
+    for (args, want) in [
+        (vec!["--istio"], "`--istio` does not apply with `--native`"),
+        (
+            vec!["--fail-open"],
+            "`--fail-open` does not apply with `--native`",
+        ),
+        (vec!["--sha256", &"0".repeat(64)], "the module's sha256 is"),
+    ] {
+        let mut all = vec!["envoy", "policies", "--native", n];
+        all.extend(args.iter().copied());
+        let r = tenantgate(&all);
+        assert_eq!(r.code, 1, "{all:?}: {}", r.stdout);
+        assert!(
+            r.stderr.contains(want),
+            "{all:?}: no `{want}` in {}",
+            r.stderr
+        );
+    }
+    let r = tenantgate(&["envoy", "policies", "--native", n, "--wasm", "x.wasm"]);
+    assert_eq!(r.code, 2, "clap refuses both builds at once: {}", r.stderr);
+    assert!(r.stderr.contains("cannot be used with"), "{}", r.stderr);
+    // The right checksum passes.
+    let sha = sha256_hex(&native);
+    let r = tenantgate(&["envoy", "policies", "--native", n, "--sha256", &sha]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::diag::{Diagnostic, Diagnostics};
+use crate::diag::{Diagnostic, Diagnostics, Severity};
 use crate::settings::Settings;
 use crate::tenant::{is_valid_segment, TenantPath};
 
@@ -73,7 +73,18 @@ impl Bundle {
     /// bundle. Only reads files and checks the layout; [`crate::Engine::new`]
     /// validates the content.
     pub fn from_dir(dir: &Path) -> Result<Bundle, Diagnostics> {
+        Self::from_dir_warn(dir, &mut Vec::new())
+    }
+
+    /// [`Bundle::from_dir`], adding to `warnings` the files of the folder that
+    /// are not read but look meant to be (`tenants/acme/tenants.json`,
+    /// `deny.ceder`, a `.cedar` file beside `tenants/`).
+    pub fn from_dir_warn(
+        dir: &Path,
+        warnings: &mut Vec<Diagnostic>,
+    ) -> Result<Bundle, Diagnostics> {
         let mut errors = Vec::new();
+        top_level_warnings(dir, warnings);
         let settings = match read_optional(dir, SETTINGS_FILE) {
             Ok(Some(text)) => match serde_json::from_str::<Settings>(&text) {
                 Ok(s) => {
@@ -109,7 +120,13 @@ impl Bundle {
         let mut tenants = Vec::new();
         let root = dir.join(TENANTS_DIR);
         if root.is_dir() {
-            walk_tenant(dir, &root, TenantPath::root(), &mut tenants, &mut errors);
+            let mut walk = Walk {
+                base: dir,
+                out: &mut tenants,
+                errors: &mut errors,
+                warnings,
+            };
+            walk.tenant(&root, TenantPath::root());
         } else {
             errors.push(Diagnostic::new(
                 TENANTS_DIR,
@@ -250,75 +267,349 @@ fn relative(base: &Path, p: &Path) -> String {
         .replace('\\', "/")
 }
 
-fn walk_tenant(
-    base: &Path,
-    dir: &Path,
-    path: TenantPath,
-    out: &mut Vec<BundleTenant>,
-    errors: &mut Vec<Diagnostic>,
-) {
-    let rel = relative(base, dir);
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) => {
-            errors.push(Diagnostic::new(rel, format!("cannot read folder: {e}")));
-            return;
+struct Walk<'a> {
+    base: &'a Path,
+    out: &'a mut Vec<BundleTenant>,
+    errors: &'a mut Vec<Diagnostic>,
+    warnings: &'a mut Vec<Diagnostic>,
+}
+
+impl Walk<'_> {
+    fn tenant(&mut self, dir: &Path, path: TenantPath) {
+        let base = self.base;
+        let rel = relative(base, dir);
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) => {
+                self.errors
+                    .push(Diagnostic::new(rel, format!("cannot read folder: {e}")));
+                return;
+            }
+        };
+        let mut names: Vec<_> = entries.filter_map(Result::ok).map(|e| e.path()).collect();
+        names.sort();
+        let mut tenant = BundleTenant {
+            path: path.clone(),
+            config: None,
+            policies: Vec::new(),
+        };
+        let mut children = Vec::new();
+        for p in names {
+            let file = relative(base, &p);
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if p.is_dir() {
+                if !is_valid_segment(&name) {
+                    self.errors.push(Diagnostic::new(
+                        file,
+                        format!(
+                            "folder name `{}` is not a valid tenant segment (lowercase letters, digits, `_` and `-`, starting with a letter or digit, at most 63 characters)",
+                            crate::tenant::shorten(&name)
+                        ),
+                    ));
+                    continue;
+                }
+                match path.child(&name) {
+                    Ok(child) => children.push((p, child)),
+                    Err(e) => self.errors.push(Diagnostic::new(file, e.to_string())),
+                }
+                continue;
+            }
+            let read = |errors: &mut Vec<Diagnostic>| match std::fs::read_to_string(&p) {
+                Ok(text) => Some(SourceFile {
+                    file: file.clone(),
+                    text,
+                }),
+                Err(e) => {
+                    errors.push(Diagnostic::new(file.clone(), format!("cannot read: {e}")));
+                    None
+                }
+            };
+            if name == TENANT_FILE {
+                tenant.config = read(self.errors);
+            } else if name.ends_with(".cedar") {
+                if let Some(f) = read(self.errors) {
+                    tenant.policies.push(f);
+                }
+            } else if let Some(why) = unread_tenant_file(&name) {
+                self.warnings.push(Diagnostic::warning(file, why));
+            }
         }
+        self.out.push(tenant);
+        for (dir, child) in children {
+            self.tenant(&dir, child);
+        }
+    }
+}
+
+/// Why a file in a tenant folder that is not read is worth a warning; `None`
+/// for notes (`*.md`, `*.txt` other than `*.cedar.txt`) and hidden files.
+fn unread_tenant_file(name: &str) -> Option<String> {
+    if name.starts_with('.') || name.ends_with(".md") {
+        return None;
+    }
+    let holds = "a tenant folder holds `tenant.json`, `*.cedar` policy files, tenant folders and `*.md` notes";
+    let (stem, ext) = name.rsplit_once('.').unwrap_or((name, ""));
+    if name.contains(".cedar") || near(ext, "cedar") {
+        return Some(format!(
+            "`{name}` is not read: policy files end in `.cedar`"
+        ));
+    }
+    if ext == "json" || near(name, TENANT_FILE) || near(stem, "tenant") {
+        if near(name, TENANT_FILE) || near(stem, "tenant") {
+            return Some(format!(
+                "`{name}` is not read: a tenant's attributes and limits go in `{TENANT_FILE}`"
+            ));
+        }
+        return Some(format!("`{name}` is not read ({holds})"));
+    }
+    if matches!(ext, "yaml" | "yml" | "toml") {
+        return Some(format!("`{name}` is not read ({holds})"));
+    }
+    None
+}
+
+/// Files beside `tenants/` that look meant for the tree.
+fn top_level_warnings(dir: &Path, warnings: &mut Vec<Diagnostic>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
     };
     let mut names: Vec<_> = entries.filter_map(Result::ok).map(|e| e.path()).collect();
     names.sort();
-    let mut tenant = BundleTenant {
-        path: path.clone(),
-        config: None,
-        policies: Vec::new(),
-    };
-    let mut children = Vec::new();
     for p in names {
-        let file = relative(base, &p);
         let name = p
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        if p.is_dir() {
-            if !is_valid_segment(&name) {
-                errors.push(Diagnostic::new(
-                    file,
-                    format!(
-                        "folder name `{}` is not a valid tenant segment (lowercase letters, digits, `_` and `-`, starting with a letter or digit, at most 63 characters)",
-                        crate::tenant::shorten(&name)
-                    ),
-                ));
-                continue;
-            }
-            match path.child(&name) {
-                Ok(child) => children.push((p, child)),
-                Err(e) => errors.push(Diagnostic::new(file, e.to_string())),
-            }
+        if name.starts_with('.') || name == SETTINGS_FILE || name == SCHEMA_FILE {
             continue;
         }
-        let read = |errors: &mut Vec<Diagnostic>| match std::fs::read_to_string(&p) {
-            Ok(text) => Some(SourceFile {
-                file: file.clone(),
-                text,
-            }),
-            Err(e) => {
-                errors.push(Diagnostic::new(file.clone(), format!("cannot read: {e}")));
-                None
+        let why = if p.is_dir() {
+            if name == TENANTS_DIR || name == "tests" {
+                continue;
             }
+            [TENANTS_DIR, "tests"]
+                .into_iter()
+                .find(|want| near(&name, want))
+                .map(|want| format!("folder `{name}/` is not read: did you mean `{want}/`?"))
+        } else if name.ends_with(".cedar") || name.contains(".cedar.") {
+            Some(format!(
+                "`{name}` is not read: policies go under `{TENANTS_DIR}/` (a file in `{TENANTS_DIR}/` applies to every tenant)"
+            ))
+        } else if name.ends_with(".cedarschema") || near(&name, SCHEMA_FILE) {
+            Some(format!(
+                "`{name}` is not read: the schema file is `{SCHEMA_FILE}`"
+            ))
+        } else if near(&name, SETTINGS_FILE) {
+            Some(format!(
+                "`{name}` is not read: the settings file is `{SETTINGS_FILE}`"
+            ))
+        } else if name == TENANT_FILE {
+            Some(format!(
+                "`{name}` is not read: the root tenant's `{TENANT_FILE}` goes in `{TENANTS_DIR}/`"
+            ))
+        } else {
+            None
         };
-        if name == TENANT_FILE {
-            tenant.config = read(errors);
-        } else if name.ends_with(".cedar") {
-            if let Some(f) = read(errors) {
-                tenant.policies.push(f);
-            }
+        if let Some(why) = why {
+            let file = if p.is_dir() { format!("{name}/") } else { name };
+            warnings.push(Diagnostic::warning(file, why));
         }
-        // Other files (README.md, notes) are not part of the tree.
     }
-    out.push(tenant);
-    for (dir, child) in children {
-        walk_tenant(base, &dir, child, out, errors);
+}
+
+/// Whether `a` is a likely misspelling of `b`: at most two single-character
+/// edits apart (case ignored), and not equal.
+fn near(a: &str, b: &str) -> bool {
+    let a: Vec<char> = a.to_lowercase().chars().collect();
+    let b: Vec<char> = b.to_lowercase().chars().collect();
+    if a == b || a.len().abs_diff(b.len()) > 2 || a.is_empty() {
+        return false;
     }
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let del = prev.get(j + 1).copied().unwrap_or(usize::MAX) + 1;
+            let ins = cur.get(j).copied().unwrap_or(usize::MAX) + 1;
+            let sub = prev.get(j).copied().unwrap_or(usize::MAX) + usize::from(ca != cb);
+            cur.push(del.min(ins).min(sub));
+        }
+        prev = cur;
+    }
+    prev.last().is_some_and(|d| *d <= 2)
+}
+
+/// A policy folder or a bundle file, loaded and compiled ([`Bundle::load`]).
+pub struct Loaded {
+    pub bundle: Bundle,
+    pub engine: crate::Engine,
+    /// Warnings and notes, files named as in [`Bundle::load`]'s errors.
+    pub warnings: Vec<Diagnostic>,
+}
+
+impl Loaded {
+    /// The warnings (not the notes): what `--strict` refuses.
+    pub fn strict_errors(&self) -> Vec<Diagnostic> {
+        self.warnings
+            .iter()
+            .filter(|w| w.severity == Severity::Warning)
+            .cloned()
+            .map(|w| Diagnostic {
+                severity: Severity::Error,
+                ..w
+            })
+            .collect()
+    }
+}
+
+impl Bundle {
+    /// Loads a policy folder or a bundle file and compiles it: what every
+    /// command and service that takes a SOURCE uses. Every diagnostic names
+    /// the file as the user gave it: `DIR/tenants/acme/a.cedar:3:5` for a
+    /// folder, `FILE (tenants/acme/a.cedar):3:5` for a bundle (the line and
+    /// column are in the Cedar or JSON text the bundle carries, as written),
+    /// `FILE:L:C` for the bundle document itself.
+    pub fn load(source: &Path) -> Result<Loaded, Diagnostics> {
+        let shown = source.display().to_string();
+        let is_dir = source.is_dir();
+        let place = |d: Diagnostic| located(&shown, is_dir, d);
+        let mut warnings = Vec::new();
+        let bundle = if is_dir {
+            if !source.join(TENANTS_DIR).is_dir() {
+                return Err(Diagnostic::new(
+                    shown.clone(),
+                    format!(
+                        "not a policy folder: it has no `{TENANTS_DIR}/` folder (the root tenant `/`; docs/reference.md, \"The policy folder\")"
+                    ),
+                )
+                .into());
+            }
+            Bundle::from_dir_warn(source, &mut warnings)
+                .map_err(|d| Diagnostics(d.0.into_iter().map(place).collect()))?
+        } else {
+            let text = match std::fs::read_to_string(source) {
+                Ok(t) => t,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(Diagnostic::new(
+                        shown,
+                        "no such file or folder (SOURCE is a policy folder or a bundle file)",
+                    )
+                    .into())
+                }
+                Err(e) => return Err(Diagnostic::new(shown, format!("cannot read: {e}")).into()),
+            };
+            if let Some(why) = not_a_bundle(source, &text) {
+                return Err(Diagnostic::new(shown, why).into());
+            }
+            Bundle::from_json(&text)
+                .map_err(|d| Diagnostics(d.0.into_iter().map(place).collect()))?
+        };
+        let engine = crate::Engine::new(&bundle).map_err(|d| {
+            // A problem of a policy inherited by several tenants is found
+            // once per tenant: say it once.
+            let mut seen = Vec::new();
+            for diag in d.0.into_iter().map(place) {
+                if !seen.contains(&diag) {
+                    seen.push(diag);
+                }
+            }
+            Diagnostics(seen)
+        })?;
+        warnings.extend(notes(&bundle, &engine));
+        let warnings = warnings.into_iter().map(place).collect();
+        Ok(Loaded {
+            bundle,
+            engine,
+            warnings,
+        })
+    }
+}
+
+/// A diagnostic's file as the user named the source (see [`Bundle::load`]).
+fn located(source: &str, is_dir: bool, mut d: Diagnostic) -> Diagnostic {
+    d.file = if d.file.is_empty() || (!is_dir && d.file == "bundle") {
+        source.to_string()
+    } else if is_dir {
+        format!("{}/{}", source.trim_end_matches('/'), d.file)
+    } else {
+        format!("{source} ({})", d.file)
+    };
+    d
+}
+
+/// Why a file given as SOURCE is not a bundle, when it plainly is not one
+/// (not JSON, or JSON without a bundle's keys); `None` for a bundle, even a
+/// broken one (its own errors say what is wrong).
+fn not_a_bundle(source: &Path, text: &str) -> Option<String> {
+    let name = source
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let value: serde_json::Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) if e.is_syntax() || e.is_eof() => {
+            // A bundle that is broken JSON still starts like one.
+            if text.trim_start().starts_with('{') && text.contains("\"tenants\"") {
+                return None;
+            }
+            return Some(
+                "not a bundle: the file is not JSON (SOURCE is a policy folder or a bundle file, as `tenantgate bundle` writes it)".into(),
+            );
+        }
+        Err(_) => return None,
+    };
+    let obj = value.as_object()?;
+    if obj.contains_key("format") || obj.contains_key("tenants") {
+        return None;
+    }
+    let what = if name == SETTINGS_FILE {
+        format!("this is a policy folder's `{SETTINGS_FILE}`; give the folder that holds it")
+    } else if name == TENANT_FILE {
+        format!("this is a tenant's `{TENANT_FILE}`; give the policy folder")
+    } else {
+        "SOURCE is a policy folder or a bundle file, as `tenantgate bundle` writes it".into()
+    };
+    Some(format!(
+        "not a bundle: no `format` or `tenants` key ({what})"
+    ))
+}
+
+/// Notes and warnings about a bundle that loads (docs/reference.md,
+/// "Warnings and notes").
+fn notes(bundle: &Bundle, engine: &crate::Engine) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    if bundle.schema.is_none() {
+        out.push(Diagnostic::note(
+            "",
+            format!("no `{SCHEMA_FILE}`: policies are not type-checked, so a misspelled attribute, entity type or action is not caught"),
+        ));
+    }
+    let fleet = engine.fleet_limits().all();
+    if !fleet.is_empty() && bundle.settings.rate_limit_service.is_none() {
+        let names: Vec<String> = fleet
+            .iter()
+            .map(|l| format!("`{}` on `{}`", l.name, l.tenant))
+            .collect();
+        out.push(Diagnostic::note(
+            SETTINGS_FILE,
+            format!(
+                "fleet limits are not enforced by the filter without `rate_limit_service`: {} (docs/fleet.md)",
+                names.join(", ")
+            ),
+        ));
+    }
+    if let Some(t) = &bundle.settings.default_tenant {
+        if !engine.has_tenant(t) {
+            out.push(Diagnostic::warning(
+                SETTINGS_FILE,
+                format!("`default_tenant`: `{t}` is not a tenant of this tree, so every request that names no tenant is refused (403 `unknown tenant`)"),
+            ));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

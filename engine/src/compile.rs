@@ -271,13 +271,17 @@ fn effective_sets(
         let mut set = PolicySet::new();
         for p in &list {
             let policy = p.policy.new_id(PolicyId::new(&p.info.id));
-            if let Err(e) = set.add(policy) {
-                errors.push(Diagnostic::at(
+            match set.add(policy) {
+                // Two policies of one tenant with one id: reported once, where
+                // they are attached (`attach_policies`), not again here and
+                // at every descendant that inherits them.
+                Ok(()) | Err(cedar_policy::PolicySetError::AlreadyDefined(_)) => {}
+                Err(e) => errors.push(Diagnostic::at(
                     &p.info.file,
                     p.info.line,
                     p.info.column,
                     e.to_string(),
-                ));
+                )),
             }
         }
         let lineage: Vec<Entity> = path
@@ -405,11 +409,20 @@ fn compile_file(
     // Each template is located at a slot of its own, in file order.
     let mut slots = slot_offsets(&src.text).into_iter();
     for template in set.templates() {
+        let offset = slots.next();
+        // Named as policies are: `@id`, else where it is (Cedar's own id,
+        // `policy0`, means nothing to the author).
+        let name = match (template.annotation("id"), offset) {
+            (Some(id), _) => id.to_string(),
+            (None, Some(off)) => {
+                format!("{}:{}", src.file, crate::diag::line_col(&src.text, off).0)
+            }
+            (None, None) => src.file.clone(),
+        };
         let msg = format!(
-            "templates (policies with `?principal` or `?resource` slots) are not supported: `{}`",
-            template.id()
+            "templates (policies with `?principal` or `?resource` slots) are not supported: `{name}`"
         );
-        errors.push(match slots.next() {
+        errors.push(match offset {
             Some(off) => Diagnostic::at_offset(&src.file, &src.text, off, msg),
             None => Diagnostic::new(&src.file, msg),
         });

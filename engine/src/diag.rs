@@ -14,6 +14,39 @@ pub struct Diagnostic {
     /// 1-based column (in characters); 0 when unknown.
     pub column: u32,
     pub message: String,
+    /// `error` unless built with [`Diagnostic::warning`] or [`Diagnostic::note`].
+    #[serde(skip_serializing_if = "Severity::is_error")]
+    pub severity: Severity,
+}
+
+/// How bad a [`Diagnostic`] is (docs/reference.md, "Warnings and notes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// The folder or bundle does not load.
+    #[default]
+    Error,
+    /// Almost certainly a mistake (a file that is not read, a setting that
+    /// names nothing); it loads, and `--strict` refuses it.
+    Warning,
+    /// Worth knowing, often deliberate (no schema); never refused.
+    Note,
+}
+
+impl Severity {
+    pub fn is_error(&self) -> bool {
+        *self == Severity::Error
+    }
+}
+
+impl fmt::Display for Severity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+            Severity::Note => "note",
+        })
+    }
 }
 
 impl Diagnostic {
@@ -23,6 +56,23 @@ impl Diagnostic {
             line: 0,
             column: 0,
             message: message.into(),
+            severity: Severity::Error,
+        }
+    }
+
+    /// A warning about a whole file (see [`Severity::Warning`]).
+    pub fn warning(file: impl Into<String>, message: impl Into<String>) -> Self {
+        Diagnostic {
+            severity: Severity::Warning,
+            ..Diagnostic::new(file, message)
+        }
+    }
+
+    /// A note about a whole file (see [`Severity::Note`]).
+    pub fn note(file: impl Into<String>, message: impl Into<String>) -> Self {
+        Diagnostic {
+            severity: Severity::Note,
+            ..Diagnostic::new(file, message)
         }
     }
 
@@ -35,19 +85,17 @@ impl Diagnostic {
     ) -> Self {
         let (line, column) = line_col(text, offset);
         Diagnostic {
-            file: file.into(),
             line,
             column,
-            message: message.into(),
+            ..Diagnostic::new(file, message)
         }
     }
 
     pub fn at(file: impl Into<String>, line: u32, column: u32, message: impl Into<String>) -> Self {
         Diagnostic {
-            file: file.into(),
             line,
             column,
-            message: message.into(),
+            ..Diagnostic::new(file, message)
         }
     }
 }
@@ -57,11 +105,11 @@ impl fmt::Display for Diagnostic {
         if self.line > 0 {
             write!(
                 f,
-                "{}:{}:{}: error: {}",
-                self.file, self.line, self.column, self.message
+                "{}:{}:{}: {}: {}",
+                self.file, self.line, self.column, self.severity, self.message
             )
         } else {
-            write!(f, "{}: error: {}", self.file, self.message)
+            write!(f, "{}: {}: {}", self.file, self.severity, self.message)
         }
     }
 }
@@ -122,6 +170,7 @@ pub fn line_col(text: &str, offset: usize) -> (u32, u32) {
 }
 
 /// Byte offset of the first character of 1-based `line`/`column`.
+#[cfg(test)]
 pub fn offset_of(text: &str, line: usize, column: usize) -> usize {
     let mut offset = 0;
     for (i, l) in text.split_inclusive('\n').enumerate() {

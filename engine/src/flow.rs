@@ -30,7 +30,7 @@ use crate::fleet::{FleetCall, FleetOutcome};
 use crate::http::{BadRequest, HttpInput, LocalReply, Mapped, MetadataSource};
 use crate::metrics::{names, Update};
 use crate::quota::{BucketStore, Refund};
-use crate::settings::{FleetMode, OnError};
+use crate::settings::OnError;
 use crate::tenant::TenantPath;
 use crate::worker::Worker;
 
@@ -580,12 +580,4 @@ fn unenforced_fleet_limits(engine: &Engine) -> Option<LogLine> {
             names.join(", ")
         ),
     ))
-}
-
-impl Engine {
-    /// True when batched reports are due on ticks.
-    pub fn reports_in_batches(&self) -> bool {
-        self.rate_limit_service()
-            .is_some_and(|r| r.mode == FleetMode::Batched)
-    }
 }

@@ -9,7 +9,11 @@ use crate::tenant::TenantPath;
 
 /// Where a value of the request comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[serde(
+    rename_all = "snake_case",
+    deny_unknown_fields,
+    try_from = "SourceRepr"
+)]
 pub enum Source {
     /// A request header (name compared case-insensitively).
     Header(String),
@@ -28,6 +32,57 @@ pub fn metadata_property(path: &[String]) -> Vec<&str> {
     p.extend(["metadata", "filter_metadata"]);
     p.extend(path.iter().map(String::as_str));
     p
+}
+
+/// What a [`Source`] is read as, so that a string or a wrong object gets a
+/// message saying what is expected (serde's would name a Rust enum).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SourceRepr {
+    Tagged(SourceTagged),
+    Text(String),
+    Other(serde_json::Value),
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+enum SourceTagged {
+    Header(String),
+    PathPrefix(String),
+    Metadata(Vec<String>),
+}
+
+const SOURCE_KEYS: &str =
+    "`header`, `path_prefix` or `metadata` (docs/reference.md, \"tenantgate.json\")";
+
+impl TryFrom<SourceRepr> for Source {
+    type Error = String;
+    fn try_from(r: SourceRepr) -> Result<Source, String> {
+        match r {
+            SourceRepr::Tagged(SourceTagged::Header(h)) => Ok(Source::Header(h)),
+            SourceRepr::Tagged(SourceTagged::PathPrefix(p)) => Ok(Source::PathPrefix(p)),
+            SourceRepr::Tagged(SourceTagged::Metadata(m)) => Ok(Source::Metadata(m)),
+            SourceRepr::Text(t) => {
+                let example = if t.starts_with('/') {
+                    format!("{{\"path_prefix\": \"{t}\"}}")
+                } else {
+                    format!("{{\"header\": \"{}\"}}", t.to_ascii_lowercase())
+                };
+                Err(format!(
+                    "a source is an object, not a string: `{example}`; its one key is {SOURCE_KEYS}"
+                ))
+            }
+            SourceRepr::Other(v) => {
+                let mut got = v.to_string();
+                if got.len() > 60 {
+                    got = got.chars().take(57).collect::<String>() + "...";
+                }
+                Err(format!(
+                    "a source is an object with one key, {SOURCE_KEYS}; got `{got}`"
+                ))
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -330,7 +385,14 @@ impl Settings {
         let mut errors = Vec::new();
         let check_source = |what: &str, s: &Source, errors: &mut Vec<String>| match s {
             Source::Header(h) if !is_header_name(h) => {
-                errors.push(format!("`{what}.header`: `{h}` is not a valid header name"))
+                let lower = h.to_ascii_lowercase();
+                if is_header_name(&lower) {
+                    errors.push(format!(
+                        "`{what}.header`: `{h}` is not a valid header name: header names are lowercase (`{lower}`), as Envoy stores them"
+                    ))
+                } else {
+                    errors.push(format!("`{what}.header`: `{h}` is not a valid header name"))
+                }
             }
             Source::PathPrefix(p) if what != "tenant" => {
                 errors.push(format!("`{what}` cannot come from `path_prefix` (`{p}`)"))
@@ -441,14 +503,6 @@ pub fn is_header_name(h: &str) -> bool {
         && h.bytes().all(|b| {
             b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.!#$%&'*+^`|~".contains(&b)
         })
-}
-
-/// An HTTP method token in upper case.
-pub fn is_method(m: &str) -> bool {
-    !m.is_empty()
-        && m.len() <= 32
-        && m.bytes()
-            .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_')
 }
 
 #[cfg(test)]

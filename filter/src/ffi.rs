@@ -189,54 +189,8 @@ pub fn header_map(map: u32) -> Result<HeaderMap, HostError> {
 impl HeaderMap {
     /// The pairs, borrowed; `None` if the serialization is malformed.
     pub fn pairs(&self) -> Option<Vec<(&str, &[u8])>> {
-        decode_map(&self.0)
+        crate::map::decode(&self.0)
     }
-}
-
-/// Decodes the proxy-wasm map serialization: count, (key len, value len)*,
-/// then each key and value followed by a NUL. `None` if it is malformed or a
-/// name is not UTF-8 (names are tokens in Envoy).
-pub fn decode_map(bytes: &[u8]) -> Option<Vec<(&str, &[u8])>> {
-    if bytes.is_empty() {
-        return Some(Vec::new());
-    }
-    let u32_at = |i: usize| -> Option<usize> {
-        let b = bytes.get(i..i + 4)?;
-        Some(u32::from_le_bytes([*b.first()?, *b.get(1)?, *b.get(2)?, *b.get(3)?]) as usize)
-    };
-    let count = u32_at(0)?;
-    if count > bytes.len() / 8 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(count);
-    let mut p = 4 + count * 8;
-    for n in 0..count {
-        let ks = u32_at(4 + n * 8)?;
-        let vs = u32_at(8 + n * 8)?;
-        let key = std::str::from_utf8(bytes.get(p..p + ks)?).ok()?;
-        p += ks + 1;
-        let value = bytes.get(p..p + vs)?;
-        p += vs + 1;
-        out.push((key, value));
-    }
-    Some(out)
-}
-
-/// Encodes pairs in the proxy-wasm map serialization.
-pub fn encode_map(pairs: &[(&str, &str)]) -> Vec<u8> {
-    let mut out = Vec::new();
-    out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
-    for (k, v) in pairs {
-        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-    }
-    for (k, v) in pairs {
-        out.extend_from_slice(k.as_bytes());
-        out.push(0);
-        out.extend_from_slice(v.as_bytes());
-        out.push(0);
-    }
-    out
 }
 
 pub fn remove_header(map: u32, name: &str) -> Result<(), HostError> {
@@ -265,7 +219,7 @@ pub fn send_local_response(
     headers: &[(&str, &str)],
     grpc_status: u32,
 ) -> Result<(), HostError> {
-    let h = encode_map(headers);
+    let h = crate::map::encode(headers);
     // SAFETY: pointers and lengths describe live slices for the whole call.
     check(unsafe {
         proxy_send_local_response(

@@ -6,6 +6,7 @@
 
 #[cfg(target_arch = "wasm32")]
 mod ffi;
+pub mod map;
 #[cfg(target_arch = "wasm32")]
 mod wasm;
 

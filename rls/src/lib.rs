@@ -20,6 +20,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::R
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
+use tonic_health::ServingStatus;
 
 use counter::Counters;
 use limits::Limits;
@@ -74,8 +75,32 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// Checks `--redis` is a Redis URL (before anything is loaded: a usage error).
+pub fn check_url(url: &str) -> Result<(), String> {
+    if !url.contains("://") {
+        return Err(format!(
+            "`--redis {}` is not a Redis URL: write `redis://{}` (`redis://[:PASSWORD@]HOST:PORT[/DB]`, or `rediss://` for TLS)",
+            redact(url),
+            redact(url)
+        ));
+    }
+    redis::Client::open(url).map(|_| ()).map_err(|e| {
+        format!(
+            "`--redis {}` is not a Redis URL (`redis://[:PASSWORD@]HOST:PORT[/DB]`): {e}",
+            redact(url)
+        )
+    })
+}
+
+/// How often the health watch PINGs Redis.
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The gRPC service name the health service reports besides `""`.
+pub const SERVICE_NAME: &str = "envoy.service.ratelimit.v3.RateLimitService";
+
 /// Connects to Redis and checks it answers.
 async fn connect(url: &str) -> Result<ConnectionManager, String> {
+    check_url(url)?;
     let fail = |e: &dyn std::fmt::Display| format!("cannot reach Redis at `{}`: {e}", redact(url));
     // TCP_NODELAY: one connection carries every call's script, pipelined;
     // with Nagle a small write can wait for the previous one's ACK (up to
@@ -106,6 +131,53 @@ async fn connect(url: &str) -> Result<ConnectionManager, String> {
     Ok(conn)
 }
 
+/// PINGs Redis every [`HEALTH_INTERVAL`]: logs one line when it is lost and
+/// one when it is back, and reports NOT_SERVING on `grpc.health.v1.Health`
+/// meanwhile (the rate limit calls then answer per the filter's `on_error`).
+async fn watch_redis(
+    mut conn: ConnectionManager,
+    shown: String,
+    health: tonic_health::server::HealthReporter,
+) {
+    let mut up = true;
+    loop {
+        tokio::time::sleep(HEALTH_INTERVAL).await;
+        let ping = tokio::time::timeout(
+            REDIS_TIMEOUT,
+            redis::cmd("PING").query_async::<String>(&mut conn),
+        )
+        .await;
+        let error = match ping {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!("no answer within {} ms", REDIS_TIMEOUT.as_millis())),
+        };
+        match (up, error) {
+            (true, Some(e)) => {
+                log(format!(
+                    "lost Redis at `{shown}`: {e}; rate limit calls fail (UNAVAILABLE) until it is back"
+                ));
+                for name in ["", SERVICE_NAME] {
+                    health
+                        .set_service_status(name, ServingStatus::NotServing)
+                        .await;
+                }
+                up = false;
+            }
+            (false, None) => {
+                log(format!("Redis at `{shown}` is back"));
+                for name in ["", SERVICE_NAME] {
+                    health
+                        .set_service_status(name, ServingStatus::Serving)
+                        .await;
+                }
+                up = true;
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Runs the service until SIGTERM or SIGINT. An error means it could not
 /// start (the bundle, Redis, the listen address).
 pub async fn run(config: Config) -> Result<(), String> {
@@ -133,6 +205,9 @@ pub async fn run(config: Config) -> Result<(), String> {
         Some(d) => format!("domain `{d}`, from `--domain`"),
         None => format!("domain `{}`, from the bundle", first.domain),
     };
+    for w in &first.warnings {
+        log(w);
+    }
     let (tx, rx) = watch::channel(Arc::new(first));
     let bundle = config.bundle.clone();
     let flag = config.domain.clone();
@@ -157,6 +232,9 @@ pub async fn run(config: Config) -> Result<(), String> {
                         new.version,
                         new.fleet.all().len()
                     ));
+                    for w in &new.warnings {
+                        log(w);
+                    }
                     tx.send_replace(Arc::new(new));
                 }
                 Err(e) => log(format!("reload failed, keeping bundle {old}: {e}")),
@@ -164,6 +242,12 @@ pub async fn run(config: Config) -> Result<(), String> {
         }
     });
 
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", ServingStatus::Serving).await;
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+        .await;
+    tokio::spawn(watch_redis(conn.clone(), redact(&config.redis), health));
     let counters = Counters::new(conn.clone(), REDIS_TIMEOUT);
     // Loaded before the first call: otherwise the first burst of calls each
     // meets NOSCRIPT and loads it again (two more round trips each).
@@ -189,6 +273,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         stop_tx.send_replace(true);
     };
     let server = tonic::transport::Server::builder()
+        .add_service(health_service)
         .add_service(RateLimitServiceServer::new(service))
         .add_service(RateLimitQuotaServiceServer::new(quotas))
         .serve_with_incoming_shutdown(

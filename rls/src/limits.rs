@@ -24,6 +24,10 @@ pub struct Limits {
     /// The root tenant declares a fleet limit, so every request's chain holds
     /// the root's counter: every key then shares the hash tag `{/}`.
     root_declares: bool,
+    /// The bundle's warnings and notes (docs/reference.md, "Warnings and
+    /// notes"), for the log: fleet limits without `rate_limit_service` are
+    /// never sent here.
+    pub warnings: Vec<String>,
 }
 
 /// What one request descriptor is.
@@ -36,33 +40,40 @@ pub enum Match<'a> {
 }
 
 impl Limits {
-    /// Reads and validates a bundle file (the whole bundle, policies included,
-    /// as the filter would: one source of truth).
+    /// Reads and validates a bundle file or a policy folder (the whole
+    /// bundle, policies included, as the filter would: one source of truth).
+    /// Errors name the file, line and column as `tenantgate validate` does.
     pub fn load(path: &Path) -> Result<Limits, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read bundle `{}`: {e}", path.display()))?;
-        Self::from_json(&text).map_err(|e| format!("bundle `{}`:\n{e}", path.display()))
+        let loaded = Bundle::load(path).map_err(|d| format!("the bundle does not load:\n{d}"))?;
+        let mut limits = Self::from_engine(loaded.bundle.version, &loaded.engine);
+        limits.warnings = loaded.warnings.iter().map(ToString::to_string).collect();
+        Ok(limits)
+    }
+
+    fn from_engine(version: String, engine: &Engine) -> Limits {
+        let fleet = engine.fleet_limits().clone();
+        let root_declares = fleet.all().iter().any(|l| l.tenant.is_root());
+        let service = engine.settings().rate_limit_service.clone();
+        let domain = service
+            .as_ref()
+            .map_or(DEFAULT_DOMAIN, |r| r.domain.as_str())
+            .to_owned();
+        let report_interval_ms = u64::from(service.unwrap_or_default().report_interval_ms);
+        Limits {
+            version,
+            fleet,
+            domain,
+            report_interval_ms,
+            root_declares,
+            warnings: Vec::new(),
+        }
     }
 
     /// A bundle document's fleet limits.
     pub fn from_json(text: &str) -> Result<Limits, String> {
         let bundle = Bundle::from_json(text).map_err(|d| d.to_string())?;
         let engine = Engine::new(&bundle).map_err(|d| d.to_string())?;
-        let fleet = engine.fleet_limits().clone();
-        let root_declares = fleet.all().iter().any(|l| l.tenant.is_root());
-        let service = bundle.settings.rate_limit_service.clone();
-        let domain = service
-            .as_ref()
-            .map_or(DEFAULT_DOMAIN, |r| r.domain.as_str())
-            .to_owned();
-        let report_interval_ms = u64::from(service.unwrap_or_default().report_interval_ms);
-        Ok(Limits {
-            version: bundle.version,
-            fleet,
-            domain,
-            report_interval_ms,
-            root_declares,
-        })
+        Ok(Self::from_engine(bundle.version, &engine))
     }
 
     /// Maps a descriptor's entries: `[("tenant", A), ("limit", N)]`, optionally

@@ -484,7 +484,7 @@ fn a_bad_bundle_at_start_exits_1_naming_the_error() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains(
-            "tenants/acme/tenant.json:1:32: error: limit `rpm`: `burst` is a local notion"
+            "bundle.json (tenants/acme/tenant.json):1:32: error: limit `rpm`: `burst` is a local notion"
         ),
         "{stderr}"
     );

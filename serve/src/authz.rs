@@ -65,6 +65,7 @@ pub fn check(state: &State, req: &CheckRequest, now: u64) -> CheckResponse {
         Step::Done(e) => e,
         Step::Deferred(_) => return denied(&LocalReply::unavailable(503)),
     };
+    state.count_decision(crate::Api::Grpc, effects.decision.is_allowed());
     state.audit(&effects.logs);
     match effects.verdict {
         Verdict::Continue {

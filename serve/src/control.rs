@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State as Extract;
-use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
+use axum::response::Response;
 use serde::Deserialize;
 
 use crate::http::{error, json};
@@ -109,17 +109,5 @@ pub async fn rollback(Extract(state): Extract<Arc<State>>, b: Bytes) -> Response
             json(StatusCode::OK, &p.fleet().status())
         }
         Err(m) => bad(m),
-    }
-}
-
-pub async fn metrics(Extract(state): Extract<Arc<State>>) -> Response {
-    match state.plane() {
-        Some(p) => (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            p.fleet().metrics(),
-        )
-            .into_response(),
-        None => off(),
     }
 }

@@ -6,9 +6,12 @@
 //!   request the bundle's settings cannot express; 413 above
 //!   [`MAX_BODY_BYTES`](crate::MAX_BODY_BYTES);
 //! - `GET /v1/bundle`: `{"version", "tenants", "policies"}`;
-//! - `GET /healthz`: `{"status": "ok", "version"}`;
-//! - the control plane's `/v1/rollout`, `/v1/rollback` and `/metrics`
-//!   (`control`).
+//! - `GET /healthz`: `{"status": "ok", "version"}`, plus `"last_reload":
+//!   {"status": "failed", "at_s", "error"}` while the last SIGHUP reload
+//!   failed (the previous bundle serving; still 200);
+//! - `GET /metrics`: Prometheus text (`tenantgate_serve_*`, and with the
+//!   control plane its series);
+//! - the control plane's `/v1/rollout` and `/v1/rollback` (`control`).
 //!
 //! Every error body is `{"error": ..., "message": ...}`.
 
@@ -28,16 +31,28 @@ use crate::{now_ns, State, MAX_BODY_BYTES};
 /// The API's routes over the shared state.
 pub fn router(state: Arc<State>) -> Router {
     Router::new()
-        .route("/v1/decide", post(decide))
-        .route("/v1/bundle", get(bundle))
-        .route("/healthz", get(healthz))
+        .route(
+            "/v1/decide",
+            post(decide).fallback(|| method_not_allowed("POST")),
+        )
+        .route(
+            "/v1/bundle",
+            get(bundle).fallback(|| method_not_allowed("GET,HEAD")),
+        )
+        .route(
+            "/healthz",
+            get(healthz).fallback(|| method_not_allowed("GET,HEAD")),
+        )
+        .route(
+            "/metrics",
+            get(metrics).fallback(|| method_not_allowed("GET,HEAD")),
+        )
         // The control plane (`--xds`): src/control.rs.
         .route(
             "/v1/rollout",
             get(crate::control::status).post(crate::control::rollout),
         )
         .route("/v1/rollback", post(crate::control::rollback))
-        .route("/metrics", get(crate::control::metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
@@ -98,6 +113,7 @@ async fn decide(
         Ok(x) => x,
         Err(m) => return error(StatusCode::BAD_REQUEST, "bad_request", m),
     };
+    state.count_decision(crate::Api::Http, effects.decision.is_allowed());
     state.audit(&effects.logs);
     match worker.engine().outcome_json(&effects) {
         Ok(v) => json(StatusCode::OK, &v),
@@ -119,10 +135,39 @@ async fn bundle(Extract(state): Extract<Arc<State>>) -> Response {
 }
 
 async fn healthz(Extract(state): Extract<Arc<State>>) -> Response {
-    json(
+    let mut body = serde_json::json!({ "status": "ok", "version": state.engine().version() });
+    if let (Some(f), Some(obj)) = (state.failed_reload(), body.as_object_mut()) {
+        obj.insert(
+            "last_reload".into(),
+            serde_json::json!({ "status": "failed", "at_s": f.at_s, "error": f.error }),
+        );
+    }
+    json(StatusCode::OK, &body)
+}
+
+async fn metrics(Extract(state): Extract<Arc<State>>) -> Response {
+    let mut text = state.metrics_text();
+    if let Some(p) = state.plane() {
+        text.push_str(&p.fleet().metrics());
+    }
+    (
         StatusCode::OK,
-        &serde_json::json!({ "status": "ok", "version": state.engine().version() }),
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        text,
     )
+        .into_response()
+}
+
+/// 405 with the JSON error body and the `allow` header.
+async fn method_not_allowed(allow: &'static str) -> Response {
+    let mut r = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("this endpoint takes `{allow}`"),
+    );
+    r.headers_mut()
+        .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+    r
 }
 
 async fn not_found() -> Response {

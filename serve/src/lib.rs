@@ -25,11 +25,12 @@ pub mod xds;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tenantgate_engine::flow::LogLine;
-use tenantgate_engine::{Bundle, Diagnostics, Engine, Worker};
+use tenantgate_engine::{Bundle, Engine, Worker};
 
 use crate::xds::Plane;
 use tokio::signal::unix::{signal, SignalKind};
@@ -67,37 +68,29 @@ pub fn now_ns() -> u64 {
 }
 
 /// Loads a policy folder or a bundle file and compiles it; the error names
-/// the file, line and column of every problem.
+/// the file, line and column of every problem (in the Cedar or JSON text a
+/// bundle carries: `bundle.json (tenants/acme/a.cedar):3:5`).
+/// Its warnings and notes (docs/reference.md, "Warnings and notes") go to
+/// the log.
 pub fn load(source: &Path) -> Result<Engine, String> {
     load_bundle(source).map(|(_, engine)| engine)
 }
 
 /// [`load`], with the bundle.
 pub fn load_bundle(source: &Path) -> Result<(Bundle, Engine), String> {
-    let shown = |d: &Diagnostics| {
-        let lines: Vec<String> = d
-            .iter()
-            .map(|diag| {
-                let mut diag = diag.clone();
-                diag.file = if source.is_dir() {
-                    source.join(&diag.file).display().to_string()
-                } else {
-                    source.display().to_string()
-                };
-                diag.to_string()
-            })
-            .collect();
-        lines.join("\n")
-    };
-    let bundle = if source.is_dir() {
-        Bundle::from_dir(source).map_err(|d| shown(&d))?
-    } else {
-        let text = std::fs::read_to_string(source)
-            .map_err(|e| format!("{}: error: cannot read: {e}", source.display()))?;
-        Bundle::from_json(&text).map_err(|d| shown(&d))?
-    };
-    let engine = Engine::new(&bundle).map_err(|d| shown(&d))?;
-    Ok((bundle, engine))
+    let loaded = Bundle::load(source).map_err(|d| d.to_string())?;
+    for w in &loaded.warnings {
+        log(w);
+    }
+    Ok((loaded.bundle, loaded.engine))
+}
+
+/// The last reload that failed, for `/healthz`; cleared by a successful one.
+#[derive(Debug, Clone)]
+pub struct FailedReload {
+    /// Seconds since the Unix epoch.
+    pub at_s: u64,
+    pub error: String,
 }
 
 /// What the control plane pushes: [`load_bundle`] (as `tenantgate bundle`
@@ -142,6 +135,8 @@ pub struct State {
     source: PathBuf,
     worker: watch::Sender<Arc<Worker>>,
     plane: Option<Arc<Plane>>,
+    failed_reload: Mutex<Option<FailedReload>>,
+    counters: Counters,
 }
 
 /// A worker over `engine` whose decisions get ids.
@@ -150,12 +145,30 @@ fn worker(engine: impl Into<Arc<Engine>>) -> Worker {
     Worker::with_ids(engine.into(), seed)
 }
 
+/// What `/metrics` counts.
+#[derive(Default)]
+struct Counters {
+    /// `[api][allowed]`: api 0 http, 1 grpc.
+    decisions: [[AtomicU64; 2]; 2],
+    reloads_ok: AtomicU64,
+    reloads_failed: AtomicU64,
+}
+
+/// A front end, for [`State::count_decision`].
+#[derive(Debug, Clone, Copy)]
+pub enum Api {
+    Http,
+    Grpc,
+}
+
 impl State {
     pub fn new(source: PathBuf, engine: impl Into<Arc<Engine>>) -> State {
         State {
             source,
             worker: watch::Sender::new(Arc::new(worker(engine))),
             plane: None,
+            failed_reload: Mutex::new(None),
+            counters: Counters::default(),
         }
     }
 
@@ -182,26 +195,108 @@ impl State {
     /// version goes to the fleet (unless it is the version already loaded);
     /// a refusal is recorded for `GET /v1/rollout`.
     pub fn reload(&self) -> Result<String, String> {
-        let Some(plane) = &self.plane else {
-            let engine = load(&self.source)?;
-            let version = engine.version().to_string();
-            self.worker.send_replace(Arc::new(worker(engine)));
-            return Ok(version);
+        let result = match &self.plane {
+            None => load_bundle(&self.source).map(|(b, e)| (b, Arc::new(e))),
+            Some(_) => load_checked(&self.source).map_err(|errors| errors.join("\n")),
         };
-        match load_checked(&self.source) {
+        let mut failed = match self.failed_reload.lock() {
+            Ok(f) => f,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        match result {
             Ok((bundle, engine)) => {
                 let version = engine.version().to_string();
                 self.worker.send_replace(Arc::new(worker(engine)));
-                if plane.loaded(&bundle) {
-                    plane.notify();
+                *failed = None;
+                self.counters.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                if let Some(plane) = &self.plane {
+                    if plane.loaded(&bundle) {
+                        plane.notify();
+                    }
                 }
                 Ok(version)
             }
-            Err(errors) => {
-                let text = errors.join("\n");
-                plane.fleet().refused(errors, now_ns());
-                Err(text)
+            Err(e) => {
+                *failed = Some(FailedReload {
+                    at_s: now_ns() / 1_000_000_000,
+                    error: e.clone(),
+                });
+                self.counters.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                if let Some(plane) = &self.plane {
+                    plane
+                        .fleet()
+                        .refused(e.lines().map(str::to_string).collect(), now_ns());
+                }
+                Err(e)
             }
+        }
+    }
+
+    /// Counts a decision for `/metrics`.
+    pub fn count_decision(&self, api: Api, allowed: bool) {
+        let a = match api {
+            Api::Http => 0,
+            Api::Grpc => 1,
+        };
+        if let Some(c) = self
+            .counters
+            .decisions
+            .get(a)
+            .and_then(|row| row.get(usize::from(allowed)))
+        {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `/metrics`: Prometheus text exposition (docs/reference.md, `tenantgate serve`).
+    pub fn metrics_text(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let c = &self.counters;
+        let _ = writeln!(out, "# HELP tenantgate_serve_decisions_total Decisions answered, by front end and decision.\n# TYPE tenantgate_serve_decisions_total counter");
+        for (ai, api) in ["http", "grpc"].iter().enumerate() {
+            for (di, decision) in ["deny", "allow"].iter().enumerate() {
+                let n = c
+                    .decisions
+                    .get(ai)
+                    .and_then(|row| row.get(di))
+                    .map_or(0, |x| x.load(Ordering::Relaxed));
+                let _ = writeln!(
+                    out,
+                    "tenantgate_serve_decisions_total{{api=\"{api}\",decision=\"{decision}\"}} {n}"
+                );
+            }
+        }
+        let _ = writeln!(out, "# HELP tenantgate_serve_reloads_total SIGHUP reloads, by result.\n# TYPE tenantgate_serve_reloads_total counter");
+        let _ = writeln!(
+            out,
+            "tenantgate_serve_reloads_total{{result=\"ok\"}} {}\ntenantgate_serve_reloads_total{{result=\"failed\"}} {}",
+            c.reloads_ok.load(Ordering::Relaxed),
+            c.reloads_failed.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(out, "# HELP tenantgate_serve_last_reload_failed 1 while the last reload failed (the previous bundle serving).\n# TYPE tenantgate_serve_last_reload_failed gauge");
+        let _ = writeln!(
+            out,
+            "tenantgate_serve_last_reload_failed {}",
+            u8::from(self.failed_reload().is_some())
+        );
+        let engine = self.engine();
+        let _ = writeln!(out, "# HELP tenantgate_serve_bundle_info The bundle serving.\n# TYPE tenantgate_serve_bundle_info gauge");
+        let _ = writeln!(
+            out,
+            "tenantgate_serve_bundle_info{{version=\"{}\",tenants=\"{}\",policies=\"{}\"}} 1",
+            engine.version(),
+            engine.tenants().len(),
+            engine.policy_count()
+        );
+        out
+    }
+
+    /// The last reload, when it failed and none succeeded since.
+    pub fn failed_reload(&self) -> Option<FailedReload> {
+        match self.failed_reload.lock() {
+            Ok(f) => f.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
 

@@ -82,12 +82,8 @@ pub fn load(dir: &Path) -> Result<Vec<LoadedTest>, Vec<String>> {
     };
     files.sort();
     for path in files {
-        let name = format!(
-            "tests/{}",
-            path.file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default()
-        );
+        // As the user typed DIR: `policies/tests/acme.json`.
+        let name = path.display().to_string();
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) => {
@@ -95,6 +91,10 @@ pub fn load(dir: &Path) -> Result<Vec<LoadedTest>, Vec<String>> {
                 continue;
             }
         };
+        if let Some(why) = shape_error(&text) {
+            errors.push(format!("{name}:1:1: error: {why}"));
+            continue;
+        }
         match serde_json::from_str::<TestFile>(&text) {
             Ok(f) => out.extend(f.tests.into_iter().map(|test| LoadedTest {
                 file: name.clone(),
@@ -112,6 +112,22 @@ pub fn load(dir: &Path) -> Result<Vec<LoadedTest>, Vec<String>> {
         Ok(out)
     } else {
         Err(errors)
+    }
+}
+
+/// A tests file that is valid JSON of the wrong shape: serde would name
+/// the Rust type it expected.
+fn shape_error(text: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(text).ok()?;
+    let shape =
+        "a tests file is an object `{\"tests\": [{\"name\", \"request\", \"expect\"}, ...]}`";
+    match &value {
+        serde_json::Value::Object(map) => match map.get("tests") {
+            Some(serde_json::Value::Array(_)) | None => None,
+            Some(_) => Some(format!("`tests` is not a list ({shape})")),
+        },
+        serde_json::Value::Array(_) => Some(format!("the file is a list, not an object ({shape})")),
+        _ => Some(format!("the file is not an object ({shape})")),
     }
 }
 
@@ -163,6 +179,13 @@ pub fn decide_at(engine: &Arc<Engine>, test: &PolicyTest, now: u64) -> Result<De
     last.ok_or_else(|| "no request was sent".to_string())
 }
 
+fn outcome_name(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Allow => "allow",
+        Outcome::Deny => "deny",
+    }
+}
+
 /// Checks a decision against a test's expectation; `Err` says what differed.
 pub fn check(test: &PolicyTest, decision: &Decision) -> Result<(), String> {
     let mut problems = Vec::new();
@@ -172,8 +195,9 @@ pub fn check(test: &PolicyTest, decision: &Decision) -> Result<(), String> {
     };
     if decision.decision != want {
         problems.push(format!(
-            "decision: want {:?}, got {:?}",
-            want, decision.decision
+            "decision: want {}, got {}",
+            outcome_name(want),
+            outcome_name(decision.decision)
         ));
     }
     if let Some(status) = test.expect.status {

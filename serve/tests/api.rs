@@ -179,8 +179,16 @@ async fn bundle_health_and_unknown_routes() {
     );
     let a = send(s.http, "GET", "/v1/decide", None).await;
     assert_eq!((a.status, a.header("allow")), (405, Some("POST")));
+    assert_eq!(
+        a.json(),
+        json!({"error": "method_not_allowed", "message": "this endpoint takes `POST`"})
+    );
     let a = send(s.http, "POST", "/v1/bundle", Some(b"{}")).await;
     assert_eq!((a.status, a.header("allow")), (405, Some("GET,HEAD")));
+    assert_eq!(
+        a.json(),
+        json!({"error": "method_not_allowed", "message": "this endpoint takes `GET,HEAD`"})
+    );
     let a = send(s.http, "GET", "/v2/decide", None).await;
     assert_eq!(
         (a.status, a.json()),
@@ -230,10 +238,39 @@ async fn reload_swaps_the_bundle_and_keeps_the_last_good_one() {
     let err = s.state.reload().unwrap_err();
     assert!(err.contains("p.cedar:1:"), "{err}");
     assert_eq!(s.state.engine().version(), v2);
+    // `/healthz` says the last reload failed, and why; `/metrics` counts it.
+    let h = send(s.http, "GET", "/healthz", None).await;
+    let h = (h.status, h.json());
+    assert_eq!(
+        (h.0, &h.1["status"], &h.1["version"]),
+        (200, &json!("ok"), &json!(v2))
+    );
+    assert_eq!(h.1["last_reload"]["status"], json!("failed"));
+    assert_eq!(h.1["last_reload"]["error"], json!(err));
+    let m = send(s.http, "GET", "/metrics", None).await;
+    let text = m.body.clone();
+    assert!(
+        text.contains("tenantgate_serve_reloads_total{result=\"ok\"} 1\n")
+            && text.contains("tenantgate_serve_reloads_total{result=\"failed\"} 1\n")
+            && text.contains("tenantgate_serve_last_reload_failed 1\n")
+            && text
+                .contains("tenantgate_serve_decisions_total{api=\"http\",decision=\"deny\"} 1\n")
+            && text
+                .contains("tenantgate_serve_decisions_total{api=\"http\",decision=\"allow\"} 1\n"),
+        "{text}"
+    );
     assert_eq!(
         decide(s.http, &req).await.json()["reasons"],
         json!(["closed"])
     );
+    // A good reload clears it.
+    tree.write(
+        "{}",
+        &[("acme/tenant.json", "{}"), ("acme/p.cedar", PERMIT)],
+    );
+    s.state.reload().unwrap();
+    let h = send(s.http, "GET", "/healthz", None).await.json();
+    assert_eq!(h.get("last_reload"), None);
     s.stop().await.unwrap();
 }
 
@@ -574,5 +611,97 @@ mod authz {
         srv.state.reload().unwrap();
         let (_, status, _, body) = denied(&call(srv.grpc, req()).await);
         assert_eq!((status, body["error"].clone()), (403, json!("forbidden")));
+    }
+
+    /// The differential table (`testdata/differential.json`: raw requests
+    /// over the example tree, also run through the Wasm filter and real
+    /// Envoy) through both front ends: each row decided as `check` decides
+    /// it, with its status, policies, upstream headers and path, or reply.
+    #[tokio::test]
+    async fn the_differential_table_is_decided_as_check_decides_it() {
+        let table: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(policies().join("../testdata/differential.json")).unwrap(),
+        )
+        .unwrap();
+        let rows = table["rows"].as_array().unwrap();
+        assert!(rows.len() >= 40, "the table lost rows");
+        let srv = start(&policies()).await;
+        let worker = tenantgate_engine::Worker::new(std::sync::Arc::new(
+            tenantgate_serve::load(&policies()).unwrap(),
+        ));
+        let mut problems = Vec::new();
+        for row in rows {
+            let id = row["id"].as_str().unwrap();
+            let (method, path) = (
+                row["method"].as_str().unwrap(),
+                row["path"].as_str().unwrap(),
+            );
+            let headers: Vec<(&str, &str)> = row["headers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|h| (h[0].as_str().unwrap(), h[1].as_str().unwrap()))
+                .collect();
+            let spec = json!({"method": method, "path": path, "headers": headers});
+            let want = worker
+                .check_output(
+                    &serde_json::from_value(spec.clone()).unwrap(),
+                    tenantgate_serve::now_ns(),
+                    None,
+                )
+                .unwrap();
+            if want["status"] != row["status"] {
+                problems.push(format!(
+                    "{id}: check {}, the table {}",
+                    want["status"], row["status"]
+                ));
+            }
+            // HTTP: check's JSON, the reply carrying a decision id.
+            let mut got = decide(srv.http, &spec).await.json();
+            if let Some(body) = got.pointer_mut("/reply/body") {
+                body["decision_id"] = serde_json::Value::Null;
+            }
+            if got != want {
+                problems.push(format!("{id}: http {got} != check {want}"));
+            }
+            // ext_authz: OK with the upstream's headers and path, or the reply.
+            let raw_headers: Vec<(&str, &[u8])> =
+                headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
+            let r = call(srv.grpc, raw(method, path, &raw_headers)).await;
+            let got = match &r.http_response {
+                Some(HttpResponse::OkResponse(_)) => {
+                    let (set, _) = ok(&r);
+                    let mut upstream = serde_json::Map::new();
+                    let mut forwarded = serde_json::Value::Null;
+                    for (k, v, _) in set {
+                        if k == ":path" {
+                            forwarded = json!(v);
+                        } else {
+                            upstream.insert(k, json!(v));
+                        }
+                    }
+                    json!({"status": 200, "upstream": {"path": forwarded, "headers": upstream}})
+                }
+                _ => {
+                    let (_, status, _, mut body) = denied(&r);
+                    body["decision_id"] = serde_json::Value::Null;
+                    json!({"status": status, "body": body})
+                }
+            };
+            let expected = match want.get("reply") {
+                Some(reply) => json!({"status": want["status"], "body": reply["body"]}),
+                None => json!({"status": want["status"], "upstream": want["upstream"]}),
+            };
+            if got != expected {
+                problems.push(format!("{id}: ext_authz {got} != check {expected}"));
+            }
+        }
+        assert!(
+            problems.is_empty(),
+            "{} of {} rows differ:\n  {}",
+            problems.len(),
+            rows.len(),
+            problems.join("\n  ")
+        );
     }
 }

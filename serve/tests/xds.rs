@@ -351,7 +351,6 @@ async fn without_xds_the_control_plane_endpoints_are_404() {
         ("GET", "/v1/rollout"),
         ("POST", "/v1/rollout"),
         ("POST", "/v1/rollback"),
-        ("GET", "/metrics"),
     ] {
         let a = send(s.http, method, path, Some(b"{}")).await;
         assert_eq!(

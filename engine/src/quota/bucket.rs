@@ -249,6 +249,7 @@ impl Params {
 
     /// Whole tokens in `units` (rounded down, never negative).
     #[cfg(test)]
+    #[cfg(test)]
     pub fn whole_tokens(&self, units: i128) -> u64 {
         if units <= 0 {
             return 0;

@@ -57,6 +57,7 @@ pub struct Fingerprint {
 pub const SEED_KEY: &str = "tenantgate:keyed:seed:v1";
 
 impl Fingerprint {
+    #[cfg(test)]
     pub fn with_seed(seed: [u8; 16]) -> Fingerprint {
         Fingerprint { seed }
     }

@@ -1,0 +1,19 @@
+//! `libtenantgate.so`: tenantgate as an Envoy dynamic module
+//! (`envoy.filters.http.dynamic_modules`), the native build beside the
+//! proxy-wasm filter. Loading it is described in `docs/reference.md`
+//! ("Native build"); the ABI version it targets in `docs/decisions.md`.
+//!
+//! Boundary: this crate only moves bytes between Envoy and the engine, like
+//! `filter/`. `abi` holds all of its `unsafe` code (declarations of the
+//! ABI, exported hooks); `host` the pure half of the host layer; `store` the
+//! quota buckets every worker shares; `config` and `request` the adapter.
+
+pub mod host;
+pub mod store;
+
+#[cfg(not(test))]
+mod abi;
+#[cfg(not(test))]
+mod config;
+#[cfg(not(test))]
+mod request;
