@@ -16,6 +16,7 @@ use crate::diag::{locate_json_key, Diagnostic, Diagnostics};
 use crate::engine::{CompiledPolicy, Engine, PolicyInfo, TenantMap, TenantNode};
 use crate::entities::{json_to_expr, Types};
 use crate::fleet::FleetLimits;
+use crate::quota::spec::FleetRules;
 use crate::quota::{LimitsInput, QuotaModel};
 use crate::tenant::TenantPath;
 
@@ -41,7 +42,11 @@ impl Engine {
             .map_err(|m| Diagnostic::new("bundle", m))?;
         let (tenants, policy_count) =
             effective_sets(&configs, &attached, &entities, &actions, &mut errors);
-        let (quotas, fleet) = limits(&configs, &mut errors);
+        let rules = match &bundle.settings.rate_limit_service {
+            Some(r) if r.mode == crate::settings::FleetMode::Assigned => FleetRules::Hierarchical,
+            _ => FleetRules::FlatCaps,
+        };
+        let (quotas, fleet) = limits(&configs, rules, &mut errors);
         if !errors.is_empty() {
             return Err(Diagnostics(errors));
         }
@@ -306,7 +311,11 @@ fn effective_sets(
 
 /// The limits of every `tenant.json` that declares some: the local ones as
 /// hierarchical token buckets, the fleet ones for a rate limit service.
-fn limits(configs: &[Config<'_>], errors: &mut Vec<Diagnostic>) -> (QuotaModel, FleetLimits) {
+fn limits(
+    configs: &[Config<'_>],
+    rules: FleetRules,
+    errors: &mut Vec<Diagnostic>,
+) -> (QuotaModel, FleetLimits) {
     let inputs: Vec<LimitsInput<'_>> = configs
         .iter()
         .filter(|(_, c, _)| !c.limits.is_empty())
@@ -319,7 +328,7 @@ fn limits(configs: &[Config<'_>], errors: &mut Vec<Diagnostic>) -> (QuotaModel, 
             })
         })
         .collect();
-    match crate::quota::spec::compile(&inputs) {
+    match crate::quota::spec::compile_with(&inputs, rules) {
         Ok(compiled) => (QuotaModel::new(&compiled), FleetLimits::new(&compiled)),
         Err(ds) => {
             errors.extend(ds);

@@ -226,6 +226,12 @@ pub struct RateLimitService {
     /// The service unreachable, slow or answering garbage: `allow` (the
     /// default, as Envoy's own rate limit filter) or `deny` (503).
     pub on_error: OnError,
+    /// `assigned` only: with no usable assignment (before the first one, or
+    /// once one has expired), each client admits a static share, the fleet
+    /// limit's rate divided by this number of instances, instead of what
+    /// `on_error` says. `None` (the default): `on_error` decides.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_error_instances: Option<u32>,
 }
 
 impl Default for RateLimitService {
@@ -237,9 +243,13 @@ impl Default for RateLimitService {
             timeout_ms: 50,
             report_interval_ms: 100,
             on_error: OnError::Allow,
+            on_error_instances: None,
         }
     }
 }
+
+/// Largest `rate_limit_service.on_error_instances`.
+pub const MAX_ON_ERROR_INSTANCES: u32 = 100_000;
 
 /// The rate limit domain when none is configured.
 pub const DEFAULT_DOMAIN: &str = "tenantgate";
@@ -258,6 +268,12 @@ pub enum FleetMode {
     /// No call on the request path: admissions are reported every
     /// `report_interval_ms`; an over-limit answer refuses until the window resets.
     Batched,
+    /// No call on the request path: every client reports its usage over the
+    /// rate limit quota service (RLQS) every `report_interval_ms` and enforces
+    /// the token-bucket rate the service assigns it. Fleet limits may then
+    /// carry `ceil` and `burst`: the service divides each limit's fleet
+    /// capacity down the tenant tree as HTB does (docs/fleet.md).
+    Assigned,
 }
 
 /// `*` matches any run of characters (including none); everything else matches itself.
@@ -460,6 +476,15 @@ impl Settings {
                     r.report_interval_ms
                 ));
             }
+            match r.on_error_instances {
+                Some(n) if r.mode != FleetMode::Assigned => errors.push(format!(
+                    "`rate_limit_service.on_error_instances`: {n} only applies to `\"mode\": \"assigned\"` (the static share of a fleet limit's rate when no assignment holds)"
+                )),
+                Some(n) if !(1..=MAX_ON_ERROR_INSTANCES).contains(&n) => errors.push(format!(
+                    "`rate_limit_service.on_error_instances`: {n} is not between 1 and {MAX_ON_ERROR_INSTANCES}"
+                )),
+                _ => {}
+            }
         }
         for (method, cost) in &self.costs {
             if !crate::entities::is_known_method(method) {
@@ -593,6 +618,25 @@ mod tests {
             r#"{"rate_limit_service": {"mode": "sometimes"}}"#
         )
         .is_err());
+        let s: Settings = serde_json::from_str(
+            r#"{"rate_limit_service": {"mode": "assigned", "report_interval_ms": 500, "on_error_instances": 4}}"#,
+        )
+        .unwrap();
+        let r = s.rate_limit_service.clone().unwrap();
+        assert_eq!(
+            (r.mode, r.on_error_instances),
+            (FleetMode::Assigned, Some(4))
+        );
+        assert!(s.check().is_empty());
+        let errors = |text: &str| serde_json::from_str::<Settings>(text).unwrap().check();
+        assert_eq!(
+            errors(r#"{"rate_limit_service": {"mode": "batched", "on_error_instances": 4}}"#),
+            ["`rate_limit_service.on_error_instances`: 4 only applies to `\"mode\": \"assigned\"` (the static share of a fleet limit's rate when no assignment holds)"]
+        );
+        assert_eq!(
+            errors(r#"{"rate_limit_service": {"mode": "assigned", "on_error_instances": 0}}"#),
+            ["`rate_limit_service.on_error_instances`: 0 is not between 1 and 100000"]
+        );
         assert!(
             serde_json::from_str::<Settings>(r#"{"rate_limit_service": {"timeout": 5}}"#).is_err()
         );

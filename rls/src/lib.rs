@@ -2,10 +2,12 @@
 //! fleet limits. The limits come from the bundle the filters load; the counts
 //! live in Redis, updated by one atomic Lua script per request
 //! ([`counter::SCRIPT`]). The process holds no counter state, so any number of
-//! replicas can serve one Redis. See `docs/fleet.md`.
+//! replicas can serve one Redis. The same listener serves the rate limit
+//! quota service (RLQS) of mode `assigned` ([`quota`]). See `docs/fleet.md`.
 
 pub mod counter;
 pub mod limits;
+pub mod quota;
 pub mod service;
 
 use std::net::SocketAddr;
@@ -13,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use envoy_types::pb::envoy::service::rate_limit_quota::v3::rate_limit_quota_service_server::RateLimitQuotaServiceServer;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::signal::unix::{signal, SignalKind};
@@ -245,13 +248,19 @@ pub async fn run(config: Config) -> Result<(), String> {
         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
         .await;
     tokio::spawn(watch_redis(conn.clone(), redact(&config.redis), health));
-    let counters = Counters::new(conn, REDIS_TIMEOUT);
+    let counters = Counters::new(conn.clone(), REDIS_TIMEOUT);
     // Loaded before the first call: otherwise the first burst of calls each
     // meets NOSCRIPT and loads it again (two more round trips each).
     counters
         .load()
         .await
         .map_err(|e| format!("cannot load the counter script: {e}"))?;
+    let quotas = quota::Rlqs(Arc::new(quota::QuotaService::new(
+        rx.clone(),
+        quota::RedisReports::new(conn.clone(), REDIS_TIMEOUT),
+        config.domain.clone(),
+        Arc::new(quota::wall_clock_ms),
+    )));
     let service = Service::new(rx, counters, config.domain.clone());
     log(format!("listening on {addr} ({domain})"));
     let (stop_tx, mut stop_rx) = watch::channel(false);
@@ -266,6 +275,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(RateLimitServiceServer::new(service))
+        .add_service(RateLimitQuotaServiceServer::new(quotas))
         .serve_with_incoming_shutdown(
             // TCP_NODELAY: without it an answer can wait for the ACK of the
             // previous one (Nagle), 40 ms with Envoy's delayed ACKs: past

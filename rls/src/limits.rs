@@ -17,6 +17,10 @@ pub struct Limits {
     /// The bundle's rate limit domain (`rate_limit_service.domain`, else
     /// `tenantgate`): what its filters send.
     pub domain: String,
+    /// `rate_limit_service.report_interval_ms` (the default when unset): how
+    /// often RLQS clients report; reports and assignments live
+    /// [`crate::quota::TTL_INTERVALS`] of them.
+    pub report_interval_ms: u64,
     /// The root tenant declares a fleet limit, so every request's chain holds
     /// the root's counter: every key then shares the hash tag `{/}`.
     root_declares: bool,
@@ -49,16 +53,17 @@ impl Limits {
     fn from_engine(version: String, engine: &Engine) -> Limits {
         let fleet = engine.fleet_limits().clone();
         let root_declares = fleet.all().iter().any(|l| l.tenant.is_root());
-        let domain = engine
-            .settings()
-            .rate_limit_service
+        let service = engine.settings().rate_limit_service.clone();
+        let domain = service
             .as_ref()
             .map_or(DEFAULT_DOMAIN, |r| r.domain.as_str())
             .to_owned();
+        let report_interval_ms = u64::from(service.unwrap_or_default().report_interval_ms);
         Limits {
             version,
             fleet,
             domain,
+            report_interval_ms,
             root_declares,
             warnings: Vec::new(),
         }

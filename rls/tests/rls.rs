@@ -610,3 +610,187 @@ async fn the_domain_comes_from_the_bundle_and_a_different_flag_is_logged() {
         .count();
     assert_eq!((n, after), (1, 2), "logged at start and on the reload");
 }
+
+/// One RLQS stream: sends `usages` as one report, returns the first answer's
+/// token-bucket rate per `(tenant, limit)`, keeping the stream open.
+#[allow(clippy::unwrap_used, clippy::panic)]
+async fn rlqs_report(
+    addr: std::net::SocketAddr,
+    domain: &str,
+    usages: &[(&str, &str, u64)],
+) -> (
+    Vec<(String, String, u32)>,
+    tokio::sync::mpsc::Sender<
+        envoy_types::pb::envoy::service::rate_limit_quota::v3::RateLimitQuotaUsageReports,
+    >,
+) {
+    use envoy_types::pb::envoy::r#type::v3::rate_limit_strategy::Strategy;
+    use envoy_types::pb::envoy::service::rate_limit_quota::v3::rate_limit_quota_response::bucket_action::BucketAction as Action;
+    use envoy_types::pb::envoy::service::rate_limit_quota::v3::rate_limit_quota_service_client::RateLimitQuotaServiceClient;
+    use envoy_types::pb::envoy::service::rate_limit_quota::v3::rate_limit_quota_usage_reports::BucketQuotaUsage;
+    use envoy_types::pb::envoy::service::rate_limit_quota::v3::RateLimitQuotaUsageReports;
+    let mut c = RateLimitQuotaServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(RateLimitQuotaUsageReports {
+        domain: domain.into(),
+        bucket_quota_usages: usages
+            .iter()
+            .map(|(t, l, n)| BucketQuotaUsage {
+                bucket_id: Some(tenantgate_rls::quota::bucket_id(t, l)),
+                time_elapsed: Some(envoy_types::pb::google::protobuf::Duration {
+                    seconds: 1,
+                    nanos: 0,
+                }),
+                num_requests_allowed: *n,
+                num_requests_denied: 0,
+            })
+            .collect(),
+    })
+    .await
+    .unwrap();
+    let mut answers = c
+        .stream_rate_limit_quotas(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), answers.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let mut out: Vec<(String, String, u32)> = first
+        .bucket_action
+        .iter()
+        .map(|a| {
+            let id = a.bucket_id.clone().unwrap();
+            let (t, l) = tenantgate_rls::quota::bucket_of(&id).unwrap();
+            let rate = match a.bucket_action.unwrap() {
+                Action::QuotaAssignmentAction(q) => match q.rate_limit_strategy.unwrap().strategy {
+                    Some(Strategy::TokenBucket(b)) => b.tokens_per_fill.unwrap().value,
+                    other => panic!("{other:?}"),
+                },
+                other => panic!("{other:?}"),
+            };
+            (t.to_owned(), l.to_owned(), rate)
+        })
+        .collect();
+    out.sort();
+    (out, tx)
+}
+
+#[tokio::test]
+#[ignore = "needs Redis: run scripts/test-rls.sh"]
+async fn rlqs_reports_live_in_redis_and_a_restart_resumes() {
+    let domain = unique("rlqs");
+    let tree = Tree::new();
+    let settings = format!(
+        r#"{{"rate_limit_service": {{"mode": "assigned", "domain": "{domain}", "report_interval_ms": 2000}}}}"#
+    );
+    tree.write_with_settings(
+        Some(&settings),
+        &[(
+            "/",
+            r#"{"limits": {"rps": {"rate": 100, "burst": 20, "scope": "fleet"}}}"#,
+        )],
+    );
+    let mut rls = Rls::start(&tree.bundle_path(), &redis_url());
+    // Client A asks 80/s, alone: it gets its demand and the rest, 100.
+    let (a, _keep_a) = rlqs_report(rls.addr, &domain, &[("/", "rps", 80)]).await;
+    assert_eq!(a, [("/".to_string(), "rps".to_string(), 100)]);
+    // Client B, another stream, asks 0: max-min of 100 among 80 and 0, then
+    // the 20 left equally: B gets 10.
+    let (b, _keep_b) = rlqs_report(rls.addr, &domain, &[("/", "rps", 0)]).await;
+    assert_eq!(b, [("/".to_string(), "rps".to_string(), 10)]);
+    let key = tenantgate_rls::quota::reports_key(&domain);
+    let fields: Vec<String> = {
+        let client = redis::Client::open(redis_url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        redis::cmd("HKEYS")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    };
+    assert_eq!(fields.len(), 2, "{fields:?}");
+    // A restarted service resumes from the reports in Redis (TTL 3
+    // intervals, 6 s): C asking 10 shares with A's 80 and B's 0, and the 10
+    // left go equally: 13 for C (not the 100 it would get alone).
+    rls.signal("KILL");
+    let _ = rls.child.wait();
+    let rls = Rls::start(&tree.bundle_path(), &redis_url());
+    let (c, _keep_c) = rlqs_report(rls.addr, &domain, &[("/", "rps", 10)]).await;
+    assert_eq!(c, [("/".to_string(), "rps".to_string(), 13)]);
+}
+
+#[tokio::test]
+#[ignore = "needs Redis: run scripts/test-rls.sh"]
+#[allow(clippy::unwrap_used)]
+async fn rlqs_stream_survives_redis_down_and_answers_again() {
+    use envoy_types::pb::envoy::service::rate_limit_quota::v3::rate_limit_quota_service_client::RateLimitQuotaServiceClient;
+    use envoy_types::pb::envoy::service::rate_limit_quota::v3::rate_limit_quota_usage_reports::BucketQuotaUsage;
+    use envoy_types::pb::envoy::service::rate_limit_quota::v3::RateLimitQuotaUsageReports;
+    let port = free_port();
+    let mut redis = RedisServer::start(port);
+    let tree = Tree::new();
+    tree.write_with_settings(
+        Some(r#"{"rate_limit_service": {"mode": "assigned", "report_interval_ms": 500}}"#),
+        &[(
+            "/",
+            r#"{"limits": {"rps": {"rate": 50, "scope": "fleet"}}}"#,
+        )],
+    );
+    let rls = Rls::start(&tree.bundle_path(), &redis.url());
+    let report = || RateLimitQuotaUsageReports {
+        domain: "tenantgate".into(),
+        bucket_quota_usages: vec![BucketQuotaUsage {
+            bucket_id: Some(tenantgate_rls::quota::bucket_id("/", "rps")),
+            time_elapsed: Some(envoy_types::pb::google::protobuf::Duration {
+                seconds: 0,
+                nanos: 500_000_000,
+            }),
+            num_requests_allowed: 10,
+            num_requests_denied: 0,
+        }],
+    };
+    let mut c = RateLimitQuotaServiceClient::connect(format!("http://{}", rls.addr))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(report()).await.unwrap();
+    let mut answers = c
+        .stream_rate_limit_quotas(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), answers.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.bucket_action.len(), 1);
+    // Redis down: a report gets no answer (within 3 s; the Redis timeout is
+    // 1 s), and the stream stays open.
+    redis.stop();
+    tx.send(report()).await.unwrap();
+    let quiet = tokio::time::timeout(Duration::from_secs(3), answers.message()).await;
+    assert!(quiet.is_err(), "an answer with Redis down: {quiet:?}");
+    let mut redis = RedisServer::start(port);
+    // Redis back: a later report on the same stream is answered.
+    let start = Instant::now();
+    loop {
+        tx.send(report()).await.unwrap();
+        if let Ok(Ok(Some(r))) =
+            tokio::time::timeout(Duration::from_secs(2), answers.message()).await
+        {
+            assert_eq!(r.bucket_action.len(), 1);
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "no answer within 15 s of Redis' return"
+        );
+    }
+    redis.stop();
+}

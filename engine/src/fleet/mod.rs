@@ -10,7 +10,10 @@
 //! like a local limit (same names, amounts, shares and windows; shares resolve
 //! to whole numbers here, at bundle time), with two differences:
 //! - `ceil` and `burst` are local notions (borrowing, bucket size) and are an
-//!   error on a fleet limit, located at the key;
+//!   error on a fleet limit, located at the key, unless
+//!   `rate_limit_service.mode` is `"assigned"`: the service then divides each
+//!   limit's fleet capacity down the tree by HTB's rules ([`allocate`]), so
+//!   `ceil` and `burst` mean there what they mean locally;
 //! - one limit name keeps one scope along a branch: a share of a fleet limit
 //!   is a share of the nearest ancestor's *fleet* limit of that name, and a
 //!   child that declares the same name with the other scope is an error. So the
@@ -27,6 +30,7 @@
 //! the same descriptors and the gRPC metadata [`REPORT_HEADER`] (or, per
 //! descriptor, the trailing entry [`REPORT_ENTRY`]).
 
+pub mod allocate;
 mod client;
 pub mod rls_wire;
 
@@ -61,8 +65,16 @@ pub struct FleetLimit {
     pub name: String,
     /// Hits per window (shares resolved), at least 1.
     pub rate: u64,
+    /// Most hits per window, borrowing included (`assigned` mode; `rate`
+    /// otherwise).
+    pub ceil: u64,
+    /// Bucket size in tokens (`assigned` mode; `rate` otherwise).
+    pub burst: u64,
     /// Window in seconds, at least 1.
     pub per_s: u64,
+    /// Index in [`FleetLimits::all`] of the nearest ancestor's limit of the
+    /// same name, if any.
+    pub parent: Option<usize>,
 }
 
 impl FleetLimit {
@@ -93,6 +105,13 @@ impl FleetLimits {
     pub(crate) fn new(compiled: &[Arc<Limit>]) -> FleetLimits {
         let mut out = FleetLimits::default();
         for l in compiled.iter().filter(|l| l.scope == Scope::Fleet) {
+            // Parents come first, so the nearest one is already indexed.
+            let parent = l
+                .node
+                .ancestors_or_self()
+                .skip(1)
+                .find_map(|a| out.index.get(a).and_then(|names| names.get(&*l.name)))
+                .copied();
             out.index
                 .entry(Box::from(l.node.as_str()))
                 .or_default()
@@ -101,7 +120,10 @@ impl FleetLimits {
                 tenant: l.node.clone(),
                 name: l.name.to_string(),
                 rate: l.params.rate,
+                ceil: l.params.ceil,
+                burst: l.params.burst,
                 per_s: l.params.per_ns / 1_000_000_000,
+                parent,
             });
         }
         out
@@ -153,6 +175,7 @@ impl FleetLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quota::spec::FleetRules;
     use crate::quota::{LimitsInput, MemoryStore, QuotaModel};
 
     /// `(tenant, name)` of each descriptor entry pair of a request to `t`.
@@ -175,6 +198,14 @@ mod tests {
 
     /// Builds a model from `(tenant, tenant.json text)` pairs.
     fn build(files: &[(&str, &str)]) -> Result<(QuotaModel, FleetLimits), Vec<String>> {
+        build_with(files, FleetRules::FlatCaps)
+    }
+
+    /// [`build`] under the given rules for fleet limits.
+    fn build_with(
+        files: &[(&str, &str)],
+        rules: FleetRules,
+    ) -> Result<(QuotaModel, FleetLimits), Vec<String>> {
         let parsed: Vec<(TenantPath, String, BTreeMap<String, serde_json::Value>)> = files
             .iter()
             .map(|(t, text)| {
@@ -194,7 +225,7 @@ mod tests {
                 limits,
             })
             .collect();
-        crate::quota::spec::compile(&inputs)
+        crate::quota::spec::compile_with(&inputs, rules)
             .map(|c| (QuotaModel::new(&c), FleetLimits::new(&c)))
             .map_err(|ds| ds.iter().map(|d| d.to_string()).collect())
     }
@@ -281,8 +312,8 @@ mod tests {
         assert_eq!(
             build(&[("/", text)]).unwrap_err(),
             [
-                "tenants/tenant.json:2:3: error: limit `rpm`: `ceil` is a local notion and cannot be set on a fleet limit (`\"scope\": \"fleet\"`): a fleet limit is at most `rate` per `per` window",
-                "tenants/tenant.json:2:15: error: limit `rpm`: `burst` is a local notion and cannot be set on a fleet limit (`\"scope\": \"fleet\"`): a fleet limit is at most `rate` per `per` window",
+                "tenants/tenant.json:2:3: error: limit `rpm`: `ceil` is a local notion and cannot be set on a fleet limit (`\"scope\": \"fleet\"`): a fleet limit is at most `rate` per `per` window, unless `rate_limit_service.mode` is `\"assigned\"`",
+                "tenants/tenant.json:2:15: error: limit `rpm`: `burst` is a local notion and cannot be set on a fleet limit (`\"scope\": \"fleet\"`): a fleet limit is at most `rate` per `per` window, unless `rate_limit_service.mode` is `\"assigned\"`",
             ]
         );
         let bad_scope = r#"{"limits": {"rpm": {"rate": 10, "scope": "global"}}}"#;
@@ -290,6 +321,94 @@ mod tests {
             build(&[("/", bad_scope)]).unwrap_err(),
             ["tenants/tenant.json:1:33: error: limit `rpm`: `scope` must be `\"local\"` or `\"fleet\"`, got `\"global\"`"]
         );
+    }
+
+    #[test]
+    fn assigned_mode_takes_ceil_and_burst_validated_as_local_limits() {
+        let ok = build_with(
+            &[
+                ("/", r#"{"limits": {"rps": {"rate": 300, "scope": "fleet"}}}"#),
+                ("/a", r#"{"limits": {"rps": {"rate": 200, "ceil": 300, "burst": 60, "scope": "fleet"}}}"#),
+                ("/b", r#"{"limits": {"rps": {"rate": "33.4%", "ceil": "100%", "scope": "fleet"}}}"#),
+                ("/a/x", r#"{"limits": {"rps": {"rate": 50, "scope": "fleet"}}}"#),
+            ],
+            FleetRules::Hierarchical,
+        )
+        .unwrap()
+        .1;
+        let got: Vec<(&str, u64, u64, u64, Option<usize>)> = ok
+            .all()
+            .iter()
+            .map(|l| (l.tenant.as_str(), l.rate, l.ceil, l.burst, l.parent))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("/", 300, 300, 300, None),
+                ("/a", 200, 300, 60, Some(0)),
+                ("/b", 100, 300, 100, Some(0)),
+                ("/a/x", 50, 50, 50, Some(1)),
+            ]
+        );
+        // The rules of local limits, located at the key.
+        let err = build_with(
+            &[
+                (
+                    "/",
+                    r#"{"limits": {"rps": {"rate": 300, "ceil": 400, "scope": "fleet"}}}"#,
+                ),
+                (
+                    "/a",
+                    r#"{"limits": {"rps": {"rate": 200, "ceil": 500, "scope": "fleet"}}}"#,
+                ),
+                (
+                    "/b",
+                    r#"{"limits": {"rps": {"rate": 150, "ceil": 100, "scope": "fleet"}}}"#,
+                ),
+            ],
+            FleetRules::Hierarchical,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            [
+                "tenants/a/tenant.json:1:34: error: limit `rps`: `ceil` 500 is larger than the ceil 400 of `/` (a tenant cannot borrow more than its parent may use)",
+                "tenants/b/tenant.json:1:34: error: limit `rps`: `rate` 150 is larger than `ceil` 100",
+            ]
+        );
+        let err = build_with(
+            &[
+                (
+                    "/",
+                    r#"{"limits": {"rps": {"rate": 300, "scope": "fleet"}}}"#,
+                ),
+                (
+                    "/a",
+                    r#"{"limits": {"rps": {"rate": 200, "ceil": 300, "scope": "fleet"}}}"#,
+                ),
+                (
+                    "/b",
+                    r#"{"limits": {"rps": {"rate": 200, "scope": "fleet"}}}"#,
+                ),
+            ],
+            FleetRules::Hierarchical,
+        )
+        .unwrap_err();
+        assert_eq!(err.len(), 1);
+        assert!(
+            err[0].starts_with("tenants/tenant.json:1:21: error: limit `rps`: the rates of the children add up to 400"),
+            "{err:?}"
+        );
+        // Keyed fleet limits stay unsupported.
+        let err = build_with(
+            &[(
+                "/",
+                r#"{"limits": {"rps": {"rate": 3, "key": "principal", "scope": "fleet"}}}"#,
+            )],
+            FleetRules::Hierarchical,
+        )
+        .unwrap_err();
+        assert_eq!(err, ["tenants/tenant.json:1:32: error: limit `rps`: keyed fleet limits are not supported; make it local (the default) or remove `key`"]);
     }
 
     #[test]

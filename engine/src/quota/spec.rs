@@ -141,8 +141,28 @@ struct Entry {
     input: usize,
 }
 
-/// The compiled limits, parents before children.
+/// The compiled limits, parents before children, with fleet limits as flat
+/// caps (`per_request` and `batched` modes).
 pub(crate) fn compile(inputs: &[LimitsInput<'_>]) -> Result<Vec<Arc<Limit>>, Vec<Diagnostic>> {
+    compile_with(inputs, FleetRules::FlatCaps)
+}
+
+/// What a fleet limit may declare, from `rate_limit_service.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum FleetRules {
+    /// `per_request`, `batched`: a cap per window; `ceil` and `burst` are errors.
+    #[default]
+    FlatCaps,
+    /// `assigned`: the service divides the fleet capacity down the tree as
+    /// HTB does, so `ceil` and `burst` mean what they mean locally.
+    Hierarchical,
+}
+
+/// [`compile`] under the given rules for fleet limits.
+pub(crate) fn compile_with(
+    inputs: &[LimitsInput<'_>],
+    rules: FleetRules,
+) -> Result<Vec<Arc<Limit>>, Vec<Diagnostic>> {
     let mut order: Vec<usize> = (0..inputs.len()).collect();
     order.sort_by(|&a, &b| {
         let key = |i: usize| inputs.get(i).map(|x| (x.tenant.depth(), x.tenant.clone()));
@@ -162,7 +182,7 @@ pub(crate) fn compile(inputs: &[LimitsInput<'_>]) -> Result<Vec<Arc<Limit>>, Vec
             continue;
         }
         for (name, value) in input.limits {
-            let def = match compile_one(input, i, name, value, &defs, &entries) {
+            let def = match compile_one(input, i, name, value, rules, &defs, &entries) {
                 Ok(entry) => {
                     entries.push(entry);
                     Def::Ok(entries.len() - 1)
@@ -214,10 +234,11 @@ fn compile_one(
     input_index: usize,
     name: &str,
     value: &serde_json::Value,
+    rules: FleetRules,
     defs: &HashMap<(TenantPath, String), Def>,
     entries: &[Entry],
 ) -> Result<Entry, Vec<Diagnostic>> {
-    let fields = parse_fields(input, name, value)?;
+    let fields = parse_fields(input, name, value, rules)?;
     let parent = nearest_parent(input, name, &fields, defs, entries)?;
     if let Some((_, p)) = parent {
         if fields.key.is_some() || p.limit.keyed.is_some() {
@@ -259,6 +280,7 @@ fn parse_fields<'a>(
     input: &LimitsInput<'_>,
     name: &str,
     value: &'a serde_json::Value,
+    rules: FleetRules,
 ) -> Result<Fields<'a>, Vec<Diagnostic>> {
     let err = |key: Option<&str>, msg: String| vec![at(input, name, key, msg)];
     if !is_valid_segment(name) {
@@ -289,7 +311,7 @@ fn parse_fields<'a>(
         };
         errors.push(at(input, name, Some(key), message));
     }
-    errors.extend(combination_errors(input, name, raw, &p));
+    errors.extend(combination_errors(input, name, raw, &p, rules));
     match (p.rate, errors.is_empty()) {
         (Some(rate), true) => Ok(Fields {
             rate,
@@ -363,6 +385,7 @@ fn combination_errors(
     name: &str,
     raw: &serde_json::Map<String, serde_json::Value>,
     p: &Parsed,
+    rules: FleetRules,
 ) -> Vec<Diagnostic> {
     let mut errors = Vec::new();
     let mut err = |key: Option<&str>, msg: String| errors.push(at(input, name, key, msg));
@@ -395,9 +418,9 @@ fn combination_errors(
             err(Some("key"), format!("limit `{name}`: keyed fleet limits are not supported; make it local (the default) or remove `key`"));
         }
     }
-    if p.scope == Scope::Fleet {
+    if p.scope == Scope::Fleet && rules == FleetRules::FlatCaps {
         for key in local_only_keys(raw) {
-            err(Some(key), format!("limit `{name}`: `{key}` is a local notion and cannot be set on a fleet limit (`\"scope\": \"fleet\"`): a fleet limit is at most `rate` per `per` window"));
+            err(Some(key), format!("limit `{name}`: `{key}` is a local notion and cannot be set on a fleet limit (`\"scope\": \"fleet\"`): a fleet limit is at most `rate` per `per` window, unless `rate_limit_service.mode` is `\"assigned\"`"));
         }
     }
     errors
