@@ -71,7 +71,7 @@ impl PlanState {
         let l = self.lease.as_mut()?;
         if now < l.expires && l.tokens >= cost {
             l.tokens -= cost;
-            return Some(spent(&l.snapshot, l.tokens, cost));
+            return Some(spent(&l.snapshot, l.batch - l.tokens, cost));
         }
         None
     }
@@ -94,7 +94,10 @@ struct Lease {
     /// What one token of this lease charged each node (aligned with
     /// `Plan::nodes`): returned `tokens` times when the lease ends.
     per_token: Vec<Charge>,
-    /// The quota state after the lease was charged, for the RateLimit fields.
+    /// The tokens the lease took beyond its first request.
+    batch: u64,
+    /// The decision of the lease's first request (as if only it had been
+    /// charged), for the RateLimit fields of the requests it serves.
     snapshot: QuotaDecision,
 }
 
@@ -165,7 +168,7 @@ impl QuotaModel {
         }
         let extra = if plan.lease_cap == 0 { 0 } else { st.batch };
         if extra > 0 {
-            let (d, charges) = self.admit_with_charges(plan, cost + extra, now, store)?;
+            let (d, charges) = self.admit_with_charges(plan, cost + extra, cost, now, store)?;
             if d.admitted {
                 let per_token = charges
                     .iter()
@@ -176,20 +179,20 @@ impl QuotaModel {
                         vt: c.vt / (cost + extra),
                     })
                     .collect();
-                let decision = spent(&d, extra, cost);
                 refills.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 st.lease = Some(Lease {
                     tokens: extra,
                     expires: now.saturating_add(LEASE_TTL_NS),
                     per_token,
-                    snapshot: d,
+                    batch: extra,
+                    snapshot: d.clone(),
                 });
-                return Ok(decision);
+                return Ok(d);
             }
             // The batch did not fit: admit this request alone.
             st.batch = 1;
         }
-        let (d, _) = self.admit_with_charges(plan, cost, now, store)?;
+        let (d, _) = self.admit_with_charges(plan, cost, cost, now, store)?;
         if !d.admitted {
             if let Some(until) = d.admissible_at {
                 st.refused = Some((cost, until, d.clone()));
@@ -221,16 +224,17 @@ impl QuotaModel {
     }
 }
 
-/// The decision of a request served from a lease: the snapshot taken when
-/// the lease was charged, with this worker's unspent tokens (`left`) counted
-/// as available.
-fn spent(snapshot: &QuotaDecision, left: u64, cost: u64) -> QuotaDecision {
+/// The decision of a request served from a lease: the decision of the
+/// lease's first request, less the tokens spent from the lease since
+/// (`used`): what an exact admission of each request would have shown, the
+/// buckets' refill since the lease was charged aside.
+fn spent(snapshot: &QuotaDecision, used: u64, cost: u64) -> QuotaDecision {
     let mut d = snapshot.clone();
     d.cost = cost;
     d.admitted = true;
-    d.remaining = d.remaining.saturating_add(left);
+    d.remaining = d.remaining.saturating_sub(used);
     for l in &mut d.limits {
-        l.remaining = l.remaining.saturating_add(left);
+        l.remaining = l.remaining.saturating_sub(used);
     }
     d
 }

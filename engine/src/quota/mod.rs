@@ -638,7 +638,7 @@ impl QuotaModel {
         let Some(plan) = self.plan_for(tenant) else {
             return Ok(QuotaDecision::unlimited());
         };
-        self.admit_with_charges(plan, cost, now, store)
+        self.admit_with_charges(plan, cost, cost, now, store)
             .map(|(d, _)| d)
     }
 
@@ -659,7 +659,7 @@ impl QuotaModel {
         else {
             return Ok((QuotaDecision::unlimited(), None));
         };
-        let (d, charges) = self.admit_with_charges(&plan, cost, now, store)?;
+        let (d, charges) = self.admit_with_charges(&plan, cost, cost, now, store)?;
         let refund = (d.admitted && !charges.is_empty()).then(|| Refund {
             htb: Some((plan, charges)),
             keyed: keyed::KeyedCharges::default(),
@@ -681,10 +681,15 @@ impl QuotaModel {
 
     /// The admission loop of one plan; also returns what it charged each
     /// node (empty when nothing was charged).
+    /// Charges `cost` tokens; the decision returned is the one a request of
+    /// `shown` tokens gets (a lease charges its batch with the request, and
+    /// the request's RateLimit fields are those of the request alone: the
+    /// same buckets read, only `shown` charged).
     fn admit_with_charges(
         &self,
         plan: &Plan,
         cost: u64,
+        shown: u64,
         now: Nanos,
         store: &dyn BucketStore,
     ) -> Result<(QuotaDecision, Vec<Charge>), StoreError> {
@@ -704,12 +709,22 @@ impl QuotaModel {
                 create_missing(plan, store, now)?;
                 continue;
             }
+            let read = (shown != cost).then(|| old.clone());
             let step = decide(plan, old.drain(..), cost, now);
             let Some(new) = step.new else {
                 return Ok((step.decision, Vec::new()));
             };
             match write(plan, &cas, &new, &step.charges, store) {
-                Ok(()) => return Ok((step.decision, step.charges)),
+                Ok(()) => {
+                    let decision = match read {
+                        Some(read) if step.decision.admitted => QuotaDecision {
+                            admitted: true,
+                            ..decide(plan, read, shown, now).decision
+                        },
+                        _ => step.decision,
+                    };
+                    return Ok((decision, step.charges));
+                }
                 Err(StoreError::CasMismatch) => continue,
                 Err(e) => return Err(e),
             }
