@@ -7,6 +7,7 @@
 
 pub mod counter;
 pub mod limits;
+pub mod metrics;
 pub mod quota;
 pub mod service;
 
@@ -24,6 +25,7 @@ use tonic_health::ServingStatus;
 
 use counter::Counters;
 use limits::Limits;
+use metrics::Metrics;
 use service::Service;
 
 /// How long one Redis step may take before the RPC answers UNAVAILABLE.
@@ -41,6 +43,8 @@ pub struct Config {
     /// The RLS domain this service answers for; other domains get OK, no
     /// limit. `None`: the bundle's `rate_limit_service.domain`.
     pub domain: Option<String>,
+    /// `--metrics`: where to serve `GET /metrics` ([`metrics`]); `None`: off.
+    pub metrics: Option<SocketAddr>,
 }
 
 fn log(msg: impl std::fmt::Display) {
@@ -138,6 +142,7 @@ async fn watch_redis(
     mut conn: ConnectionManager,
     shown: String,
     health: tonic_health::server::HealthReporter,
+    metrics: Arc<Metrics>,
 ) {
     let mut up = true;
     loop {
@@ -152,6 +157,7 @@ async fn watch_redis(
             Ok(Err(e)) => Some(e.to_string()),
             Err(_) => Some(format!("no answer within {} ms", REDIS_TIMEOUT.as_millis())),
         };
+        metrics.set_redis_up(error.is_none());
         match (up, error) {
             (true, Some(e)) => {
                 log(format!(
@@ -189,6 +195,14 @@ pub async fn run(config: Config) -> Result<(), String> {
     let addr = listener
         .local_addr()
         .map_err(|e| format!("cannot listen on `{}`: {e}", config.listen))?;
+    let metrics_listener = match config.metrics {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .map_err(|e| format!("cannot listen on `{a}` (`--metrics`): {e}"))?,
+        ),
+        None => None,
+    };
     let mut hup = signal(SignalKind::hangup()).map_err(|e| format!("SIGHUP: {e}"))?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM: {e}"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT: {e}"))?;
@@ -208,7 +222,12 @@ pub async fn run(config: Config) -> Result<(), String> {
     for w in &first.warnings {
         log(w);
     }
+    let metrics = Arc::new(Metrics::new(
+        &first.version,
+        config.domain.as_deref().unwrap_or(&first.domain),
+    ));
     let (tx, rx) = watch::channel(Arc::new(first));
+    let reload_metrics = Arc::clone(&metrics);
     let bundle = config.bundle.clone();
     let flag = config.domain.clone();
     tokio::spawn(async move {
@@ -235,9 +254,14 @@ pub async fn run(config: Config) -> Result<(), String> {
                     for w in &new.warnings {
                         log(w);
                     }
+                    reload_metrics
+                        .reloaded(Some((&new.version, flag.as_deref().unwrap_or(&new.domain))));
                     tx.send_replace(Arc::new(new));
                 }
-                Err(e) => log(format!("reload failed, keeping bundle {old}: {e}")),
+                Err(e) => {
+                    reload_metrics.reloaded(None);
+                    log(format!("reload failed, keeping bundle {old}: {e}"));
+                }
             }
         }
     });
@@ -247,7 +271,12 @@ pub async fn run(config: Config) -> Result<(), String> {
     health
         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
         .await;
-    tokio::spawn(watch_redis(conn.clone(), redact(&config.redis), health));
+    tokio::spawn(watch_redis(
+        conn.clone(),
+        redact(&config.redis),
+        health,
+        Arc::clone(&metrics),
+    ));
     let counters = Counters::new(conn.clone(), REDIS_TIMEOUT);
     // Loaded before the first call: otherwise the first burst of calls each
     // meets NOSCRIPT and loads it again (two more round trips each).
@@ -261,7 +290,19 @@ pub async fn run(config: Config) -> Result<(), String> {
         config.domain.clone(),
         Arc::new(quota::wall_clock_ms),
     )));
-    let service = Service::new(rx, counters, config.domain.clone());
+    let service =
+        Service::new(rx, counters, config.domain.clone()).with_metrics(Arc::clone(&metrics));
+    if let Some(l) = metrics_listener {
+        let shown = l
+            .local_addr()
+            .map_or_else(|_| "?".into(), |a| a.to_string());
+        log(format!("metrics on http://{shown}/metrics"));
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(l, metrics).await {
+                log(format!("the metrics endpoint stopped: {e}"));
+            }
+        });
+    }
     log(format!("listening on {addr} ({domain})"));
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let shutdown = async move {

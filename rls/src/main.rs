@@ -11,7 +11,7 @@ use clap::Parser;
 #[command(
     name = "tenantgate-rls",
     version,
-    after_help = "Serves envoy.service.ratelimit.v3.RateLimitService and grpc.health.v1.Health (NOT_SERVING while Redis does not answer).\n\nExit status: 0 after SIGTERM or SIGINT, 1 cannot start (the bundle, Redis, the listen address), 2 usage error (an unknown flag, a malformed `--redis` URL).\n\nExample: tenantgate-rls --bundle bundle.json --redis redis://127.0.0.1:6379/0 --listen 127.0.0.1:8081"
+    after_help = "Serves envoy.service.ratelimit.v3.RateLimitService and grpc.health.v1.Health (NOT_SERVING while Redis does not answer); with --metrics, Prometheus text on GET /metrics.\n\nExit status: 0 after SIGTERM or SIGINT, 1 cannot start (the bundle, Redis, the listen address), 2 usage error (an unknown flag, a malformed `--redis` URL).\n\nExample: tenantgate-rls --bundle bundle.json --redis redis://127.0.0.1:6379/0 --listen 127.0.0.1:8081"
 )]
 struct Args {
     /// The bundle (`tenantgate bundle` output) or the policy folder whose fleet limits to enforce; SIGHUP reloads it.
@@ -26,6 +26,9 @@ struct Args {
     /// The rate limit domain to answer for (default: the bundle's `rate_limit_service.domain`); other domains get OK with no limit.
     #[arg(long)]
     domain: Option<String>,
+    /// Serve Prometheus metrics on `GET /metrics` at this address, e.g. `127.0.0.1:9102` (port 0: any free port, logged); off by default.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 #[tokio::main]
@@ -40,6 +43,7 @@ async fn main() -> ExitCode {
         redis: args.redis,
         listen: args.listen,
         domain: args.domain,
+        metrics: args.metrics,
     };
     match tenantgate_rls::run(config).await {
         Ok(()) => ExitCode::SUCCESS,

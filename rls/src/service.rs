@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::counter::{Count, CounterStore, Counters, Hit};
 use crate::limits::{Limits, Match};
+use crate::metrics::Metrics;
 
 /// The gRPC service. Holds no counter state: every count lives in the
 /// store (Redis in production, [`crate::counter::MemoryCounters`] in tests).
@@ -24,6 +25,8 @@ pub struct Service<C = Counters> {
     counters: C,
     /// `--domain`: overrides the bundle's domain.
     domain: Option<String>,
+    /// `--metrics`: counts each call's answer.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl<C: CounterStore> Service<C> {
@@ -34,7 +37,14 @@ impl<C: CounterStore> Service<C> {
             limits,
             counters,
             domain,
+            metrics: None,
         }
+    }
+
+    /// Counts each gRPC call's answer in `metrics` (`/metrics`).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The counter store.
@@ -132,9 +142,11 @@ impl<C: CounterStore> RateLimitService for Service<C> {
             .metadata()
             .get(k)
             .is_some_and(|x| x.as_bytes() == v.as_bytes());
-        self.decide(request.get_ref(), report)
-            .await
-            .map(Response::new)
+        let answer = self.decide(request.get_ref(), report).await;
+        if let Some(m) = &self.metrics {
+            m.count_call(&answer);
+        }
+        answer.map(Response::new)
     }
 }
 
