@@ -585,11 +585,18 @@ fn reconcile(
     logs
 }
 
-/// The warning for fleet limits that no service enforces.
+/// The warning for fleet limits that this filter does not enforce: no
+/// service is configured, or mode `assigned`, whose client is not in the
+/// filter yet (Envoy's own rate limit quota filter is; docs/fleet.md).
 fn unenforced_fleet_limits(engine: &Engine) -> Option<LogLine> {
-    if engine.fleet_limits().is_empty() || engine.rate_limit_service().is_some() {
-        return None;
-    }
+    let why = match engine.rate_limit_service() {
+        _ if engine.fleet_limits().is_empty() => return None,
+        None => "the bundle has no `rate_limit_service` setting",
+        Some(r) if r.mode == crate::settings::FleetMode::Assigned => {
+            "this filter has no client for `rate_limit_service.mode` `assigned` yet (Envoy's own `rate_limit_quota` filter is one)"
+        }
+        Some(_) => return None,
+    };
     let names: Vec<String> = engine
         .fleet_limits()
         .all()
@@ -599,8 +606,71 @@ fn unenforced_fleet_limits(engine: &Engine) -> Option<LogLine> {
     Some(LogLine::new(
         Level::Warn,
         format!(
-            "tenantgate: fleet limits ({}) are not enforced: the bundle has no `rate_limit_service` setting (see docs/fleet.md)",
+            "tenantgate: fleet limits ({}) are not enforced: {why} (see docs/fleet.md)",
             names.join(", ")
         ),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quota::MemoryStore;
+    use crate::settings::{FleetMode, RateLimitService, Settings};
+    use crate::testing::{bundle, file, tenant};
+
+    /// The warnings a bundle with one fleet limit logs when it is activated.
+    fn warnings(rls: Option<RateLimitService>) -> Vec<String> {
+        let b = bundle(
+            Settings {
+                rate_limit_service: rls,
+                ..Settings::default()
+            },
+            vec![
+                tenant(
+                    "/",
+                    None,
+                    vec![file(
+                        "tenants/p.cedar",
+                        "permit(principal, action, resource);",
+                    )],
+                ),
+                tenant(
+                    "/acme",
+                    Some(file(
+                        "tenants/acme/tenant.json",
+                        r#"{"limits": {"rpm": {"rate": 5, "per": "1m", "scope": "fleet"}}}"#,
+                    )),
+                    vec![],
+                ),
+            ],
+        );
+        let engine = Arc::new(Engine::new(&b).unwrap());
+        let act = Worker::activate(engine, None, "t", &MemoryStore::new(), 0, 1);
+        act.logs
+            .into_iter()
+            .filter(|l| l.level == Level::Warn)
+            .map(|l| l.text)
+            .collect()
+    }
+
+    #[test]
+    fn fleet_limits_the_filter_does_not_enforce_are_named() {
+        assert_eq!(
+            warnings(None),
+            ["tenantgate: fleet limits (`rpm` at /acme) are not enforced: the bundle has no `rate_limit_service` setting (see docs/fleet.md)"]
+        );
+        let mode = |mode| {
+            Some(RateLimitService {
+                mode,
+                ..RateLimitService::default()
+            })
+        };
+        assert_eq!(
+            warnings(mode(FleetMode::Assigned)),
+            ["tenantgate: fleet limits (`rpm` at /acme) are not enforced: this filter has no client for `rate_limit_service.mode` `assigned` yet (Envoy's own `rate_limit_quota` filter is one) (see docs/fleet.md)"]
+        );
+        assert_eq!(warnings(mode(FleetMode::PerRequest)), Vec::<String>::new());
+        assert_eq!(warnings(mode(FleetMode::Batched)), Vec::<String>::new());
+    }
 }
