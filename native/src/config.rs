@@ -14,7 +14,7 @@ use tenantgate_engine::{Bundle, Engine, Worker};
 
 use crate::abi::{self, Config, RawHeader, Ticker};
 use crate::host::{grpc_answer, grpc_frame, now_ns, split_tags, LogLevel, Metric, MetricKind};
-use crate::store::NativeStore;
+use tenantgate_engine::quota::ShardedStore;
 
 /// What every stream of one filter configuration shares: one worker for all
 /// of Envoy's worker threads (its state is behind locks and atomics, and the
@@ -24,7 +24,7 @@ pub struct Shared {
     pub worker: Arc<Worker>,
     /// The process's bucket store (one for every configuration and reload,
     /// as shared data is for the Wasm filter).
-    pub store: Arc<NativeStore>,
+    pub store: Arc<ShardedStore>,
     /// The Envoy metrics of the worker's layout.
     pub metrics: Metrics,
     /// Wakes the config on the main thread for the worker's tick.
@@ -328,9 +328,9 @@ fn previous_series(c: &mut Config<'_>, previous: &Layout, updates: &[Update], ze
 }
 
 /// The process-wide bucket store.
-fn store() -> Arc<NativeStore> {
-    static STORE: OnceLock<Arc<NativeStore>> = OnceLock::new();
-    Arc::clone(STORE.get_or_init(|| Arc::new(NativeStore::new())))
+fn store() -> Arc<ShardedStore> {
+    static STORE: OnceLock<Arc<ShardedStore>> = OnceLock::new();
+    Arc::clone(STORE.get_or_init(|| Arc::new(ShardedStore::new())))
 }
 
 /// The worker each filter name loaded last: a reload puts the new bundle in

@@ -5,11 +5,11 @@
 //!
 //! Boundary: this crate only moves bytes between Envoy and the engine, like
 //! `filter/`. `abi` holds all of its `unsafe` code (declarations of the
-//! ABI, exported hooks); `host` the pure half of the host layer; `store` the
-//! quota buckets every worker shares; `config` and `request` the adapter.
+//! ABI, exported hooks); `host` the pure half of the host layer; `config` and
+//! `request` the adapter (the quota buckets every worker shares are the
+//! engine's `quota::ShardedStore`).
 
 pub mod host;
-pub mod store;
 
 #[cfg(not(test))]
 mod abi;

@@ -150,6 +150,7 @@ pub mod footprint;
 pub mod keyed;
 mod lease;
 mod series;
+mod sharded;
 pub(crate) mod spec;
 mod store;
 
@@ -174,6 +175,7 @@ use spec::Limit;
 pub(crate) use bucket::ceil_seconds as whole_seconds;
 pub use clock::{Clock, FakeClock, SystemClock};
 pub use lease::{Leases, LEASE_DIVISOR, LEASE_TTL_NS, MAX_BATCH};
+pub use sharded::ShardedStore;
 pub use spec::Scope;
 pub(crate) use store::KeyHasher;
 pub use store::{BucketStore, MemoryStore, StoreError};

@@ -106,7 +106,7 @@ impl Hasher for KeyHasher {
 }
 
 /// Envoy's CAS counter: incremented on every successful set, skipping 0.
-fn next_cas(counter: u32) -> u32 {
+pub(crate) fn next_cas(counter: u32) -> u32 {
     match counter.wrapping_add(1) {
         0 => 1,
         n => n,

@@ -1,23 +1,26 @@
-//! Quota buckets in process memory, shared by every Envoy worker thread.
+//! Quota buckets in process memory, shared by every worker thread of a
+//! process (the native build: Envoy's workers are threads of one process).
 //!
 //! The Wasm filter keeps bucket state in proxy-wasm shared data, one VM per
-//! worker, with compare-and-swap. A dynamic module runs in Envoy's process:
-//! all workers see one [`NativeStore`], a sharded map with the same
-//! compare-and-swap semantics as the engine's [`BucketStore`] (so admission is
-//! exact: a set only lands if nobody wrote the key since it was read).
+//! worker, with compare-and-swap. [`ShardedStore`] is the same contract in
+//! process memory: a sharded map with the compare-and-swap semantics of
+//! [`BucketStore`] (so admission is exact: a set only lands if nobody wrote
+//! the key since it was read). [`super::MemoryStore`] is its one-lock sibling
+//! for tests and `simulate`.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use tenantgate_engine::quota::{BucketStore, StoreError};
+use super::store::{next_cas, KeyHasher};
+use super::{BucketStore, StoreError};
 
 /// Shards: enough that 2 to 64 workers rarely wait on one another for
 /// different keys; a power of two so a shard is a mask away.
 const SHARDS: usize = 64;
 
-type Shard = HashMap<Box<str>, (Vec<u8>, u32), BuildHasherDefault<Fx>>;
+type Shard = HashMap<Box<str>, (Vec<u8>, u32), BuildHasherDefault<KeyHasher>>;
 
 /// A process-wide [`BucketStore`]: per-key values with CAS tokens from one
 /// global counter (incremented on every successful set, skipping 0), a set
@@ -25,27 +28,27 @@ type Shard = HashMap<Box<str>, (Vec<u8>, u32), BuildHasherDefault<Fx>>;
 /// (as in Envoy's shared data). Thread-safe; each key's check-and-set holds
 /// its shard's lock.
 #[derive(Debug)]
-pub struct NativeStore {
+pub struct ShardedStore {
     shards: Vec<Mutex<Shard>>,
     cas_counter: AtomicU32,
 }
 
-impl Default for NativeStore {
+impl Default for ShardedStore {
     fn default() -> Self {
-        NativeStore {
+        ShardedStore {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             cas_counter: AtomicU32::new(0),
         }
     }
 }
 
-impl NativeStore {
+impl ShardedStore {
     pub fn new() -> Self {
         Self::default()
     }
 
     fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
-        let i = (BuildHasherDefault::<Fx>::default().hash_one(key) as usize) & (SHARDS - 1);
+        let i = (BuildHasherDefault::<KeyHasher>::default().hash_one(key) as usize) & (SHARDS - 1);
         // `shards` has SHARDS entries and `i` is masked below SHARDS, so the
         // fallback to the first shard is never taken; it keeps this panic-free.
         let shard = self.shards.get(i).or(self.shards.first());
@@ -57,17 +60,17 @@ impl NativeStore {
         }
     }
 
-    /// The next CAS token (never 0).
+    /// The next CAS token (never 0), from the counter all shards share.
     fn next_cas(&self) -> u32 {
-        loop {
-            let t = self
-                .cas_counter
-                .fetch_add(1, Ordering::Relaxed)
-                .wrapping_add(1);
-            if t != 0 {
-                return t;
-            }
-        }
+        let mut t = 0;
+        // `fetch_update` with a closure that never fails: one atomic step.
+        let _ = self
+            .cas_counter
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                t = next_cas(c);
+                Some(t)
+            });
+        t
     }
 
     /// Number of keys.
@@ -85,7 +88,7 @@ impl NativeStore {
 
 static EMPTY: Mutex<Shard> = Mutex::new(HashMap::with_hasher(BuildHasherDefault::new()));
 
-impl BucketStore for NativeStore {
+impl BucketStore for ShardedStore {
     fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
         Ok(self.shard(key).get(key).cloned())
     }
@@ -109,40 +112,16 @@ impl BucketStore for NativeStore {
     }
 }
 
-/// FxHash's multiply-rotate over words: bucket keys come from the bundle
-/// (keyed limits' keys are fingerprints with a per-process seed), not raw
-/// client input, so flooding is no concern.
-#[derive(Default, Clone, Copy)]
-struct Fx(u64);
-
-impl Hasher for Fx {
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            for (w, b) in word.iter_mut().zip(chunk) {
-                *w = *b;
-            }
-            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word))
-                .wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-        }
-    }
-
-    fn finish(&self) -> u64 {
-        // The high bits are the well-mixed ones; the shard index takes the low.
-        self.0 ^ (self.0 >> 32)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::{HttpInput, NoMetadata};
+    use crate::{Bundle, Engine};
     use std::sync::Arc;
-    use tenantgate_engine::http::{HttpInput, NoMetadata};
-    use tenantgate_engine::{Bundle, Engine};
 
     #[test]
     fn has_the_shared_data_semantics() {
-        let s = NativeStore::new();
+        let s = ShardedStore::new();
         assert_eq!(s.get("a").unwrap(), None);
         // A missing key is created whatever the CAS says.
         s.set("a", b"1", 77).unwrap();
@@ -162,7 +141,7 @@ mod tests {
 
     #[test]
     fn zero_is_never_a_token() {
-        let s = NativeStore::new();
+        let s = ShardedStore::new();
         s.cas_counter.store(u32::MAX - 1, Ordering::Relaxed);
         s.set("a", b"1", 0).unwrap();
         assert_eq!(s.get("a").unwrap().unwrap().1, u32::MAX);
@@ -172,7 +151,7 @@ mod tests {
 
     #[test]
     fn keys_spread_over_the_shards() {
-        let h = BuildHasherDefault::<Fx>::default();
+        let h = BuildHasherDefault::<KeyHasher>::default();
         let used: std::collections::BTreeSet<usize> = (0..1000)
             .map(|i| {
                 (h.hash_one(format!("tenantgate:quota:v1:/acme/t{i}:rps:0000")) as usize)
@@ -185,7 +164,7 @@ mod tests {
     /// Counters raised by 4 threads with read-modify-CAS loops: no update lost.
     #[test]
     fn compare_and_swap_loses_no_update_across_threads() {
-        let s = Arc::new(NativeStore::new());
+        let s = Arc::new(ShardedStore::new());
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let s = Arc::clone(&s);
@@ -246,8 +225,8 @@ mod tests {
     /// admitted, whichever thread gets them.
     fn admitted_by_four_threads(engine: Engine, exact: bool) -> u64 {
         // One worker for all threads, as the native module shares one.
-        let engine = Arc::new(tenantgate_engine::Worker::new(Arc::new(engine)));
-        let store = Arc::new(NativeStore::new());
+        let engine = Arc::new(crate::Worker::new(Arc::new(engine)));
+        let store = Arc::new(ShardedStore::new());
         let now = 1_700_000_000_000_000_000u64;
         let threads: Vec<_> = (0..4u64)
             .map(|w| {
@@ -313,6 +292,6 @@ mod tests {
     fn the_engine_can_be_shared_by_worker_threads() {
         fn shared<T: Send + Sync>() {}
         shared::<Engine>();
-        shared::<NativeStore>();
+        shared::<ShardedStore>();
     }
 }
