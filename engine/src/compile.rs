@@ -68,6 +68,7 @@ impl Engine {
             policy_count,
             cache_shape: crate::cache::KeyShape::from_texts(policy_texts()),
             uses_source_ip: policy_texts().any(|t| t.contains("source_ip")),
+            layout: std::sync::OnceLock::new(),
         })
     }
 }

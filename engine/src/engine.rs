@@ -75,6 +75,9 @@ pub struct Engine {
     /// True if some policy mentions `source_ip`: only then does the filter
     /// ask the host for the downstream address.
     pub(crate) uses_source_ip: bool,
+    /// The metric series of this bundle, built once when first asked for
+    /// (proxy adapters; `check` and the services never need it).
+    pub(crate) layout: std::sync::OnceLock<crate::metrics::Layout>,
 }
 
 impl Engine {
@@ -89,6 +92,13 @@ impl Engine {
 
     pub fn quotas(&self) -> &QuotaModel {
         &self.quotas
+    }
+
+    /// The metric series this bundle defines (see [`crate::metrics::Layout`]),
+    /// built on first use and then shared by every worker.
+    pub fn layout(&self) -> &crate::metrics::Layout {
+        self.layout
+            .get_or_init(|| crate::metrics::Layout::new(self))
     }
 
     /// The bundle's fleet limits (see [`FleetLimits`]).

@@ -303,7 +303,7 @@ impl Worker {
     /// The per-limit counts since the last flush and the remaining tokens.
     fn flush_metrics(&self, now: u64, store: &dyn BucketStore) -> Vec<Update> {
         match self.tally.lock() {
-            Ok(mut tally) => self.layout.flush(&mut tally, self, now, store),
+            Ok(mut tally) => self.layout().flush(&mut tally, self, now, store),
             Err(_) => Vec::new(),
         }
     }
@@ -344,14 +344,14 @@ impl Worker {
                 engine.settings().mode
             ),
         ));
-        let metrics = vec![Update::Add(worker.layout.config_loaded, 1)];
+        let metrics = vec![Update::Add(worker.layout().config_loaded, 1)];
         let (mut zero_gauges, mut previous_metrics, mut previous_report) =
             (Vec::new(), Vec::new(), None);
         if let Some(p) = previous {
             previous_metrics = p.flush_metrics(now, store);
             zero_gauges = worker
-                .layout
-                .removed_gauges(&p.layout)
+                .layout()
+                .removed_gauges(p.layout())
                 .into_iter()
                 .map(str::to_owned)
                 .collect();
@@ -423,11 +423,14 @@ impl Worker {
         let mode = engine.settings().mode;
         let mut metrics = Vec::with_capacity(2);
         if let Ok(mut tally) = self.tally.lock() {
-            if let Some(r) = self.layout.record(&mut tally, tenant, &decision) {
+            if let Some(r) = self.layout().record(&mut tally, tenant, &decision) {
                 metrics.push(Update::Add(r, 1));
             }
         }
-        metrics.push(Update::Add(self.layout.outcome(decision.counter(mode)), 1));
+        metrics.push(Update::Add(
+            self.layout().outcome(decision.counter(mode)),
+            1,
+        ));
         let blocks = decision.blocks(mode);
         let audits = engine.audits(&decision) && self.logs_info.load(Ordering::Relaxed);
         let filter_state = engine.settings().filter_state;
@@ -459,7 +462,7 @@ impl Worker {
         let n = self.requests.fetch_add(1, Ordering::Relaxed);
         let sample_time = n
             .is_multiple_of(names::DECISION_TIME_SAMPLE)
-            .then_some((self.layout.decision_us, start));
+            .then_some((self.layout().decision_us, start));
         let verdict = if blocks {
             Verdict::Reply(
                 engine
@@ -530,7 +533,7 @@ impl Notes {
 
     fn fleet_failed(&mut self, worker: &Worker, why: &str, now: u64) {
         self.metrics
-            .push(Update::Add(worker.layout.fleet_errors, 1));
+            .push(Update::Add(worker.layout().fleet_errors, 1));
         if worker.fleet_log_due(now) {
             self.logs.push(LogLine::new(
                 Level::Warn,

@@ -34,9 +34,8 @@ pub struct Worker {
     /// Ids for decisions that block or are audited; `None`: no ids (`check`,
     /// whose output must not change from run to run).
     pub(crate) ids: Option<DecisionIds>,
-    /// The series of this bundle, and this worker's per-limit counts since
-    /// the last flush.
-    pub(crate) layout: Layout,
+    /// This worker's per-limit counts since the last flush (of the series
+    /// of [`Engine::layout`]).
     pub(crate) tally: Mutex<Tally>,
     /// Requests decided (the decision-time histogram samples one in
     /// [`crate::metrics::names::DECISION_TIME_SAMPLE`]).
@@ -59,11 +58,9 @@ impl std::ops::Deref for Worker {
 impl Worker {
     /// A worker over `engine`, without decision ids.
     pub fn new(engine: Arc<Engine>) -> Worker {
-        let layout = Layout::new(&engine);
         Worker {
             cache: DecisionCache::new(engine.cache_shape),
-            tally: Mutex::new(layout.tally()),
-            layout,
+            tally: Mutex::new(engine.layout().tally()),
             engine,
             leases: Leases::default(),
             fleet: FleetState::default(),
@@ -95,7 +92,7 @@ impl Worker {
 
     /// The series this worker's effects refer to.
     pub fn layout(&self) -> &Layout {
-        &self.layout
+        self.engine.layout()
     }
 
     /// Tells the worker whether the host keeps `info` lines (audit lines are
