@@ -193,10 +193,12 @@ mod tests {
     /// A bundle with one tenant `/acme` whose `rph` limit allows `rate`
     /// requests an hour (the bucket starts full: `burst` = `rate`).
     fn engine(limit: &str) -> Engine {
+        // One folder per call: the tests run in parallel in one process.
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
-            "tenantgate-native-store-{}-{}",
+            "tenantgate-sharded-store-{}-{}",
             std::process::id(),
-            limit.len()
+            N.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("tenants/acme")).unwrap();
