@@ -64,9 +64,8 @@ pub enum Verdict {
     /// It goes upstream.
     Continue {
         /// The `:path` to forward instead of the client's (normalized).
+        /// The identity headers to add: [`Effects::request_headers`].
         path: Option<String>,
-        /// Headers to add to the request (the identity headers).
-        request_headers: Vec<(&'static str, String)>,
         /// Headers to add to the response (RateLimit fields).
         response_headers: Vec<(&'static str, String)>,
     },
@@ -96,6 +95,19 @@ pub struct Effects {
     /// Envoy filter state to set (key, value), with the `filter_state`
     /// setting; empty without it. Keys: [`crate::http::filter_state_keys`].
     pub filter_state: Vec<(&'static str, String)>,
+}
+
+impl Effects {
+    /// The identity headers to add to a request that goes on (none for a
+    /// reply, or for a request that could not be mapped), borrowed from the
+    /// mapped request: nothing is allocated for them.
+    pub fn request_headers(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        let goes_on = matches!(self.verdict, Verdict::Continue { .. });
+        self.mapped
+            .iter()
+            .filter(move |_| goes_on)
+            .flat_map(Mapped::upstream_headers)
+    }
 }
 
 /// The outcome of [`Worker::begin`].
@@ -204,9 +216,11 @@ impl Worker {
         let (decision, refund) = self.decide_refundable(&m.request, store);
         if decision.is_allowed() {
             let check = self.engine.fleet_check(&m.request);
-            if let (Some(call), Some(rls)) = (check, self.engine.rate_limit_service()) {
+            if let (Some(mut call), Some(rls)) = (check, self.engine.rate_limit_service()) {
                 return Step::Deferred(Deferred {
-                    call: call.message.clone(),
+                    // The answer is read by the limits and cost the call
+                    // keeps; its bytes go to the adapter.
+                    call: std::mem::take(&mut call.message),
                     cluster: rls.cluster.clone(),
                     timeout_ms: rls.timeout_ms,
                     pending: Pending {
@@ -472,13 +486,6 @@ impl Worker {
         } else {
             Verdict::Continue {
                 path: mapped.and_then(|m| m.forward_path.clone()),
-                request_headers: mapped
-                    .map(|m| {
-                        m.upstream_headers()
-                            .map(|(k, v)| (k, v.to_owned()))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
                 response_headers: engine.allow_response_headers(&decision),
             }
         };

@@ -487,17 +487,16 @@ impl Http {
                 ffi::record_metric(loaded.id(r), end.saturating_sub(start) / 1_000);
             }
         }
+        for (name, value) in effects.request_headers() {
+            let _ = ffi::add_header(ffi::MAP_REQUEST_HEADERS, name, value);
+        }
         match effects.verdict {
             Verdict::Continue {
                 path,
-                request_headers,
                 response_headers,
             } => {
                 if let Some(p) = path {
                     let _ = ffi::replace_header(ffi::MAP_REQUEST_HEADERS, ":path", &p);
-                }
-                for (name, value) in &request_headers {
-                    let _ = ffi::add_header(ffi::MAP_REQUEST_HEADERS, name, value);
                 }
                 self.response_headers = response_headers;
                 Action::Continue

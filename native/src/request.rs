@@ -284,18 +284,17 @@ impl Stream {
             let us = now_ns().saturating_sub(start) / 1_000;
             metrics.apply(Update::Set(r, us), |m, l, v| f.update(m, l, v));
         }
+        for (name, value) in effects.request_headers() {
+            let _ = f.add_header(HeaderKind::RequestHeaders, name, value);
+        }
         match effects.verdict {
             Verdict::Continue {
                 path,
-                request_headers,
                 response_headers,
             } => {
                 // The upstream sees the path that was judged.
                 if let Some(p) = path {
                     let _ = f.set_header(HeaderKind::RequestHeaders, ":path", &p);
-                }
-                for (name, value) in &request_headers {
-                    let _ = f.add_header(HeaderKind::RequestHeaders, name, value);
                 }
                 self.response_headers = response_headers;
                 HeadersStatus::Continue

@@ -67,29 +67,22 @@ pub fn check(state: &State, req: &CheckRequest, now: u64) -> CheckResponse {
     };
     state.count_decision(crate::Api::Grpc, effects.decision.is_allowed());
     state.audit(&effects.logs);
-    match effects.verdict {
-        Verdict::Continue {
-            path,
-            request_headers,
-            ..
-        } => allowed(&raw, path.as_deref(), &request_headers),
-        Verdict::Reply(reply) => denied(&reply),
+    let identity: Vec<(&str, &str)> = effects.request_headers().collect();
+    match &effects.verdict {
+        Verdict::Continue { path, .. } => allowed(&raw, path.as_deref(), &identity),
+        Verdict::Reply(reply) => denied(reply),
     }
 }
 
 /// An allowed request: the headers to set (the identity headers, `:path`
 /// when normalization changed it) and every client-sent spelling of ours to
 /// remove.
-fn allowed(
-    raw: &RawRequest,
-    path: Option<&str>,
-    request_headers: &[(&'static str, String)],
-) -> CheckResponse {
+fn allowed(raw: &RawRequest, path: Option<&str>, identity: &[(&str, &str)]) -> CheckResponse {
     let mut set: Vec<(&str, &str)> = Vec::new();
     if let Some(p) = path {
         set.push((":path", p));
     }
-    set.extend(request_headers.iter().map(|(k, v)| (*k, v.as_str())));
+    set.extend(identity.iter().copied());
     // Every spelling of ours the client sent, except the names set above
     // (setting replaces every value of that name).
     let remove: BTreeSet<String> = raw

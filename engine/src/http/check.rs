@@ -66,15 +66,8 @@ impl Engine {
                     }),
                 );
             }
-            Verdict::Continue {
-                path,
-                request_headers,
-                ..
-            } if effects.mapped.is_some() => {
-                let headers: BTreeMap<&str, &str> = request_headers
-                    .iter()
-                    .map(|(k, v)| (*k, v.as_str()))
-                    .collect();
+            Verdict::Continue { path, .. } if effects.mapped.is_some() => {
+                let headers: BTreeMap<&str, &str> = effects.request_headers().collect();
                 obj.insert(
                     "upstream".into(),
                     serde_json::json!({ "path": path, "headers": headers }),
