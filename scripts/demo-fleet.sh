@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The fleet demo: a fleet limit holding across three real Envoys, narrated.
+# The fleet demo: a fleet limit holding across three real Envoys, then
+# hierarchical quotas for the whole fleet (mode `assigned`: guarantee and
+# borrowing across Envoys, testdata/fleet-assigned/), narrated.
 #
 #   scripts/demo-fleet.sh    # build, run, stop; exit 0 if every count is as narrated
 #
 # Builds dist/tenantgate.wasm, the CLI and tenantgate-rls, installs Envoy
 # (scripts/install-envoy.sh) and redis-server (scripts/install-redis.sh) if
 # missing, then runs envoy/demo_fleet.py: Redis, tenantgate-rls and three
-# Envoys on 127.0.0.1, all stopped at the end.
+# Envoys on 127.0.0.1 (twice), all stopped at the end. About 40 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { printf '\033[2m%s\033[0m\n' "demo-fleet.sh: $*" >&2; }
