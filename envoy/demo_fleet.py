@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness as h  # noqa: E402
 from fleet_test import FLEET_RATE, WHO, Fleet, Redis, Rls, render, statuses  # noqa: E402
-from fleet_assigned_test import TREE, Load  # noqa: E402
+from fleet_assigned_test import TREE, Load, origin  # noqa: E402
 
 BOLD = "\033[1m" if sys.stdout.isatty() else ""
 DIM = "\033[2m" if sys.stdout.isatty() else ""
@@ -93,18 +93,20 @@ def assigned(expect, failures):
     limits = {t: json.loads((TREE / "tenants" / t / "tenant.json").read_text())["limits"]["rps"]
               for t in ("", "a", "b")}
     print(f"\n{BOLD}3. Mode \"assigned\": hierarchical quotas for the whole fleet{RESET}")
-    print(f"{DIM}   testdata/fleet-assigned: / {limits['']}; /a {limits['a']}; /b {limits['b']}{RESET}")
+    for t in ("", "a", "b"):
+        print(f"{DIM}   testdata/fleet-assigned/tenants/{t + '/' if t else ''}tenant.json: "
+              f"\"rps\": {json.dumps(limits[t])}{RESET}")
     print("   Each Envoy worker reports its usage to tenantgate-rls every 500 ms over one RLQS stream and")
     print("   enforces the rate it is assigned in memory: no call on the request path. The service divides")
     print("   the fleet's 60/s down the tree (HTB) and among the workers (by their demand).")
     redis = Redis(work).start()
-    upstream = h.Upstream().start()
+    upstream = origin(work).start()
     rls_port = h.free_port()
     rls = Rls(bundle, redis.url, work, rls_port).start()
     envoys = []
     try:
         for i in range(3):
-            envoys.append(render(bundle, work, f"envoy{i}", upstream.port, rls_port).start())
+            envoys.append(render(bundle, work, f"envoy{i}", upstream.listen_port, rls_port).start())
         flows = [
             {"tenant": "/a", "rps": 100, "from_s": 0, "to_s": 14, "spread": [70, 20, 10], "principal": "ann"},
             {"tenant": "/b", "rps": 80, "from_s": 7, "to_s": 14, "spread": [10, 20, 70], "principal": "bob"},
