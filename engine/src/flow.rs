@@ -626,7 +626,7 @@ pub fn assigned_without_stream(engine: &Engine) -> Option<LogLine> {
         .map(|_| {
             unenforced(
                 engine,
-                "this build has no client for `rate_limit_service.mode` `assigned` yet (the Wasm filter and Envoy's own `rate_limit_quota` filter are); `on_error` decides every request",
+                "this build has no client for `rate_limit_service.mode` `assigned` yet (the Wasm filter and Envoy's own `rate_limit_quota` filter are): `on_error` (or `on_error_instances`) decides every request",
             )
         })
 }
