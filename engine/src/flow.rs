@@ -18,8 +18,10 @@
 //! A bundle: [`Worker::activate`] prepares a new bundle's worker (buckets
 //! reconciled with the previous bundle's, seeds read, the previous worker's
 //! leases and counts handed back); [`Worker::on_tick`] is the periodic work
-//! (expired leases, batched fleet reports, per-limit metrics); a batched
-//! report's answer goes to [`Worker::report_answer`].
+//! (expired leases, batched fleet reports, mode `assigned`'s RLQS usage
+//! reports, per-limit metrics); a batched report's answer goes to
+//! [`Worker::report_answer`]; what arrives on the RLQS stream to
+//! [`Worker::stream_message`], its end to [`Worker::stream_closed`].
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -29,6 +29,14 @@
 //! report of requests already admitted (the filter's batched mode) carries
 //! the same descriptors and the gRPC metadata [`REPORT_HEADER`] (or, per
 //! descriptor, the trailing entry [`REPORT_ENTRY`]).
+//!
+//! # Mode `assigned`
+//!
+//! The service divides each limit's capacity among its clients
+//! ([`allocate`], in `tenantgate-rls`); each worker is one client of the
+//! rate limit quota service (RLQS) and enforces its assignments in memory
+//! ([`assigned`], pure; `stream`, a worker's stream; [`rlqs_wire`], the
+//! messages). A bucket is `{"tenant": A, "limit": N}`, as a descriptor.
 
 pub mod allocate;
 pub mod assigned;
