@@ -18,11 +18,15 @@ not slow the sender), each flow spread over the Envoys as the plan says
   request is admitted (`on_error: "allow"`), the streams' failures and
   reopenings are counted; restarted: every Envoy holds assignments again
   within 3 intervals of its return (plus the test's polling), and the
-  admissions are back to the HTB answer.
+  admissions are back to the HTB answer;
+- a reload that changes the tree (one Envoy, its bundle by ECDS, the service
+  reloaded by SIGHUP): `/a`'s ceil lowered from 60/s to 45/s, every request
+  answered 200 or 429 across the reload, and `/a` admitted within 5% of
+  45/s once both have the new tree.
 
     python3 envoy/fleet_assigned_test.py [-v]
 
-About 60 s; at most 180 requests per second on loopback. Needs `redis-server`
+About 80 s; at most 180 requests per second on loopback. Needs `redis-server`
 (scripts/install-redis.sh), `tenantgate` and `tenantgate-rls` (`cargo build
 -p tenantgate-cli -p tenantgate-rls`), dist/tenantgate.wasm and Envoy
 (scripts/install-envoy.sh). The Wasm filter only: the native build has no
@@ -31,6 +35,9 @@ RLQS client.
 
 import http.client
 import json
+import re
+import shutil
+import signal
 import sys
 import threading
 import time
@@ -239,6 +246,79 @@ class Assigned(unittest.TestCase):
         self.assertTrue(all(n > m for n, m in zip(self.counters("tenantgate.fleet_stream_opens"), opens)))
         # Back to the HTB answer once the demand is reported again.
         self.assert_htb(load.count(back_s + 3, END_S), END_S - back_s - 3, expect, "after the return")
+
+
+RLS_CLUSTER = """
+  - name: tenantgate_rls
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: { http2_protocol_options: {} }
+    load_assignment:
+      cluster_name: tenantgate_rls
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: { address: 127.0.0.1, port_value: %d }
+"""
+
+
+class Reload(unittest.TestCase):
+    """One Envoy (2 workers) whose bundle comes by ECDS; `/a` alone."""
+
+    def test_a_reload_that_changes_the_tree(self):
+        work = WORK / "reload"
+        src = work / "tree"
+        shutil.copytree(TREE, src)
+        bundle = work / "bundle.json"
+        text1 = h.make_bundle(src, bundle)
+        wasm = work / "tenantgate.wasm"
+        shutil.copy(h.wasm_path(), wasm)
+        ecds = work / "ecds.json"
+        h.write_ecds(ecds, text1, "v1", wasm=wasm)
+        redis = Redis(work).start()
+        upstream = origin(work).start()
+        rls_port = h.free_port()
+        rls = Rls(bundle, redis.url, work, rls_port).start()
+        listen, admin = h.free_port(), h.free_port()
+        config = h.render(h.ENVOY_DIR / "envoy-ecds.yaml", {
+            "LISTEN_PORT": listen, "ADMIN_PORT": admin, "UPSTREAM_PORT": upstream.listen_port,
+            "ECDS_PATH": str(ecds)}) + RLS_CLUSTER % rls_port
+        envoy = h.Envoy(config, work, name="envoy", concurrency=2, admin_port=admin, listen_port=listen)
+        try:
+            envoy.start()
+            flows = [{"tenant": "/a", "rps": 100, "from_s": 0, "to_s": 16, "principal": "ann"}]
+            start = time.monotonic()
+            load = Load([envoy], flows, start)
+            time.sleep(5)
+            # `/a`'s ceil from 600 to 450 per 10 s: the service first, then the filter.
+            a = src / "tenants" / "a" / "tenant.json"
+            a.write_text(a.read_text().replace('"ceil": 600', '"ceil": 450'))
+            text2 = h.make_bundle(src, bundle)
+            version = json.loads(text2)["version"]
+            rls.proc.send_signal(signal.SIGHUP)
+            h.write_ecds(ecds, text2, "v2", wasm=wasm)
+            loaded = h.wait_for(lambda: len(re.findall(f"loaded bundle {version}", envoy.log())) >= 3, 10)
+            self.assertTrue(loaded, envoy.log_tail())
+            reloaded = time.monotonic() - start
+            load.join()
+            before, after = load.count(2, 5), load.count(reloaded + 3, 16)
+            statuses = Counter(r[3] for r in load.rows)
+            self.assertEqual(set(statuses) - {200, 429}, set(), statuses)
+            print(f"  reload at {reloaded:.1f} s: /a admitted {before[('/a', 200)]} in 3 s before "
+                  f"(HTB answer 180), {after[('/a', 200)]} in {16 - reloaded - 3:.1f} s after "
+                  f"(HTB answer {45 * (16 - reloaded - 3):.0f})", file=sys.stderr)
+            self.assertLessEqual(abs(before[("/a", 200)] - 180), 9, before)
+            want = 45 * (16 - reloaded - 3)
+            self.assertLessEqual(abs(after[("/a", 200)] - want), TOLERANCE * want, after)
+        finally:
+            envoy.stop()
+            rls.stop()
+            upstream.stop()
+            redis.stop()
 
 
 if __name__ == "__main__":
