@@ -13,6 +13,10 @@ upstream, so only the filter chain differs):
                    /acme/eu: 3 policy levels, `rps` charged on 3 levels)
   e  tenantgate_large  tenantgate with the generated bundle of
                    envoy/gen_large_policies.py (1,000 tenants, 10,000 policies)
+  n  native_floor  a no-op dynamic module (envoy/noop-native: reads one header,
+                   continues): the cost of the dynamic-module boundary alone
+  m  tenantgate_native  the native build (dist/libtenantgate.so) with the
+                   bundle of (d)
 
 Envoy runs with one worker pinned to CPU 0 (`taskset -c 0`), wrk with one
 thread pinned to CPU 1, same connections and duration for every run. Each round
@@ -66,7 +70,7 @@ AUDIT = os.environ.get("BENCH_AUDIT", "deny")
 ENVOY_CPU, WRK_CPU = "0", "1"
 
 NAMES = {"a": "baseline", "b": "native", "c": "wasm_floor", "d": "tenantgate", "e": "tenantgate_large",
-         "f": "tenantgate_nolimits", "g": "tenantgate_fleet",
+         "f": "tenantgate_nolimits", "g": "tenantgate_fleet", "n": "native_floor", "m": "tenantgate_native",
          "c_cap": "wasm_floor_restricted", "d_cap": "tenantgate_restricted",
          "s_early": "stage_early", "s_map": "stage_map", "s_decide": "stage_decide"}
 STAGES = ["early", "map", "decide"]
@@ -98,6 +102,16 @@ NEEDED_EXPORTS = [
     "proxy_on_delete", "proxy_on_grpc_receive", "proxy_on_grpc_close",
     "proxy_on_grpc_receive_initial_metadata", "proxy_on_grpc_receive_trailing_metadata",
 ]
+
+
+def native_module(name, so, configuration):
+    """A dynamic-module HTTP filter loading `so` with `configuration` as its filter config."""
+    return {"name": "envoy.filters.http.dynamic_modules", "typed_config": {
+        "@type": h.NATIVE_TYPE,
+        "dynamic_module_config": {"module": {"local": {"filename": str(so)}}},
+        "filter_name": name,
+        "filter_config": {"@type": h.STRING_VALUE_TYPE, "value": configuration},
+    }}
 
 
 def capability_restriction(wasm):
@@ -363,6 +377,9 @@ def main():
     wasm = h.wasm_path().resolve()
     noop = Path(os.environ.get("NOOP_WASM", h.REPO / "target" / "noop-filter" / "wasm32-wasip1" / "release"
                                / "tenantgate_noop_filter.wasm")).resolve()
+    native = h.native_path().resolve()
+    noop_native = Path(os.environ.get("NOOP_NATIVE", h.REPO / "target" / "noop-native" / "release"
+                                      / "libtenantgate_noop.so")).resolve()
     large_tree = Path(os.environ.get("LARGE_TREE", work / "large"))
     if not large_tree.exists():
         subprocess.run([sys.executable, str(h.ENVOY_DIR / "gen_large_policies.py"), str(large_tree)], check=True)
@@ -380,6 +397,8 @@ def main():
         "e": ([wasm_filter("tenantgate", wasm, large)], "/api/v1/items/42", LARGE),
         "f": ([wasm_filter("tenantgate", wasm, nolimits)], "/orders/1", ACME),
         "g": ([wasm_filter("tenantgate", wasm, fleet)], "/orders/1", ACME, fleet_path),
+        "n": ([native_module("noop", noop_native, "")], "/orders/1", ACME),
+        "m": ([native_module("tenantgate", native, small)], "/orders/1", ACME),
     }
     setups["c_cap"] = ([wasm_filter("noop", noop, "", restricted=True)], "/orders/1", ACME)
     setups["d_cap"] = ([wasm_filter("tenantgate", wasm, small, restricted=True)], "/orders/1", ACME)
@@ -437,6 +456,11 @@ def main():
         "tenantgate/baseline": ratio("tenantgate", "baseline"),
         "tenantgate/wasm_floor (target >= 0.90)": ratio("tenantgate", "wasm_floor"),
         "tenantgate_large/tenantgate (target >= 0.95)": ratio("tenantgate_large", "tenantgate"),
+        "native_floor/baseline": ratio("native_floor", "baseline"),
+        "tenantgate_native/baseline": ratio("tenantgate_native", "baseline"),
+        "tenantgate_native/native_floor (target >= 0.90)": ratio("tenantgate_native", "native_floor"),
+        "tenantgate_native/native (target >= 1.0: RBAC + local_ratelimit)": ratio("tenantgate_native", "native"),
+        "tenantgate_native/tenantgate (native build over Wasm build)": ratio("tenantgate_native", "tenantgate"),
         "tenantgate_nolimits/wasm_floor (policy part only)": ratio("tenantgate_nolimits", "wasm_floor"),
         "tenantgate_fleet/tenantgate (a per_request fleet check)": ratio("tenantgate_fleet", "tenantgate"),
         "wasm_floor_restricted/wasm_floor (capability restriction on the floor)":
@@ -465,6 +489,8 @@ def main():
             if rps:
                 summary[f"{name}_us_over_floor"] = round(1e6 / rps - 1e6 / summary["wasm_floor_rps"], 2)
     summary["ratio_tenantgate_over_wasm_floor"] = ratios["tenantgate/wasm_floor (target >= 0.90)"]
+    summary["ratio_native_over_native_floor"] = ratios["tenantgate_native/native_floor (target >= 0.90)"]
+    summary["ratio_native_over_rbac"] = ratios["tenantgate_native/native (target >= 1.0: RBAC + local_ratelimit)"]
     summary["ratio_large_over_tenantgate"] = ratios["tenantgate_large/tenantgate (target >= 0.95)"]
     summary.update({"rounds": ROUNDS, "duration_s": DURATION, "connections": CONNECTIONS, "audit": AUDIT,
                     "load_before": round(load, 2)})

@@ -31,6 +31,7 @@ use envoy_types::pb::envoy::service::extension::v3::extension_config_discovery_s
 };
 use envoy_types::pb::google::protobuf::{Any, StringValue};
 use prost::Message;
+use tenantgate_daemon::Stop;
 use tenantgate_engine::Bundle;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -194,11 +195,11 @@ type DeltaResponses = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, S
 #[derive(Clone)]
 pub struct Service {
     plane: Arc<Plane>,
-    stop: watch::Receiver<bool>,
+    stop: Stop,
 }
 
 impl Service {
-    pub fn new(plane: Arc<Plane>, stop: watch::Receiver<bool>) -> Service {
+    pub fn new(plane: Arc<Plane>, stop: Stop) -> Service {
         Service { plane, stop }
     }
 
@@ -269,7 +270,7 @@ impl ExtensionConfigDiscoveryService for Service {
 /// Both services, for a tonic router.
 pub fn services(
     plane: Arc<Plane>,
-    stop: watch::Receiver<bool>,
+    stop: Stop,
 ) -> (
     AggregatedDiscoveryServiceServer<Service>,
     ExtensionConfigDiscoveryServiceServer<Service>,
@@ -288,13 +289,13 @@ async fn serve_stream(
     plane: Arc<Plane>,
     mut requests: Streaming<DiscoveryRequest>,
     tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
-    mut stop: watch::Receiver<bool>,
+    stop: Stop,
     api: &'static str,
 ) {
     let mut changed = plane.changed.subscribe();
     let first = tokio::select! {
         r = requests.message() => r,
-        _ = stop.wait_for(|s| *s) => return,
+        () = stop.fired() => return,
     };
     let first = match first {
         Ok(Some(r)) => r,
@@ -378,7 +379,7 @@ async fn serve_stream(
                 _ => break,
             },
             c = changed.changed() => if c.is_err() { break },
-            _ = stop.wait_for(|s| *s) => break,
+            () = stop.fired() => break,
         }
     }
     plane.fleet().disconnect(&id, stream, now_ns());
