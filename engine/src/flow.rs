@@ -50,7 +50,7 @@ pub struct LogLine {
 }
 
 impl LogLine {
-    fn new(level: Level, text: impl Into<String>) -> LogLine {
+    pub(crate) fn new(level: Level, text: impl Into<String>) -> LogLine {
         LogLine {
             level,
             text: text.into(),
@@ -151,6 +151,12 @@ pub struct Tick {
     pub metrics: Vec<Update>,
     /// A batched fleet report to send (answer: [`Worker::report_answer`]).
     pub report: Option<FleetCall>,
+    /// Mode `assigned`: an encoded RLQS usage report to send on the stream
+    /// ([`crate::fleet::RLQS_SERVICE`] / [`crate::fleet::RLQS_METHOD`] on
+    /// [`Worker::stream_cluster`]); open the stream first if it is not (then
+    /// [`Worker::stream_opened`], or [`Worker::stream_closed`] if that or
+    /// the send fails). Messages received go to [`Worker::stream_message`].
+    pub stream_report: Option<Vec<u8>>,
 }
 
 /// A new bundle's worker, and what the adapter does to put it in force.
@@ -310,6 +316,7 @@ impl Worker {
             ));
         }
         tick.report = self.fleet_report(now, false);
+        tick.stream_report = self.stream_report(now);
         tick.metrics = self.flush_metrics(now, store);
         tick
     }
@@ -370,6 +377,7 @@ impl Worker {
                 .map(str::to_owned)
                 .collect();
             previous_report = p.fleet_report(now, true);
+            worker.inherit_assigned(p);
             if let Err(e) = p.return_all_leases(store) {
                 logs.push(LogLine::new(
                     Level::Error,
@@ -516,7 +524,7 @@ impl Worker {
 
     /// True at most once a second: failed fleet calls are each counted, but
     /// logged at most that often per worker.
-    fn fleet_log_due(&self, now: u64) -> bool {
+    pub(crate) fn fleet_log_due(&self, now: u64) -> bool {
         let last = self.last_fleet_log.load(Ordering::Relaxed);
         now.saturating_sub(last) >= 1_000_000_000
             && self
@@ -595,31 +603,48 @@ fn reconcile(
     logs
 }
 
-/// The warning for fleet limits that this filter does not enforce: no
-/// service is configured, or mode `assigned`, whose client is not in the
-/// filter yet (Envoy's own rate limit quota filter is; docs/fleet.md).
+/// The warning for fleet limits that this filter does not enforce: the
+/// bundle configures no service for them.
 fn unenforced_fleet_limits(engine: &Engine) -> Option<LogLine> {
-    let why = match engine.rate_limit_service() {
-        _ if engine.fleet_limits().is_empty() => return None,
-        None => "the bundle has no `rate_limit_service` setting",
-        Some(r) if r.mode == crate::settings::FleetMode::Assigned => {
-            "this filter has no client for `rate_limit_service.mode` `assigned` yet (Envoy's own `rate_limit_quota` filter is one)"
-        }
-        Some(_) => return None,
-    };
+    match engine.rate_limit_service() {
+        _ if engine.fleet_limits().is_empty() => None,
+        None => Some(unenforced(
+            engine,
+            "the bundle has no `rate_limit_service` setting",
+        )),
+        Some(_) => None,
+    }
+}
+
+/// The warning an adapter without an RLQS stream logs for a bundle in mode
+/// `assigned` (its fleet limits are only ever decided by the fallback):
+/// `None` in any other case.
+pub fn assigned_without_stream(engine: &Engine) -> Option<LogLine> {
+    engine
+        .rate_limit_service()
+        .filter(|r| r.mode == crate::settings::FleetMode::Assigned)
+        .map(|_| {
+            unenforced(
+                engine,
+                "this build has no client for `rate_limit_service.mode` `assigned` yet (the Wasm filter and Envoy's own `rate_limit_quota` filter are); `on_error` decides every request",
+            )
+        })
+}
+
+fn unenforced(engine: &Engine, why: &str) -> LogLine {
     let names: Vec<String> = engine
         .fleet_limits()
         .all()
         .iter()
         .map(|l| format!("`{}` at {}", l.name, l.tenant))
         .collect();
-    Some(LogLine::new(
+    LogLine::new(
         Level::Warn,
         format!(
             "tenantgate: fleet limits ({}) are not enforced: {why} (see docs/fleet.md)",
             names.join(", ")
         ),
-    ))
+    )
 }
 
 #[cfg(test)]
@@ -676,10 +701,7 @@ mod tests {
                 ..RateLimitService::default()
             })
         };
-        assert_eq!(
-            warnings(mode(FleetMode::Assigned)),
-            ["tenantgate: fleet limits (`rpm` at /acme) are not enforced: this filter has no client for `rate_limit_service.mode` `assigned` yet (Envoy's own `rate_limit_quota` filter is one) (see docs/fleet.md)"]
-        );
+        assert_eq!(warnings(mode(FleetMode::Assigned)), Vec::<String>::new());
         assert_eq!(warnings(mode(FleetMode::PerRequest)), Vec::<String>::new());
         assert_eq!(warnings(mode(FleetMode::Batched)), Vec::<String>::new());
     }

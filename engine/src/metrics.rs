@@ -47,6 +47,11 @@ pub mod names {
     /// Counter: calls that got no usable answer (unreachable, past the
     /// timeout, a gRPC error, a message that does not decode).
     pub const FLEET_ERRORS: &str = "tenantgate.fleet_errors";
+    /// Counter: mode `assigned`, RLQS streams opened (the first and every
+    /// reconnection).
+    pub const FLEET_STREAM_OPENS: &str = "tenantgate.fleet_stream_opens";
+    /// Counter: mode `assigned`, bucket assignments received.
+    pub const FLEET_ASSIGNMENTS: &str = "tenantgate.fleet_assignments";
     /// Gauge: shared-data keys (quota buckets) the loaded bundle uses.
     pub const SHARED_DATA_KEYS: &str = "tenantgate.shared_data_keys";
 
@@ -217,6 +222,9 @@ pub struct Layout {
     /// Calls to the rate limit service, and those that failed.
     pub fleet_calls: MetricRef,
     pub fleet_errors: MetricRef,
+    /// Mode `assigned`: streams opened, bucket assignments received.
+    pub fleet_stream_opens: MetricRef,
+    pub fleet_assignments: MetricRef,
     /// Bundles loaded (incremented on each activation).
     pub config_loaded: MetricRef,
     near_limit_ratio: f64,
@@ -297,6 +305,8 @@ impl Layout {
         let decision_us = def(names::DECISION_US.into(), MetricKind::Histogram, None);
         let fleet_calls = def(names::FLEET_CALLS.into(), MetricKind::Counter, None);
         let fleet_errors = def(names::FLEET_ERRORS.into(), MetricKind::Counter, None);
+        let fleet_stream_opens = def(names::FLEET_STREAM_OPENS.into(), MetricKind::Counter, None);
+        let fleet_assignments = def(names::FLEET_ASSIGNMENTS.into(), MetricKind::Counter, None);
         let config_loaded = def(names::CONFIG_LOADED.into(), MetricKind::Counter, None);
         // Defined before any rejection, so an alert sees it go from 0 to 1.
         def(names::CONFIG_REJECTED.into(), MetricKind::Counter, None);
@@ -319,6 +329,8 @@ impl Layout {
             decision_us,
             fleet_calls,
             fleet_errors,
+            fleet_stream_opens,
+            fleet_assignments,
             config_loaded,
             near_limit_ratio: engine.settings().near_limit_ratio.0,
         }

@@ -169,6 +169,7 @@ impl Worker {
         });
         let per_request = fleet.is_some_and(|r| r.mode == FleetMode::PerRequest);
         let batched = fleet.is_some_and(|r| r.mode == FleetMode::Batched);
+        let assigned = fleet.is_some_and(|r| r.mode == FleetMode::Assigned);
         if batched {
             if let Some(q) = self.fleet_refusal(&req.tenant, cost, req.time_ns) {
                 return (Decision::over_quota(q), None);
@@ -178,13 +179,30 @@ impl Worker {
             if batched {
                 self.fleet_count(&req.tenant, cost);
             }
+            if assigned {
+                if let Err(refused) = self.assigned_admit(&req.tenant, cost, req.time_ns) {
+                    return (refused, None);
+                }
+            }
             return (decision, None);
         }
-        let exact = per_request && cost > 0;
+        // A fleet check or assignment still to come: the local admission is
+        // exact, so a fleet refusal can give back what it charged.
+        let exact = (per_request || assigned) && cost > 0;
         match self.admit_local(req, cost, exact, store) {
             Local::Admitted(q, refund) => {
                 if batched {
                     self.fleet_count(&req.tenant, cost);
+                }
+                if assigned {
+                    if let Err(refused) = self.assigned_admit(&req.tenant, cost, req.time_ns) {
+                        if let Some(r) = &refund {
+                            // Best effort, as for a per_request refusal
+                            // (flow's give_back): the decision stands.
+                            let _ = self.engine.quotas.refund(r, store);
+                        }
+                        return (refused, None);
+                    }
                 }
                 let refund = if per_request { refund } else { None };
                 (

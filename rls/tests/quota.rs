@@ -377,3 +377,98 @@ fn ceil_on_a_fleet_limit_needs_mode_assigned() {
         "{err}"
     );
 }
+
+/// One exchange of the filter's client on the stream at `now` (its clock):
+/// its report, encoded by hand, read by the service; the service's answer,
+/// encoded by prost, applied by the client. Returns how many actions came.
+async fn exchange(
+    f: &Fixture,
+    fleet: &tenantgate_engine::fleet::FleetLimits,
+    filter: &mut tenantgate_engine::fleet::assigned::Client,
+    c: &mut Client,
+    now: u64,
+) -> usize {
+    use prost::Message;
+    use tenantgate_engine::fleet::rlqs_wire;
+    let usage = filter.take_report(now);
+    let wire: Vec<rlqs_wire::WireUsage<'_>> = usage
+        .iter()
+        .map(|u| {
+            let l = &fleet.all()[u.limit];
+            rlqs_wire::WireUsage {
+                tenant: l.tenant.as_str(),
+                limit: &l.name,
+                allowed: u.allowed,
+                denied: u.denied,
+                elapsed_ns: u.elapsed_ns,
+            }
+        })
+        .collect();
+    let msg = RateLimitQuotaUsageReports::decode(rlqs_wire::encode_reports("tg", &wire).as_slice())
+        .unwrap();
+    let answer = f.service.on_report(c, &msg).await.unwrap();
+    let actions = rlqs_wire::decode_response(&answer.encode_to_vec()).unwrap();
+    for action in &actions {
+        let (t, l) = action.tenant_limit().unwrap();
+        filter.apply(fleet.index_of(t, l).unwrap(), &action.action, now);
+    }
+    actions.len()
+}
+
+/// The filter's client (`tenantgate_engine::fleet::assigned`) against the
+/// service: the assignments it gets, and enforces.
+#[tokio::test]
+async fn the_filters_client_gets_and_enforces_assignments() {
+    use tenantgate_engine::fleet::assigned::{Admission, Client as Filter, Fallback, Holding};
+    use tenantgate_engine::TenantPath;
+
+    const S: u64 = 1_000_000_000;
+    let f = Fixture::new(&siblings());
+    let limits = Limits::load(&f.tree.bundle_path()).unwrap();
+    let fleet = &limits.fleet;
+    let chain: Vec<usize> = fleet
+        .indices_for(&TenantPath::parse("/a").unwrap())
+        .collect();
+    let (a, root) = (chain[0], chain[1]);
+    let mut filter = Filter::new(fleet.all(), S / 2, Fallback::Allow);
+    let mut c = f.service.new_client();
+    // A first request; the first report asks for a starting share.
+    assert_eq!(filter.admit(&chain, 1, 0), Admission::Admitted);
+    assert_eq!(exchange(&f, fleet, &mut filter, &mut c, 0).await, 2);
+    assert!(matches!(filter.holding(a, 0), Some(Holding::Bucket { .. })));
+    // 349 more within the second: `/a` asks 349/s, more than its ceil and
+    // the root's 300: it gets the whole 300, burst 60 (the worked example
+    // of docs/fleet.md without `/b`).
+    for _ in 0..349 {
+        filter.admit(&chain, 1, S / 2);
+    }
+    f.advance(1000);
+    assert_eq!(exchange(&f, fleet, &mut filter, &mut c, S).await, 2);
+    assert_eq!(
+        filter.holding(a, 2 * S),
+        Some(Holding::Bucket {
+            rate: 300.0,
+            max: 60.0,
+            tokens: 60.0
+        })
+    );
+    assert!(matches!(
+        filter.holding(root, 2 * S),
+        Some(Holding::Bucket { rate, max, .. }) if rate == 300.0 && max == 300.0
+    ));
+    // Enforced: the 60 tokens of `/a`, then refused there.
+    for _ in 0..60 {
+        assert_eq!(filter.admit(&chain, 1, 2 * S), Admission::Admitted);
+    }
+    assert!(matches!(
+        filter.admit(&chain, 1, 2 * S),
+        Admission::Refused { limit, remaining: 0, .. } if limit == a
+    ));
+    // The assignments live 3 of the client's intervals from their receipt:
+    // its longest `time_elapsed` (1 s here) beats the bundle's 500 ms.
+    assert!(matches!(
+        filter.holding(a, 4 * S - 1),
+        Some(Holding::Bucket { .. })
+    ));
+    assert_eq!(filter.holding(a, 4 * S), Some(Holding::Fallback));
+}

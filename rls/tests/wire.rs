@@ -149,3 +149,193 @@ fn the_filter_reads_prosts_answers() {
         ]
     );
 }
+
+/// RLQS (mode `assigned`): the filter's reports read by prost, prost's
+/// answers read by the filter (`tenantgate_engine::fleet::rlqs_wire`).
+mod rlqs {
+    use envoy_types::pb::envoy::r#type::v3::rate_limit_strategy::{
+        BlanketRule, RequestsPerTimeUnit, Strategy,
+    };
+    use envoy_types::pb::envoy::r#type::v3::{RateLimitStrategy, RateLimitUnit, TokenBucket};
+    use envoy_types::pb::envoy::service::rate_limit_quota::v3::rate_limit_quota_response::bucket_action::{
+        AbandonAction, BucketAction as Action, QuotaAssignmentAction,
+    };
+    use envoy_types::pb::envoy::service::rate_limit_quota::v3::rate_limit_quota_response::BucketAction;
+    use envoy_types::pb::envoy::service::rate_limit_quota::v3::{
+        BucketId, RateLimitQuotaResponse, RateLimitQuotaUsageReports,
+    };
+    use envoy_types::pb::google::protobuf::{Duration, UInt32Value};
+    use prost::Message;
+    use tenantgate_engine::fleet::rlqs_wire::{self, WireAction, WireStrategy, WireUsage};
+
+    #[test]
+    fn prost_reads_the_filters_reports() {
+        let bytes = rlqs_wire::encode_reports(
+            "tenantgate",
+            &[
+                WireUsage {
+                    tenant: "/acme/eu",
+                    limit: "rps",
+                    allowed: 1_000_000_000_000,
+                    denied: 7,
+                    elapsed_ns: 2_500_000_001,
+                },
+                WireUsage {
+                    tenant: "/",
+                    limit: "rps",
+                    allowed: 0,
+                    denied: 0,
+                    elapsed_ns: 0,
+                },
+            ],
+        );
+        let r = RateLimitQuotaUsageReports::decode(bytes.as_slice()).unwrap();
+        assert_eq!(r.domain, "tenantgate");
+        let got: Vec<_> = r
+            .bucket_quota_usages
+            .iter()
+            .map(|u| {
+                let id = u.bucket_id.clone().unwrap().bucket;
+                let e = u.time_elapsed.unwrap();
+                (
+                    id["tenant"].clone(),
+                    id["limit"].clone(),
+                    id.len(),
+                    u.num_requests_allowed,
+                    u.num_requests_denied,
+                    (e.seconds, e.nanos),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "/acme/eu".to_string(),
+                    "rps".to_string(),
+                    2,
+                    1_000_000_000_000,
+                    7,
+                    (2, 500_000_001)
+                ),
+                ("/".to_string(), "rps".to_string(), 2, 0, 0, (0, 0)),
+            ]
+        );
+    }
+
+    fn id(tenant: &str, limit: &str) -> Option<BucketId> {
+        Some(BucketId {
+            bucket: [
+                ("tenant".to_string(), tenant.to_string()),
+                ("limit".to_string(), limit.to_string()),
+            ]
+            .into_iter()
+            .collect(),
+        })
+    }
+
+    fn assign(tenant: &str, strategy: Strategy, ttl: Option<Duration>) -> BucketAction {
+        BucketAction {
+            bucket_id: id(tenant, "rps"),
+            bucket_action: Some(Action::QuotaAssignmentAction(QuotaAssignmentAction {
+                assignment_time_to_live: ttl,
+                rate_limit_strategy: Some(RateLimitStrategy {
+                    strategy: Some(strategy),
+                }),
+            })),
+        }
+    }
+
+    #[test]
+    fn the_filter_reads_prosts_answers() {
+        let answer = RateLimitQuotaResponse {
+            bucket_action: vec![
+                assign(
+                    "/a",
+                    Strategy::TokenBucket(TokenBucket {
+                        max_tokens: 33,
+                        tokens_per_fill: Some(UInt32Value { value: 135 }),
+                        fill_interval: Some(Duration {
+                            seconds: 1,
+                            nanos: 0,
+                        }),
+                    }),
+                    Some(Duration {
+                        seconds: 1,
+                        nanos: 500_000_000,
+                    }),
+                ),
+                // ALLOW_ALL is 0: prost still writes it (a oneof field).
+                assign(
+                    "/b",
+                    Strategy::BlanketRule(BlanketRule::AllowAll as i32),
+                    Some(Duration::default()),
+                ),
+                assign(
+                    "/c",
+                    Strategy::BlanketRule(BlanketRule::DenyAll as i32),
+                    None,
+                ),
+                assign(
+                    "/d",
+                    Strategy::RequestsPerTimeUnit(RequestsPerTimeUnit {
+                        requests_per_time_unit: 90,
+                        time_unit: RateLimitUnit::Minute as i32,
+                    }),
+                    None,
+                ),
+                BucketAction {
+                    bucket_id: id("/e", "rps"),
+                    bucket_action: Some(Action::AbandonAction(AbandonAction {})),
+                },
+            ],
+        };
+        let got = rlqs_wire::decode_response(&answer.encode_to_vec()).unwrap();
+        let got: Vec<_> = got
+            .iter()
+            .map(|a| (a.tenant_limit().unwrap().0.to_string(), a.action.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "/a".to_string(),
+                    WireAction::Assign {
+                        strategy: WireStrategy::TokenBucket {
+                            max_tokens: 33,
+                            tokens_per_fill: 135,
+                            fill_interval_ns: 1_000_000_000
+                        },
+                        ttl_ns: Some(1_500_000_000)
+                    }
+                ),
+                (
+                    "/b".to_string(),
+                    WireAction::Assign {
+                        strategy: WireStrategy::AllowAll,
+                        ttl_ns: Some(0)
+                    }
+                ),
+                (
+                    "/c".to_string(),
+                    WireAction::Assign {
+                        strategy: WireStrategy::DenyAll,
+                        ttl_ns: None
+                    }
+                ),
+                (
+                    "/d".to_string(),
+                    WireAction::Assign {
+                        strategy: WireStrategy::TokenBucket {
+                            max_tokens: 90,
+                            tokens_per_fill: 90,
+                            fill_interval_ns: 60_000_000_000
+                        },
+                        ttl_ns: None
+                    }
+                ),
+                ("/e".to_string(), WireAction::Abandon),
+            ]
+        );
+    }
+}

@@ -64,6 +64,8 @@ pub enum FleetOutcome {
 #[derive(Debug, Default)]
 pub struct FleetState {
     inner: Mutex<Inner>,
+    /// Mode `assigned`: the RLQS client (made at first use).
+    pub(crate) assigned: Mutex<Option<super::assigned::Client>>,
 }
 
 #[derive(Debug, Default)]

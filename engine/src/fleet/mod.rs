@@ -31,8 +31,11 @@
 //! descriptor, the trailing entry [`REPORT_ENTRY`]).
 
 pub mod allocate;
+pub mod assigned;
 mod client;
+pub mod rlqs_wire;
 pub mod rls_wire;
+mod stream;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -43,6 +46,7 @@ use rls_wire::WireDescriptor;
 
 pub use crate::settings::DEFAULT_DOMAIN;
 pub use client::{FleetCall, FleetOutcome, FleetState, RLS_METHOD, RLS_SERVICE};
+pub use rlqs_wire::{RLQS_METHOD, RLQS_SERVICE};
 /// Descriptor entry key naming the tenant that declares the limit.
 pub const TENANT_KEY: &str = "tenant";
 /// Descriptor entry key naming the limit.
@@ -136,6 +140,12 @@ impl FleetLimits {
     /// Every fleet limit, parents before children.
     pub fn all(&self) -> &[FleetLimit] {
         &self.limits
+    }
+
+    /// The index in [`FleetLimits::all`] of the limit `name` declared on
+    /// `tenant`, if any.
+    pub fn index_of(&self, tenant: &str, name: &str) -> Option<usize> {
+        self.index.get(tenant)?.get(name).copied()
     }
 
     /// The limit `name` declared on `tenant` (a path as written in a

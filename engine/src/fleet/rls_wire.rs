@@ -151,7 +151,7 @@ fn unit_seconds(unit: u64) -> Option<u64> {
     }
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+pub(super) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
@@ -159,25 +159,25 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-fn put_varint_field(out: &mut Vec<u8>, field: u32, v: u64) {
+pub(super) fn put_varint_field(out: &mut Vec<u8>, field: u32, v: u64) {
     put_varint(out, u64::from(field) << 3);
     put_varint(out, v);
 }
 
-fn put_bytes(out: &mut Vec<u8>, field: u32, b: &[u8]) {
+pub(super) fn put_bytes(out: &mut Vec<u8>, field: u32, b: &[u8]) {
     put_varint(out, (u64::from(field) << 3) | 2);
     put_varint(out, b.len() as u64);
     out.extend_from_slice(b);
 }
 
-enum Value<'a> {
+pub(super) enum Value<'a> {
     Varint(u64),
     Bytes(&'a [u8]),
     Fixed,
 }
 
 /// The fields of one message, in order.
-struct Fields<'a>(&'a [u8]);
+pub(super) struct Fields<'a>(pub(super) &'a [u8]);
 
 impl<'a> Iterator for Fields<'a> {
     type Item = Result<(u64, Value<'a>), String>;
