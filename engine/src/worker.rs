@@ -217,23 +217,36 @@ impl Worker {
         }
     }
 
-    /// The local quotas alone, for a request counted as allowed by policy:
-    /// keyed limits first, then the hierarchical buckets, as in
-    /// [`Worker::decide`], but admitted exactly (no worker lease) and without
-    /// fleet limits. What `tenantgate simulate` replays.
+    /// The quotas alone, for a request counted as allowed by policy: keyed
+    /// limits first, then the hierarchical buckets, as in [`Worker::decide`],
+    /// but admitted exactly (no worker lease); then, in mode `assigned`, the
+    /// fleet buckets of this worker's assignments (the local charge given
+    /// back when they refuse, as on the request path). The other fleet modes
+    /// need a service and are left out. What `tenantgate simulate` replays.
     pub fn decide_quotas(&self, req: &Request, store: &dyn BucketStore) -> Decision {
-        let decision = Decision::allow(Vec::new(), Vec::new());
-        if self.engine.quotas.is_empty() {
-            return decision;
-        }
+        let allow = Decision::allow(Vec::new(), Vec::new());
         let cost = self.engine.settings.cost_of(&req.method, req.action);
-        match self.admit_local(req, cost, true, store) {
-            Local::Admitted(q, _) => Decision {
-                quota: Some(q),
-                ..decision
-            },
-            Local::Refused(refused) => refused,
+        let (decision, refund) = if self.engine.quotas.is_empty() {
+            (allow, None)
+        } else {
+            match self.admit_local(req, cost, true, store) {
+                Local::Admitted(q, refund) => (
+                    Decision {
+                        quota: Some(q),
+                        ..allow
+                    },
+                    refund,
+                ),
+                Local::Refused(refused) => return refused,
+            }
+        };
+        if let Err(refused) = self.assigned_admit(&req.tenant, cost, req.time_ns) {
+            if let Some(r) = &refund {
+                let _ = self.engine.quotas.refund(r, store);
+            }
+            return refused;
         }
+        decision
     }
 
     /// Admission against the local limits: the keyed ones first (a refusal

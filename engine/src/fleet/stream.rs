@@ -126,6 +126,25 @@ impl Worker {
         (!wire.is_empty()).then(|| rlqs_wire::encode_reports(&rls.domain, &wire))
     }
 
+    /// Mode `assigned`, for `tenantgate simulate`: the usage report due at
+    /// `now` (taken, as [`Worker::stream_report`] takes it), unencoded.
+    pub fn assigned_usage(&self, now: Nanos) -> Vec<assigned::Usage> {
+        self.with_assigned(|c| {
+            if c.report_due(now) {
+                c.take_report(now)
+            } else {
+                Vec::new()
+            }
+        })
+        .unwrap_or_default()
+    }
+
+    /// Mode `assigned`, for `tenantgate simulate`: takes the action the
+    /// service sends for fleet limit `limit` as if it arrived at `now`.
+    pub fn assigned_apply(&self, limit: usize, action: &rlqs_wire::WireAction, now: Nanos) {
+        self.with_assigned(|c| c.apply(limit, action, now));
+    }
+
     /// The Envoy cluster of the RLQS stream (mode `assigned` only).
     pub fn stream_cluster(&self) -> Option<&str> {
         self.assigned_rls().map(|r| r.cluster.as_str())
