@@ -180,7 +180,7 @@ impl Worker {
                 self.fleet_count(&req.tenant, cost);
             }
             if assigned {
-                if let Err(refused) = self.assigned_admit(&req.tenant, cost, req.time_ns) {
+                if let Some(refused) = self.assigned_admit(&req.tenant, cost, req.time_ns) {
                     return (refused, None);
                 }
             }
@@ -195,7 +195,7 @@ impl Worker {
                     self.fleet_count(&req.tenant, cost);
                 }
                 if assigned {
-                    if let Err(refused) = self.assigned_admit(&req.tenant, cost, req.time_ns) {
+                    if let Some(refused) = self.assigned_admit(&req.tenant, cost, req.time_ns) {
                         if let Some(r) = &refund {
                             // Best effort, as for a per_request refusal
                             // (flow's give_back): the decision stands.

@@ -109,6 +109,13 @@ extern "C" {
         value_size: usize,
         cas: u32,
     ) -> u32;
+    fn proxy_grpc_send(
+        token: u32,
+        message_ptr: *const u8,
+        message_len: usize,
+        end_stream: bool,
+    ) -> u32;
+    fn proxy_grpc_cancel(token: u32) -> u32;
 }
 
 /// A host call that did not succeed.
@@ -165,6 +172,19 @@ pub fn plugin_configuration() -> Result<Vec<u8>, HostError> {
 /// The message of a gRPC call's answer (`size` bytes, as the host announced).
 pub fn grpc_response(size: usize) -> Result<Vec<u8>, HostError> {
     buffer(BUFFER_GRPC_RECEIVE, size)
+}
+
+/// Sends a message on a gRPC stream opened with the SDK's
+/// `open_grpc_stream` (which registers the stream with its dispatcher).
+pub fn grpc_send(token: u32, message: &[u8]) -> Result<(), HostError> {
+    // SAFETY: pointer and length describe a live slice for the whole call.
+    check(unsafe { proxy_grpc_send(token, message.as_ptr(), message.len(), false) })
+}
+
+/// Cancels a gRPC stream (no close callback follows).
+pub fn grpc_cancel(token: u32) -> Result<(), HostError> {
+    // SAFETY: no pointers.
+    check(unsafe { proxy_grpc_cancel(token) })
 }
 
 fn buffer(kind: u32, max: usize) -> Result<Vec<u8>, HostError> {

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
-use tenantgate_engine::fleet::{FleetCall, REPORT_HEADER, RLS_METHOD, RLS_SERVICE};
+use tenantgate_engine::fleet::{
+    FleetCall, REPORT_HEADER, RLQS_METHOD, RLQS_SERVICE, RLS_METHOD, RLS_SERVICE,
+};
 use tenantgate_engine::flow::{self, Effects, Level, LogLine, Pending, Step, Verdict};
 use tenantgate_engine::http::{own_headers, HttpInput, LocalReply, MetadataSource};
 use tenantgate_engine::metrics::{MetricKind, MetricRef, Update};
@@ -26,7 +28,7 @@ proxy_wasm::main! {{
         ffi::log(ffi::LOG_CRITICAL, &format!("tenantgate: panic (a bug, please report it): {info}"));
     }));
     proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
-        Box::new(Root { loaded: None, context_id, reports: HashMap::new() })
+        Box::new(Root { loaded: None, context_id, reports: HashMap::new(), stream: None })
     });
 }}
 
@@ -171,6 +173,8 @@ struct Root {
     context_id: u32,
     /// Batched fleet reports in flight, by gRPC token.
     reports: HashMap<u32, (Rc<Loaded>, FleetCall)>,
+    /// Mode `assigned`: the RLQS stream's token, while it is open.
+    stream: Option<u32>,
 }
 
 impl Root {
@@ -193,6 +197,44 @@ impl Root {
         }
     }
 
+    /// Sends an RLQS usage report on the stream, opening it first if needed.
+    fn send_stream_report(&mut self, loaded: &Loaded, message: &[u8]) {
+        let worker = &loaded.worker;
+        if self.stream.is_none() {
+            let Some(cluster) = worker.stream_cluster() else {
+                return;
+            };
+            match self.open_grpc_stream(cluster, RLQS_SERVICE, RLQS_METHOD, Vec::new()) {
+                Ok(token) => {
+                    self.stream = Some(token);
+                    loaded.apply(&worker.stream_opened());
+                }
+                Err(s) => {
+                    let why = format!(
+                        "cannot open a stream to cluster `{cluster}`: {s:?} (is it in Envoy's config, over HTTP/2?)"
+                    );
+                    let tick = worker.stream_closed(&why, now());
+                    write_logs(&tick.logs);
+                    loaded.apply(&tick.metrics);
+                    return;
+                }
+            }
+        }
+        let Some(token) = self.stream else {
+            return;
+        };
+        match ffi::grpc_send(token, message) {
+            Ok(()) => loaded.apply(&[Update::Add(worker.layout().fleet_calls, 1)]),
+            Err(e) => {
+                self.stream = None;
+                let _ = ffi::grpc_cancel(token);
+                let tick = worker.stream_closed(&format!("cannot send a report: {e}"), now());
+                write_logs(&tick.logs);
+                loaded.apply(&tick.metrics);
+            }
+        }
+    }
+
     /// Reads the host's log level: audit lines are only built when `info`
     /// lines are kept (on configure and on every tick, never per request).
     fn refresh_log_level(&self) {
@@ -203,6 +245,44 @@ impl Root {
 }
 
 impl Context for Root {
+    fn on_grpc_stream_message(&mut self, token_id: u32, message_size: usize) {
+        let Some(loaded) = self
+            .loaded
+            .clone()
+            .filter(|_| self.stream == Some(token_id))
+        else {
+            return;
+        };
+        let tick = match ffi::grpc_response(message_size) {
+            Ok(bytes) => loaded.worker.stream_message(&bytes, now()),
+            Err(e) => {
+                self.stream = None;
+                let _ = ffi::grpc_cancel(token_id);
+                let why = format!("cannot read a message: {e}");
+                loaded.worker.stream_closed(&why, now())
+            }
+        };
+        write_logs(&tick.logs);
+        loaded.apply(&tick.metrics);
+    }
+
+    fn on_grpc_stream_close(&mut self, token_id: u32, status_code: u32) {
+        if self.stream != Some(token_id) {
+            return;
+        }
+        self.stream = None;
+        if let Some(loaded) = self.loaded.clone() {
+            let why = match status_code {
+                0 => "closed by the service".to_string(),
+                14 => "gRPC status 14 (unavailable)".to_string(),
+                s => format!("gRPC status {s}"),
+            };
+            let tick = loaded.worker.stream_closed(&why, now());
+            write_logs(&tick.logs);
+            loaded.apply(&tick.metrics);
+        }
+    }
+
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
         let Some((loaded, call)) = self.reports.remove(&token_id) else {
             return;
@@ -296,6 +376,18 @@ impl RootContext for Root {
         loaded.apply(&tick.metrics);
         if let Some(call) = tick.report {
             self.send_report(&loaded, call);
+        }
+        // A root context whose bundle a newer one replaced (in a new root
+        // context) leaves the stream to it.
+        let current = CURRENT.with(|c| c.borrow().as_ref().is_some_and(|c| Rc::ptr_eq(c, &loaded)));
+        if !current {
+            if let Some(token) = self.stream.take() {
+                let _ = ffi::grpc_cancel(token);
+            }
+            return;
+        }
+        if let Some(message) = tick.stream_report {
+            self.send_stream_report(&loaded, &message);
         }
     }
 

@@ -56,35 +56,31 @@ impl Worker {
 
     /// Mode `assigned`: admits a request of `cost` to `tenant` against the
     /// assignments of its chain's fleet buckets (all or none), after the
-    /// local limits admitted it. `Err`: the decision that refuses it (429
+    /// local limits admitted it. `Some`: the decision that refuses it (429
     /// with the bucket's fields, or `on_error`'s 503 when no assignment holds
-    /// and the fallback is `deny`).
+    /// and the fallback is `deny`); `None`: admitted.
     pub(crate) fn assigned_admit(
         &self,
         tenant: &TenantPath,
         cost: u64,
         now: Nanos,
-    ) -> Result<(), Decision> {
+    ) -> Option<Decision> {
         let chain: Vec<usize> = self.engine.fleet_limits().indices_for(tenant).collect();
         if chain.is_empty() {
-            return Ok(());
+            return None;
         }
-        let Some(admission) = self.with_assigned(|c| c.admit(&chain, cost, now)) else {
-            return Ok(());
-        };
+        let admission = self.with_assigned(|c| c.admit(&chain, cost, now))?;
         let all = self.engine.fleet_limits().all();
         match admission {
-            Admission::Admitted => Ok(()),
+            Admission::Admitted => None,
             Admission::Refused {
                 limit,
                 remaining,
                 wait_ns,
             } => {
-                let Some(l) = all.get(limit) else {
-                    return Ok(());
-                };
+                let l = all.get(limit)?;
                 let interval = self.assigned_rls().map_or(1_000_000_000, interval_ns);
-                Err(Decision::over_quota(assigned_refusal(
+                Some(Decision::over_quota(assigned_refusal(
                     l, remaining, wait_ns, interval, cost, now,
                 )))
             }
@@ -93,7 +89,7 @@ impl Worker {
                     .get(limit)
                     .map(|l| format!(" for `{}` at {}", l.name, l.tenant))
                     .unwrap_or_default();
-                Err(Decision::error(
+                Some(Decision::error(
                     OnError::Deny,
                     format!("rate limit service: no assignment{named} (on_error deny)"),
                 ))

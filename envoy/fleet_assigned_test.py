@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""Mode `assigned` across three real Envoys: the filter as an RLQS client of
+`tenantgate-rls`, a real Redis, hierarchical quotas for the whole fleet.
+
+The bundle is testdata/fleet-assigned/ (the tree and settings) and the
+traffic its plan.json (the plan `tenantgate simulate` reads): `/` has 60/s
+(600 per 10 s) for the fleet; `/a` rate 40/s, ceil 60/s; `/b` rate 20/s, ceil
+60/s; reports every 500 ms, `on_error: "allow"`. Three Envoys x 2 workers
+each, one stream per worker VM. Requests are paced (open loop: a refusal does
+not slow the sender), each flow spread over the Envoys as the plan says
+(70/20/10, shifted mid-run):
+
+- each tenant's fleet-wide admissions in each measured span of the plan are
+  within 5% of the HTB answer the plan states (`expect`): `/a` alone borrows
+  up to its ceil (60/s); with `/b` flooding too, each its rate (40/s and
+  20/s), before and after the spread shifts;
+- `tenantgate-rls` killed: once the assignments run out (3 intervals), every
+  request is admitted (`on_error: "allow"`), the streams' failures and
+  reopenings are counted; restarted: every Envoy holds assignments again
+  within 3 intervals of its return (plus the test's polling), and the
+  admissions are back to the HTB answer.
+
+    python3 envoy/fleet_assigned_test.py [-v]
+
+About 70 s; at most 150 requests per second on loopback. Needs `redis-server`
+(scripts/install-redis.sh), `tenantgate` and `tenantgate-rls` (`cargo build
+-p tenantgate-cli -p tenantgate-rls`), dist/tenantgate.wasm and Envoy
+(scripts/install-envoy.sh). The Wasm filter only: the native build has no
+RLQS client.
+"""
+
+import http.client
+import json
+import sys
+import threading
+import time
+import unittest
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness as h  # noqa: E402
+from fleet_test import Redis, Rls, render  # noqa: E402
+
+WORK = h.tempdir("tenantgate-assigned-")
+TREE = h.REPO / "testdata" / "fleet-assigned"
+PLAN = json.loads((TREE / "plan.json").read_text())
+INTERVAL_S = PLAN["report_interval_ms"] / 1000
+TOLERANCE = 0.05
+# The outage test's length, in seconds.
+END_S = 20
+
+
+class Load:
+    """Paced senders, one thread per flow and instance, recording
+    (time since start, tenant, instance, status)."""
+
+    def __init__(self, envoys, flows, start):
+        self.envoys, self.start = envoys, start
+        self.rows, self.lock, self.stop = [], threading.Lock(), threading.Event()
+        self.threads = []
+        for flow in flows:
+            for i, part in enumerate(flow.get("spread", [100 / len(envoys)] * len(envoys))):
+                rate = flow["rps"] * part / 100
+                if rate > 0:
+                    t = threading.Thread(target=self.run, args=(flow, i, rate), daemon=True)
+                    self.threads.append(t)
+        for t in self.threads:
+            t.start()
+
+    def run(self, flow, i, rate):
+        port = self.envoys[i].listen_port
+        headers = {"x-tenant": flow["tenant"], "x-user": flow.get("principal", "u")}
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        n, begin, end = 0, self.start + flow.get("from_s", 0), self.start + flow["to_s"]
+        while not self.stop.is_set():
+            at = begin + n / rate
+            if at >= end:
+                break
+            delay = at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            n += 1
+            try:
+                status = h.request(port, "GET", "/items", headers, conn=conn).status
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                status = "error"
+            with self.lock:
+                self.rows.append((time.monotonic() - self.start, flow["tenant"], i, status))
+        conn.close()
+
+    def join(self):
+        for t in self.threads:
+            t.join()
+
+    def close(self):
+        self.stop.set()
+        self.join()
+
+    def count(self, from_s, to_s):
+        """(tenant, status) -> requests sent in [from_s, to_s)."""
+        with self.lock:
+            return Counter((t, s) for at, t, _, s in self.rows if from_s <= at < to_s)
+
+
+def origin(workdir):
+    """An Envoy answering every request with 200 itself: an upstream fast
+    enough for the paced senders (the Python echo upstream is not, at 150
+    requests per second on a shared machine)."""
+    port, admin = h.free_port(), h.free_port()
+    route = {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [{
+        "match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}]}]}
+    hcm = {"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                 "HttpConnectionManager",
+        "stat_prefix": "origin", "route_config": route,
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}
+    config = {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {"listeners": [{
+            "name": "origin", "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+            "filter_chains": [{"filters": [hcm]}]}]},
+    }
+    return h.Envoy(json.dumps(config), workdir, name="origin", concurrency=1, admin_port=admin,
+                   listen_port=port)
+
+
+class Assigned(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.work = WORK / "fleet"
+        cls.bundle = cls.work / "bundle.json"
+        cls.work.mkdir(parents=True)
+        h.make_bundle(TREE, cls.bundle)
+        cls.redis = Redis(cls.work).start()
+        cls.upstream = origin(cls.work).start()
+        cls.rls_port = h.free_port()
+        cls.rls = Rls(cls.bundle, cls.redis.url, cls.work, cls.rls_port).start()
+        cls.envoys = []
+        try:
+            for i in range(PLAN["instances"]):
+                cls.envoys.append(render(cls.bundle, cls.work, f"envoy{i}", cls.upstream.listen_port,
+                                         cls.rls_port, concurrency=2).start())
+        except Exception:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        for e in cls.envoys:
+            e.stop()
+        cls.rls.stop()
+        cls.upstream.stop()
+        cls.redis.stop()
+
+    def counters(self, name):
+        """A filter counter per Envoy."""
+        return [e.counter(f"{h.stat_namespace()}.{name}") or 0 for e in self.envoys]
+
+    def assert_htb(self, counts, span, expect, what):
+        """Each tenant's admissions over `span` seconds within 5% of `expect` per second."""
+        for tenant, rps in expect.items():
+            want, got = rps * span, counts[(tenant, 200)]
+            print(f"  {what}: {tenant} admitted {got} in {span:.0f} s, HTB answer {want:.0f}",
+                  file=sys.stderr)
+            self.assertLessEqual(abs(got - want), TOLERANCE * max(want, 20),
+                                 f"{what}: {tenant} admitted {got}, want {want:.0f} +-5%")
+
+    def test_1_the_plan_fleet_wide(self):
+        load = Load(self.envoys, PLAN["flows"], time.monotonic())
+        load.join()
+        rows = load.rows
+        self.assertEqual([r for r in rows if r[3] not in (200, 429)][:5], [], "only 200 or 429")
+        for e in PLAN["expect"]:
+            counts = load.count(e["from_s"], e["to_s"])
+            self.assert_htb(counts, e["to_s"] - e["from_s"], e["admitted_rps"],
+                            f"{e['from_s']}-{e['to_s']} s")
+        # Refused with the fleet limit's RateLimit fields, as local refusals are.
+        r = self.envoys[0].request("GET", "/items", {"x-tenant": "/a", "x-user": "ann"})
+        for _ in range(600):
+            if r.status == 429:
+                break
+            r = self.envoys[0].request("GET", "/items", {"x-tenant": "/a", "x-user": "ann"})
+        self.assertEqual(r.status, 429, r)
+        self.assertEqual(r.json()["limit"], "rps", r)
+        self.assertEqual(r.headers.get("ratelimit-policy"), '"rps";q=400;w=10', r)
+        self.assertGreaterEqual(int(r.headers.get("retry-after", "0")), 1, r)
+        # One stream per worker VM that had traffic (no failure so far), and
+        # reports and assignments on every Envoy.
+        opens = self.counters("tenantgate.fleet_stream_opens")
+        self.assertTrue(all(1 <= n <= 2 for n in opens), opens)
+        self.assertEqual(self.counters("tenantgate.fleet_errors"), [0, 0, 0])
+        self.assertTrue(all(n > 0 for n in self.counters("tenantgate.fleet_assignments")))
+        self.assertTrue(all(n > 0 for n in self.counters("tenantgate.fleet_calls")))
+
+    def test_2_the_service_killed_then_back(self):
+        last = [f for f in PLAN["flows"] if f["to_s"] == PLAN["duration_s"]]
+        flows = [dict(f, from_s=0, to_s=END_S) for f in last]
+        expect = PLAN["expect"][-1]["admitted_rps"]
+        opens, errors = self.counters("tenantgate.fleet_stream_opens"), self.counters("tenantgate.fleet_errors")
+        start = time.monotonic()
+        load = Load(self.envoys, flows, start)
+        try:
+            time.sleep(3)
+            self.rls.proc.kill()
+            self.rls.proc.wait()
+            down = time.monotonic() - start
+            # The assignments run out after 3 intervals: then on_error allows all.
+            time.sleep(3 * INTERVAL_S + 1.5)
+            free_from = time.monotonic() - start
+            time.sleep(3)
+            free_to = time.monotonic() - start
+            assigned = self.counters("tenantgate.fleet_assignments")
+            self.rls = type(self).rls = Rls(self.bundle, self.redis.url, self.work, self.rls_port).start()
+            back = time.monotonic()
+
+            def all_assigned():
+                return all(n > m for n, m in zip(self.counters("tenantgate.fleet_assignments"), assigned))
+
+            self.assertTrue(h.wait_for(all_assigned, 5, interval=0.05), "no assignment after the return")
+            took = time.monotonic() - back
+            print(f"  killed at {down:.1f} s; every Envoy assigned again {took:.2f} s after the return",
+                  file=sys.stderr)
+            # Within 3 intervals of the return (and 0.25 s of polling).
+            self.assertLess(took, 3 * INTERVAL_S + 0.25)
+            back_s = back - start
+            load.join()
+        finally:
+            load.close()
+        free = load.count(free_from, free_to)
+        self.assertEqual(free[("/a", 429)] + free[("/b", 429)], 0, free)
+        self.assertGreater(free[("/a", 200)], 0, free)
+        # Streams failed and reopened while it was away.
+        self.assertTrue(all(n > m for n, m in zip(self.counters("tenantgate.fleet_errors"), errors)))
+        self.assertTrue(all(n > m for n, m in zip(self.counters("tenantgate.fleet_stream_opens"), opens)))
+        # Back to the HTB answer once the demand is reported again.
+        self.assert_htb(load.count(back_s + 3, END_S), END_S - back_s - 3, expect, "after the return")
+
+
+if __name__ == "__main__":
+    sys.exit(h.run_tests(sys.modules[__name__], "fleet-assigned", WORK))
