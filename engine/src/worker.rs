@@ -240,7 +240,7 @@ impl Worker {
                 Local::Refused(refused) => return refused,
             }
         };
-        if let Err(refused) = self.assigned_admit(&req.tenant, cost, req.time_ns) {
+        if let Some(refused) = self.assigned_admit(&req.tenant, cost, req.time_ns) {
             if let Some(r) = &refund {
                 let _ = self.engine.quotas.refund(r, store);
             }
