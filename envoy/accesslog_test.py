@@ -2,8 +2,9 @@
 """Decisions in Envoy's own access log and traces, in real Envoy.
 
 The bundle is the example tree (`policies/`) with `"filter_state": true`. The
-bootstrap is what `tenantgate envoy BUNDLE --wasm ... --access-log FILE`
-renders, plus the tracing snippet of docs/reference.md (span tags from the
+bootstrap is what `tenantgate envoy BUNDLE --wasm ... --access-log FILE` (or
+`--native ...` with TENANTGATE_BUILD=native: the native build's filter state
+has no `wasm.` prefix) renders, plus the tracing snippet of docs/reference.md (span tags from the
 same filter state) with Envoy's Zipkin tracer sending to a collector in this
 test. One request of each kind:
 
@@ -18,6 +19,7 @@ test. One request of each kind:
   for a malformed one.
 
     python3 envoy/accesslog_test.py [-v]
+    TENANTGATE_BUILD=native python3 envoy/accesslog_test.py [-v]
 """
 
 import http.server
@@ -53,12 +55,18 @@ def who(user, home, tenant, **extra):
     return headers
 
 
+def state_key(k):
+    """The filter state a build sets for field `k`: Envoy prefixes what a Wasm
+    filter sets with `wasm.`; the native build's keys are as it sets them."""
+    return f"tenantgate.{k}" if h.build() == "native" else f"wasm.tenantgate.{k}"
+
+
 def tracing(collector_cluster):
     """The tracing snippet of docs/reference.md, with a Zipkin provider."""
     return {
         "random_sampling": {"value": 100},
         "custom_tags": [
-            {"tag": f"tenantgate.{k}", "value": f"%FILTER_STATE(wasm.tenantgate.{k}:PLAIN)%"} for k in KEYS
+            {"tag": f"tenantgate.{k}", "value": f"%FILTER_STATE({state_key(k)}:PLAIN)%"} for k in KEYS
         ],
         "provider": {
             "name": "envoy.tracers.zipkin",
@@ -127,7 +135,7 @@ class AccessLog(unittest.TestCase):
         cls.collector = Collector()
         listen, admin = h.free_port(), h.free_port()
         cmd = h.cli_command() + [
-            "envoy", str(cls.bundle_path), "--wasm", str(h.wasm_path().resolve()),
+            "envoy", str(cls.bundle_path), *h.module_args(),
             "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}",
             "--upstream", f"127.0.0.1:{cls.upstream.port}", "--access-log", str(cls.log_path),
             # Loopback is internal: Envoy keeps the client's x-request-id, which names each request here.

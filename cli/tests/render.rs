@@ -989,10 +989,6 @@ fn native_flags_that_do_not_apply_are_refused() {
             vec!["--fail-open"],
             "`--fail-open` does not apply with `--native`",
         ),
-        (
-            vec!["--access-log", "/tmp/access.log"],
-            "`--access-log` does not apply with `--native`",
-        ),
         (vec!["--sha256", &"0".repeat(64)], "the module's sha256 is"),
     ] {
         let mut all = vec!["envoy", "policies", "--native", n];

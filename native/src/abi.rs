@@ -145,6 +145,12 @@ extern "C" {
         result: *mut EnvoyBuffer,
     ) -> bool;
 
+    fn envoy_dynamic_module_callback_http_set_filter_state_bytes(
+        f: EnvoyFilterPtr,
+        key: ModuleBuffer,
+        value: ModuleBuffer,
+    ) -> bool;
+
     fn envoy_dynamic_module_callback_http_filter_continue_decoding(f: EnvoyFilterPtr);
     fn envoy_dynamic_module_callback_http_filter_start_http_stream(
         f: EnvoyFilterPtr,
@@ -484,6 +490,20 @@ impl Filter<'_> {
         };
         // SAFETY: Envoy's bytes live until the end of the hook.
         (ok && !value.ptr.is_null()).then(|| unsafe { value.as_slice() })
+    }
+
+    /// Sets filter state `key` to `value` (a string object, read-only for
+    /// the rest of the stream): `%FILTER_STATE(key:PLAIN)%` prints it.
+    pub fn set_filter_state(&mut self, key: &str, value: &str) -> Result<(), HostError> {
+        // SAFETY: both buffers are live for the call; Envoy copies them.
+        let ok = unsafe {
+            envoy_dynamic_module_callback_http_set_filter_state_bytes(
+                self.raw,
+                ModuleBuffer::of(key.as_bytes()),
+                ModuleBuffer::of(value.as_bytes()),
+            )
+        };
+        refused(ok, "set_filter_state_bytes")
     }
 
     /// Resumes a request paused in its headers hook.

@@ -277,6 +277,11 @@ impl Stream {
     fn carry_out(&mut self, f: &mut Filter<'_>, effects: Effects) -> HeadersStatus {
         let metrics = &self.shared.metrics;
         write_logs(&effects.logs);
+        // The decision's fields for access logs and span tags (with the
+        // `filter_state` setting; Envoy keys them as given, no `wasm.`).
+        for (key, value) in &effects.filter_state {
+            let _ = f.set_filter_state(key, value);
+        }
         for u in &effects.metrics {
             metrics.apply(*u, |m, l, v| f.update(m, l, v));
         }
