@@ -111,8 +111,10 @@ pub struct Options {
     )]
     pub wasm: Option<PathBuf>,
     /// Load the native build (`dist/libtenantgate.so`, an Envoy dynamic
-    /// module, Envoy 1.40+) at PATH instead of the Wasm filter.
-    #[arg(long, value_name = "PATH", conflicts_with_all = ["ext_authz", "xds"])]
+    /// module, Envoy 1.40+) at PATH instead of the Wasm filter. With `--xds`,
+    /// the filter takes the native build's config from the server (which
+    /// names the module: `serve --xds ... --native PATH`).
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["ext_authz"])]
     pub native: Option<PathBuf>,
     /// Take the filter's config (module and bundle) from `tenantgate serve --xds`
     /// at HOST:PORT; the bundle given only names the rate limit cluster.
@@ -205,6 +207,15 @@ impl Options {
     /// The module file `--sha256` checks: the native one, else the Wasm one.
     fn module_path(&self) -> &Path {
         self.native.as_deref().unwrap_or(self.wasm_path())
+    }
+
+    /// The type URL of this build's filter config.
+    fn filter_type(&self) -> &'static str {
+        if self.native.is_some() {
+            NATIVE_TYPE
+        } else {
+            WASM_TYPE
+        }
     }
 
     /// The filter config for this build (the Wasm filter's or the native one's).
@@ -499,7 +510,7 @@ fn bootstrap(bundle: &Bundle, o: &Options) -> Result<Value, String> {
                 "name": FILTER_NAME,
                 "config_discovery": {
                     "config_source": source,
-                    "type_urls": [WASM_TYPE]
+                    "type_urls": [o.filter_type()]
                 }
             })
         }
@@ -525,7 +536,7 @@ fn bootstrap(bundle: &Bundle, o: &Options) -> Result<Value, String> {
                     "resource_api_version": "V3",
                     "path_config_source": { "path": path.display().to_string() }
                 },
-                "type_urls": [if o.native.is_some() { NATIVE_TYPE } else { WASM_TYPE }]
+                "type_urls": [o.filter_type()]
             }
         }),
     };
