@@ -16,7 +16,9 @@ test. One request of each kind:
   values as its audit line and reply;
 - the spans carry the same values as tags;
 - audit lines carry the trace id of a valid `traceparent` header and nothing
-  for a malformed one.
+  for a malformed one;
+- the native build also sets the fields as dynamic metadata (namespace
+  `tenantgate`): the same values through `%DYNAMIC_METADATA(tenantgate:...)%`.
 
     python3 envoy/accesslog_test.py [-v]
     TENANTGATE_BUILD=native python3 envoy/accesslog_test.py [-v]
@@ -149,6 +151,11 @@ class AccessLog(unittest.TestCase):
         doc = json.loads(proc.stdout)
         hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
         hcm["tracing"] = tracing("zipkin")
+        if h.build() == "native":
+            # The native build also sets the fields as dynamic metadata (namespace `tenantgate`).
+            fmt = hcm["access_log"][0]["typed_config"]["log_format"]["json_format"]
+            for k in KEYS:
+                fmt[f"md_{k}"] = f"%DYNAMIC_METADATA(tenantgate:{k})%"
         doc["static_resources"]["clusters"].append({
             "name": "zipkin", "type": "STATIC", "connect_timeout": "1s",
             "load_assignment": {"cluster_name": "zipkin", "endpoints": [{"lb_endpoints": [{"endpoint": {
@@ -221,6 +228,8 @@ class AccessLog(unittest.TestCase):
             self.assertEqual(self.replies[name].json()["decision_id"], decision_id)
         want = dict(want, decision_id=decision_id, bundle=self.version)
         self.assertEqual({k: line[k] for k in KEYS}, want)
+        if h.build() == "native":
+            self.assertEqual({k: line[f"md_{k}"] for k in KEYS}, want)
         self.assertEqual(line["status"], status)
         self.assertEqual(line["method"], "GET")
         # The same values as the audit line.

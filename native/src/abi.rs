@@ -145,6 +145,12 @@ extern "C" {
         result: *mut EnvoyBuffer,
     ) -> bool;
 
+    fn envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch(
+        f: EnvoyFilterPtr,
+        namespace: ModuleBuffer,
+        entries: *const ModuleHeader,
+        entries_size: usize,
+    );
     fn envoy_dynamic_module_callback_http_set_filter_state_bytes(
         f: EnvoyFilterPtr,
         key: ModuleBuffer,
@@ -504,6 +510,27 @@ impl Filter<'_> {
             )
         };
         refused(ok, "set_filter_state_bytes")
+    }
+
+    /// Sets string values of the stream's dynamic metadata under
+    /// `namespace`, in one call (`%DYNAMIC_METADATA(namespace:key)%`).
+    pub fn set_dynamic_metadata(&mut self, namespace: &str, entries: &[(&str, &str)]) {
+        if entries.is_empty() {
+            return;
+        }
+        // `envoy_dynamic_module_type_module_key_value_pair` has the layout
+        // of a module header: key pointer and length, value pointer and length.
+        let pairs = module_headers(entries);
+        // SAFETY: `pairs` and the bytes they point into are live for the
+        // call; Envoy copies them into the metadata.
+        unsafe {
+            envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch(
+                self.raw,
+                ModuleBuffer::of(namespace.as_bytes()),
+                pairs.as_ptr(),
+                pairs.len(),
+            )
+        }
     }
 
     /// Resumes a request paused in its headers hook.
