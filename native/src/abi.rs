@@ -145,6 +145,18 @@ extern "C" {
         result: *mut EnvoyBuffer,
     ) -> bool;
 
+    fn envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch(
+        f: EnvoyFilterPtr,
+        namespace: ModuleBuffer,
+        entries: *const ModuleHeader,
+        entries_size: usize,
+    );
+    fn envoy_dynamic_module_callback_http_set_filter_state_bytes(
+        f: EnvoyFilterPtr,
+        key: ModuleBuffer,
+        value: ModuleBuffer,
+    ) -> bool;
+
     fn envoy_dynamic_module_callback_http_filter_continue_decoding(f: EnvoyFilterPtr);
     fn envoy_dynamic_module_callback_http_filter_start_http_stream(
         f: EnvoyFilterPtr,
@@ -484,6 +496,41 @@ impl Filter<'_> {
         };
         // SAFETY: Envoy's bytes live until the end of the hook.
         (ok && !value.ptr.is_null()).then(|| unsafe { value.as_slice() })
+    }
+
+    /// Sets filter state `key` to `value` (a string object, read-only for
+    /// the rest of the stream): `%FILTER_STATE(key:PLAIN)%` prints it.
+    pub fn set_filter_state(&mut self, key: &str, value: &str) -> Result<(), HostError> {
+        // SAFETY: both buffers are live for the call; Envoy copies them.
+        let ok = unsafe {
+            envoy_dynamic_module_callback_http_set_filter_state_bytes(
+                self.raw,
+                ModuleBuffer::of(key.as_bytes()),
+                ModuleBuffer::of(value.as_bytes()),
+            )
+        };
+        refused(ok, "set_filter_state_bytes")
+    }
+
+    /// Sets string values of the stream's dynamic metadata under
+    /// `namespace`, in one call (`%DYNAMIC_METADATA(namespace:key)%`).
+    pub fn set_dynamic_metadata(&mut self, namespace: &str, entries: &[(&str, &str)]) {
+        if entries.is_empty() {
+            return;
+        }
+        // `envoy_dynamic_module_type_module_key_value_pair` has the layout
+        // of a module header: key pointer and length, value pointer and length.
+        let pairs = module_headers(entries);
+        // SAFETY: `pairs` and the bytes they point into are live for the
+        // call; Envoy copies them into the metadata.
+        unsafe {
+            envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch(
+                self.raw,
+                ModuleBuffer::of(namespace.as_bytes()),
+                pairs.as_ptr(),
+                pairs.len(),
+            )
+        }
     }
 
     /// Resumes a request paused in its headers hook.

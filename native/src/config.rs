@@ -10,10 +10,12 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use tenantgate_engine::fleet::{FleetCall, REPORT_HEADER, RLS_METHOD, RLS_SERVICE};
 use tenantgate_engine::flow::{Level, LogLine, Tick};
 use tenantgate_engine::metrics::{self as m, names, Layout, MetricRef, Update};
-use tenantgate_engine::{Bundle, Engine, Worker};
+use tenantgate_engine::Worker;
 
 use crate::abi::{self, Config, RawHeader, Ticker};
-use crate::host::{grpc_answer, grpc_frame, now_ns, split_tags, LogLevel, Metric, MetricKind};
+use crate::host::{
+    engine_of, grpc_answer, grpc_frame, now_ns, split_tags, LogLevel, Metric, MetricKind,
+};
 use tenantgate_engine::quota::ShardedStore;
 
 /// What every stream of one filter configuration shares: one worker for all
@@ -365,8 +367,7 @@ fn id_seed(name: &str) -> u64 {
 /// configuration (Envoy then keeps the previous one, if any).
 pub fn new(c: &mut Config<'_>, name: &[u8], config: &[u8]) -> Option<Arc<Shared>> {
     let name = String::from_utf8_lossy(name).into_owned();
-    let text = String::from_utf8_lossy(config);
-    let engine = match Bundle::from_json(&text).and_then(|b| Engine::new(&b)) {
+    let engine = match engine_of(config) {
         Ok(engine) => engine,
         Err(diagnostics) => {
             abi::log(

@@ -3,6 +3,7 @@
 //! [`crate::abi`] share. No host call here, so all of it is unit tested.
 
 use tenantgate_engine::http::HeaderPair;
+use tenantgate_engine::{Bundle, Diagnostics, Engine};
 
 /// Which header map a call reads or writes (`envoy_dynamic_module_type_http_header_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,6 +177,15 @@ pub fn header_pairs<'a>(raw: &[(&'a [u8], &'a [u8])]) -> Result<Vec<HeaderPair<'
                 .map_err(|_| HostError::MalformedHeaders)
         })
         .collect()
+}
+
+/// The engine for a filter config as Envoy hands it to the module (the
+/// bundle JSON, `filter_config`'s `StringValue`), or the located errors
+/// that refuse it. Bytes that are not UTF-8 are read lossily: the bundle
+/// parser then names what is wrong with them.
+pub fn engine_of(config: &[u8]) -> Result<Engine, Diagnostics> {
+    let text = String::from_utf8_lossy(config);
+    Bundle::from_json(&text).and_then(|b| Engine::new(&b))
 }
 
 /// True if the request is a gRPC call (its local replies must be gRPC
@@ -356,6 +366,17 @@ mod tests {
         );
         let bad: Vec<(&[u8], &[u8])> = vec![(b"\xffname", b"v")];
         assert_eq!(header_pairs(&bad), Err(HostError::MalformedHeaders));
+    }
+
+    #[test]
+    fn a_config_that_is_not_a_bundle_is_refused_with_located_errors() {
+        let e = engine_of(b"{\"format\": 1").err().unwrap();
+        assert_eq!(e.len(), 1, "{e}");
+        assert!(engine_of(b"\xff\xfe").is_err());
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        let bundle = Bundle::from_dir(&dir).unwrap();
+        let engine = engine_of(bundle.to_json().as_bytes()).unwrap();
+        assert_eq!(engine.version(), bundle.version);
     }
 
     #[test]
