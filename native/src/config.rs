@@ -33,6 +33,8 @@ pub struct Shared {
     ticker: Mutex<Option<Ticker>>,
     /// Batched reports in flight, by stream id (main thread only).
     reports: Mutex<HashMap<u64, Report>>,
+    /// Mode `assigned`: the RLQS stream, while open (main thread only).
+    pub(crate) rlqs: Mutex<Option<crate::rlqs::RlqsStream>>,
 }
 
 /// A batched report waiting for its answer, and the worker that made it
@@ -100,7 +102,13 @@ impl Shared {
             REPORT_HEADER,
         ];
         let body = grpc_frame(&call.message);
-        match c.start_http_stream(&rls.cluster, &headers, &body, u64::from(rls.timeout_ms)) {
+        match c.start_http_stream(
+            &rls.cluster,
+            &headers,
+            &body,
+            true,
+            u64::from(rls.timeout_ms),
+        ) {
             Ok(stream) => {
                 let calls = Update::Add(self.worker.layout().fleet_calls, 1);
                 self.metrics.apply(calls, |m, l, v| c.update(m, l, v));
@@ -125,6 +133,9 @@ impl Shared {
     }
 
     pub fn on_report_headers(&self, stream: u64, headers: &[RawHeader<'_>]) {
+        if self.on_rlqs_headers(stream, headers) {
+            return;
+        }
         let mut reports = self.reports.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(r) = reports.get_mut(&stream) {
             for (k, v) in headers {
@@ -137,7 +148,10 @@ impl Shared {
         }
     }
 
-    pub fn on_report_data(&self, stream: u64, data: &[&[u8]]) {
+    pub fn on_report_data(&self, c: &Config<'_>, stream: u64, data: &[&[u8]]) {
+        if self.on_rlqs_data(c, stream, data) {
+            return;
+        }
         let mut reports = self.reports.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(r) = reports.get_mut(&stream) {
             for chunk in data {
@@ -149,6 +163,9 @@ impl Shared {
     /// A report's call ended (`failure`: reset, with why): the answer goes
     /// to the worker that sent it.
     pub fn on_report_done(&self, c: &Config<'_>, stream: u64, failure: Option<String>) {
+        if self.on_rlqs_done(c, stream, failure.clone()) {
+            return;
+        }
         let Some(r) = self
             .reports
             .lock()
@@ -175,9 +192,13 @@ pub fn on_tick(c: &mut Config<'_>, shared: &Shared) {
     worker.set_logs_info(abi::log_enabled(LogLevel::Info));
     let mut tick = worker.on_tick(now_ns(), &*shared.store);
     let report = tick.report.take();
+    let stream_report = tick.stream_report.take();
     shared.carry_out(c, worker, &tick);
     if let Some(call) = report {
         shared.send_report(c, Arc::clone(worker), call);
+    }
+    if let Some(message) = stream_report {
+        shared.send_stream_report(c, worker, &message);
     }
 }
 
@@ -410,6 +431,7 @@ pub fn new(c: &mut Config<'_>, name: &[u8], config: &[u8]) -> Option<Arc<Shared>
         metrics,
         ticker: Mutex::new(None),
         reports: Mutex::new(HashMap::new()),
+        rlqs: Mutex::new(None),
     });
     if let Some(p) = previous {
         previous_series(c, p.layout(), &act.previous_metrics, &act.zero_gauges);

@@ -559,14 +559,4 @@ mod tests {
             assigned::Holding::Bucket { max, .. } if max == 3.0
         ));
     }
-
-    #[test]
-    fn an_adapter_without_a_stream_warns() {
-        let e = engine_with(RateLimitService::default());
-        let w = crate::flow::assigned_without_stream(&e).unwrap();
-        assert_eq!(w.level, Level::Warn);
-        assert!(w.text.starts_with(
-            "tenantgate: fleet limits (`rps` at /, `rps` at /acme) are not enforced: this build has no client"
-        ));
-    }
 }
