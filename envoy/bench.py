@@ -17,6 +17,10 @@ upstream, so only the filter chain differs):
                    continues): the cost of the dynamic-module boundary alone
   m  tenantgate_native  the native build (dist/libtenantgate.so) with the
                    bundle of (d)
+  h  tenantgate_assigned  (d) with /acme's fleet limit `rpm` in mode
+                   `assigned` (tenantgate-rls and Redis on wrk's CPU; the
+                   assignments are far above the load)
+  o  tenantgate_native_assigned  the same bundle on the native build
 
 Envoy runs with one worker pinned to CPU 0 (`taskset -c 0`), wrk with one
 thread pinned to CPU 1, same connections and duration for every run. Each round
@@ -71,6 +75,7 @@ ENVOY_CPU, WRK_CPU = "0", "1"
 
 NAMES = {"a": "baseline", "b": "native", "c": "wasm_floor", "d": "tenantgate", "e": "tenantgate_large",
          "f": "tenantgate_nolimits", "g": "tenantgate_fleet", "n": "native_floor", "m": "tenantgate_native",
+         "h": "tenantgate_assigned", "o": "tenantgate_native_assigned",
          "c_cap": "wasm_floor_restricted", "d_cap": "tenantgate_restricted",
          "s_early": "stage_early", "s_map": "stage_map", "s_decide": "stage_decide"}
 STAGES = ["early", "map", "decide"]
@@ -227,16 +232,20 @@ def bootstrap(listen, admin, filters, clusters=()):
     }
 
 
-def bench_bundle(src, out, work, limits=True, fleet=False):
+def bench_bundle(src, out, work, limits=True, fleet=None):
     """A bundle of `src` with the benchmark's two setting changes (see the docstring).
     With `limits=False` every limit is removed: the policy part alone, for the
-    profile of where the time goes (config f). With `fleet=True` the fleet
-    limit `rpm` of /acme is enforced per request through tenantgate-rls
-    (config g), with a rate no run reaches."""
+    profile of where the time goes (config f). With `fleet="per_request"` the
+    fleet limit `rpm` of /acme is enforced per request through tenantgate-rls
+    (config g), with a rate no run reaches; with `fleet="assigned"` by the
+    rates tenantgate-rls assigns over RLQS (configs h and o)."""
     tree = h.copy_policies(work / f"tree-{out}", src)
     h.edit_settings(tree, audit=AUDIT)
-    if fleet:
+    if fleet == "per_request":
         h.edit_settings(tree, rate_limit_service={"cluster": "tenantgate_rls", "timeout_ms": 1000})
+    elif fleet == "assigned":
+        h.edit_settings(tree, rate_limit_service={"cluster": "tenantgate_rls", "mode": "assigned",
+                                                  "report_interval_ms": 500})
     if not limits:
         for f in (tree / "tenants").rglob("tenant.json"):
             cfg = json.loads(f.read_text())
@@ -387,8 +396,10 @@ def main():
     small = bench_bundle(h.POLICIES, "bundle-policies", work)
     large = bench_bundle(large_tree, "bundle-large", work)
     nolimits = bench_bundle(h.POLICIES, "bundle-nolimits", work, limits=False)
-    fleet = bench_bundle(h.POLICIES, "bundle-fleet", work, fleet=True)
+    fleet = bench_bundle(h.POLICIES, "bundle-fleet", work, fleet="per_request")
     fleet_path = work / "bundle-fleet.json"
+    assigned = bench_bundle(h.POLICIES, "bundle-assigned", work, fleet="assigned")
+    assigned_path = work / "bundle-assigned.json"
     setups = {
         "a": ([], "/orders/1", ACME),
         "b": (native_filters(), "/orders/1", ACME),
@@ -399,6 +410,8 @@ def main():
         "g": ([wasm_filter("tenantgate", wasm, fleet)], "/orders/1", ACME, fleet_path),
         "n": ([native_module("noop", noop_native, "")], "/orders/1", ACME),
         "m": ([native_module("tenantgate", native, small)], "/orders/1", ACME),
+        "h": ([wasm_filter("tenantgate", wasm, assigned)], "/orders/1", ACME, assigned_path),
+        "o": ([native_module("tenantgate", native, assigned)], "/orders/1", ACME, assigned_path),
     }
     setups["c_cap"] = ([wasm_filter("noop", noop, "", restricted=True)], "/orders/1", ACME)
     setups["d_cap"] = ([wasm_filter("tenantgate", wasm, small, restricted=True)], "/orders/1", ACME)
@@ -461,6 +474,10 @@ def main():
         "tenantgate_native/native_floor (target >= 0.90)": ratio("tenantgate_native", "native_floor"),
         "tenantgate_native/native (target >= 1.0: RBAC + local_ratelimit)": ratio("tenantgate_native", "native"),
         "tenantgate_native/tenantgate (native build over Wasm build)": ratio("tenantgate_native", "tenantgate"),
+        "tenantgate_assigned/tenantgate (target >= 0.95: fleet HTB by assigned rates)":
+            ratio("tenantgate_assigned", "tenantgate"),
+        "tenantgate_native_assigned/tenantgate_native (target >= 0.95)":
+            ratio("tenantgate_native_assigned", "tenantgate_native"),
         "tenantgate_nolimits/wasm_floor (policy part only)": ratio("tenantgate_nolimits", "wasm_floor"),
         "tenantgate_fleet/tenantgate (a per_request fleet check)": ratio("tenantgate_fleet", "tenantgate"),
         "wasm_floor_restricted/wasm_floor (capability restriction on the floor)":

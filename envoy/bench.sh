@@ -12,7 +12,9 @@
 #   without limits, (g) tenantgate with a per_request fleet limit checked with
 #   tenantgate-rls and Redis (on wrk's CPU), (n) a no-op dynamic module
 #   (envoy/noop-native: the native floor), (m) tenantgate's native build
-#   (dist/libtenantgate.so) with the bundle of (d).
+#   (dist/libtenantgate.so) with the bundle of (d), (h) and (o) tenantgate
+#   Wasm and native with a fleet limit in mode assigned (tenantgate-rls over
+#   RLQS, Redis).
 # Envoy (1 worker) is pinned to CPU 0 and wrk (from Debian) to CPU 1 with
 # taskset; at least 3 interleaved rounds; medians reported. The last line of
 # output is one JSON object: baseline_rps, native_rps, wasm_floor_rps,
