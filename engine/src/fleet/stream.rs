@@ -302,6 +302,14 @@ mod tests {
     /// `/` has a fleet `rps` of 10; `/acme` a fleet `rps` of 6 (ceil 10,
     /// burst 4) and a local `rpm` of 100 per minute; everyone may read.
     fn engine_with(rls: RateLimitService) -> Arc<Engine> {
+        engine_with_acme(
+            rls,
+            r#"{"limits": {"rpm": {"rate": 100, "per": "1m"}, "rps": {"rate": 6, "ceil": 10, "burst": 4, "scope": "fleet"}}}"#,
+        )
+    }
+
+    /// [`engine_with`] with `/acme`'s `tenant.json`.
+    fn engine_with_acme(rls: RateLimitService, acme: &str) -> Arc<Engine> {
         let settings = Settings {
             rate_limit_service: Some(RateLimitService {
                 mode: FleetMode::Assigned,
@@ -327,10 +335,7 @@ mod tests {
                 ),
                 t(
                     "/acme",
-                    Some(file(
-                        "tenants/acme/tenant.json",
-                        r#"{"limits": {"rpm": {"rate": 100, "per": "1m"}, "rps": {"rate": 6, "ceil": 10, "burst": 4, "scope": "fleet"}}}"#,
-                    )),
+                    Some(file("tenants/acme/tenant.json", acme)),
                     vec![],
                 ),
             ],
@@ -530,6 +535,46 @@ mod tests {
         assert_eq!(got, [200, 200, 429]);
         assert_eq!(status(&begin(&share, "/acme", t0 + 333 * MS, &s)), 429);
         assert_eq!(status(&begin(&share, "/acme", t0 + 334 * MS, &s)), 200);
+    }
+
+    #[test]
+    fn fleet_refusals_give_the_local_tokens_back_to_the_lease() {
+        // `/acme`'s local `rpm` (burst 6,400: leased up to 64 tokens at a
+        // time) keeps what 200 requests refused by the fleet took: they go
+        // back to the worker's lease (exactly to the buckets when a request
+        // was charged alone).
+        let acme = r#"{"limits": {"rpm": {"rate": 6400, "per": "1m"}, "rps": {"rate": 6, "ceil": 10, "burst": 4, "scope": "fleet"}}}"#;
+        let leased = |rls| Worker::new(engine_with_acme(rls, acme));
+        let s = MemoryStore::default();
+        let t0 = 100 * S;
+        let deny = leased(RateLimitService {
+            on_error: OnError::Deny,
+            ..RateLimitService::default()
+        });
+        assert!(
+            deny.quotas()
+                .lease_cap_for(&TenantPath::parse("/acme").unwrap())
+                >= 2
+        );
+        let before = local_tokens(&deny, &s, t0);
+        for i in 0..200 {
+            assert_eq!(status(&begin(&deny, "/acme", t0 + i * MS, &s)), 503);
+        }
+        deny.return_all_leases(&s).unwrap();
+        let t1 = t0 + 200 * MS;
+        assert_eq!(local_tokens(&deny, &s, t1), before);
+        // Admitted ones are charged: 5 with a static share of plenty.
+        let share = leased(RateLimitService {
+            on_error_instances: Some(1),
+            ..RateLimitService::default()
+        });
+        for _ in 0..4 {
+            assert_eq!(status(&begin(&share, "/acme", t1, &s)), 200);
+        }
+        // The fifth: the fleet's burst (4) is spent, the local one is not.
+        assert_eq!(status(&begin(&share, "/acme", t1, &s)), 429);
+        share.return_all_leases(&s).unwrap();
+        assert_eq!(local_tokens(&share, &s, t1), before - 4);
     }
 
     #[test]
