@@ -2,8 +2,9 @@
 """Decisions in Envoy's own access log and traces, in real Envoy.
 
 The bundle is the example tree (`policies/`) with `"filter_state": true`. The
-bootstrap is what `tenantgate envoy BUNDLE --wasm ... --access-log FILE`
-renders, plus the tracing snippet of docs/reference.md (span tags from the
+bootstrap is what `tenantgate envoy BUNDLE --wasm ... --access-log FILE` (or
+`--native ...` with TENANTGATE_BUILD=native: the native build's filter state
+has no `wasm.` prefix) renders, plus the tracing snippet of docs/reference.md (span tags from the
 same filter state) with Envoy's Zipkin tracer sending to a collector in this
 test. One request of each kind:
 
@@ -15,9 +16,12 @@ test. One request of each kind:
   values as its audit line and reply;
 - the spans carry the same values as tags;
 - audit lines carry the trace id of a valid `traceparent` header and nothing
-  for a malformed one.
+  for a malformed one;
+- the native build also sets the fields as dynamic metadata (namespace
+  `tenantgate`): the same values through `%DYNAMIC_METADATA(tenantgate:...)%`.
 
     python3 envoy/accesslog_test.py [-v]
+    TENANTGATE_BUILD=native python3 envoy/accesslog_test.py [-v]
 """
 
 import http.server
@@ -53,12 +57,18 @@ def who(user, home, tenant, **extra):
     return headers
 
 
+def state_key(k):
+    """The filter state a build sets for field `k`: Envoy prefixes what a Wasm
+    filter sets with `wasm.`; the native build's keys are as it sets them."""
+    return f"tenantgate.{k}" if h.build() == "native" else f"wasm.tenantgate.{k}"
+
+
 def tracing(collector_cluster):
     """The tracing snippet of docs/reference.md, with a Zipkin provider."""
     return {
         "random_sampling": {"value": 100},
         "custom_tags": [
-            {"tag": f"tenantgate.{k}", "value": f"%FILTER_STATE(wasm.tenantgate.{k}:PLAIN)%"} for k in KEYS
+            {"tag": f"tenantgate.{k}", "value": f"%FILTER_STATE({state_key(k)}:PLAIN)%"} for k in KEYS
         ],
         "provider": {
             "name": "envoy.tracers.zipkin",
@@ -127,7 +137,7 @@ class AccessLog(unittest.TestCase):
         cls.collector = Collector()
         listen, admin = h.free_port(), h.free_port()
         cmd = h.cli_command() + [
-            "envoy", str(cls.bundle_path), "--wasm", str(h.wasm_path().resolve()),
+            "envoy", str(cls.bundle_path), *h.module_args(),
             "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}",
             "--upstream", f"127.0.0.1:{cls.upstream.port}", "--access-log", str(cls.log_path),
             # Loopback is internal: Envoy keeps the client's x-request-id, which names each request here.
@@ -141,6 +151,11 @@ class AccessLog(unittest.TestCase):
         doc = json.loads(proc.stdout)
         hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
         hcm["tracing"] = tracing("zipkin")
+        if h.build() == "native":
+            # The native build also sets the fields as dynamic metadata (namespace `tenantgate`).
+            fmt = hcm["access_log"][0]["typed_config"]["log_format"]["json_format"]
+            for k in KEYS:
+                fmt[f"md_{k}"] = f"%DYNAMIC_METADATA(tenantgate:{k})%"
         doc["static_resources"]["clusters"].append({
             "name": "zipkin", "type": "STATIC", "connect_timeout": "1s",
             "load_assignment": {"cluster_name": "zipkin", "endpoints": [{"lb_endpoints": [{"endpoint": {
@@ -213,6 +228,8 @@ class AccessLog(unittest.TestCase):
             self.assertEqual(self.replies[name].json()["decision_id"], decision_id)
         want = dict(want, decision_id=decision_id, bundle=self.version)
         self.assertEqual({k: line[k] for k in KEYS}, want)
+        if h.build() == "native":
+            self.assertEqual({k: line[f"md_{k}"] for k in KEYS}, want)
         self.assertEqual(line["status"], status)
         self.assertEqual(line["method"], "GET")
         # The same values as the audit line.

@@ -13,6 +13,14 @@ upstream, so only the filter chain differs):
                    /acme/eu: 3 policy levels, `rps` charged on 3 levels)
   e  tenantgate_large  tenantgate with the generated bundle of
                    envoy/gen_large_policies.py (1,000 tenants, 10,000 policies)
+  n  native_floor  a no-op dynamic module (envoy/noop-native: reads one header,
+                   continues): the cost of the dynamic-module boundary alone
+  m  tenantgate_native  the native build (dist/libtenantgate.so) with the
+                   bundle of (d)
+  h  tenantgate_assigned  (d) with /acme's fleet limit `rpm` in mode
+                   `assigned` (tenantgate-rls and Redis on wrk's CPU; the
+                   assignments are far above the load)
+  o  tenantgate_native_assigned  the same bundle on the native build
 
 Envoy runs with one worker pinned to CPU 0 (`taskset -c 0`), wrk with one
 thread pinned to CPU 1, same connections and duration for every run. Each round
@@ -66,7 +74,8 @@ AUDIT = os.environ.get("BENCH_AUDIT", "deny")
 ENVOY_CPU, WRK_CPU = "0", "1"
 
 NAMES = {"a": "baseline", "b": "native", "c": "wasm_floor", "d": "tenantgate", "e": "tenantgate_large",
-         "f": "tenantgate_nolimits", "g": "tenantgate_fleet",
+         "f": "tenantgate_nolimits", "g": "tenantgate_fleet", "n": "native_floor", "m": "tenantgate_native",
+         "h": "tenantgate_assigned", "o": "tenantgate_native_assigned",
          "c_cap": "wasm_floor_restricted", "d_cap": "tenantgate_restricted",
          "s_early": "stage_early", "s_map": "stage_map", "s_decide": "stage_decide"}
 STAGES = ["early", "map", "decide"]
@@ -98,6 +107,16 @@ NEEDED_EXPORTS = [
     "proxy_on_delete", "proxy_on_grpc_receive", "proxy_on_grpc_close",
     "proxy_on_grpc_receive_initial_metadata", "proxy_on_grpc_receive_trailing_metadata",
 ]
+
+
+def native_module(name, so, configuration):
+    """A dynamic-module HTTP filter loading `so` with `configuration` as its filter config."""
+    return {"name": "envoy.filters.http.dynamic_modules", "typed_config": {
+        "@type": h.NATIVE_TYPE,
+        "dynamic_module_config": {"module": {"local": {"filename": str(so)}}},
+        "filter_name": name,
+        "filter_config": {"@type": h.STRING_VALUE_TYPE, "value": configuration},
+    }}
 
 
 def capability_restriction(wasm):
@@ -213,16 +232,20 @@ def bootstrap(listen, admin, filters, clusters=()):
     }
 
 
-def bench_bundle(src, out, work, limits=True, fleet=False):
+def bench_bundle(src, out, work, limits=True, fleet=None):
     """A bundle of `src` with the benchmark's two setting changes (see the docstring).
     With `limits=False` every limit is removed: the policy part alone, for the
-    profile of where the time goes (config f). With `fleet=True` the fleet
-    limit `rpm` of /acme is enforced per request through tenantgate-rls
-    (config g), with a rate no run reaches."""
+    profile of where the time goes (config f). With `fleet="per_request"` the
+    fleet limit `rpm` of /acme is enforced per request through tenantgate-rls
+    (config g), with a rate no run reaches; with `fleet="assigned"` by the
+    rates tenantgate-rls assigns over RLQS (configs h and o)."""
     tree = h.copy_policies(work / f"tree-{out}", src)
     h.edit_settings(tree, audit=AUDIT)
-    if fleet:
+    if fleet == "per_request":
         h.edit_settings(tree, rate_limit_service={"cluster": "tenantgate_rls", "timeout_ms": 1000})
+    elif fleet == "assigned":
+        h.edit_settings(tree, rate_limit_service={"cluster": "tenantgate_rls", "mode": "assigned",
+                                                  "report_interval_ms": 500})
     if not limits:
         for f in (tree / "tenants").rglob("tenant.json"):
             cfg = json.loads(f.read_text())
@@ -363,6 +386,9 @@ def main():
     wasm = h.wasm_path().resolve()
     noop = Path(os.environ.get("NOOP_WASM", h.REPO / "target" / "noop-filter" / "wasm32-wasip1" / "release"
                                / "tenantgate_noop_filter.wasm")).resolve()
+    native = h.native_path().resolve()
+    noop_native = Path(os.environ.get("NOOP_NATIVE", h.REPO / "target" / "noop-native" / "release"
+                                      / "libtenantgate_noop.so")).resolve()
     large_tree = Path(os.environ.get("LARGE_TREE", work / "large"))
     if not large_tree.exists():
         subprocess.run([sys.executable, str(h.ENVOY_DIR / "gen_large_policies.py"), str(large_tree)], check=True)
@@ -370,8 +396,10 @@ def main():
     small = bench_bundle(h.POLICIES, "bundle-policies", work)
     large = bench_bundle(large_tree, "bundle-large", work)
     nolimits = bench_bundle(h.POLICIES, "bundle-nolimits", work, limits=False)
-    fleet = bench_bundle(h.POLICIES, "bundle-fleet", work, fleet=True)
+    fleet = bench_bundle(h.POLICIES, "bundle-fleet", work, fleet="per_request")
     fleet_path = work / "bundle-fleet.json"
+    assigned = bench_bundle(h.POLICIES, "bundle-assigned", work, fleet="assigned")
+    assigned_path = work / "bundle-assigned.json"
     setups = {
         "a": ([], "/orders/1", ACME),
         "b": (native_filters(), "/orders/1", ACME),
@@ -380,6 +408,10 @@ def main():
         "e": ([wasm_filter("tenantgate", wasm, large)], "/api/v1/items/42", LARGE),
         "f": ([wasm_filter("tenantgate", wasm, nolimits)], "/orders/1", ACME),
         "g": ([wasm_filter("tenantgate", wasm, fleet)], "/orders/1", ACME, fleet_path),
+        "n": ([native_module("noop", noop_native, "")], "/orders/1", ACME),
+        "m": ([native_module("tenantgate", native, small)], "/orders/1", ACME),
+        "h": ([wasm_filter("tenantgate", wasm, assigned)], "/orders/1", ACME, assigned_path),
+        "o": ([native_module("tenantgate", native, assigned)], "/orders/1", ACME, assigned_path),
     }
     setups["c_cap"] = ([wasm_filter("noop", noop, "", restricted=True)], "/orders/1", ACME)
     setups["d_cap"] = ([wasm_filter("tenantgate", wasm, small, restricted=True)], "/orders/1", ACME)
@@ -437,6 +469,15 @@ def main():
         "tenantgate/baseline": ratio("tenantgate", "baseline"),
         "tenantgate/wasm_floor (target >= 0.90)": ratio("tenantgate", "wasm_floor"),
         "tenantgate_large/tenantgate (target >= 0.95)": ratio("tenantgate_large", "tenantgate"),
+        "native_floor/baseline": ratio("native_floor", "baseline"),
+        "tenantgate_native/baseline": ratio("tenantgate_native", "baseline"),
+        "tenantgate_native/native_floor (target >= 0.90)": ratio("tenantgate_native", "native_floor"),
+        "tenantgate_native/native (target >= 1.0: RBAC + local_ratelimit)": ratio("tenantgate_native", "native"),
+        "tenantgate_native/tenantgate (native build over Wasm build)": ratio("tenantgate_native", "tenantgate"),
+        "tenantgate_assigned/tenantgate (target >= 0.95: fleet HTB by assigned rates)":
+            ratio("tenantgate_assigned", "tenantgate"),
+        "tenantgate_native_assigned/tenantgate_native (target >= 0.95)":
+            ratio("tenantgate_native_assigned", "tenantgate_native"),
         "tenantgate_nolimits/wasm_floor (policy part only)": ratio("tenantgate_nolimits", "wasm_floor"),
         "tenantgate_fleet/tenantgate (a per_request fleet check)": ratio("tenantgate_fleet", "tenantgate"),
         "wasm_floor_restricted/wasm_floor (capability restriction on the floor)":
@@ -465,6 +506,8 @@ def main():
             if rps:
                 summary[f"{name}_us_over_floor"] = round(1e6 / rps - 1e6 / summary["wasm_floor_rps"], 2)
     summary["ratio_tenantgate_over_wasm_floor"] = ratios["tenantgate/wasm_floor (target >= 0.90)"]
+    summary["ratio_native_over_native_floor"] = ratios["tenantgate_native/native_floor (target >= 0.90)"]
+    summary["ratio_native_over_rbac"] = ratios["tenantgate_native/native (target >= 1.0: RBAC + local_ratelimit)"]
     summary["ratio_large_over_tenantgate"] = ratios["tenantgate_large/tenantgate (target >= 0.95)"]
     summary.update({"rounds": ROUNDS, "duration_s": DURATION, "connections": CONNECTIONS, "audit": AUDIT,
                     "load_before": round(load, 2)})

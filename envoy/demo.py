@@ -4,6 +4,12 @@ upstream, and a narrated series of requests. Run it through scripts/demo.sh,
 which builds the filter and the bundle first.
 
     python3 envoy/demo.py --bundle dist/bundle.json [--wasm dist/tenantgate.wasm] [--keep]
+    python3 envoy/demo.py --bundle dist/bundle.json --native dist/libtenantgate.so [--keep]
+
+With `--native` Envoy loads the native build (`libtenantgate.so`, an Envoy
+dynamic module) instead of the Wasm filter: the same requests, the same
+answers; the counters are read under `dynamicmodulescustom.` instead of
+`wasmcustom.` (docs/reference.md, "Native build").
 
 Exits 0 when every response is what the narration says, 1 otherwise. `--keep`
 leaves Envoy running afterwards (until Ctrl-C) and prints example commands.
@@ -13,6 +19,7 @@ only bites writes to non-gold tenants; the demo writes to the gold /acme/eu).
 
 import argparse
 import json
+import os
 import re
 import signal
 import socket
@@ -202,16 +209,19 @@ class Demo:
             tenantgate's counters and per-tenant counters, from the admin interface
             (/stats; /stats/prometheus has the same as tenantgate_allowed, ...).""")
         time.sleep(0.2)
-        stats = self.envoy.stats("wasmcustom.tenantgate")
-        print(f"$ curl -s http://127.0.0.1:{self.envoy.admin_port}/stats?filter=wasmcustom.tenantgate")
+        # The Wasm filter's metrics are under `wasmcustom.`, the native build's
+        # under `dynamicmodulescustom.` (with real labels: `name.tenant./acme/eu...`).
+        ns = h.stat_namespace()
+        stats = self.envoy.stats(f"{ns}.tenantgate")
+        print(f"$ curl -s http://127.0.0.1:{self.envoy.admin_port}/stats?filter={ns}.tenantgate")
         for name in sorted(stats):
             if isinstance(stats[name], int) and (stats[name] or ".tenant." not in name):
                 print(f"  {name}: {stats[name]}")
         self.expect("tenantgate.allowed, denied_policy, denied_quota and bad_request counted",
-                    stats.get("wasmcustom.tenantgate.allowed", 0) >= 7
-                    and stats.get("wasmcustom.tenantgate.denied_policy", 0) >= 4
-                    and stats.get("wasmcustom.tenantgate.denied_quota", 0) >= 1
-                    and stats.get("wasmcustom.tenantgate.bad_request", 0) >= 4)
+                    stats.get(f"{ns}.tenantgate.allowed", 0) >= 7
+                    and stats.get(f"{ns}.tenantgate.denied_policy", 0) >= 4
+                    and stats.get(f"{ns}.tenantgate.denied_quota", 0) >= 1
+                    and stats.get(f"{ns}.tenantgate.bad_request", 0) >= 4)
         audit = []
         for _ in range(30):  # Envoy flushes its log file every 100 ms
             audit = [ln for ln in self.envoy.log().splitlines() if '"decision"' in ln]
@@ -245,13 +255,22 @@ def port_or_free(port):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, default=h.REPO / "dist" / "bundle.json")
-    parser.add_argument("--wasm", type=Path, default=None)
+    module = parser.add_mutually_exclusive_group()
+    module.add_argument("--wasm", type=Path, default=None)
+    module.add_argument("--native", type=Path, default=None,
+                        help="load the native build (libtenantgate.so) instead of the Wasm filter")
     parser.add_argument("--keep", action="store_true", help="keep Envoy running afterwards (Ctrl-C stops it)")
     parser.add_argument("--port", type=int, default=10000, help="listener port (a free one if taken)")
     parser.add_argument("--admin-port", type=int, default=9901, help="admin port (a free one if taken)")
     args = parser.parse_args(argv)
 
-    wasm = (args.wasm or h.wasm_path()).resolve()
+    if args.native:
+        # Every config the harness renders then loads the native build.
+        os.environ["TENANTGATE_BUILD"] = "native"
+        os.environ["TENANTGATE_NATIVE"] = str(args.native.resolve())
+        wasm = args.native.resolve()
+    else:
+        wasm = (args.wasm or h.wasm_path()).resolve()
     for need in (args.bundle, wasm):
         if not need.exists():
             print(f"demo: {need} is missing (scripts/demo.sh builds it)", file=sys.stderr)

@@ -29,8 +29,7 @@ not slow the sender), each flow spread over the Envoys as the plan says
 About 80 s; at most 180 requests per second on loopback. Needs `redis-server`
 (scripts/install-redis.sh), `tenantgate` and `tenantgate-rls` (`cargo build
 -p tenantgate-cli -p tenantgate-rls`), dist/tenantgate.wasm and Envoy
-(scripts/install-envoy.sh). The Wasm filter only: the native build has no
-RLQS client.
+(scripts/install-envoy.sh).
 """
 
 import http.client

@@ -2,6 +2,7 @@
 """The control plane in real Envoy: `tenantgate serve --xds` and a fleet of Envoys.
 
     python3 envoy/xds_test.py [-v]
+    TENANTGATE_BUILD=native python3 envoy/xds_test.py [-v]   # serve --xds --native
 
 One server watches a copy of the example policy tree; three Envoys take the
 filter's config from it (`tenantgate envoy --xds`): `edge-1` and `edge-2` over
@@ -24,6 +25,10 @@ ADS, `edge-3` over the extension config discovery service. In order:
    directory, `dist/tenantgate.wasm`, and `edge-4` runs in a folder without
    it), so Envoy refuses the config; the status shows the NACK with Envoy's
    error, and the other three are unaffected.
+
+With TENANTGATE_BUILD=native the server serves the native build's config
+(`serve --xds ... --native dist/libtenantgate.so`) and the Envoys' bootstraps
+take it (`tenantgate envoy --xds ... --native PATH`); the steps are the same.
 
 Last line: `envoy-xds: N passed, M failed`.
 """
@@ -62,6 +67,13 @@ BROKEN = FREEZE.replace("when {", "when {{")
 NO_READ = '@id("globex-read")\npermit'
 
 
+def module_flag():
+    """The module the server names, relative to the Envoys' working directory."""
+    if h.build() == "native":
+        return ["--native", "dist/libtenantgate.so"]
+    return ["--wasm", "dist/tenantgate.wasm"]
+
+
 def save(path, text):
     """Writes a policy file as an editor does: a temporary file, then a rename."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -82,7 +94,7 @@ class Server:
         # Run from the repository: the module path it sends is relative.
         self.proc = subprocess.Popen(
             h.cli_command() + ["serve", str(self.source), "--http", f"127.0.0.1:{self.http_port}",
-                               "--xds", f"127.0.0.1:{self.xds_port}", "--wasm", "dist/tenantgate.wasm"],
+                               "--xds", f"127.0.0.1:{self.xds_port}", *module_flag()],
             stdout=subprocess.DEVNULL, stderr=log, cwd=h.REPO)
         log.close()
         h.wait_port(self.http_port, 60, self.proc, "tenantgate serve")
@@ -124,6 +136,8 @@ def bootstrap(name, api, xds_port, upstream_port):
                              "--node-id", name, "--listen", f"127.0.0.1:{listen}",
                              "--admin", f"127.0.0.1:{admin}", "--upstream", f"127.0.0.1:{upstream_port}",
                              "-o", str(out)]
+    if h.build() == "native":
+        cmd += ["--native", str(h.native_path().resolve())]
     subprocess.run(cmd, check=True, capture_output=True)
     return out.read_text(), listen, admin
 
@@ -320,8 +334,9 @@ class Fleet(unittest.TestCase):
                           timeout=60, interval=0.1)
         self.assertTrue(node, self.server.log()[-2000:])
         self.assertEqual(node["version"], self.v3)
-        # Envoy's words: "Invalid path: dist/tenantgate.wasm".
-        self.assertIn("dist/tenantgate.wasm", node["error"])
+        # Envoy's words: "Invalid path: dist/tenantgate.wasm" (or that it
+        # cannot load dist/libtenantgate.so).
+        self.assertIn(module_flag()[1], node["error"])
         s = self.server.status()
         self.assertIsNone(s["nodes"]["edge-4"]["acked"])
         self.assertFalse(s["nodes"]["edge-4"]["in_sync"])

@@ -9,7 +9,7 @@ secs="${1:-15}"
 command -v cargo-fuzz >/dev/null || cargo +nightly install cargo-fuzz --locked
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
-for t in bundle path request quota header_map; do
+for t in bundle path request quota header_map native; do
   work="$scratch/$t"
   log="$scratch/$t.log"
   mkdir -p "$work"

@@ -243,11 +243,15 @@ enum Command {
         /// the extension config discovery service) at this address; the source
         /// is watched and every change that validates and passes its policy
         /// tests is pushed.
-        #[arg(long, value_name = "IP:PORT", requires = "wasm")]
+        #[arg(long, value_name = "IP:PORT", requires = "xds_module")]
         xds: Option<std::net::SocketAddr>,
         /// With `--xds`: the filter module as the Envoys see it (a path on their hosts).
-        #[arg(long, value_name = "PATH", requires = "xds")]
+        #[arg(long, value_name = "PATH", requires = "xds", group = "xds_module")]
         wasm: Option<String>,
+        /// With `--xds`: serve the native build's config instead (`libtenantgate.so`,
+        /// an Envoy dynamic module, as the Envoys see it: a path on their hosts).
+        #[arg(long, value_name = "PATH", requires = "xds", group = "xds_module")]
+        native: Option<String>,
         /// With `--xds`: `auto` pushes every new version to all nodes; `manual`
         /// keeps it until `POST /v1/rollout`.
         #[arg(long, value_enum, default_value = "auto", requires = "xds")]
@@ -256,7 +260,7 @@ enum Command {
         #[arg(long, default_value_t = tenantgate_serve::rollout::DEFAULT_KEEP, value_name = "N", requires = "xds")]
         keep: usize,
         /// With `--xds`: let requests through when the filter cannot load or crashes (default: refuse them).
-        #[arg(long = "fail-open", requires = "xds")]
+        #[arg(long = "fail-open", requires = "xds", conflicts_with = "native")]
         fail_open: bool,
     },
 }
@@ -411,13 +415,17 @@ fn run(command: Command) -> Result<ExitCode, Failure> {
             grpc,
             xds,
             wasm,
+            native,
             rollout,
             keep,
             fail_open,
         } => {
             let xds = xds.map(|addr| tenantgate_serve::xds::Options {
                 addr,
-                wasm: wasm.unwrap_or_default(),
+                module: match native {
+                    Some(path) => tenantgate_serve::xds::Module::Native(path),
+                    None => tenantgate_serve::xds::Module::Wasm(wasm.unwrap_or_default()),
+                },
                 fail_open,
                 mode: match rollout {
                     RolloutMode::Auto => tenantgate_serve::rollout::Mode::Auto,

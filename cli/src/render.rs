@@ -14,12 +14,14 @@
 //! - `--xds HOST:PORT`: the filter's config (module and bundle) comes from
 //!   `tenantgate serve --xds` at HOST:PORT (ECDS over ADS, or over the
 //!   extension config discovery service with `--xds-api ecds`), the node
-//!   named by `--node-id`;
+//!   named by `--node-id`; the Wasm filter's, or with `--native` the native
+//!   build's;
 //! - `--native PATH`: the native build (`libtenantgate.so`, an Envoy dynamic
 //!   module) instead of the Wasm filter, with the same bundle;
 //! - `--access-log PATH`: a JSON access log (one line per request) to PATH
-//!   with each decision's fields, read from the filter state the filter sets
-//!   with the bundle's `filter_state` setting (`access_log_format`);
+//!   with each decision's fields, read from the filter state the filter (or
+//!   the native build) sets with the bundle's `filter_state` setting
+//!   (`access_log_format`);
 //! - `--ext-authz HOST:PORT`: no Wasm filter; Envoy's `ext_authz` filter asks
 //!   `tenantgate serve --grpc` at HOST:PORT (policies only).
 
@@ -109,8 +111,10 @@ pub struct Options {
     )]
     pub wasm: Option<PathBuf>,
     /// Load the native build (`dist/libtenantgate.so`, an Envoy dynamic
-    /// module, Envoy 1.40+) at PATH instead of the Wasm filter.
-    #[arg(long, value_name = "PATH", conflicts_with_all = ["ext_authz", "xds"])]
+    /// module, Envoy 1.40+) at PATH instead of the Wasm filter. With `--xds`,
+    /// the filter takes the native build's config from the server (which
+    /// names the module: `serve --xds ... --native PATH`).
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["ext_authz"])]
     pub native: Option<PathBuf>,
     /// Take the filter's config (module and bundle) from `tenantgate serve --xds`
     /// at HOST:PORT; the bundle given only names the rate limit cluster.
@@ -205,6 +209,15 @@ impl Options {
         self.native.as_deref().unwrap_or(self.wasm_path())
     }
 
+    /// The type URL of this build's filter config.
+    fn filter_type(&self) -> &'static str {
+        if self.native.is_some() {
+            NATIVE_TYPE
+        } else {
+            WASM_TYPE
+        }
+    }
+
     /// The filter config for this build (the Wasm filter's or the native one's).
     fn filter_config(&self, bundle: &Bundle) -> Value {
         match &self.native {
@@ -268,11 +281,6 @@ pub fn usage(o: &Options) -> Result<(), String> {
                 o.fail_open,
                 "a dynamic module has no failure policy: it runs in Envoy's process",
             ),
-            (
-                "--access-log",
-                o.access_log.is_some(),
-                "the native build does not set the decisions' filter state yet",
-            ),
         ] {
             if set {
                 return Err(format!(
@@ -334,9 +342,10 @@ pub fn render(bundle: &Bundle, o: &Options) -> Result<Value, String> {
 }
 
 /// The access log's JSON format: the request, Envoy's answer and the
-/// decision's fields (`%FILTER_STATE(wasm.tenantgate.*:PLAIN)%`, `null` when
-/// a decision has no such value). See docs/reference.md.
-pub fn access_log_format() -> Value {
+/// decision's fields (`%FILTER_STATE(wasm.tenantgate.*:PLAIN)%` from the
+/// Wasm filter, `%FILTER_STATE(tenantgate.*:PLAIN)%` from the native build,
+/// `null` when a decision has no such value). See docs/reference.md.
+pub fn access_log_format(native: bool) -> Value {
     use tenantgate_engine::http::filter_state_keys as k;
     let mut format = Map::new();
     for (name, operator) in [
@@ -354,20 +363,34 @@ pub fn access_log_format() -> Value {
         let name = key.strip_prefix("tenantgate.").unwrap_or(key);
         format.insert(
             name.into(),
-            json!(format!("%FILTER_STATE(wasm.{key}:PLAIN)%")),
+            json!(format!(
+                "%FILTER_STATE({}{key}:PLAIN)%",
+                filter_state_prefix(native)
+            )),
         );
     }
     Value::Object(format)
 }
 
+/// What Envoy puts before the filter state keys a build sets: `wasm.` for
+/// the Wasm filter (Envoy's prefix for what a Wasm filter sets), nothing for
+/// the native build.
+pub fn filter_state_prefix(native: bool) -> &'static str {
+    if native {
+        ""
+    } else {
+        "wasm."
+    }
+}
+
 /// The HTTP connection manager's `access_log` for `--access-log PATH`.
-fn access_log(path: &Path) -> Value {
+fn access_log(path: &Path, native: bool) -> Value {
     json!([{
         "name": "envoy.access_loggers.file",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
             "path": path.display().to_string(),
-            "log_format": { "json_format": access_log_format() }
+            "log_format": { "json_format": access_log_format(native) }
         }
     }])
 }
@@ -487,7 +510,7 @@ fn bootstrap(bundle: &Bundle, o: &Options) -> Result<Value, String> {
                 "name": FILTER_NAME,
                 "config_discovery": {
                     "config_source": source,
-                    "type_urls": [WASM_TYPE]
+                    "type_urls": [o.filter_type()]
                 }
             })
         }
@@ -513,7 +536,7 @@ fn bootstrap(bundle: &Bundle, o: &Options) -> Result<Value, String> {
                     "resource_api_version": "V3",
                     "path_config_source": { "path": path.display().to_string() }
                 },
-                "type_urls": [if o.native.is_some() { NATIVE_TYPE } else { WASM_TYPE }]
+                "type_urls": [o.filter_type()]
             }
         }),
     };
@@ -582,7 +605,7 @@ fn bootstrap(bundle: &Bundle, o: &Options) -> Result<Value, String> {
         doc.pointer_mut("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config")
             .and_then(Value::as_object_mut),
     ) {
-        hcm.insert("access_log".into(), access_log(path));
+        hcm.insert("access_log".into(), access_log(path, o.native.is_some()));
     }
     Ok(doc)
 }
@@ -969,6 +992,30 @@ mod tests {
             istio_proxy_config()["extraStatTags"],
             json!(["tenant", "parent", "limit", "reason", "bundle"])
         );
+    }
+
+    #[test]
+    fn access_log_reads_the_filter_state_each_build_sets() {
+        let wasm = access_log_format(false);
+        assert_eq!(
+            wasm["tenant"],
+            "%FILTER_STATE(wasm.tenantgate.tenant:PLAIN)%"
+        );
+        assert_eq!(
+            wasm["decision_id"],
+            "%FILTER_STATE(wasm.tenantgate.decision_id:PLAIN)%"
+        );
+        let native = access_log_format(true);
+        assert_eq!(native["tenant"], "%FILTER_STATE(tenantgate.tenant:PLAIN)%");
+        assert_eq!(native["bundle"], "%FILTER_STATE(tenantgate.bundle:PLAIN)%");
+        assert_eq!(native["status"], "%RESPONSE_CODE%");
+        assert_eq!(keys_of(&wasm), keys_of(&native));
+    }
+
+    fn keys_of(v: &Value) -> Vec<&String> {
+        v.as_object()
+            .map(|o| o.keys().collect())
+            .unwrap_or_default()
     }
 
     #[test]

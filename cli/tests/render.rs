@@ -949,6 +949,40 @@ fn native_bootstrap_passes_envoy_validate_and_the_module_loads_the_bundle() {
         f["config_discovery"]["type_urls"][0],
         "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
     );
+    // With `--xds` the native build's config comes from the server.
+    let xds = dir.path().join("xds.json");
+    let r = tenantgate(&[
+        "envoy",
+        "policies",
+        "--native",
+        native.to_str().unwrap(),
+        "--xds",
+        "127.0.0.1:18000",
+        "-o",
+        xds.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let boot: Value = serde_json::from_str(&std::fs::read_to_string(&xds).unwrap()).unwrap();
+    let f = &boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        ["typed_config"]["http_filters"][0];
+    assert_eq!(f["name"], "tenantgate");
+    assert!(f.get("typed_config").is_none(), "no inline config");
+    assert_eq!(
+        f["config_discovery"]["type_urls"],
+        serde_json::json!([
+            "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
+        ])
+    );
+    assert_eq!(
+        f["config_discovery"]["config_source"],
+        serde_json::json!({"resource_api_version": "V3", "ads": {}})
+    );
+    let (ok, log) = envoy_validate(&xds);
+    assert!(
+        ok,
+        "envoy --mode validate refused the --native --xds config:
+{log}"
+    );
 }
 
 #[test]
@@ -988,10 +1022,6 @@ fn native_flags_that_do_not_apply_are_refused() {
         (
             vec!["--fail-open"],
             "`--fail-open` does not apply with `--native`",
-        ),
-        (
-            vec!["--access-log", "/tmp/access.log"],
-            "`--access-log` does not apply with `--native`",
         ),
         (vec!["--sha256", &"0".repeat(64)], "the module's sha256 is"),
     ] {

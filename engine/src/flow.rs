@@ -618,21 +618,6 @@ fn unenforced_fleet_limits(engine: &Engine) -> Option<LogLine> {
     }
 }
 
-/// The warning an adapter without an RLQS stream logs for a bundle in mode
-/// `assigned` (its fleet limits are only ever decided by the fallback):
-/// `None` in any other case.
-pub fn assigned_without_stream(engine: &Engine) -> Option<LogLine> {
-    engine
-        .rate_limit_service()
-        .filter(|r| r.mode == crate::settings::FleetMode::Assigned)
-        .map(|_| {
-            unenforced(
-                engine,
-                "this build has no client for `rate_limit_service.mode` `assigned` yet (the Wasm filter and Envoy's own `rate_limit_quota` filter are): `on_error` (or `on_error_instances`) decides every request",
-            )
-        })
-}
-
 fn unenforced(engine: &Engine, why: &str) -> LogLine {
     let names: Vec<String> = engine
         .fleet_limits()

@@ -186,20 +186,36 @@ impl Worker {
             }
             return (decision, None);
         }
-        // A fleet check or assignment still to come: the local admission is
-        // exact, so a fleet refusal can give back what it charged.
-        let exact = (per_request || assigned) && cost > 0;
-        match self.admit_local(req, cost, exact, store) {
-            Local::Admitted(q, refund) => {
+        // A fleet check still to come (per_request): the local admission is
+        // exact, so a fleet refusal can give back what it charged. Mode
+        // assigned decides at once, in this worker: its local admission keeps
+        // the leases, and a fleet refusal gives the tokens back to the lease
+        // they came from (or exactly, when charged alone).
+        let charging = match (per_request, assigned) {
+            _ if cost == 0 => Charging::Leased,
+            (true, _) => Charging::Exact,
+            (false, true) => Charging::LeasedRefundable,
+            (false, false) => Charging::Leased,
+        };
+        match self.admit_local(req, cost, charging, store) {
+            Local::Admitted(q, refund, from_lease) => {
                 if batched {
                     self.fleet_count(&req.tenant, cost);
                 }
                 if assigned {
                     if let Some(refused) = self.assigned_admit(&req.tenant, cost, req.time_ns) {
+                        // Best effort, as for a per_request refusal (flow's
+                        // give_back): the decision stands.
                         if let Some(r) = &refund {
-                            // Best effort, as for a per_request refusal
-                            // (flow's give_back): the decision stands.
                             let _ = self.engine.quotas.refund(r, store);
+                        }
+                        if from_lease {
+                            self.engine.quotas.unspend_leased(
+                                &self.leases,
+                                &req.tenant,
+                                cost,
+                                req.time_ns,
+                            );
                         }
                         return (refused, None);
                     }
@@ -217,30 +233,49 @@ impl Worker {
         }
     }
 
-    /// The local quotas alone, for a request counted as allowed by policy:
-    /// keyed limits first, then the hierarchical buckets, as in
-    /// [`Worker::decide`], but admitted exactly (no worker lease) and without
-    /// fleet limits. What `tenantgate simulate` replays.
+    /// The quotas alone, for a request counted as allowed by policy: keyed
+    /// limits first, then the hierarchical buckets, as in [`Worker::decide`],
+    /// but admitted exactly (no worker lease); then, in mode `assigned`, the
+    /// fleet buckets of this worker's assignments (the local charge given
+    /// back when they refuse, as on the request path). The other fleet modes
+    /// need a service and are left out. What `tenantgate simulate` replays.
     pub fn decide_quotas(&self, req: &Request, store: &dyn BucketStore) -> Decision {
-        let decision = Decision::allow(Vec::new(), Vec::new());
-        if self.engine.quotas.is_empty() {
-            return decision;
-        }
+        let allow = Decision::allow(Vec::new(), Vec::new());
         let cost = self.engine.settings.cost_of(&req.method, req.action);
-        match self.admit_local(req, cost, true, store) {
-            Local::Admitted(q, _) => Decision {
-                quota: Some(q),
-                ..decision
-            },
-            Local::Refused(refused) => refused,
+        let (decision, refund) = if self.engine.quotas.is_empty() {
+            (allow, None)
+        } else {
+            match self.admit_local(req, cost, Charging::Exact, store) {
+                Local::Admitted(q, refund, _) => (
+                    Decision {
+                        quota: Some(q),
+                        ..allow
+                    },
+                    refund,
+                ),
+                Local::Refused(refused) => return refused,
+            }
+        };
+        if let Some(refused) = self.assigned_admit(&req.tenant, cost, req.time_ns) {
+            if let Some(r) = &refund {
+                let _ = self.engine.quotas.refund(r, store);
+            }
+            return refused;
         }
+        decision
     }
 
     /// Admission against the local limits: the keyed ones first (a refusal
     /// there charges nothing anywhere), then the hierarchical buckets, exactly
     /// or through this worker's lease; the keyed charges are given back when
     /// those refuse.
-    fn admit_local(&self, req: &Request, cost: u64, exact: bool, store: &dyn BucketStore) -> Local {
+    fn admit_local(
+        &self,
+        req: &Request,
+        cost: u64,
+        charging: Charging,
+        store: &dyn BucketStore,
+    ) -> Local {
         let store_error = |e: crate::quota::StoreError| {
             Decision::error(self.engine.settings.on_error, format!("quota store: {e}"))
         };
@@ -252,30 +287,37 @@ impl Worker {
             }
             Err(e) => return Local::Refused(store_error(e)),
         };
-        let admitted = if exact {
-            self.engine
-                .quotas
-                .admit_refundable(&req.tenant, cost, req.time_ns, store)
-        } else {
-            self.engine
-                .quotas
-                .admit_leased(&self.leases, &req.tenant, cost, req.time_ns, store)
-                .map(|q| (q, None))
+        let quotas = &self.engine.quotas;
+        let (tenant, now) = (&req.tenant, req.time_ns);
+        // (decision, what to refund exactly, whether tokens came from a lease)
+        let admitted = match charging {
+            Charging::Exact => quotas
+                .admit_refundable(tenant, cost, now, store)
+                .map(|(q, r)| (q, r, false)),
+            Charging::Leased => quotas
+                .admit_leased(&self.leases, tenant, cost, now, store)
+                .map(|q| (q, None, false)),
+            Charging::LeasedRefundable => quotas
+                .admit_leased_taking(&self.leases, tenant, cost, now, store)
+                .map(|(q, taken)| match taken {
+                    crate::quota::Taken::Lease => (q, None, true),
+                    crate::quota::Taken::Alone(r) => (q, r, false),
+                    crate::quota::Taken::Nothing => (q, None, false),
+                }),
         };
         let give_back = || {
             // Best effort: the decision stands whatever the store says.
             let _ = self.engine.quotas.refund_keyed(&keyed_charges, store);
         };
         match admitted {
-            Ok((q, refund)) if q.admitted => {
-                let refund = if exact {
-                    crate::quota::Refund::join(refund, keyed_charges)
-                } else {
-                    None
+            Ok((q, refund, from_lease)) if q.admitted => {
+                let refund = match charging {
+                    Charging::Leased => None,
+                    _ => crate::quota::Refund::join(refund, keyed_charges),
                 };
-                Local::Admitted(q.with_keyed(keyed, cost), refund)
+                Local::Admitted(q.with_keyed(keyed, cost), refund, from_lease)
             }
-            Ok((q, _)) => {
+            Ok((q, _, _)) => {
                 give_back();
                 Local::Refused(Decision::over_quota(q))
             }
@@ -365,10 +407,27 @@ impl Worker {
 }
 
 /// What the local limits say about a request ([`Engine::admit_local`]).
+/// How a local admission charges the buckets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Charging {
+    /// Exactly, refundable (a fleet check to come, and `simulate`).
+    Exact,
+    /// Through this worker's leases.
+    Leased,
+    /// Through the leases, saying where the tokens came from (mode
+    /// `assigned`: its refusal comes after the local admission).
+    LeasedRefundable,
+}
+
 enum Local {
-    /// The quota decision (keyed statuses included) and, for an exact
-    /// admission, what it charged.
-    Admitted(crate::quota::QuotaDecision, Option<crate::quota::Refund>),
+    /// The quota decision (keyed statuses included); for a refundable
+    /// admission what to refund exactly, and whether its tokens came from
+    /// this worker's lease (to give back with `unspend_leased`).
+    Admitted(
+        crate::quota::QuotaDecision,
+        Option<crate::quota::Refund>,
+        bool,
+    ),
     /// The decision to answer: 429, 400 for a missing key, or `on_error`'s.
     Refused(Decision),
 }

@@ -145,6 +145,18 @@ extern "C" {
         result: *mut EnvoyBuffer,
     ) -> bool;
 
+    fn envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch(
+        f: EnvoyFilterPtr,
+        namespace: ModuleBuffer,
+        entries: *const ModuleHeader,
+        entries_size: usize,
+    );
+    fn envoy_dynamic_module_callback_http_set_filter_state_bytes(
+        f: EnvoyFilterPtr,
+        key: ModuleBuffer,
+        value: ModuleBuffer,
+    ) -> bool;
+
     fn envoy_dynamic_module_callback_http_filter_continue_decoding(f: EnvoyFilterPtr);
     fn envoy_dynamic_module_callback_http_filter_start_http_stream(
         f: EnvoyFilterPtr,
@@ -174,6 +186,16 @@ extern "C" {
         end_stream: bool,
         timeout_ms: u64,
     ) -> u32;
+    fn envoy_dynamic_module_callback_http_filter_config_stream_send_data(
+        c: EnvoyConfigPtr,
+        stream_id: u64,
+        data: ModuleBuffer,
+        end_stream: bool,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_http_filter_config_reset_http_stream(
+        c: EnvoyConfigPtr,
+        stream_id: u64,
+    );
     fn envoy_dynamic_module_callback_http_filter_config_define_counter(
         c: EnvoyConfigPtr,
         name: ModuleBuffer,
@@ -486,6 +508,41 @@ impl Filter<'_> {
         (ok && !value.ptr.is_null()).then(|| unsafe { value.as_slice() })
     }
 
+    /// Sets filter state `key` to `value` (a string object, read-only for
+    /// the rest of the stream): `%FILTER_STATE(key:PLAIN)%` prints it.
+    pub fn set_filter_state(&mut self, key: &str, value: &str) -> Result<(), HostError> {
+        // SAFETY: both buffers are live for the call; Envoy copies them.
+        let ok = unsafe {
+            envoy_dynamic_module_callback_http_set_filter_state_bytes(
+                self.raw,
+                ModuleBuffer::of(key.as_bytes()),
+                ModuleBuffer::of(value.as_bytes()),
+            )
+        };
+        refused(ok, "set_filter_state_bytes")
+    }
+
+    /// Sets string values of the stream's dynamic metadata under
+    /// `namespace`, in one call (`%DYNAMIC_METADATA(namespace:key)%`).
+    pub fn set_dynamic_metadata(&mut self, namespace: &str, entries: &[(&str, &str)]) {
+        if entries.is_empty() {
+            return;
+        }
+        // `envoy_dynamic_module_type_module_key_value_pair` has the layout
+        // of a module header: key pointer and length, value pointer and length.
+        let pairs = module_headers(entries);
+        // SAFETY: `pairs` and the bytes they point into are live for the
+        // call; Envoy copies them into the metadata.
+        unsafe {
+            envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch(
+                self.raw,
+                ModuleBuffer::of(namespace.as_bytes()),
+                pairs.as_ptr(),
+                pairs.len(),
+            )
+        }
+    }
+
     /// Resumes a request paused in its headers hook.
     pub fn continue_decoding(&mut self) {
         // SAFETY: `raw` is the live filter of the current hook.
@@ -680,13 +737,16 @@ impl Config<'_> {
     }
 
     /// A streamed HTTP call owned by the configuration, not by a request
-    /// (batched fleet reports): the answer comes to the `config_http_stream_*`
-    /// hooks, on the main thread; the stream id.
+    /// (batched fleet reports, the RLQS stream): the answer comes to the
+    /// `config_http_stream_*` hooks, on the main thread; the stream id. With
+    /// `end_stream` false the request stays open for
+    /// [`Config::stream_send_data`]; a `timeout_ms` of 0 is no timeout.
     pub fn start_http_stream(
         &mut self,
         cluster: &str,
         headers: &[(&str, &str)],
         body: &[u8],
+        end_stream: bool,
         timeout_ms: u64,
     ) -> Result<u64, HostError> {
         let mut h = module_headers(headers);
@@ -700,11 +760,39 @@ impl Config<'_> {
                 h.as_mut_ptr(),
                 h.len(),
                 ModuleBuffer::of(body),
-                true,
+                end_stream,
                 timeout_ms,
             )
         };
         callout_init(raw, cluster).map(|()| id)
+    }
+
+    /// Sends more request body on a stream of [`Config::start_http_stream`].
+    pub fn stream_send_data(
+        &mut self,
+        stream: u64,
+        data: &[u8],
+        end_stream: bool,
+    ) -> Result<(), HostError> {
+        // SAFETY: the buffer is live for the call.
+        let ok = unsafe {
+            envoy_dynamic_module_callback_http_filter_config_stream_send_data(
+                self.raw,
+                stream,
+                ModuleBuffer::of(data),
+                end_stream,
+            )
+        };
+        refused(ok, "config_stream_send_data")
+    }
+
+    /// Cancels a stream of [`Config::start_http_stream`] (its reset hook
+    /// follows).
+    pub fn reset_stream(&mut self, stream: u64) {
+        // SAFETY: a plain value call on the live config.
+        unsafe {
+            envoy_dynamic_module_callback_http_filter_config_reset_http_stream(self.raw, stream)
+        }
     }
 
     /// Starts a thread that wakes this configuration on Envoy's main thread
@@ -1241,7 +1329,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_headers
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_data(
-    _config_envoy: EnvoyConfigPtr,
+    config_envoy: EnvoyConfigPtr,
     config: ModuleConfigPtr,
     stream_id: u64,
     data: *const EnvoyBuffer,
@@ -1252,7 +1340,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_data(
         // SAFETY: Envoy's array and bytes live for this hook; see `shared`.
         let (data, sh) = unsafe { (buffers(data, data_count), shared(config)) };
         if let Some(sh) = sh {
-            sh.on_report_data(stream_id, &data);
+            sh.on_report_data(&config_handle(config_envoy), stream_id, &data);
         }
     })
 }

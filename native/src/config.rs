@@ -10,10 +10,12 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use tenantgate_engine::fleet::{FleetCall, REPORT_HEADER, RLS_METHOD, RLS_SERVICE};
 use tenantgate_engine::flow::{Level, LogLine, Tick};
 use tenantgate_engine::metrics::{self as m, names, Layout, MetricRef, Update};
-use tenantgate_engine::{Bundle, Engine, Worker};
+use tenantgate_engine::Worker;
 
 use crate::abi::{self, Config, RawHeader, Ticker};
-use crate::host::{grpc_answer, grpc_frame, now_ns, split_tags, LogLevel, Metric, MetricKind};
+use crate::host::{
+    engine_of, grpc_answer, grpc_frame, now_ns, split_tags, LogLevel, Metric, MetricKind,
+};
 use tenantgate_engine::quota::ShardedStore;
 
 /// What every stream of one filter configuration shares: one worker for all
@@ -31,6 +33,8 @@ pub struct Shared {
     ticker: Mutex<Option<Ticker>>,
     /// Batched reports in flight, by stream id (main thread only).
     reports: Mutex<HashMap<u64, Report>>,
+    /// Mode `assigned`: the RLQS stream, while open (main thread only).
+    pub(crate) rlqs: Mutex<Option<crate::rlqs::RlqsStream>>,
 }
 
 /// A batched report waiting for its answer, and the worker that made it
@@ -98,7 +102,13 @@ impl Shared {
             REPORT_HEADER,
         ];
         let body = grpc_frame(&call.message);
-        match c.start_http_stream(&rls.cluster, &headers, &body, u64::from(rls.timeout_ms)) {
+        match c.start_http_stream(
+            &rls.cluster,
+            &headers,
+            &body,
+            true,
+            u64::from(rls.timeout_ms),
+        ) {
             Ok(stream) => {
                 let calls = Update::Add(self.worker.layout().fleet_calls, 1);
                 self.metrics.apply(calls, |m, l, v| c.update(m, l, v));
@@ -123,6 +133,9 @@ impl Shared {
     }
 
     pub fn on_report_headers(&self, stream: u64, headers: &[RawHeader<'_>]) {
+        if self.on_rlqs_headers(stream, headers) {
+            return;
+        }
         let mut reports = self.reports.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(r) = reports.get_mut(&stream) {
             for (k, v) in headers {
@@ -135,7 +148,10 @@ impl Shared {
         }
     }
 
-    pub fn on_report_data(&self, stream: u64, data: &[&[u8]]) {
+    pub fn on_report_data(&self, c: &Config<'_>, stream: u64, data: &[&[u8]]) {
+        if self.on_rlqs_data(c, stream, data) {
+            return;
+        }
         let mut reports = self.reports.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(r) = reports.get_mut(&stream) {
             for chunk in data {
@@ -147,6 +163,9 @@ impl Shared {
     /// A report's call ended (`failure`: reset, with why): the answer goes
     /// to the worker that sent it.
     pub fn on_report_done(&self, c: &Config<'_>, stream: u64, failure: Option<String>) {
+        if self.on_rlqs_done(c, stream, failure.clone()) {
+            return;
+        }
         let Some(r) = self
             .reports
             .lock()
@@ -173,9 +192,13 @@ pub fn on_tick(c: &mut Config<'_>, shared: &Shared) {
     worker.set_logs_info(abi::log_enabled(LogLevel::Info));
     let mut tick = worker.on_tick(now_ns(), &*shared.store);
     let report = tick.report.take();
+    let stream_report = tick.stream_report.take();
     shared.carry_out(c, worker, &tick);
     if let Some(call) = report {
         shared.send_report(c, Arc::clone(worker), call);
+    }
+    if let Some(message) = stream_report {
+        shared.send_stream_report(c, worker, &message);
     }
 }
 
@@ -365,8 +388,7 @@ fn id_seed(name: &str) -> u64 {
 /// configuration (Envoy then keeps the previous one, if any).
 pub fn new(c: &mut Config<'_>, name: &[u8], config: &[u8]) -> Option<Arc<Shared>> {
     let name = String::from_utf8_lossy(name).into_owned();
-    let text = String::from_utf8_lossy(config);
-    let engine = match Bundle::from_json(&text).and_then(|b| Engine::new(&b)) {
+    let engine = match engine_of(config) {
         Ok(engine) => engine,
         Err(diagnostics) => {
             abi::log(
@@ -409,6 +431,7 @@ pub fn new(c: &mut Config<'_>, name: &[u8], config: &[u8]) -> Option<Arc<Shared>
         metrics,
         ticker: Mutex::new(None),
         reports: Mutex::new(HashMap::new()),
+        rlqs: Mutex::new(None),
     });
     if let Some(p) = previous {
         previous_series(c, p.layout(), &act.previous_metrics, &act.zero_gauges);

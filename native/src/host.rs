@@ -3,6 +3,7 @@
 //! [`crate::abi`] share. No host call here, so all of it is unit tested.
 
 use tenantgate_engine::http::HeaderPair;
+use tenantgate_engine::{Bundle, Diagnostics, Engine};
 
 /// Which header map a call reads or writes (`envoy_dynamic_module_type_http_header_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,6 +179,15 @@ pub fn header_pairs<'a>(raw: &[(&'a [u8], &'a [u8])]) -> Result<Vec<HeaderPair<'
         .collect()
 }
 
+/// The engine for a filter config as Envoy hands it to the module (the
+/// bundle JSON, `filter_config`'s `StringValue`), or the located errors
+/// that refuse it. Bytes that are not UTF-8 are read lossily: the bundle
+/// parser then names what is wrong with them.
+pub fn engine_of(config: &[u8]) -> Result<Engine, Diagnostics> {
+    let text = String::from_utf8_lossy(config);
+    Bundle::from_json(&text).and_then(|b| Engine::new(&b))
+}
+
 /// True if the request is a gRPC call (its local replies must be gRPC
 /// trailers-only responses, with `grpc-status`).
 pub fn is_grpc(headers: &[HeaderPair<'_>]) -> bool {
@@ -265,6 +275,38 @@ pub fn grpc_unframe(body: &[u8]) -> Result<&[u8], String> {
         .ok_or_else(|| format!("a gRPC frame of {n} bytes is cut short"))
 }
 
+/// The largest gRPC message a stream may carry (the RLQS service's
+/// answers are a few hundred bytes per bucket).
+pub const MAX_STREAM_MESSAGE: usize = 4 << 20;
+
+/// Takes the whole gRPC messages at the front of a stream's received bytes
+/// out of `received` (a message cut short stays for the next data). `Err`:
+/// a compressed or oversized frame; the stream cannot go on.
+pub fn grpc_take_messages(received: &mut Vec<u8>) -> Result<Vec<Vec<u8>>, String> {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while let (Some(&flag), Some(len)) = (received.get(at), received.get(at + 1..at + 5)) {
+        if flag != 0 {
+            return Err("a compressed gRPC message on the stream".into());
+        }
+        let mut n = [0u8; 4];
+        n.copy_from_slice(len);
+        let n = u32::from_be_bytes(n) as usize;
+        if n > MAX_STREAM_MESSAGE {
+            return Err(format!(
+                "a gRPC message of {n} bytes on the stream (at most {MAX_STREAM_MESSAGE})"
+            ));
+        }
+        let Some(message) = received.get(at + 5..at + 5 + n) else {
+            break;
+        };
+        out.push(message.to_vec());
+        at += 5 + n;
+    }
+    received.drain(..at.min(received.len()));
+    Ok(out)
+}
+
 /// What a unary gRPC call answered: the message, or why there is none (as
 /// the Wasm filter words it). `status` is `grpc-status` from the trailers
 /// (or the headers of a trailers-only answer), `http` the `:status`.
@@ -302,6 +344,44 @@ pub fn now_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_messages_are_taken_whole_and_a_cut_one_waits() {
+        let mut received = grpc_frame(b"one");
+        received.extend(grpc_frame(b""));
+        let two = grpc_frame(b"second message");
+        received.extend_from_slice(&two[..7]);
+        let got = grpc_take_messages(&mut received).unwrap();
+        assert_eq!(got, vec![b"one".to_vec(), Vec::new()]);
+        assert_eq!(received, two[..7].to_vec());
+        received.extend_from_slice(&two[7..]);
+        assert_eq!(
+            grpc_take_messages(&mut received).unwrap(),
+            vec![b"second message".to_vec()]
+        );
+        assert!(received.is_empty());
+        // A header alone, cut short: nothing yet.
+        let mut partial = vec![0, 0, 0];
+        assert_eq!(
+            grpc_take_messages(&mut partial).unwrap(),
+            Vec::<Vec<u8>>::new()
+        );
+        assert_eq!(partial, vec![0, 0, 0]);
+    }
+
+    #[test]
+    fn compressed_or_oversized_stream_messages_end_the_stream() {
+        let mut compressed = vec![1, 0, 0, 0, 1, 7];
+        assert_eq!(
+            grpc_take_messages(&mut compressed).unwrap_err(),
+            "a compressed gRPC message on the stream"
+        );
+        let mut huge = vec![0, 0x7f, 0xff, 0xff, 0xff];
+        assert_eq!(
+            grpc_take_messages(&mut huge).unwrap_err(),
+            "a gRPC message of 2147483647 bytes on the stream (at most 4194304)"
+        );
+    }
 
     #[test]
     fn metrics_results_are_values() {
@@ -356,6 +436,17 @@ mod tests {
         );
         let bad: Vec<(&[u8], &[u8])> = vec![(b"\xffname", b"v")];
         assert_eq!(header_pairs(&bad), Err(HostError::MalformedHeaders));
+    }
+
+    #[test]
+    fn a_config_that_is_not_a_bundle_is_refused_with_located_errors() {
+        let e = engine_of(b"{\"format\": 1").err().unwrap();
+        assert_eq!(e.len(), 1, "{e}");
+        assert!(engine_of(b"\xff\xfe").is_err());
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        let bundle = Bundle::from_dir(&dir).unwrap();
+        let engine = engine_of(bundle.to_json().as_bytes()).unwrap();
+        assert_eq!(engine.version(), bundle.version);
     }
 
     #[test]

@@ -5,15 +5,18 @@
 //!
 //! Boundary: this crate only moves bytes between Envoy and the engine, like
 //! `filter/`. `abi` holds all of its `unsafe` code (declarations of the
-//! ABI, exported hooks); `host` the pure half of the host layer; `config` and
-//! `request` the adapter (the quota buckets every worker shares are the
-//! engine's `quota::ShardedStore`).
+//! ABI, exported hooks); `host` the pure half of the host layer; `config`,
+//! `request` and `rlqs` (mode `assigned`'s stream) the adapter (the quota buckets every worker shares are the
+//! engine's `quota::ShardedStore`). The `pure` feature builds `host` alone
+//! (no ABI, no hooks), for the fuzz targets.
 
 pub mod host;
 
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "pure")))]
 mod abi;
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "pure")))]
 mod config;
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "pure")))]
 mod request;
+#[cfg(not(any(test, feature = "pure")))]
+mod rlqs;

@@ -21,6 +21,16 @@ use crate::host::{
 /// The response code details Envoy logs for our replies.
 const DETAILS: &str = "tenantgate";
 
+/// The dynamic metadata namespace of a decision's fields
+/// (`%DYNAMIC_METADATA(tenantgate:tenant)%`; see docs/reference.md).
+const METADATA_NAMESPACE: &str = "tenantgate";
+
+/// A filter state key's name in the metadata namespace (`tenantgate.tenant`
+/// is `tenant` under `tenantgate`).
+fn metadata_key(key: &str) -> &str {
+    key.strip_prefix("tenantgate.").unwrap_or(key)
+}
+
 /// One stream's state.
 pub struct Stream {
     shared: Arc<Shared>,
@@ -277,6 +287,20 @@ impl Stream {
     fn carry_out(&mut self, f: &mut Filter<'_>, effects: Effects) -> HeadersStatus {
         let metrics = &self.shared.metrics;
         write_logs(&effects.logs);
+        // The decision's fields for access logs, span tags and later
+        // filters (with the `filter_state` setting): filter state keyed as
+        // given (no `wasm.`), and the same as dynamic metadata in one call.
+        if !effects.filter_state.is_empty() {
+            for (key, value) in &effects.filter_state {
+                let _ = f.set_filter_state(key, value);
+            }
+            let metadata: Vec<(&str, &str)> = effects
+                .filter_state
+                .iter()
+                .map(|(k, v)| (metadata_key(k), v.as_str()))
+                .collect();
+            f.set_dynamic_metadata(METADATA_NAMESPACE, &metadata);
+        }
         for u in &effects.metrics {
             metrics.apply(*u, |m, l, v| f.update(m, l, v));
         }

@@ -12,15 +12,14 @@ pub mod quota;
 pub mod service;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::service::rate_limit_quota::v3::rate_limit_quota_service_server::RateLimitQuotaServiceServer;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::watch;
+use tenantgate_daemon::{reload_line, serve_until, Reloadable, Signals, Stop};
 use tonic_health::ServingStatus;
 
 use counter::Counters;
@@ -31,8 +30,7 @@ use service::Service;
 /// How long one Redis step may take before the RPC answers UNAVAILABLE.
 pub const REDIS_TIMEOUT: Duration = Duration::from_millis(1000);
 
-/// How long a graceful shutdown waits for open connections.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+pub use tenantgate_daemon::SHUTDOWN_GRACE;
 
 /// The command line.
 #[derive(Debug, Clone)]
@@ -184,9 +182,42 @@ async fn watch_redis(
     }
 }
 
+/// Loads the bundle again (on SIGHUP): on success its limits serve from the
+/// next call on; on failure the previous ones keep serving.
+fn reload(limits: &Reloadable<Limits>, bundle: &Path, flag: Option<&str>, metrics: &Metrics) {
+    let old = limits.current();
+    let result = Limits::load(bundle).map(|new| {
+        if let Some(w) = domain_mismatch(flag, &new) {
+            log(w);
+        } else if flag.is_none() && new.domain != old.domain {
+            log(format!(
+                "the bundle's domain is now `{}` (was `{}`)",
+                new.domain, old.domain
+            ));
+        }
+        for w in &new.warnings {
+            log(w);
+        }
+        metrics.reloaded(Some((&new.version, flag.unwrap_or(&new.domain))));
+        log(format!(
+            "bundle {}: {} fleet limits",
+            new.version,
+            new.fleet.all().len()
+        ));
+        let version = new.version.clone();
+        limits.replace(new);
+        version
+    });
+    if result.is_err() {
+        metrics.reloaded(None);
+    }
+    log(reload_line(&old.version, &result));
+}
+
 /// Runs the service until SIGTERM or SIGINT. An error means it could not
 /// start (the bundle, Redis, the listen address).
 pub async fn run(config: Config) -> Result<(), String> {
+    let signals = Signals::install()?;
     let first = Limits::load(&config.bundle)?;
     let conn = connect(&config.redis).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -203,9 +234,6 @@ pub async fn run(config: Config) -> Result<(), String> {
         ),
         None => None,
     };
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| format!("SIGHUP: {e}"))?;
-    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM: {e}"))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT: {e}"))?;
 
     log(format!(
         "loaded bundle {} ({} fleet limits)",
@@ -226,45 +254,13 @@ pub async fn run(config: Config) -> Result<(), String> {
         &first.version,
         config.domain.as_deref().unwrap_or(&first.domain),
     ));
-    let (tx, rx) = watch::channel(Arc::new(first));
-    let reload_metrics = Arc::clone(&metrics);
-    let bundle = config.bundle.clone();
-    let flag = config.domain.clone();
-    tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            let (old, old_domain) = {
-                let cur = tx.borrow();
-                (cur.version.clone(), cur.domain.clone())
-            };
-            match Limits::load(&bundle) {
-                Ok(new) => {
-                    if let Some(w) = domain_mismatch(flag.as_deref(), &new) {
-                        log(w);
-                    } else if flag.is_none() && new.domain != old_domain {
-                        log(format!(
-                            "the bundle's domain is now `{}` (was `{old_domain}`)",
-                            new.domain
-                        ));
-                    }
-                    log(format!(
-                        "reloaded bundle {} ({} fleet limits; was {old})",
-                        new.version,
-                        new.fleet.all().len()
-                    ));
-                    for w in &new.warnings {
-                        log(w);
-                    }
-                    reload_metrics
-                        .reloaded(Some((&new.version, flag.as_deref().unwrap_or(&new.domain))));
-                    tx.send_replace(Arc::new(new));
-                }
-                Err(e) => {
-                    reload_metrics.reloaded(None);
-                    log(format!("reload failed, keeping bundle {old}: {e}"));
-                }
-            }
-        }
-    });
+    let limits = Arc::new(Reloadable::new(first));
+    let rx = limits.subscribe();
+    let shutdown = {
+        let metrics = Arc::clone(&metrics);
+        let (bundle, flag) = (config.bundle.clone(), config.domain.clone());
+        signals.reload_on_hangup(move || reload(&limits, &bundle, flag.as_deref(), &metrics))
+    };
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::Serving).await;
@@ -304,40 +300,23 @@ pub async fn run(config: Config) -> Result<(), String> {
         });
     }
     log(format!("listening on {addr} ({domain})"));
-    let (stop_tx, mut stop_rx) = watch::channel(false);
-    let shutdown = async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        log("shutting down");
-        stop_tx.send_replace(true);
+    let servers = |stop: Stop| async move {
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(RateLimitServiceServer::new(service))
+            .add_service(RateLimitQuotaServiceServer::new(quotas))
+            .serve_with_incoming_shutdown(
+                // TCP_NODELAY: without it an answer can wait for the ACK of the
+                // previous one (Nagle), 40 ms with Envoy's delayed ACKs: past
+                // the callers' timeouts (Envoy's rate limit filter: 20 ms by
+                // default), so a call fails.
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                stop.fired(),
+            )
+            .await
+            .map_err(|e| format!("server: {e}"))
     };
-    let server = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(RateLimitServiceServer::new(service))
-        .add_service(RateLimitQuotaServiceServer::new(quotas))
-        .serve_with_incoming_shutdown(
-            // TCP_NODELAY: without it an answer can wait for the ACK of the
-            // previous one (Nagle), 40 ms with Envoy's delayed ACKs: past
-            // the callers' timeouts (Envoy's rate limit filter: 20 ms by
-            // default), so a call fails.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        );
-    // Connections get GOAWAY and finish their calls; one that stays open
-    // does not hold the process past SHUTDOWN_GRACE.
-    let deadline = async move {
-        let _ = stop_rx.wait_for(|stop| *stop).await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
-    };
-    tokio::select! {
-        r = server => r.map_err(|e| format!("server: {e}"))?,
-        () = deadline => log(format!(
-            "connections still open {} s after the signal; closing them",
-            SHUTDOWN_GRACE.as_secs()
-        )),
-    }
+    serve_until(servers, shutdown, SHUTDOWN_GRACE, |m| log(m)).await?;
     log("stopped");
     Ok(())
 }

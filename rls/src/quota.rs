@@ -40,12 +40,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::counter::CounterError;
 use crate::limits::Limits;
 
-/// Reports live this many report intervals; assignments too
-/// (`assignment_time_to_live`). A client's interval is the bundle's
-/// `report_interval_ms` or the longest `time_elapsed` it reported, whichever
-/// is longer: Envoy's own RLQS filter reports every 5 s whatever its
-/// `reporting_interval` says.
-pub const TTL_INTERVALS: u64 = 3;
+pub use tenantgate_engine::fleet::allocate::TTL_INTERVALS;
 
 /// The longest a report is kept: [`TTL_INTERVALS`] of the longest interval
 /// (60 s). Also the TTL of the Redis hash, renewed by every write.

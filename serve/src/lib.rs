@@ -33,14 +33,13 @@ use tenantgate_engine::flow::LogLine;
 use tenantgate_engine::{Bundle, Engine, Worker};
 
 use crate::xds::Plane;
-use tokio::signal::unix::{signal, SignalKind};
+use tenantgate_daemon::{reload_line, serve_until, Signals, Stop};
 use tokio::sync::watch;
 
 /// The largest `POST /v1/decide` body accepted (larger: 413).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
-/// How long a graceful shutdown waits for open connections.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+pub use tenantgate_daemon::SHUTDOWN_GRACE;
 
 /// The command line of `tenantgate serve`.
 #[derive(Debug, Clone)]
@@ -381,41 +380,34 @@ impl Server {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), String> {
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let stopped = |mut rx: watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        };
-        let http = axum::serve(self.http, http::router(Arc::clone(&self.state)))
-            .with_graceful_shutdown(stopped(stop_rx.clone()));
-        let http = async move { http.await.map_err(|e| format!("http: {e}")) };
-        let grpc = {
-            let listener = self.grpc;
-            let state = Arc::clone(&self.state);
-            let until = stopped(stop_rx.clone());
-            async move {
-                let Some(listener) = listener else {
+        let Server {
+            state,
+            http,
+            grpc,
+            xds,
+        } = self;
+        let servers = |stop: Stop| async move {
+            let http = axum::serve(http, http::router(Arc::clone(&state)))
+                .with_graceful_shutdown(stop.fired());
+            let http = async move { http.await.map_err(|e| format!("http: {e}")) };
+            let grpc = async {
+                let Some(listener) = grpc else {
                     return Ok(());
                 };
                 tonic::transport::Server::builder()
-                    .add_service(authz::server(state))
+                    .add_service(authz::server(Arc::clone(&state)))
                     .serve_with_incoming_shutdown(
                         tonic::transport::server::TcpIncoming::from(listener),
-                        until,
+                        stop.fired(),
                     )
                     .await
                     .map_err(|e| format!("grpc: {e}"))
-            }
-        };
-        let xds = {
-            let listener = self.xds;
-            let plane = self.state.plane.clone();
-            let stop = stop_rx.clone();
-            let until = stopped(stop_rx.clone());
-            async move {
-                let (Some(listener), Some(plane)) = (listener, plane) else {
+            };
+            let xds = async {
+                let (Some(listener), Some(plane)) = (xds, state.plane.clone()) else {
                     return Ok(());
                 };
-                let (ads, ecds) = xds::services(plane, stop);
+                let (ads, ecds) = xds::services(plane, stop.clone());
                 tonic::transport::Server::builder()
                     // Envoys keep their streams open; these find dead peers.
                     .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -423,41 +415,22 @@ impl Server {
                     .add_service(ecds)
                     .serve_with_incoming_shutdown(
                         tonic::transport::server::TcpIncoming::from(listener),
-                        until,
+                        stop.fired(),
                     )
                     .await
                     .map_err(|e| format!("xds: {e}"))
-            }
+            };
+            tokio::try_join!(http, grpc, xds).map(|_| ())
         };
-        let mut deadline_rx = stop_rx;
-        tokio::spawn(async move {
-            shutdown.await;
-            stop_tx.send_replace(true);
-            // Keep the sender alive until the servers are gone.
-            stop_tx.closed().await;
-        });
-        let deadline = async move {
-            let _ = deadline_rx.wait_for(|stop| *stop).await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        };
-        tokio::select! {
-            r = async { tokio::try_join!(http, grpc, xds) } => { r?; }
-            () = deadline => log(format!(
-                "connections still open {} s after the signal; closing them",
-                SHUTDOWN_GRACE.as_secs()
-            )),
-        }
-        Ok(())
+        serve_until(servers, shutdown, SHUTDOWN_GRACE, |m| log(m)).await
     }
 }
 
 /// `tenantgate serve`: serves until SIGTERM or SIGINT, reloading on SIGHUP.
 /// An error means it could not start (the bundle, a listen address).
 pub async fn run(config: Config) -> Result<(), String> {
+    let signals = Signals::install()?;
     let server = Server::bind(&config).await?;
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| format!("SIGHUP: {e}"))?;
-    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM: {e}"))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT: {e}"))?;
     let state = server.state();
     let engine = state.engine();
     log(format!(
@@ -468,14 +441,9 @@ pub async fn run(config: Config) -> Result<(), String> {
     ));
     drop(engine);
     let reloading = Arc::clone(&state);
-    tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            let old = reloading.engine().version().to_string();
-            match reloading.reload() {
-                Ok(new) => log(format!("reloaded bundle {new} (was {old})")),
-                Err(e) => log(format!("reload failed, keeping bundle {old}: {e}")),
-            }
-        }
+    let shutdown = signals.reload_on_hangup(move || {
+        let old = reloading.engine().version().to_string();
+        log(reload_line(&old, &reloading.reload()));
     });
     if state.plane().is_some() {
         let watching = Arc::clone(&state);
@@ -488,13 +456,6 @@ pub async fn run(config: Config) -> Result<(), String> {
     if let Some(a) = server.xds_addr() {
         log(format!("xds on {a} (watching {})", config.source.display()));
     }
-    let shutdown = async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        log("shutting down");
-    };
     server.serve(shutdown).await?;
     log("stopped");
     Ok(())

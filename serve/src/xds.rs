@@ -2,7 +2,9 @@
 //! over xDS. One resource, an ECDS `TypedExtensionConfig` named `tenantgate`
 //! whose `typed_config` is the Wasm HTTP filter's config
 //! (`envoy.extensions.filters.http.wasm.v3.Wasm`) with the bundle as its
-//! plugin configuration, served state-of-the-world on both the aggregated
+//! plugin configuration, or with `--native` the native build's
+//! (`envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter`)
+//! with the bundle as its filter config, served state-of-the-world on both the aggregated
 //! discovery service (ADS) and the extension config discovery service. The
 //! version of a response is the bundle's version (`sha256:` of its canonical
 //! JSON); the state of the rollout is [`crate::rollout`]'s. See
@@ -16,6 +18,8 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::core::v3::{
     async_data_source, data_source, AsyncDataSource, ControlPlane, DataSource, TypedExtensionConfig,
 };
+use envoy_types::pb::envoy::extensions::dynamic_modules::v3::DynamicModuleConfig;
+use envoy_types::pb::envoy::extensions::filters::http::dynamic_modules::v3::DynamicModuleFilter;
 use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
 use envoy_types::pb::envoy::extensions::wasm::v3::{
     plugin_config, FailurePolicy, PluginConfig, VmConfig,
@@ -31,6 +35,7 @@ use envoy_types::pb::envoy::service::extension::v3::extension_config_discovery_s
 };
 use envoy_types::pb::google::protobuf::{Any, StringValue};
 use prost::Message;
+use tenantgate_daemon::Stop;
 use tenantgate_engine::Bundle;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -45,6 +50,9 @@ pub const TYPED_EXTENSION_CONFIG: &str =
     "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
 /// The type of the resource's `typed_config`.
 pub const WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+/// The type of the resource's `typed_config` with `--native`.
+pub const NATIVE_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter";
 const STRING_VALUE_TYPE: &str = "type.googleapis.com/google.protobuf.StringValue";
 /// The resource's name: the filter's name in Envoy's HTTP filter chain
 /// (`tenantgate envoy --xds` renders it), its plugin name and VM id.
@@ -58,20 +66,40 @@ pub const POLL: Duration = Duration::from_millis(200);
 pub struct Options {
     /// The xDS gRPC address.
     pub addr: SocketAddr,
-    /// The filter module as the Envoys see it (`code.local.filename`).
-    pub wasm: String,
-    /// Let requests through when the filter fails (default: refuse them).
+    /// The filter module as the Envoys see it (a path on their hosts).
+    pub module: Module,
+    /// Let requests through when the filter fails (default: refuse them;
+    /// the Wasm filter's failure policy, ignored for the native build).
     pub fail_open: bool,
     pub mode: Mode,
     /// How many versions to keep for rollouts and rollbacks.
     pub keep: usize,
 }
 
+/// Which build the Envoys load, and where they find it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Module {
+    /// The Wasm filter (`tenantgate.wasm`) at this path.
+    Wasm(String),
+    /// The native build (`libtenantgate.so`, an Envoy dynamic module) at this path.
+    Native(String),
+}
+
+impl Module {
+    /// The type URL of the resource's `typed_config`.
+    pub fn type_url(&self) -> &'static str {
+        match self {
+            Module::Wasm(_) => WASM_TYPE,
+            Module::Native(_) => NATIVE_TYPE,
+        }
+    }
+}
+
 /// The control plane: the fleet's state and a signal for the streams.
 pub struct Plane {
     fleet: Mutex<Fleet>,
     changed: watch::Sender<u64>,
-    wasm: String,
+    module: Module,
     fail_open: bool,
 }
 
@@ -80,7 +108,7 @@ impl Plane {
         Plane {
             fleet: Mutex::new(Fleet::new(options.mode, options.keep)),
             changed: watch::Sender::new(0),
-            wasm: options.wasm.clone(),
+            module: options.module.clone(),
             fail_open: options.fail_open,
         }
     }
@@ -131,13 +159,41 @@ impl Plane {
 
     /// The ECDS resource for a bundle (one line of JSON).
     pub fn resource(&self, bundle: &str) -> TypedExtensionConfig {
+        let typed_config = match &self.module {
+            Module::Wasm(path) => any(WASM_TYPE, &wasm_filter(bundle, path, self.fail_open)),
+            Module::Native(path) => any(NATIVE_TYPE, &native_filter(bundle, path)),
+        };
         TypedExtensionConfig {
             name: RESOURCE.to_string(),
-            typed_config: Some(any(
-                WASM_TYPE,
-                &wasm_filter(bundle, &self.wasm, self.fail_open),
-            )),
+            typed_config: Some(typed_config),
         }
+    }
+}
+
+/// The native build's filter config, as `tenantgate envoy --native` renders
+/// it inline: the module from a local file, filter name `tenantgate`, the
+/// bundle as a `StringValue` filter config. Only the filter config changes
+/// from one bundle to the next; the quota buckets live in the Envoy process
+/// and survive it.
+pub fn native_filter(bundle: &str, path: &str) -> DynamicModuleFilter {
+    DynamicModuleFilter {
+        dynamic_module_config: Some(DynamicModuleConfig {
+            module: Some(AsyncDataSource {
+                specifier: Some(async_data_source::Specifier::Local(DataSource {
+                    specifier: Some(data_source::Specifier::Filename(path.to_string())),
+                    ..DataSource::default()
+                })),
+            }),
+            ..DynamicModuleConfig::default()
+        }),
+        filter_name: RESOURCE.to_string(),
+        filter_config: Some(any(
+            STRING_VALUE_TYPE,
+            &StringValue {
+                value: bundle.to_string(),
+            },
+        )),
+        ..DynamicModuleFilter::default()
     }
 }
 
@@ -194,11 +250,11 @@ type DeltaResponses = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, S
 #[derive(Clone)]
 pub struct Service {
     plane: Arc<Plane>,
-    stop: watch::Receiver<bool>,
+    stop: Stop,
 }
 
 impl Service {
-    pub fn new(plane: Arc<Plane>, stop: watch::Receiver<bool>) -> Service {
+    pub fn new(plane: Arc<Plane>, stop: Stop) -> Service {
         Service { plane, stop }
     }
 
@@ -269,7 +325,7 @@ impl ExtensionConfigDiscoveryService for Service {
 /// Both services, for a tonic router.
 pub fn services(
     plane: Arc<Plane>,
-    stop: watch::Receiver<bool>,
+    stop: Stop,
 ) -> (
     AggregatedDiscoveryServiceServer<Service>,
     ExtensionConfigDiscoveryServiceServer<Service>,
@@ -288,13 +344,13 @@ async fn serve_stream(
     plane: Arc<Plane>,
     mut requests: Streaming<DiscoveryRequest>,
     tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
-    mut stop: watch::Receiver<bool>,
+    stop: Stop,
     api: &'static str,
 ) {
     let mut changed = plane.changed.subscribe();
     let first = tokio::select! {
         r = requests.message() => r,
-        _ = stop.wait_for(|s| *s) => return,
+        () = stop.fired() => return,
     };
     let first = match first {
         Ok(Some(r)) => r,
@@ -378,7 +434,7 @@ async fn serve_stream(
                 _ => break,
             },
             c = changed.changed() => if c.is_err() { break },
-            _ = stop.wait_for(|s| *s) => break,
+            () = stop.fired() => break,
         }
     }
     plane.fleet().disconnect(&id, stream, now_ns());
@@ -393,7 +449,7 @@ mod tests {
     fn the_resource_is_the_wasm_filter_with_the_bundle() {
         let plane = Plane::new(&Options {
             addr: "127.0.0.1:0".parse().unwrap(),
-            wasm: "/opt/tenantgate.wasm".into(),
+            module: Module::Wasm("/opt/tenantgate.wasm".into()),
             fail_open: false,
             mode: Mode::Auto,
             keep: 5,
@@ -447,6 +503,41 @@ mod tests {
             local.specifier,
             Some(data_source::Specifier::Filename(
                 "/opt/tenantgate.wasm".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn with_native_the_resource_is_the_dynamic_module_filter_with_the_bundle() {
+        let plane = Plane::new(&Options {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            module: Module::Native("/opt/libtenantgate.so".into()),
+            fail_open: false,
+            mode: Mode::Auto,
+            keep: 5,
+        });
+        let tec = plane.resource("{\"format\":1}");
+        assert_eq!(tec.name, "tenantgate");
+        let any = tec.typed_config.unwrap();
+        assert_eq!(any.type_url, NATIVE_TYPE);
+        let f = DynamicModuleFilter::decode(any.value.as_slice()).unwrap();
+        assert_eq!(f.filter_name, "tenantgate");
+        let cfg = f.filter_config.unwrap();
+        assert_eq!(cfg.type_url, STRING_VALUE_TYPE);
+        assert_eq!(
+            StringValue::decode(cfg.value.as_slice()).unwrap().value,
+            "{\"format\":1}"
+        );
+        let module = f.dynamic_module_config.unwrap();
+        assert_eq!(module.name, "");
+        let Some(async_data_source::Specifier::Local(local)) = module.module.unwrap().specifier
+        else {
+            panic!("not a local module")
+        };
+        assert_eq!(
+            local.specifier,
+            Some(data_source::Specifier::Filename(
+                "/opt/libtenantgate.so".into()
             ))
         );
     }

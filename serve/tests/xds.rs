@@ -44,7 +44,7 @@ async fn start_plane(source: &std::path::Path, mode: Mode) -> Plane {
         grpc: None,
         xds: Some(xds::Options {
             addr: "127.0.0.1:0".parse().unwrap(),
-            wasm: "/opt/tenantgate.wasm".into(),
+            module: xds::Module::Wasm("/opt/tenantgate.wasm".into()),
             fail_open: false,
             mode,
             keep: 5,

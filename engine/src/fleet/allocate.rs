@@ -40,6 +40,13 @@ use std::collections::BTreeMap;
 
 use super::FleetLimit;
 
+/// Reports live this many report intervals; assignments too
+/// (`assignment_time_to_live`). A client's interval is the bundle's
+/// `report_interval_ms` or the longest `time_elapsed` it reported, whichever
+/// is longer: Envoy's own RLQS filter reports every 5 s whatever its
+/// `reporting_interval` says.
+pub const TTL_INTERVALS: u64 = 3;
+
 /// What a new client (its first report, no time elapsed) asks for: this
 /// fraction of the limit's rate, at least one token per window.
 pub const NEW_CLIENT_SHARE: f64 = 0.1;

@@ -209,6 +209,30 @@ enum StreamState {
     Closed { retry_at: Nanos },
 }
 
+/// The action the rate limit quota service sends for `assignment` of fleet
+/// limit `l`, valid for `ttl_ns`: a token bucket of `rate` tokens per
+/// window holding `burst` (at least 1), or deny-all for a rate of 0 (a token
+/// bucket must hold a token). `tenantgate-rls` sends the same in protobuf.
+pub fn action_for(
+    l: &FleetLimit,
+    assignment: super::allocate::Assignment,
+    ttl_ns: Nanos,
+) -> WireAction {
+    let strategy = if assignment.rate == 0 {
+        WireStrategy::DenyAll
+    } else {
+        WireStrategy::TokenBucket {
+            max_tokens: assignment.burst.max(1),
+            tokens_per_fill: assignment.rate,
+            fill_interval_ns: l.per_s.saturating_mul(NS_PER_S),
+        }
+    };
+    WireAction::Assign {
+        strategy,
+        ttl_ns: Some(ttl_ns),
+    }
+}
+
 /// One worker's client state.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Client {

@@ -122,6 +122,25 @@ impl Worker {
         (!wire.is_empty()).then(|| rlqs_wire::encode_reports(&rls.domain, &wire))
     }
 
+    /// Mode `assigned`, for `tenantgate simulate`: the usage report due at
+    /// `now` (taken, as [`Worker::stream_report`] takes it), unencoded.
+    pub fn assigned_usage(&self, now: Nanos) -> Vec<assigned::Usage> {
+        self.with_assigned(|c| {
+            if c.report_due(now) {
+                c.take_report(now)
+            } else {
+                Vec::new()
+            }
+        })
+        .unwrap_or_default()
+    }
+
+    /// Mode `assigned`, for `tenantgate simulate`: takes the action the
+    /// service sends for fleet limit `limit` as if it arrived at `now`.
+    pub fn assigned_apply(&self, limit: usize, action: &rlqs_wire::WireAction, now: Nanos) {
+        self.with_assigned(|c| c.apply(limit, action, now));
+    }
+
     /// The Envoy cluster of the RLQS stream (mode `assigned` only).
     pub fn stream_cluster(&self) -> Option<&str> {
         self.assigned_rls().map(|r| r.cluster.as_str())
@@ -283,6 +302,14 @@ mod tests {
     /// `/` has a fleet `rps` of 10; `/acme` a fleet `rps` of 6 (ceil 10,
     /// burst 4) and a local `rpm` of 100 per minute; everyone may read.
     fn engine_with(rls: RateLimitService) -> Arc<Engine> {
+        engine_with_acme(
+            rls,
+            r#"{"limits": {"rpm": {"rate": 100, "per": "1m"}, "rps": {"rate": 6, "ceil": 10, "burst": 4, "scope": "fleet"}}}"#,
+        )
+    }
+
+    /// [`engine_with`] with `/acme`'s `tenant.json`.
+    fn engine_with_acme(rls: RateLimitService, acme: &str) -> Arc<Engine> {
         let settings = Settings {
             rate_limit_service: Some(RateLimitService {
                 mode: FleetMode::Assigned,
@@ -308,10 +335,7 @@ mod tests {
                 ),
                 t(
                     "/acme",
-                    Some(file(
-                        "tenants/acme/tenant.json",
-                        r#"{"limits": {"rpm": {"rate": 100, "per": "1m"}, "rps": {"rate": 6, "ceil": 10, "burst": 4, "scope": "fleet"}}}"#,
-                    )),
+                    Some(file("tenants/acme/tenant.json", acme)),
                     vec![],
                 ),
             ],
@@ -514,6 +538,46 @@ mod tests {
     }
 
     #[test]
+    fn fleet_refusals_give_the_local_tokens_back_to_the_lease() {
+        // `/acme`'s local `rpm` (burst 6,400: leased up to 64 tokens at a
+        // time) keeps what 200 requests refused by the fleet took: they go
+        // back to the worker's lease (exactly to the buckets when a request
+        // was charged alone).
+        let acme = r#"{"limits": {"rpm": {"rate": 6400, "per": "1m"}, "rps": {"rate": 6, "ceil": 10, "burst": 4, "scope": "fleet"}}}"#;
+        let leased = |rls| Worker::new(engine_with_acme(rls, acme));
+        let s = MemoryStore::default();
+        let t0 = 100 * S;
+        let deny = leased(RateLimitService {
+            on_error: OnError::Deny,
+            ..RateLimitService::default()
+        });
+        assert!(
+            deny.quotas()
+                .lease_cap_for(&TenantPath::parse("/acme").unwrap())
+                >= 2
+        );
+        let before = local_tokens(&deny, &s, t0);
+        for i in 0..200 {
+            assert_eq!(status(&begin(&deny, "/acme", t0 + i * MS, &s)), 503);
+        }
+        deny.return_all_leases(&s).unwrap();
+        let t1 = t0 + 200 * MS;
+        assert_eq!(local_tokens(&deny, &s, t1), before);
+        // Admitted ones are charged: 5 with a static share of plenty.
+        let share = leased(RateLimitService {
+            on_error_instances: Some(1),
+            ..RateLimitService::default()
+        });
+        for _ in 0..4 {
+            assert_eq!(status(&begin(&share, "/acme", t1, &s)), 200);
+        }
+        // The fifth: the fleet's burst (4) is spent, the local one is not.
+        assert_eq!(status(&begin(&share, "/acme", t1, &s)), 429);
+        share.return_all_leases(&s).unwrap();
+        assert_eq!(local_tokens(&share, &s, t1), before - 4);
+    }
+
+    #[test]
     fn a_reload_keeps_the_assignments_of_the_buckets_that_remain() {
         let s = MemoryStore::default();
         let t0 = 100 * S;
@@ -538,16 +602,6 @@ mod tests {
         assert!(matches!(
             holdings[1].1,
             assigned::Holding::Bucket { max, .. } if max == 3.0
-        ));
-    }
-
-    #[test]
-    fn an_adapter_without_a_stream_warns() {
-        let e = engine_with(RateLimitService::default());
-        let w = crate::flow::assigned_without_stream(&e).unwrap();
-        assert_eq!(w.level, Level::Warn);
-        assert!(w.text.starts_with(
-            "tenantgate: fleet limits (`rps` at /, `rps` at /acme) are not enforced: this build has no client"
         ));
     }
 }

@@ -35,7 +35,7 @@ use std::sync::Mutex;
 
 use super::store::KeyHasher;
 use super::{BucketStore, Plan};
-use super::{Charge, Nanos, QuotaDecision, QuotaModel, StoreError};
+use super::{Charge, Nanos, QuotaDecision, QuotaModel, Refund, StoreError};
 use crate::tenant::TenantPath;
 
 /// Largest batch a lease takes.
@@ -77,6 +77,19 @@ impl PlanState {
     }
 }
 
+/// Where a leased admission took its tokens from
+/// ([`QuotaModel::admit_leased_taking`]).
+#[derive(Debug)]
+pub enum Taken {
+    /// From this worker's lease of the plan.
+    Lease,
+    /// Charged to the buckets for this request alone (what to refund, when
+    /// anything was charged).
+    Alone(Option<Refund>),
+    /// Nothing: refused, free, or no limit.
+    Nothing,
+}
+
 #[derive(Debug, Default)]
 struct PlanState {
     /// The batch the next lease takes (0: this plan is never leased).
@@ -114,14 +127,34 @@ impl QuotaModel {
         now: Nanos,
         store: &dyn BucketStore,
     ) -> Result<QuotaDecision, StoreError> {
+        self.admit_leased_taking(leases, tenant, cost, now, store)
+            .map(|(d, _)| d)
+    }
+
+    /// [`QuotaModel::admit_leased`], saying where an admitted request's
+    /// tokens came from, so that a later refusal (mode `assigned`'s fleet
+    /// buckets) can give them back: [`Taken::Lease`] to this worker's lease
+    /// ([`QuotaModel::unspend_leased`]), [`Taken::Alone`] exactly to the
+    /// buckets ([`QuotaModel::refund`]).
+    pub fn admit_leased_taking(
+        &self,
+        leases: &Leases,
+        tenant: &TenantPath,
+        cost: u64,
+        now: Nanos,
+        store: &dyn BucketStore,
+    ) -> Result<(QuotaDecision, Taken), StoreError> {
         let Some((key, plan)) = self.plan_entry(tenant) else {
-            return Ok(QuotaDecision::unlimited());
+            return Ok((QuotaDecision::unlimited(), Taken::Nothing));
         };
+        let alone = |(d, refund): (QuotaDecision, Option<Refund>)| (d, Taken::Alone(refund));
         if cost == 0 {
-            return self.admit(tenant, 0, now, store);
+            return self
+                .admit(tenant, 0, now, store)
+                .map(|d| (d, Taken::Nothing));
         }
         let Ok(mut all) = leases.state.lock() else {
-            return self.admit(tenant, cost, now, store);
+            return self.admit_refundable(tenant, cost, now, store).map(alone);
         };
         // Look up first: `entry` would allocate the key on every request.
         if !all.contains_key(key) {
@@ -134,11 +167,60 @@ impl QuotaModel {
             );
         }
         let Some(st) = all.get_mut(key) else {
-            return self.admit(tenant, cost, now, store);
+            return self.admit_refundable(tenant, cost, now, store).map(alone);
         };
         match st.local(cost, now) {
-            Some(d) => Ok(d),
-            None => self.recharge(plan, st, &leases.refills, cost, now, store),
+            Some(d) => {
+                // A remembered refusal, or tokens spent from the lease.
+                let taken = if d.admitted {
+                    Taken::Lease
+                } else {
+                    Taken::Nothing
+                };
+                Ok((d, taken))
+            }
+            None => {
+                let (d, charges) = self.recharge(plan, st, &leases.refills, cost, now, store)?;
+                let taken = match charges {
+                    Some(charges) => Taken::Alone(
+                        self.plans
+                            .get(key)
+                            .map(|p| Refund::of(std::sync::Arc::clone(p), charges)),
+                    ),
+                    None if d.admitted => Taken::Lease,
+                    None => Taken::Nothing,
+                };
+                Ok((d, taken))
+            }
+        }
+    }
+
+    /// Gives `cost` tokens back to the live lease of `tenant`'s plan (a
+    /// request served by it that a later check refused); `false` when there
+    /// is none (nothing to give back to).
+    pub fn unspend_leased(
+        &self,
+        leases: &Leases,
+        tenant: &TenantPath,
+        cost: u64,
+        now: Nanos,
+    ) -> bool {
+        let Some((key, _)) = self.plan_entry(tenant) else {
+            return false;
+        };
+        let Ok(mut all) = leases.state.lock() else {
+            return false;
+        };
+        match all
+            .get_mut(key)
+            .and_then(|st| st.lease.as_mut())
+            .filter(|l| now < l.expires)
+        {
+            Some(l) => {
+                l.tokens = l.tokens.saturating_add(cost);
+                true
+            }
+            None => false,
         }
     }
 
@@ -155,7 +237,7 @@ impl QuotaModel {
         cost: u64,
         now: Nanos,
         store: &dyn BucketStore,
-    ) -> Result<QuotaDecision, StoreError> {
+    ) -> Result<(QuotaDecision, Option<Vec<Charge>>), StoreError> {
         if let Some(l) = st.lease.take() {
             if l.tokens > 0 {
                 self.return_tokens(plan, &l, store)?;
@@ -187,18 +269,19 @@ impl QuotaModel {
                     batch: extra,
                     snapshot: d.clone(),
                 });
-                return Ok(d);
+                return Ok((d, None));
             }
             // The batch did not fit: admit this request alone.
             st.batch = 1;
         }
-        let (d, _) = self.admit_with_charges(plan, cost, cost, now, store)?;
+        let (d, charges) = self.admit_with_charges(plan, cost, cost, now, store)?;
         if !d.admitted {
             if let Some(until) = d.admissible_at {
                 st.refused = Some((cost, until, d.clone()));
             }
+            return Ok((d, None));
         }
-        Ok(d)
+        Ok((d, Some(charges)))
     }
 
     /// Gives a lease's unspent tokens back to the nodes they were charged to.

@@ -174,7 +174,7 @@ use spec::Limit;
 
 pub(crate) use bucket::ceil_seconds as whole_seconds;
 pub use clock::{Clock, FakeClock, SystemClock};
-pub use lease::{Leases, LEASE_DIVISOR, LEASE_TTL_NS, MAX_BATCH};
+pub use lease::{Leases, Taken, LEASE_DIVISOR, LEASE_TTL_NS, MAX_BATCH};
 pub use sharded::ShardedStore;
 pub use spec::Scope;
 pub(crate) use store::KeyHasher;
@@ -583,6 +583,13 @@ impl QuotaModel {
     }
 
     /// [`QuotaModel::plan_for`] with the tenant that declares the plan.
+    /// The most tokens a worker's lease of `tenant`'s plan takes (0: never
+    /// leased).
+    #[cfg(test)]
+    pub(crate) fn lease_cap_for(&self, tenant: &TenantPath) -> u64 {
+        self.plan_entry(tenant).map_or(0, |(_, p)| p.lease_cap)
+    }
+
     fn plan_entry(&self, tenant: &TenantPath) -> Option<(&str, &Plan)> {
         tenant
             .ancestors_or_self()
@@ -788,6 +795,14 @@ pub struct Refund {
 }
 
 impl Refund {
+    /// What charging `plan`'s nodes `charges` took.
+    fn of(plan: Arc<Plan>, charges: Vec<Charge>) -> Refund {
+        Refund {
+            htb: (!charges.is_empty()).then_some((plan, charges)),
+            keyed: keyed::KeyedCharges::default(),
+        }
+    }
+
     /// `htb` (from [`QuotaModel::admit_refundable`]) with keyed charges;
     /// `None` when nothing was charged.
     pub fn join(htb: Option<Refund>, keyed: keyed::KeyedCharges) -> Option<Refund> {
