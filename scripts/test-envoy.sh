@@ -43,6 +43,7 @@ export TENANTGATE_CLI="${CARGO_TARGET_DIR:-$PWD/target}/debug/tenantgate"
 [ $# -gt 0 ] || TENANTGATE_BUILD=native .venv/bin/python envoy/upstream_trust_test.py
 [ $# -gt 0 ] || TENANTGATE_BUILD=native python3 envoy/differential_test.py
 [ $# -gt 0 ] || TENANTGATE_BUILD=native python3 envoy/fleet_test.py
+[ $# -gt 0 ] || TENANTGATE_BUILD=native python3 envoy/fleet_assigned_test.py  # the native build's RLQS client (one stream per Envoy process), about 70 s
 [ $# -gt 0 ] || TENANTGATE_BUILD=native python3 envoy/xds_test.py  # serve --xds --native: the same fleet steps with the native build
 [ $# -gt 0 ] || TENANTGATE_BUILD=native python3 envoy/accesslog_test.py  # the native build's filter state in the access log and span tags
 TENANTGATE_BUILD=native python3 envoy/e2e_test.py "$@"  # the native build (dist/libtenantgate.so)
