@@ -13,7 +13,9 @@ not slow the sender), each flow spread over the Envoys as the plan says
 - each tenant's fleet-wide admissions in each measured span of the plan are
   within 5% of the HTB answer the plan states (`expect`): `/a` alone borrows
   up to its ceil (60/s); with `/b` flooding too, each its rate (40/s and
-  20/s), before and after the spread shifts;
+  20/s), before and after the spread shifts; and within 5% of what
+  `tenantgate simulate` predicts for the same plan and tree (its `expect`
+  spans, the same allocator and client code on a virtual clock);
 - `tenantgate-rls` killed: once the assignments run out (3 intervals), every
   request is admitted (`on_error: "allow"`), the streams' failures and
   reopenings are counted; restarted: every Envoy holds assignments again
@@ -38,6 +40,7 @@ import json
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -56,6 +59,14 @@ INTERVAL_S = PLAN["report_interval_ms"] / 1000
 TOLERANCE = 0.05
 # The outage test's length, in seconds.
 END_S = 20
+
+
+def simulate():
+    """`tenantgate simulate`'s `expect` spans for the plan: its admitted
+    requests per second per tenant in each span."""
+    out = subprocess.run(h.cli_command() + ["simulate", str(TREE), "--traffic", str(TREE / "plan.json")],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)["expect"]
 
 
 class Load:
@@ -171,7 +182,7 @@ class Assigned(unittest.TestCase):
         """Each tenant's admissions over `span` seconds within 5% of `expect` per second."""
         for tenant, rps in expect.items():
             want, got = rps * span, counts[(tenant, 200)]
-            print(f"  {what}: {tenant} admitted {got} in {span:.0f} s, HTB answer {want:.0f}",
+            print(f"  {what}: {tenant} admitted {got} in {span:.0f} s, want {want:.0f}",
                   file=sys.stderr)
             self.assertLessEqual(abs(got - want), TOLERANCE * max(want, 20),
                                  f"{what}: {tenant} admitted {got}, want {want:.0f} +-5%")
@@ -181,10 +192,13 @@ class Assigned(unittest.TestCase):
         load.join()
         rows = load.rows
         self.assertEqual([r for r in rows if r[3] not in (200, 429)][:5], [], "only 200 or 429")
-        for e in PLAN["expect"]:
+        predicted = simulate()
+        self.assertEqual(len(predicted), len(PLAN["expect"]), predicted)
+        for e, p in zip(PLAN["expect"], predicted):
             counts = load.count(e["from_s"], e["to_s"])
-            self.assert_htb(counts, e["to_s"] - e["from_s"], e["admitted_rps"],
-                            f"{e['from_s']}-{e['to_s']} s")
+            span = e["to_s"] - e["from_s"]
+            self.assert_htb(counts, span, e["admitted_rps"], f"{e['from_s']}-{e['to_s']} s")
+            self.assert_htb(counts, span, p["admitted_rps"], f"{e['from_s']}-{e['to_s']} s (simulate)")
         # Refused with the fleet limit's RateLimit fields, as local refusals are.
         r = self.envoys[0].request("GET", "/items", {"x-tenant": "/a", "x-user": "ann"})
         for _ in range(600):
