@@ -20,11 +20,11 @@
 //!   are not sent again (the service may have counted them).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use super::rls_wire::{self, Code, WireDescriptor};
 use super::FleetLimit;
-use crate::quota::{whole_seconds, LimitStatus, Nanos, QuotaDecision};
+use crate::quota::{whole_seconds, Nanos, QuotaDecision};
 use crate::settings::{FleetMode, RateLimitService};
 use crate::tenant::TenantPath;
 
@@ -265,25 +265,12 @@ fn refused(
         .filter(|ns| *ns > 0)
         .unwrap_or(l.per_s.saturating_mul(1_000_000_000));
     let remaining = status.map_or(0, |s| u64::from(s.remaining));
-    let reset_s = whole_seconds(reset_ns).max(1);
-    QuotaDecision {
-        admitted: false,
-        limit: Some(l.name.clone()),
-        tenant: Some(l.tenant.clone()),
-        remaining,
-        retry_after_s: reset_s,
-        admissible_at: Some(now.saturating_add(reset_ns)),
-        cost,
-        limits: vec![LimitStatus {
-            name: Arc::from(l.name.as_str()),
-            rate,
-            burst: rate,
-            window_s,
-            remaining,
-            reset_s,
-            borrowed: false,
-        }],
-    }
+    let shape = super::Shape {
+        rate,
+        burst: rate,
+        window_s,
+    };
+    l.refusal(shape, remaining, reset_ns, cost, now)
 }
 
 #[cfg(test)]

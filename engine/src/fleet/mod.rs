@@ -49,6 +49,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use crate::quota::spec::{Limit, Scope};
+use crate::quota::{whole_seconds, LimitStatus, Nanos, QuotaDecision};
 use crate::tenant::TenantPath;
 use rls_wire::WireDescriptor;
 
@@ -101,6 +102,47 @@ impl FleetLimit {
             hits,
         }
     }
+
+    /// The quota fields of a request this limit refused: `remaining` tokens
+    /// and a wait of `wait_ns` until a request of `cost` could pass, for a
+    /// limit of `rate` per `window_s` holding `burst` (the service's answer
+    /// when it has them, else the limit's own).
+    pub(crate) fn refusal(
+        &self,
+        shape: Shape,
+        remaining: u64,
+        wait_ns: Nanos,
+        cost: u64,
+        now: Nanos,
+    ) -> QuotaDecision {
+        let reset_s = whole_seconds(wait_ns).max(1);
+        QuotaDecision {
+            admitted: false,
+            limit: Some(self.name.clone()),
+            tenant: Some(self.tenant.clone()),
+            remaining,
+            retry_after_s: reset_s,
+            admissible_at: Some(now.saturating_add(wait_ns)),
+            cost,
+            limits: vec![LimitStatus {
+                name: Arc::from(self.name.as_str()),
+                rate: shape.rate,
+                burst: shape.burst,
+                window_s: shape.window_s,
+                remaining,
+                reset_s,
+                borrowed: false,
+            }],
+        }
+    }
+}
+
+/// What a refusal's RateLimit fields say the limit is.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Shape {
+    pub rate: u64,
+    pub burst: u64,
+    pub window_s: u64,
 }
 
 /// Every fleet limit of a bundle. Empty (the default) means none.

@@ -6,7 +6,7 @@
 //! `ratelimit_strategy.proto` and `token_bucket.proto` (v3); tests in the
 //! `rls` crate check both against the generated (prost) types.
 
-use super::rls_wire::{put_bytes, put_varint_field, Fields, Value};
+use super::rls_wire::{duration_ns, put_bytes, put_varint_field, Fields, Value};
 use super::{LIMIT_KEY, TENANT_KEY};
 
 /// gRPC service and method of the RLQS stream.
@@ -253,23 +253,6 @@ fn decode_strategy(bytes: &[u8]) -> Result<WireStrategy, String> {
         }
     }
     out.ok_or_else(|| "rate limit strategy without a strategy".to_string())
-}
-
-/// A `Duration` in nanoseconds (negative parts count as 0).
-fn duration_ns(bytes: &[u8]) -> Result<u64, String> {
-    let (mut secs, mut nanos) = (0i64, 0i64);
-    for f in Fields(bytes) {
-        match f? {
-            (1, Value::Varint(v)) => secs = v as i64,
-            (2, Value::Varint(v)) => nanos = i64::from(v as i32),
-            _ => {}
-        }
-    }
-    let ns = secs
-        .max(0)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(nanos.max(0));
-    Ok(u64::try_from(ns).unwrap_or(0))
 }
 
 fn text(b: &[u8]) -> Result<String, String> {

@@ -117,22 +117,7 @@ fn decode_status(bytes: &[u8]) -> Result<Status, String> {
                 s.limit = Some((rpu, unit_seconds(unit)));
             }
             (3, Value::Varint(v)) => s.remaining = u32::try_from(v).unwrap_or(u32::MAX),
-            (4, Value::Bytes(b)) => {
-                let (mut secs, mut nanos) = (0i64, 0i64);
-                for f in Fields(b) {
-                    match f? {
-                        // int64 and int32 on the wire: two's complement varints.
-                        (1, Value::Varint(v)) => secs = v as i64,
-                        (2, Value::Varint(v)) => nanos = i64::from(v as i32),
-                        _ => {}
-                    }
-                }
-                let ns = secs
-                    .max(0)
-                    .saturating_mul(1_000_000_000)
-                    .saturating_add(nanos.max(0));
-                s.reset_ns = Some(u64::try_from(ns).unwrap_or(0));
-            }
+            (4, Value::Bytes(b)) => s.reset_ns = Some(duration_ns(b)?),
             _ => {}
         }
     }
@@ -246,6 +231,24 @@ impl<'a> Fields<'a> {
         };
         Ok((field, v))
     }
+}
+
+/// A `google.protobuf.Duration` in nanoseconds (negative parts count as 0).
+pub(crate) fn duration_ns(bytes: &[u8]) -> Result<u64, String> {
+    let (mut secs, mut nanos) = (0i64, 0i64);
+    for f in Fields(bytes) {
+        match f? {
+            // int64 and int32 on the wire: two's complement varints.
+            (1, Value::Varint(v)) => secs = v as i64,
+            (2, Value::Varint(v)) => nanos = i64::from(v as i32),
+            _ => {}
+        }
+    }
+    let ns = secs
+        .max(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(nanos.max(0));
+    Ok(u64::try_from(ns).unwrap_or(0))
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use super::FleetLimit;
 use crate::decision::Decision;
 use crate::flow::{Level, LogLine, Tick};
 use crate::metrics::Update;
-use crate::quota::{whole_seconds, LimitStatus, Nanos, QuotaDecision};
+use crate::quota::{Nanos, QuotaDecision};
 use crate::settings::{FleetMode, OnError, RateLimitService};
 use crate::tenant::TenantPath;
 use crate::Worker;
@@ -263,25 +263,12 @@ fn assigned_refusal(
     } else {
         wait_ns
     };
-    let reset_s = whole_seconds(wait).max(1);
-    QuotaDecision {
-        admitted: false,
-        limit: Some(l.name.clone()),
-        tenant: Some(l.tenant.clone()),
-        remaining,
-        retry_after_s: reset_s,
-        admissible_at: Some(now.saturating_add(wait)),
-        cost,
-        limits: vec![LimitStatus {
-            name: std::sync::Arc::from(l.name.as_str()),
-            rate: l.rate,
-            burst: l.burst,
-            window_s: l.per_s,
-            remaining,
-            reset_s,
-            borrowed: false,
-        }],
-    }
+    let shape = super::Shape {
+        rate: l.rate,
+        burst: l.burst,
+        window_s: l.per_s,
+    };
+    l.refusal(shape, remaining, wait, cost, now)
 }
 
 #[cfg(test)]
