@@ -21,6 +21,11 @@ not slow the sender), each flow spread over the Envoys as the plan says
   reopenings are counted; restarted: every Envoy holds assignments again
   within 3 intervals of its return (plus the test's polling), and the
   admissions are back to the HTB answer;
+- Redis stopped: the service answers no report (the streams stay open), the
+  assignments run out and every request is admitted; Redis restarted: every
+  Envoy holds assignments again once the service's health check sees it
+  (every 2 s) and the next reports come, and the admissions are back to the
+  HTB answer;
 - a reload that changes the tree (one Envoy, its bundle by ECDS, the service
   reloaded by SIGHUP): `/a`'s ceil lowered from 60/s to 45/s, every request
   answered 200 or 429 across the reload, and `/a` admitted within 5% of
@@ -28,7 +33,7 @@ not slow the sender), each flow spread over the Envoys as the plan says
 
     python3 envoy/fleet_assigned_test.py [-v]
 
-About 80 s; at most 180 requests per second on loopback. Needs `redis-server`
+About 100 s; at most 180 requests per second on loopback. Needs `redis-server`
 (scripts/install-redis.sh), `tenantgate` and `tenantgate-rls` (`cargo build
 -p tenantgate-cli -p tenantgate-rls`), dist/tenantgate.wasm and Envoy
 (scripts/install-envoy.sh). `TENANTGATE_BUILD=native` runs it against the
@@ -263,6 +268,57 @@ class Assigned(unittest.TestCase):
         self.assertTrue(all(n > m for n, m in zip(self.counters("tenantgate.fleet_stream_opens"), opens)))
         # Back to the HTB answer once the demand is reported again.
         self.assert_htb(load.count(back_s + 3, END_S), END_S - back_s - 3, expect, "after the return")
+
+    def test_3_redis_stopped_then_back(self):
+        last = [f for f in PLAN["flows"] if f["to_s"] == PLAN["duration_s"]]
+        flows = [dict(f, from_s=0, to_s=END_S) for f in last]
+        expect = PLAN["expect"][-1]["admitted_rps"]
+        errors = self.counters("tenantgate.fleet_errors")
+        start = time.monotonic()
+        load = Load(self.envoys, flows, start)
+        try:
+            time.sleep(3)
+            self.redis.stop()
+            # The service keeps its streams open but cannot store or read
+            # reports, so it answers none: the assignments run out after 3
+            # intervals and on_error ("allow") admits every request.
+            time.sleep(3 * INTERVAL_S + 1.5)
+            free_from = time.monotonic() - start
+            time.sleep(3)
+            free_to = time.monotonic() - start
+            assigned = self.counters("tenantgate.fleet_assignments")
+            self.redis.start()
+            back = time.monotonic()
+
+            def all_assigned():
+                return all(n > m for n, m in zip(self.counters("tenantgate.fleet_assignments"), assigned))
+
+            self.assertTrue(h.wait_for(all_assigned, 8, interval=0.05),
+                            "no assignment after Redis came back:\n" + self.rls.log_path.read_text()[-2000:])
+            took = time.monotonic() - back
+            print(f"  Redis back: every Envoy assigned again {took:.2f} s later", file=sys.stderr)
+            # The service's Redis connection comes back with its next command
+            # (or its 2 s health check); then each client's next report is
+            # answered (measured: 0.06-0.11 s).
+            self.assertLess(took, 2 + 3 * INTERVAL_S + 0.25)
+            back_s = back - start
+            load.join()
+        finally:
+            load.close()
+            if self.redis.proc.poll() is not None:
+                self.redis.start()
+        free = load.count(free_from, free_to)
+        self.assertEqual(free[("/a", 429)] + free[("/b", 429)], 0, free)
+        self.assertGreater(free[("/a", 200)], 0, free)
+        # The streams stayed open: no failure counted, and the service said
+        # it lost Redis and got it back.
+        self.assertEqual(self.counters("tenantgate.fleet_errors"), errors)
+        log = self.rls.log_path.read_text()
+        self.assertIn("lost Redis at", log)
+        self.assertIn("is back", log)
+        # Back to the HTB answer once the demand is reported again (the
+        # reports of before the outage went with Redis: it keeps nothing).
+        self.assert_htb(load.count(back_s + 3, END_S), END_S - back_s - 3, expect, "after Redis's return")
 
 
 RLS_CLUSTER = """

@@ -35,7 +35,7 @@ export TENANTGATE_CLI="${CARGO_TARGET_DIR:-$PWD/target}/debug/tenantgate"
 [ $# -gt 0 ] || .venv/bin/python envoy/plain_rls_test.py  # plain Envoy's rate limit filter + tenantgate-rls (limits --format envoy), full runs only
 [ $# -gt 0 ] || python3 envoy/accesslog_test.py  # decisions in Envoy's access log and span tags (filter state), full runs only
 [ $# -gt 0 ] || python3 envoy/rlqs_test.py  # Envoy's own RLQS filter + tenantgate-rls in mode assigned (about 25 s), full runs only
-[ $# -gt 0 ] || python3 envoy/fleet_assigned_test.py  # the filter as an RLQS client: 3 Envoys x 2 workers, Redis, tenantgate-rls, a reload (about 80 s), full runs only
+[ $# -gt 0 ] || python3 envoy/fleet_assigned_test.py  # the filter as an RLQS client: 3 Envoys x 2 workers, Redis, tenantgate-rls, the service and Redis stopped, a reload (about 100 s), full runs only
 # The native build (dist/libtenantgate.so).
 [ $# -gt 0 ] || TENANTGATE_BUILD=native python3 envoy/reload_test.py
 [ $# -gt 0 ] || TENANTGATE_BUILD=native python3 envoy/keyed_test.py
@@ -43,7 +43,7 @@ export TENANTGATE_CLI="${CARGO_TARGET_DIR:-$PWD/target}/debug/tenantgate"
 [ $# -gt 0 ] || TENANTGATE_BUILD=native .venv/bin/python envoy/upstream_trust_test.py
 [ $# -gt 0 ] || TENANTGATE_BUILD=native python3 envoy/differential_test.py
 [ $# -gt 0 ] || TENANTGATE_BUILD=native python3 envoy/fleet_test.py
-[ $# -gt 0 ] || TENANTGATE_BUILD=native python3 envoy/fleet_assigned_test.py  # the native build's RLQS client (one stream per Envoy process), about 70 s
+[ $# -gt 0 ] || TENANTGATE_BUILD=native python3 envoy/fleet_assigned_test.py  # the native build's RLQS client (one stream per Envoy process), about 90 s
 [ $# -gt 0 ] || TENANTGATE_BUILD=native python3 envoy/xds_test.py  # serve --xds --native: the same fleet steps with the native build
 [ $# -gt 0 ] || TENANTGATE_BUILD=native python3 envoy/accesslog_test.py  # the native build's filter state in the access log and span tags
 TENANTGATE_BUILD=native python3 envoy/e2e_test.py "$@"  # the native build (dist/libtenantgate.so)
