@@ -233,7 +233,8 @@ pub struct Client {
     pub id: String,
     /// `(tenant, limit)` of every bucket this stream holds an assignment for.
     assigned: BTreeSet<(String, String)>,
-    /// The longest `time_elapsed` it reported, in milliseconds (at most 60 s).
+    /// The longest `time_elapsed` of its latest report, in milliseconds (at
+    /// most 60 s): its reporting interval, as the assignments' TTL needs it.
     interval_ms: u64,
 }
 
@@ -312,7 +313,14 @@ impl<R: ReportStore> QuotaService<R> {
             .map(elapsed)
             .max()
             .unwrap_or(0);
-        client.interval_ms = client.interval_ms.max(longest).min(60_000);
+        // The latest report sets the interval, not the longest ever: the
+        // first report of a stream reopened after an outage covers the whole
+        // outage, and kept as the interval it would stretch every later TTL
+        // (assignments outliving a lost service or Redis by many seconds).
+        // That one answer's long TTL is replaced by the next answer's.
+        if longest > 0 {
+            client.interval_ms = longest.min(60_000);
+        }
         let interval_ms = limits.report_interval_ms.max(client.interval_ms).max(1);
         let ttl_ms = interval_ms.saturating_mul(TTL_INTERVALS);
         let mine = domain == msg.domain;

@@ -102,8 +102,8 @@ fn reports(
             .map(|(t, l, a, d)| BucketQuotaUsage {
                 bucket_id: Some(bucket_id(t, l)),
                 time_elapsed: Some(PbDuration {
-                    seconds: 0,
-                    nanos: elapsed_ms * 1_000_000,
+                    seconds: i64::from(elapsed_ms / 1000),
+                    nanos: elapsed_ms % 1000 * 1_000_000,
                 }),
                 num_requests_allowed: *a,
                 num_requests_denied: *d,
@@ -225,6 +225,31 @@ async fn assignments_follow_the_fleet_demand() {
             g("/a", "rps", "240/60 per 1000 ms, ttl 1500"),
         ]
     );
+}
+
+#[tokio::test]
+async fn the_ttl_follows_the_latest_report_not_the_longest_gap() {
+    let f = Fixture::new(&siblings());
+    let mut c = Client::new("c");
+    // The first report of a stream reopened after a 6 s outage covers it all.
+    let after_gap = reports("tg", &[("/b", "rps", 30, 0)], 6_000);
+    let r = f.service.on_report(&mut c, &after_gap).await.unwrap();
+    assert_eq!(ttls(&got(&r)), [("/b", 18_000)]);
+    // Back to half-second reports: so are the TTLs, or an assignment would
+    // outlive a lost service by 18 s.
+    f.advance(500);
+    let got_next = f.report(&mut c, &[("/b", "rps", 30, 0)]).await;
+    assert_eq!(ttls(&got_next), [("/b", 1_500)]);
+}
+
+/// Each answer's tenant and assignment TTL in milliseconds.
+fn ttls(got: &[Got]) -> Vec<(&str, u64)> {
+    got.iter()
+        .map(|(t, _, what)| {
+            let ttl = what.rsplit("ttl ").next().and_then(|n| n.parse().ok());
+            (t.as_str(), ttl.unwrap_or(0))
+        })
+        .collect()
 }
 
 #[tokio::test]
